@@ -1,0 +1,197 @@
+"""The typed in-memory song every part of musicray exchanges.
+
+Time is symbolic: an event sits at ``(bar, position)`` where ``position`` counts grid steps from the bar's
+downbeat (``Metre.positions_per_beat`` steps per beat) and a duration is a number of grid steps. Expression
+(velocity, tempo) is kept as performed; the vocabulary bins it when a song is encoded
+(``musicray.encoding.quantized`` gives the binned song that ``decode(encode(song))`` reproduces).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+TRACKS: tuple[str, ...] = ("MELODY", "BRIDGE", "PIANO")
+
+
+class SongError(ValueError):
+    """A song, form string or song field that cannot be represented; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Metre:
+    """A time signature and the quantization grid that goes with it.
+
+    ``beat_unit`` is the beat's length in quarter notes (1 for x/4, 1.5 for the dotted-quarter beat of x/8
+    compound metres) so that MIDI ticks and tempo in quarter notes per minute can be derived.
+    """
+
+    name: str
+    beats_per_bar: int
+    positions_per_beat: int
+    beat_unit: float
+
+    @property
+    def positions_per_bar(self) -> int:
+        return self.beats_per_bar * self.positions_per_beat
+
+    @property
+    def numerator(self) -> int:
+        return int(self.name.split("/")[0])
+
+    @property
+    def denominator(self) -> int:
+        return int(self.name.split("/")[1])
+
+
+# Simple metres use a 16th-note grid, compound metres an 8th-note grid (three per dotted-quarter beat);
+# docs/quantization.md gives the measured onset displacement on POP909 behind this choice.
+METRES: dict[str, Metre] = {
+    "4/4": Metre("4/4", beats_per_bar=4, positions_per_beat=4, beat_unit=1.0),
+    "3/4": Metre("3/4", beats_per_bar=3, positions_per_beat=4, beat_unit=1.0),
+    "2/4": Metre("2/4", beats_per_bar=2, positions_per_beat=4, beat_unit=1.0),
+    "12/8": Metre("12/8", beats_per_bar=4, positions_per_beat=3, beat_unit=1.5),
+    "6/8": Metre("6/8", beats_per_bar=2, positions_per_beat=3, beat_unit=1.5),
+}
+
+
+def metre(name: str) -> Metre:
+    try:
+        return METRES[name]
+    except KeyError:
+        raise SongError(f"metre: unknown metre {name!r}; known: {', '.join(METRES)}") from None
+
+
+@dataclass(frozen=True)
+class Section:
+    """A phrase: its label (POP909 phrase letters: upper case melodic, lower case non-melodic) and length."""
+
+    label: str
+    bars: int
+
+
+SECTION_LABELS: tuple[str, ...] = ("i", "A", "B", "C", "D", "E", "X", "b", "x", "o")
+MAX_SECTION_BARS = 32
+_FORM_ITEM = re.compile(r"([A-Za-z])(\d+)")
+
+
+def parse_form(form: str) -> list[Section]:
+    """Parse a form string such as ``i4A8B8A8o4`` into sections, rejecting anything malformed."""
+    if not isinstance(form, str) or not form.strip():
+        raise SongError("form: empty form string")
+    text = form.strip()
+    sections: list[Section] = []
+    consumed = 0
+    for match in _FORM_ITEM.finditer(text):
+        if match.start() != consumed:
+            raise SongError(f"form: unexpected {text[consumed:match.start()]!r} at character {consumed} of {text!r}")
+        label, bars = match.group(1), int(match.group(2))
+        if label not in SECTION_LABELS:
+            raise SongError(f"form: unknown section label {label!r} at character {match.start()} of {text!r}; "
+                            f"known: {''.join(SECTION_LABELS)}")
+        if not 1 <= bars <= MAX_SECTION_BARS:
+            raise SongError(f"form: section {label}{bars} at character {match.start()} has {bars} bars; "
+                            f"allowed 1..{MAX_SECTION_BARS}")
+        sections.append(Section(label, bars))
+        consumed = match.end()
+    if consumed != len(text):
+        raise SongError(f"form: unexpected {text[consumed:]!r} at character {consumed} of {text!r}")
+    return sections
+
+
+def form_string(sections: list[Section]) -> str:
+    return "".join(f"{s.label}{s.bars}" for s in sections)
+
+
+@dataclass(frozen=True, order=True)
+class Note:
+    bar: int
+    position: int
+    pitch: int
+    duration: int
+    velocity: int
+
+
+@dataclass(frozen=True, order=True)
+class Chord:
+    """A chord change on the beat grid; it sounds until the next change. ``label`` is canonical Harte."""
+
+    bar: int
+    position: int
+    label: str
+
+
+@dataclass(frozen=True, order=True)
+class Tempo:
+    """A tempo (beats per minute, beat as in the metre) from ``(bar, position)`` on."""
+
+    bar: int
+    position: int
+    bpm: float
+
+
+@dataclass
+class Song:
+    song_id: str
+    key: str
+    metre: str
+    sections: list[Section]
+    chords: list[Chord] = field(default_factory=list)
+    tracks: dict[str, list[Note]] = field(default_factory=lambda: {name: [] for name in TRACKS})
+    tempos: list[Tempo] = field(default_factory=list)
+
+    @property
+    def spec(self) -> Metre:
+        return metre(self.metre)
+
+    @property
+    def n_bars(self) -> int:
+        return sum(s.bars for s in self.sections)
+
+    @property
+    def form(self) -> str:
+        return form_string(self.sections)
+
+    def notes(self) -> list[tuple[str, Note]]:
+        return [(name, note) for name in TRACKS for note in self.tracks.get(name, [])]
+
+    def replace(self, **changes) -> "Song":
+        return replace(self, **changes)
+
+    def check(self) -> None:
+        """Raise SongError naming the first field that breaks the song's invariants."""
+        from musicray.harmony import parse_chord, parse_key
+
+        parse_key(self.key)
+        spec = self.spec
+        if not self.sections:
+            raise SongError(f"{self.song_id}: sections: a song needs at least one section")
+        n_bars = self.n_bars
+
+        def check_time(where: str, bar: int, position: int) -> None:
+            if not (0 <= bar < n_bars and 0 <= position < spec.positions_per_bar):
+                raise SongError(f"{self.song_id}: {where}: time (bar {bar}, position {position}) outside "
+                                f"{n_bars} bars of {spec.positions_per_bar} positions")
+
+        for chord in self.chords:
+            check_time(f"chord {chord.label}", chord.bar, chord.position)
+            parse_chord(chord.label)
+        for tempo in self.tempos:
+            check_time("tempo", tempo.bar, tempo.position)
+            if not tempo.bpm > 0:
+                raise SongError(f"{self.song_id}: tempo: non-positive bpm {tempo.bpm} at bar {tempo.bar}")
+        unknown = set(self.tracks) - set(TRACKS)
+        if unknown:
+            raise SongError(f"{self.song_id}: tracks: unknown track(s) {sorted(unknown)}; known: {TRACKS}")
+        for name, note in self.notes():
+            check_time(f"{name} note", note.bar, note.position)
+            if not (0 <= note.pitch <= 127 and note.duration >= 1 and 1 <= note.velocity <= 127):
+                raise SongError(f"{self.song_id}: {name} note: pitch/duration/velocity out of range in {note}")
+
+    def section_starts(self) -> list[int]:
+        """First bar of each section."""
+        starts, bar = [], 0
+        for section in self.sections:
+            starts.append(bar)
+            bar += section.bars
+        return starts

@@ -1,0 +1,198 @@
+"""The music vocabulary: token families, their values, binning of expression, JSON save/load.
+
+Every token is a string such as ``<Bar>`` or ``<Pos_12>`` that cannot collide with text, and becomes one added
+token of a Hugging Face tokenizer. Run ``python -m musicray.tokens`` to print the layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from musicray.harmony import CANONICAL_BASS_DEGREES, CHORD_QUALITIES, KEY_MODES, NO_CHORD, PITCH_CLASS_NAMES, chord_label
+from musicray.song import MAX_SECTION_BARS, METRES, SECTION_LABELS, TRACKS, SongError
+
+SUBTASKS: tuple[str, ...] = ("chord", "melody", "secondary", "dynamics", "tempo")
+TASKS: tuple[str, ...] = ("song",) + SUBTASKS
+# What a prompt may carry as input for a sub-task: the streams of earlier stages, or all notes for dynamics.
+INPUTS: tuple[str, ...] = ("chord", "melody", "secondary", "notes")
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    """Sizes and bins of the vocabulary. Saved with every dataset and model; changing it changes token ids."""
+
+    max_duration: int = field(default=64, metadata={"help": "longest note in grid steps; longer notes are clipped"})
+    velocity_bins: int = field(default=32, metadata={"help": "number of equal-width velocity bins over 1..127"})
+    tempo_min: int = field(default=30, metadata={"help": "slowest tempo token, bpm; slower tempi are clipped"})
+    tempo_max: int = field(default=240, metadata={"help": "fastest tempo token, bpm; faster tempi are clipped"})
+
+
+# Token families in id order. The grammar speaks of these names.
+FAMILIES: tuple[str, ...] = (
+    "End", "Task", "Input", "Key", "Metre", "Sec", "Bar", "Pos", "Chord", "Bass", "Track", "Pitch", "Dur", "Vel",
+    "Tempo",
+)
+
+
+class Vocabulary:
+    """Token strings with their family and (for numeric families) their value."""
+
+    def __init__(self, config: VocabConfig | None = None):
+        self.config = config or VocabConfig()
+        self.tokens: list[str] = []
+        self.family: list[str] = []
+        self.value: list[int] = []
+        self._build()
+        self.index = {token: i for i, token in enumerate(self.tokens)}
+        if len(self.index) != len(self.tokens):
+            raise AssertionError("duplicate token strings in the vocabulary")
+        self.ids_of: dict[str, list[int]] = {name: [] for name in FAMILIES}
+        for i, fam in enumerate(self.family):
+            self.ids_of[fam].append(i)
+        self.max_positions = max(m.positions_per_bar for m in METRES.values())
+
+    # -- layout ---------------------------------------------------------------------------------------------
+    def _add(self, family: str, text: str, value: int = -1) -> None:
+        self.tokens.append(f"<{family}_{text}>" if text else f"<{family}>")
+        self.family.append(family)
+        self.value.append(value)
+
+    def _build(self) -> None:
+        c = self.config
+        self._add("End", "")
+        for i, task in enumerate(TASKS):
+            self._add("Task", task, i)
+        for i, name in enumerate(INPUTS):
+            self._add("Input", name, i)
+        for mode in KEY_MODES:
+            for pc, name in enumerate(PITCH_CLASS_NAMES):
+                self._add("Key", f"{name}:{mode}", pc)
+        for i, name in enumerate(METRES):
+            self._add("Metre", name, i)
+        for label in SECTION_LABELS:
+            for bars in range(1, MAX_SECTION_BARS + 1):
+                self._add("Sec", f"{label}{bars}", bars)
+        self._add("Bar", "")
+        for pos in range(max(m.positions_per_bar for m in METRES.values())):
+            self._add("Pos", str(pos), pos)
+        self._add("Chord", NO_CHORD)
+        for pc in range(12):
+            for quality in CHORD_QUALITIES:
+                self._add("Chord", chord_label(pc, quality), pc)
+        for i, degree in enumerate(CANONICAL_BASS_DEGREES):
+            self._add("Bass", degree, i)
+        for i, name in enumerate(TRACKS):
+            self._add("Track", name, i)
+        for pitch in range(128):
+            self._add("Pitch", str(pitch), pitch)
+        for dur in range(1, c.max_duration + 1):
+            self._add("Dur", str(dur), dur)
+        for velocity in self.velocity_values:
+            self._add("Vel", str(velocity), velocity)
+        for bpm in range(c.tempo_min, c.tempo_max + 1):
+            self._add("Tempo", str(bpm), bpm)
+
+    # -- binning --------------------------------------------------------------------------------------------
+    @property
+    def velocity_values(self) -> list[int]:
+        """The velocity of each bin: the middle of equal-width bins over 1..127."""
+        n = self.config.velocity_bins
+        width = 127 / n
+        return [min(127, max(1, round(1 + width * (i + 0.5) - 0.5))) for i in range(n)]
+
+    def quantize_velocity(self, velocity: int) -> int:
+        n = self.config.velocity_bins
+        bin_index = min(n - 1, max(0, int((velocity - 1) * n / 127)))
+        return self.velocity_values[bin_index]
+
+    def quantize_tempo(self, bpm: float) -> int:
+        return int(min(self.config.tempo_max, max(self.config.tempo_min, round(bpm))))
+
+    def quantize_duration(self, duration: int) -> int:
+        return int(min(self.config.max_duration, max(1, duration)))
+
+    # -- lookups --------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def id(self, token: str) -> int:
+        try:
+            return self.index[token]
+        except KeyError:
+            raise SongError(f"token: {token!r} is not in the vocabulary") from None
+
+    def token(self, family: str, text: object = "") -> int:
+        """Id of ``<Family_text>`` (``<Family>`` when text is empty)."""
+        return self.id(f"<{family}_{text}>" if text != "" else f"<{family}>")
+
+    def describe(self, ids: list[int]) -> str:
+        return "".join(self.tokens[i] for i in ids)
+
+    def parse(self, text: str) -> list[int]:
+        """Ids of a string of concatenated tokens, e.g. ``<Bar><Pos_0>``; whitespace between tokens is allowed."""
+        ids, i = [], 0
+        text = text.strip()
+        while i < len(text):
+            if text[i].isspace():
+                i += 1
+                continue
+            if text[i] != "<" or ">" not in text[i:]:
+                raise SongError(f"tokens: expected '<' at character {i} of the token string")
+            j = text.index(">", i) + 1
+            ids.append(self.id(text[i:j]))
+            i = j
+        return ids
+
+    # -- persistence ----------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"format": "musicray-vocabulary/1", "config": asdict(self.config), "tokens": self.tokens}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path = path / "vocabulary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "vocabulary.json"
+        data = json.loads(path.read_text())
+        vocab = cls(VocabConfig(**data["config"]))
+        if vocab.tokens != data["tokens"]:
+            raise SongError(f"{path}: saved tokens differ from those this musicray builds from the same config")
+        return vocab
+
+    def layout(self) -> list[tuple[str, int, int, str, str]]:
+        """(family, first id, count, first token, last token) per family."""
+        rows = []
+        for fam in FAMILIES:
+            ids = self.ids_of[fam]
+            rows.append((fam, ids[0], len(ids), self.tokens[ids[0]], self.tokens[ids[-1]]))
+        return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m musicray.tokens", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the vocabulary JSON instead of the layout")
+    args = parser.parse_args(argv)
+    vocab = Vocabulary()
+    if args.json:
+        print(json.dumps(vocab.to_json(), indent=1))
+        return
+    print(f"musicray vocabulary: {len(vocab)} tokens")
+    for key, value in asdict(vocab.config).items():
+        print(f"  {key} = {value}")
+    print(f"{'family':<8} {'ids':>11} {'count':>6}  first .. last")
+    for fam, first, count, first_token, last_token in vocab.layout():
+        print(f"{fam:<8} {first:>5}-{first + count - 1:<5} {count:>6}  {first_token} .. {last_token}")
+
+
+if __name__ == "__main__":
+    main()
