@@ -16,8 +16,8 @@ from musicray.song import MAX_SECTION_BARS, METRES, SECTION_LABELS, TRACKS, Song
 
 SUBTASKS: tuple[str, ...] = ("chord", "melody", "secondary", "dynamics", "tempo")
 TASKS: tuple[str, ...] = ("song",) + SUBTASKS
-# What a prompt may carry as input for a sub-task: the streams of earlier stages, or all notes for dynamics.
-INPUTS: tuple[str, ...] = ("chord", "melody", "secondary", "notes")
+# What a prompt may carry as input for a sub-task: the chords, the main melody, or all notes (for dynamics).
+INPUTS: tuple[str, ...] = ("chord", "melody", "notes")
 
 
 @dataclass(frozen=True)

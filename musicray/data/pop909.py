@@ -1,0 +1,531 @@
+"""Lossless ingest of POP909 with its phrase-structure annotations into :class:`musicray.song.Song`.
+
+One call, :func:`load_song`, turns one song's files into a checked Song plus a stats dict; it reads nothing but
+that song's files (and the index when no index row is passed), so a parallel job can map it over song ids.
+Everything is kept as performed: raw velocities, one tempo per beat. Only time is quantized, to the grid of
+the song's metre (``musicray.song.METRES``; docs/quantization.md measures it).
+
+Where the bars are. The phrase labels (``structure/<id>/human_label1.txt``) count bars of the annotators' own
+bar grid, and that grid is not the downbeat column of ``beat_midi.txt``: that column flips phase every ~50
+beats in many songs, and in about a third of the songs the annotated bar 0 is none of its downbeats. The
+annotators' grid is written down, though, in ``structure/<id>/melody.txt``: their quantized melody, four 16ths
+per beat row of ``beat_midi.txt``, starting on their bar 0. So the grid is recovered by aligning that melody to
+the MIDI melody on the beat rows of ``beat_midi.txt``, bar by bar (:func:`align_bars`). Each labelled bar gets
+an offset in beat rows, constant in 80% of the songs; elsewhere it steps where the annotators left beats out
+(a half bar, a stray beat), and the MIDI notes on those beats belong to no bar and are dropped (counted), or,
+rarely, steps back where they padded a short bar to a full one. docs/quantization.md has the figures.
+
+The PIANO track's sustain-pedal control changes are ignored: Song has no pedal, and note durations are the
+key-held durations.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import miditoolkit
+import numpy as np
+import pandas as pd
+
+from musicray.harmony import NO_CHORD, canonical_chord, canonical_key
+from musicray.song import METRES, TRACKS, Chord, Metre, Note, Section, Song, SongError, Tempo, parse_form
+
+POP909_DIR_ENV = "POP909_DIR"
+
+# (num_beats_per_measure, num_quavers_per_beat) of index.xlsx -> metre. A beat_midi.txt row is one beat of the
+# metre: a quarter in 4/4 and 3/4, a dotted quarter in 12/8 (three quavers). (3, 3) is only song 624, whose
+# beat rows are ~1.6 s apart and whose labels fit none of our metres: it is left out as unsupported_metre.
+INDEX_METRES: dict[tuple[int, int], str] = {
+    (2, 2): "4/4",
+    (3, 2): "3/4",
+    (2, 3): "12/8",
+}
+
+# Paths of one song's files, relative to the dataset root.
+SONG_FILES: dict[str, str] = {
+    "midi": "POP909/{id}/{id}.mid",
+    "beats": "POP909/{id}/beat_midi.txt",
+    "chords": "POP909/{id}/chord_midi.txt",
+    "form": "structure/{id}/human_label1.txt",
+    "melody": "structure/{id}/melody.txt",
+    "key": "structure/{id}/analyzed_key.txt",
+}
+INDEX_FILE = "POP909/index.xlsx"
+
+# Why a song was left out: short stable codes (used as dict keys in stats and docs) and what they mean.
+SKIP_REASONS: dict[str, str] = {
+    "missing_file": "a file the song needs is absent",
+    "unreadable_file": "a text file has the wrong columns or values",
+    "unreadable_midi": "the MIDI file cannot be parsed",
+    "missing_track": "the MIDI lacks one of the MELODY, BRIDGE, PIANO tracks",
+    "empty_track": "the MELODY track has no notes (it is needed to find the bars)",
+    "unsupported_metre": "index.xlsx gives a metre with no musicray metre",
+    "bad_form": "human_label1.txt is not a form parse_form accepts",
+    "unaligned": "the annotators' melody cannot be aligned to the MIDI melody",
+    "label_grid_mismatch": "the labelled bars run past the beats of beat_midi.txt",
+    "unknown_chord": "chord_midi.txt has a chord quality musicray does not know",
+    "bad_key": "analyzed_key.txt has no key canonical_key accepts",
+    "notes_outside_form": "too many notes fall outside the labelled bars",
+    "off_grid": "too many onsets sit far from the metre's grid (the beat rows or the metre do not fit the music)",
+}
+
+# Alignment of the annotators' melody (in beat rows): a reference note matches a MIDI melody note of the same
+# pitch whose onset is within MATCH_TOLERANCE beats of where the offset puts it. A bar-to-bar offset change
+# costs OFFSET_CHANGE_PENALTY matched notes (so a single stray note never moves the grid) and may skip at most
+# MAX_OFFSET_STEP beat rows at once (observed steps are 1..4; longer ones would be jumps to a repeated chorus).
+MATCH_TOLERANCE = 0.3
+OFFSET_CHANGE_PENALTY = 4.0
+MAX_OFFSET_STEP_BARS = 2
+REFERENCE_STEPS_PER_BEAT = 4  # melody.txt durations are 16ths of a beat_midi.txt row, whatever the metre
+
+# Acceptance thresholds, chosen from a full run over the 909 songs (docs/quantization.md): the aligned fraction
+# of the reference melody is >= 0.9 for ~95% of songs and falls off a cliff below 0.6; labelled bars may run at
+# most one bar past the last beat (the annotators round the last bar up); a song with more than 10% of its
+# notes outside the labelled bars has labels that do not describe it.
+MIN_ALIGNED_FRACTION = 0.6
+MAX_OVERHANG_BARS = 1
+MAX_NOTES_OUTSIDE_FRACTION = 0.10
+# An onset is "moved" when rounding it to the grid shifts it by more than 30 ms (about a 64th at 120 bpm; well
+# above the MIDI's timing resolution). The median song moves 2% of its onsets; above a quarter of them the
+# song's rhythm (32nd-note runs on a half-tempo beat track, a 12/8 index entry for a duplet song) is not the
+# one the grid would record.
+DISPLACEMENT_LIMIT_S = 0.030
+MAX_MOVED_FRACTION = 0.25
+
+
+class IngestError(SongError):
+    """A POP909 song that cannot be ingested; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, song_id: str, reason: str, path: str, field: str, detail: str):
+        self.song_id, self.reason, self.path, self.field, self.detail = song_id, reason, path, field, detail
+        super().__init__(f"song {song_id}: {path}: {field}: {detail}")
+
+    def __reduce__(self):
+        # Exceptions pickle through self.args (the message alone); Ray ships errors between processes.
+        return type(self), (self.song_id, self.reason, self.path, self.field, self.detail)
+
+
+def default_pop909_dir() -> Path:
+    """``$POP909_DIR``, else ``shared/datasets/pop909`` beside the project root."""
+    env = os.environ.get(POP909_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "pop909"
+
+
+def normalise_song_id(song_id: str | int) -> str:
+    return f"{int(song_id):03d}"
+
+
+def index_metre(beats_per_measure: int, quavers_per_beat: int) -> str | None:
+    return INDEX_METRES.get((int(beats_per_measure), int(quavers_per_beat)))
+
+
+def read_index(root: Path) -> pd.DataFrame:
+    """index.xlsx with song_id as a 3-character string and a ``metre`` column (None where unsupported)."""
+    path = Path(root) / INDEX_FILE
+    if not path.is_file():
+        raise IngestError("index", "missing_file", INDEX_FILE, "index", "file not found")
+    index = pd.read_excel(path)
+    index["song_id"] = index["song_id"].map(normalise_song_id)
+    index["metre"] = [index_metre(b, q) for b, q in zip(index["num_beats_per_measure"], index["num_quavers_per_beat"])]
+    return index
+
+
+@functools.lru_cache(maxsize=4)
+def _index_rows(root: str) -> dict[str, dict]:
+    return {row["song_id"]: row for row in read_index(Path(root)).to_dict("records")}
+
+
+def song_ids(root: Path) -> list[str]:
+    return sorted(read_index(root)["song_id"])
+
+
+# -- reading one song's files --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SongFiles:
+    root: Path
+    song_id: str
+
+    def relative(self, kind: str) -> str:
+        return SONG_FILES[kind].format(id=self.song_id)
+
+    def path(self, kind: str) -> Path:
+        path = self.root / self.relative(kind)
+        if not path.is_file():
+            raise self.error("missing_file", kind, "file", "file not found")
+        return path
+
+    def error(self, reason: str, kind: str, field: str, detail: str) -> IngestError:
+        return IngestError(self.song_id, reason, self.relative(kind), field, detail)
+
+    def table(self, kind: str, field: str, names: list[str], sep: str) -> pd.DataFrame:
+        """A headerless text table with exactly ``names`` as columns."""
+        path = self.path(kind)
+        try:
+            table = pd.read_csv(path, sep=sep, header=None, comment=None, skip_blank_lines=True)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise self.error("unreadable_file", kind, field, f"cannot read table: {err}") from None
+        if table.shape[1] != len(names):
+            raise self.error("unreadable_file", kind, field, f"expected {len(names)} columns, found {table.shape[1]}")
+        table.columns = names
+        return table
+
+    def text(self, kind: str) -> str:
+        try:
+            return self.path(kind).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise self.error("unreadable_file", kind, "text", str(err)) from None
+
+
+def read_metre(files: SongFiles, index_row: dict | None) -> Metre:
+    row = index_row if index_row is not None else _index_rows(str(files.root)).get(files.song_id)
+    if row is None:
+        raise IngestError(files.song_id, "missing_file", INDEX_FILE, "song_id", "song not in the index")
+    name = row.get("metre")
+    if not isinstance(name, str):
+        name = index_metre(row["num_beats_per_measure"], row["num_quavers_per_beat"])
+    if name is None:
+        raise IngestError(files.song_id, "unsupported_metre", INDEX_FILE, "num_beats_per_measure",
+                          f"({row['num_beats_per_measure']}, {row['num_quavers_per_beat']}) beats/quavers has no "
+                          f"musicray metre; supported: {INDEX_METRES}")
+    return METRES[name]
+
+
+def read_form(files: SongFiles) -> list[Section]:
+    try:
+        return parse_form(files.text("form").strip())
+    except IngestError:
+        raise
+    except SongError as err:
+        raise files.error("bad_form", "form", "form", str(err).removeprefix("form: ")) from None
+
+
+def read_key(files: SongFiles) -> tuple[str, int]:
+    """The first key of analyzed_key.txt and how many further keys (modulations) it lists."""
+    keys = [line.strip() for line in files.text("key").splitlines() if line.strip()]
+    if not keys:
+        raise files.error("bad_key", "key", "key", "no key in file")
+    try:
+        return canonical_key(keys[0]), len(keys) - 1
+    except SongError as err:
+        raise files.error("bad_key", "key", "key", str(err).removeprefix("key: ")) from None
+
+
+def read_beat_times(files: SongFiles) -> np.ndarray:
+    beats = files.table("beats", "beat", ["seconds", "every_second_beat", "downbeat"], sep=r"\s+")
+    times = pd.to_numeric(beats["seconds"], errors="coerce").to_numpy(float)
+    if len(times) < 2 or not np.all(np.isfinite(times)) or not np.all(np.diff(times) > 0):
+        raise files.error("unreadable_file", "beats", "beat", "beat times must be >= 2 increasing numbers")
+    return times
+
+
+def read_chord_changes(files: SongFiles) -> tuple[np.ndarray, list[str]]:
+    """Start time (s) and canonical label of every chord_midi.txt row."""
+    table = files.table("chords", "chord", ["start", "end", "label"], sep="\t")
+    starts = pd.to_numeric(table["start"], errors="coerce").to_numpy(float)
+    if not np.all(np.isfinite(starts)):
+        raise files.error("unreadable_file", "chords", "chord", "chord start times must be numbers")
+    labels = []
+    for row, label in enumerate(table["label"].astype(str), start=1):
+        try:
+            labels.append(canonical_chord(label.strip()))
+        except SongError as err:
+            raise files.error("unknown_chord", "chords", "chord", f"line {row}: {str(err).removeprefix('chord: ')}") \
+                from None
+    return starts, labels
+
+
+def read_reference_melody(files: SongFiles) -> tuple[np.ndarray, np.ndarray]:
+    """The annotators' quantized melody: onsets in beat rows from their bar 0, and pitches (rests left out)."""
+    table = files.table("melody", "melody", ["pitch", "duration"], sep=r"\s+")
+    values = table.apply(pd.to_numeric, errors="coerce")
+    if values.isna().any().any():
+        raise files.error("unreadable_file", "melody", "melody", "pitch and duration must be integers")
+    pitches = values["pitch"].to_numpy(int)
+    onsets = np.concatenate([[0], np.cumsum(values["duration"].to_numpy(int))[:-1]]) / REFERENCE_STEPS_PER_BEAT
+    sounding = pitches > 0
+    return onsets[sounding], pitches[sounding]
+
+
+@dataclass(frozen=True)
+class PerformedNote:
+    start: float  # seconds
+    end: float
+    pitch: int
+    velocity: int
+
+
+def read_midi(files: SongFiles) -> dict[str, list[PerformedNote]]:
+    path = files.path("midi")
+    try:
+        midi = miditoolkit.MidiFile(str(path))
+        tick_to_seconds = midi.get_tick_to_time_mapping()
+    except Exception as err:  # miditoolkit/mido raise many types (EOFError, OSError, KeyError, ...) on bad files
+        raise files.error("unreadable_midi", "midi", "midi", f"{type(err).__name__}: {err}") from None
+    by_name = {instrument.name.strip().upper(): instrument for instrument in midi.instruments}
+    missing = [name for name in TRACKS if name not in by_name]
+    if missing:
+        raise files.error("missing_track", "midi", "track", f"missing {missing}; found {sorted(by_name)}")
+    last_tick = len(tick_to_seconds) - 1
+    tracks = {
+        name: [PerformedNote(float(tick_to_seconds[min(n.start, last_tick)]), float(tick_to_seconds[min(n.end, last_tick)]),
+                             int(n.pitch), int(n.velocity))
+               for n in by_name[name].notes]
+        for name in TRACKS
+    }
+    if not tracks["MELODY"]:
+        raise files.error("empty_track", "midi", "track", "MELODY has no notes")
+    return tracks
+
+
+# -- time: seconds <-> beat rows <-> (bar, position) ---------------------------------------------------------------
+def seconds_to_rows(beat_times: np.ndarray, seconds) -> np.ndarray:
+    """Fractional beat-row index; linear between beats, extended with the first/last interval outside them."""
+    seconds = np.asarray(seconds, float)
+    rows = np.interp(seconds, beat_times, np.arange(len(beat_times), dtype=float))
+    before = (seconds - beat_times[0]) / (beat_times[1] - beat_times[0])
+    after = len(beat_times) - 1 + (seconds - beat_times[-1]) / (beat_times[-1] - beat_times[-2])
+    return np.where(seconds < beat_times[0], before, np.where(seconds > beat_times[-1], after, rows))
+
+
+def rows_to_seconds(beat_times: np.ndarray, rows) -> np.ndarray:
+    rows = np.asarray(rows, float)
+    n = len(beat_times)
+    seconds = np.interp(rows, np.arange(n, dtype=float), beat_times)
+    before = beat_times[0] + rows * (beat_times[1] - beat_times[0])
+    after = beat_times[-1] + (rows - (n - 1)) * (beat_times[-1] - beat_times[-2])
+    return np.where(rows < 0, before, np.where(rows > n - 1, after, seconds))
+
+
+@dataclass(frozen=True)
+class BarGrid:
+    """The labelled bars on the beat rows of beat_midi.txt: ``bar_rows[k]`` is the row of bar k's downbeat."""
+
+    beat_times: np.ndarray
+    bar_rows: np.ndarray
+    spec: Metre
+
+    @property
+    def n_bars(self) -> int:
+        return len(self.bar_rows)
+
+    def beat_rows(self) -> np.ndarray:
+        """Beat row of every beat of the labelled bars, in order."""
+        return (self.bar_rows[:, None] + np.arange(self.spec.beats_per_bar)[None, :]).ravel()
+
+    def grid_steps(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest grid step (from bar 0's downbeat) of each fractional row, and whether it lies in a labelled bar.
+
+        Each row is read against the bar whose downbeat (less half a step, so that an early downbeat counts) is
+        the last one at or before it; a row past that bar's end sits in beats the labels left out, or after
+        the last bar, or before bar 0.
+        """
+        ppb, spec = self.spec.positions_per_beat, self.spec
+        half_step = 0.5 / ppb
+        bar = np.searchsorted(self.bar_rows - half_step, rows, side="right") - 1
+        inside = bar >= 0
+        bar = np.clip(bar, 0, self.n_bars - 1)
+        offset_rows = self.bar_rows[bar] - bar * spec.beats_per_bar
+        steps = np.rint((rows - offset_rows) * ppb).astype(int)
+        inside &= (steps >= bar * spec.positions_per_bar) & (steps < (bar + 1) * spec.positions_per_bar)
+        return steps, inside
+
+    def steps_to_rows(self, steps: np.ndarray) -> np.ndarray:
+        bar = np.clip(steps // self.spec.positions_per_bar, 0, self.n_bars - 1)
+        return self.bar_rows[bar] - bar * self.spec.beats_per_bar + steps / self.spec.positions_per_beat
+
+
+@dataclass(frozen=True)
+class Alignment:
+    bar_rows: np.ndarray
+    matched: int
+    reference_notes: int
+    offset_changes: int
+
+    @property
+    def fraction(self) -> float:
+        return self.matched / max(1, self.reference_notes)
+
+
+def align_bars(reference_onsets: np.ndarray, reference_pitches: np.ndarray, midi_rows: np.ndarray,
+               midi_pitches: np.ndarray, n_bars: int, beats_per_bar: int, n_rows: int) -> Alignment:
+    """Best row offset of each labelled bar, by matching the reference melody to the MIDI melody.
+
+    Dynamic programming over bars maximises the matched reference notes less OFFSET_CHANGE_PENALTY per change.
+    """
+    first_offset = -beats_per_bar  # bar 0 may start up to a bar before the first beat row (an early pickup)
+    offsets = np.arange(first_offset, n_rows)
+    score = np.zeros((n_bars, len(offsets)))
+    in_form = reference_onsets < n_bars * beats_per_bar
+    by_pitch = {pitch: midi_rows[midi_pitches == pitch] for pitch in np.unique(midi_pitches)}
+    for onset, pitch in zip(reference_onsets[in_form], reference_pitches[in_form]):
+        shifts = by_pitch.get(pitch, np.empty(0)) - onset
+        nearest = np.rint(shifts)
+        hits = np.unique(nearest[np.abs(shifts - nearest) < MATCH_TOLERANCE].astype(int)) - first_offset
+        hits = hits[(hits >= 0) & (hits < len(offsets))]
+        score[int(onset // beats_per_bar), hits] += 1
+
+    # Offsets may grow (annotators left beats out) by up to MAX_OFFSET_STEP_BARS bars, or shrink by less than a
+    # bar (they padded a short bar to a full one), so bar downbeats stay strictly increasing rows.
+    steps = [step for step in range(-(beats_per_bar - 1), MAX_OFFSET_STEP_BARS * beats_per_bar + 1) if step]
+    total = score[0].copy()
+    came_from = np.zeros((n_bars, len(offsets)), dtype=int)
+    stay = np.arange(len(offsets))
+    for bar in range(1, n_bars):
+        best, origin = total.copy(), stay.copy()
+        for step in steps:
+            moved = np.full(len(offsets), -np.inf)
+            if step > 0:
+                moved[step:] = total[:-step] - OFFSET_CHANGE_PENALTY
+            else:
+                moved[:step] = total[-step:] - OFFSET_CHANGE_PENALTY
+            better = moved > best
+            best[better], origin[better] = moved[better], stay[better] - step
+        total, came_from[bar] = best + score[bar], origin
+    chosen = np.empty(n_bars, dtype=int)
+    chosen[-1] = int(np.argmax(total))
+    for bar in range(n_bars - 1, 0, -1):
+        chosen[bar - 1] = came_from[bar, chosen[bar]]
+    matched = int(score[np.arange(n_bars), chosen].sum())
+    bar_rows = offsets[chosen] + np.arange(n_bars) * beats_per_bar
+    return Alignment(bar_rows, matched, int(in_form.sum()), int(np.count_nonzero(np.diff(chosen))))
+
+
+# -- placing events on the grid ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlacedTrack:
+    notes: list[Note]
+    performed: int  # notes in the MIDI track
+    outside: int  # of those, onsets outside the labelled bars: dropped
+    merged: int  # kept notes that landed on the (bar, position, pitch) of another one and were merged into it
+    displacement_s: np.ndarray  # |grid time - performed time| of each onset inside the bars
+
+
+def place_notes(grid: BarGrid, notes: list[PerformedNote]) -> PlacedTrack:
+    starts = np.array([n.start for n in notes], dtype=float)
+    start_rows = seconds_to_rows(grid.beat_times, starts)
+    steps, inside = grid.grid_steps(start_rows)
+    # Measured on beat rows, not bars, so a note held over beats the labels left out keeps its played length.
+    ppb = grid.spec.positions_per_beat
+    end_rows = seconds_to_rows(grid.beat_times, np.array([n.end for n in notes], dtype=float))
+    durations = np.maximum(1, np.rint(end_rows * ppb) - np.rint(start_rows * ppb)).astype(int)
+    displacement = np.abs(rows_to_seconds(grid.beat_times, grid.steps_to_rows(steps)) - starts)
+
+    # Two notes of one pitch on one grid step cannot both sound (the MIDI itself has exact duplicates, and
+    # quantization joins fast repeats): keep the longest, then loudest.
+    ppbar = grid.spec.positions_per_bar
+    by_onset: dict[tuple[int, int, int], Note] = {}
+    for note, step, duration, keep in zip(notes, steps, durations, inside):
+        if keep:
+            placed = Note(int(step // ppbar), int(step % ppbar), note.pitch, int(duration), note.velocity)
+            where = (placed.bar, placed.position, placed.pitch)
+            held = by_onset.get(where)
+            if held is None or (placed.duration, placed.velocity) > (held.duration, held.velocity):
+                by_onset[where] = placed
+    kept = int(np.count_nonzero(inside))
+    return PlacedTrack(sorted(by_onset.values()), len(notes), len(notes) - kept, kept - len(by_onset),
+                       displacement[inside])
+
+
+def place_chords(grid: BarGrid, starts: np.ndarray, labels: list[str]) -> list[Chord]:
+    """The chord sounding at every labelled beat (chords sit on beats), as a list of changes from bar 0."""
+    change_rows = np.rint(seconds_to_rows(grid.beat_times, starts))
+    order = np.argsort(change_rows, kind="stable")
+    change_rows, labels = change_rows[order], [labels[i] for i in order]
+    sounding = np.searchsorted(change_rows, grid.beat_rows(), side="right") - 1
+    chords: list[Chord] = []
+    for beat, index in enumerate(sounding):
+        label = labels[index] if index >= 0 else NO_CHORD
+        if not chords or chords[-1].label != label:
+            bar, beat_in_bar = divmod(beat, grid.spec.beats_per_bar)
+            chords.append(Chord(bar, beat_in_bar * grid.spec.positions_per_beat, label))
+    return chords
+
+
+def place_tempos(grid: BarGrid) -> list[Tempo]:
+    """One tempo per labelled beat: 60 / the length of its beat row (the last row repeats the one before)."""
+    intervals = np.diff(grid.beat_times)
+    rows = np.clip(grid.beat_rows(), 0, len(intervals) - 1)
+    tempos = []
+    for beat, row in enumerate(rows):
+        bar, beat_in_bar = divmod(beat, grid.spec.beats_per_bar)
+        tempos.append(Tempo(bar, beat_in_bar * grid.spec.positions_per_beat, round(60.0 / float(intervals[row]), 3)))
+    return tempos
+
+
+# -- one song ------------------------------------------------------------------------------------------------------
+def find_bar_grid(files: SongFiles, spec: Metre, sections: list[Section], beat_times: np.ndarray,
+                  melody: list[PerformedNote]) -> tuple[BarGrid, Alignment]:
+    reference_onsets, reference_pitches = read_reference_melody(files)
+    n_bars = sum(section.bars for section in sections)
+    melody_rows = seconds_to_rows(beat_times, [n.start for n in melody])
+    alignment = align_bars(reference_onsets, reference_pitches, melody_rows, np.array([n.pitch for n in melody]),
+                           n_bars, spec.beats_per_bar, len(beat_times))
+    if alignment.fraction < MIN_ALIGNED_FRACTION:
+        raise files.error("unaligned", "melody", "melody",
+                          f"only {alignment.matched} of {alignment.reference_notes} notes "
+                          f"({alignment.fraction:.0%}) match the MIDI MELODY; need {MIN_ALIGNED_FRACTION:.0%}")
+    overhang_beats = alignment.bar_rows[-1] + spec.beats_per_bar - len(beat_times)
+    if overhang_beats > MAX_OVERHANG_BARS * spec.beats_per_bar:
+        raise files.error("label_grid_mismatch", "form", "form",
+                          f"{n_bars} labelled bars end {overhang_beats} beats after the last of the "
+                          f"{len(beat_times)} beats of {files.relative('beats')}; allowed {MAX_OVERHANG_BARS} bar")
+    return BarGrid(beat_times, alignment.bar_rows, spec), alignment
+
+
+def load_song(root: Path, song_id: str | int, index_row: dict | None = None) -> tuple[Song, dict]:
+    """One POP909 song as a checked Song, and stats on what the ingest moved or dropped.
+
+    Raises IngestError (reason in SKIP_REASONS) when the song cannot be represented faithfully.
+    """
+    files = SongFiles(Path(root), normalise_song_id(song_id))
+    spec = read_metre(files, index_row)
+    sections = read_form(files)
+    key, key_changes = read_key(files)
+    chord_starts, chord_labels = read_chord_changes(files)
+    beat_times = read_beat_times(files)
+    performed = read_midi(files)
+    grid, alignment = find_bar_grid(files, spec, sections, beat_times, performed["MELODY"])
+
+    placed = {name: place_notes(grid, performed[name]) for name in TRACKS}
+    notes_total = sum(track.performed for track in placed.values())
+    notes_outside = sum(track.outside for track in placed.values())
+    if notes_outside > MAX_NOTES_OUTSIDE_FRACTION * notes_total:
+        raise files.error("notes_outside_form", "form", "form",
+                          f"{notes_outside} of {notes_total} notes fall outside the {grid.n_bars} labelled bars; "
+                          f"allowed {MAX_NOTES_OUTSIDE_FRACTION:.0%}")
+    displacement = np.concatenate([track.displacement_s for track in placed.values()])
+    notes_moved = int(np.count_nonzero(displacement > DISPLACEMENT_LIMIT_S))
+    if notes_moved > MAX_MOVED_FRACTION * len(displacement):
+        raise files.error("off_grid", "midi", "onsets",
+                          f"{notes_moved} of {len(displacement)} onsets move more than "
+                          f"{DISPLACEMENT_LIMIT_S * 1000:.0f} ms when rounded to {spec.positions_per_beat} steps per "
+                          f"beat of {spec.name}; allowed {MAX_MOVED_FRACTION:.0%}")
+
+    song = Song(song_id=files.song_id, key=key, metre=spec.name, sections=sections,
+                chords=place_chords(grid, chord_starts, chord_labels),
+                tracks={name: track.notes for name, track in placed.items()}, tempos=place_tempos(grid))
+    song.check()
+    bar_gaps = np.diff(grid.bar_rows) - spec.beats_per_bar
+    stats = {
+        "notes_total": notes_total,
+        "notes_kept": sum(len(track.notes) for track in placed.values()),
+        "notes_dropped": notes_outside,
+        "notes_dropped_by_track": {name: track.outside for name, track in placed.items()},
+        "notes_merged": sum(track.merged for track in placed.values()),
+        "onsets_moved_over_30ms": notes_moved,
+        "median_displacement_ms": float(np.median(displacement) * 1000) if len(displacement) else 0.0,
+        "key_changes": key_changes,
+        "aligned_fraction": round(alignment.fraction, 4),
+        "grid_offset_changes": alignment.offset_changes,
+        "beats_left_out": int(np.sum(np.maximum(0, bar_gaps))),
+        "beats_padded": int(np.sum(np.maximum(0, -bar_gaps))),
+        "bar0_beat_row": int(grid.bar_rows[0]),
+        "bars": grid.n_bars,
+        "beat_rows": len(beat_times),
+    }
+    return song, stats

@@ -1,0 +1,360 @@
+"""Songs as token sequences: the whole song and the five sub-tasks, and the decoders back to a song.
+
+An example is a *prompt* (header + inputs) and a *target* (one stream of the song, closed by ``<End>``).
+
+    header  = <Task_t> <Key_k> <Metre_m> <Tempo_base> <Sec_..>+
+    prompt  = header (<Input_x> body_x)*
+    target  = body_t <End>
+
+A body walks the form: ``<Sec_A8>`` opens a section, ``<Bar>`` each of its bars, then the bar's events by
+position. What a bar holds depends on the stream (``STREAMS``):
+
+    song      <Bar> <Tempo> (<Pos> [<Chord> [<Bass>]] (<Track> (<Pitch> <Dur> <Vel>)+)*)*
+    chord     <Bar> (<Pos> <Chord> [<Bass>])*          the chord sounding at the downbeat is restated there
+    melody    <Bar> (<Pos> (<Pitch> <Dur>)+)*           MELODY (melody task) or BRIDGE (secondary task)
+    notes     <Bar> (<Pos> (<Track> (<Pitch> <Dur>)+)+)*  all tracks without velocity (the dynamics input)
+    dynamics  <Bar> <Vel>*                              one velocity per note of the bar, in note order
+    tempo     <Bar> <Tempo>                             one tempo per bar
+
+Tempo is encoded per bar (the bar's mean tempo, harmonic over its beats), so every downbeat keeps its
+performed time; docs/tokens.md gives the figures behind this choice.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from musicray.harmony import NO_CHORD, canonical_key, chord_label, parse_chord
+from musicray.song import TRACKS, Chord, Note, Section, Song, SongError, Tempo
+from musicray.tokens import TASKS, Vocabulary
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What one body carries in each bar."""
+
+    tempo: bool = False
+    chords: bool = False
+    tracks: tuple[str, ...] = ()
+    track_markers: bool = False
+    velocity: bool = False
+    velocities_only: bool = False
+
+
+STREAMS: dict[str, Stream] = {
+    "song": Stream(tempo=True, chords=True, tracks=TRACKS, track_markers=True, velocity=True),
+    "chord": Stream(chords=True),
+    "melody": Stream(tracks=("MELODY",)),
+    "secondary": Stream(tracks=("BRIDGE",)),
+    "notes": Stream(tracks=TRACKS, track_markers=True),
+    "dynamics": Stream(tracks=TRACKS, velocities_only=True),
+    "tempo": Stream(tempo=True),
+}
+
+# The stream each task generates, and the streams its prompt gives as input (the earlier stages' outputs).
+TASK_TARGET: dict[str, str] = {t: t for t in TASKS}
+TASK_INPUTS: dict[str, tuple[str, ...]] = {
+    "song": (),
+    "chord": (),
+    "melody": ("chord",),
+    "secondary": ("chord", "melody"),
+    "dynamics": ("notes",),
+    "tempo": ("melody",),
+}
+# The song fields an example of each task carries (prompt and target together).
+TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "song": ("chords", "MELODY", "BRIDGE", "PIANO", "velocity", "tempo"),
+    "chord": ("chords",),
+    "melody": ("chords", "MELODY"),
+    "secondary": ("chords", "MELODY", "BRIDGE"),
+    "dynamics": ("MELODY", "BRIDGE", "PIANO", "velocity"),
+    "tempo": ("MELODY", "tempo"),
+}
+
+# Notes of a stream without velocity decode with this one; it is a bin centre so quantization keeps it.
+NEUTRAL_VELOCITY = 82
+DEFAULT_BPM = 120.0
+
+
+@dataclass
+class Example:
+    task: str
+    prompt: list[int]
+    target: list[int]
+    song_id: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+# -- canonical (quantized) songs ------------------------------------------------------------------------------
+
+def bar_tempos(song: Song) -> list[float]:
+    """Each bar's mean tempo: beats per bar over the bar's duration, with the tempo sounding at each beat."""
+    spec = song.spec
+    tempos = sorted(song.tempos)
+    result, index, current = [], 0, (tempos[0].bpm if tempos else DEFAULT_BPM)
+    for bar in range(song.n_bars):
+        seconds = 0.0
+        for beat in range(spec.beats_per_bar):
+            here = (bar, beat * spec.positions_per_beat)
+            while index < len(tempos) and (tempos[index].bar, tempos[index].position) <= here:
+                current = tempos[index].bpm
+                index += 1
+            seconds += 60.0 / current
+        result.append(spec.beats_per_bar * 60.0 / seconds)
+    return result
+
+
+def base_tempo(song: Song, vocab: Vocabulary) -> int:
+    """The header's tempo: the median bar tempo, robust to a rubato intro and a final ritardando."""
+    return vocab.quantize_tempo(statistics.median(bar_tempos(song)))
+
+
+def canonical_chords(chords: list[Chord]) -> list[Chord]:
+    """Sorted, canonical labels, the last of simultaneous changes kept, repeats merged, a chord at the start."""
+    by_time: dict[tuple[int, int], str] = {}
+    for chord in sorted(chords):
+        by_time[(chord.bar, chord.position)] = chord_label(*parse_chord(chord.label))
+    if (0, 0) not in by_time:
+        by_time[(0, 0)] = NO_CHORD
+    merged: list[Chord] = []
+    for (bar, position), label in sorted(by_time.items()):
+        if not merged or merged[-1].label != label:
+            merged.append(Chord(bar, position, label))
+    return merged
+
+
+def canonical_notes(notes: list[Note], vocab: Vocabulary) -> list[Note]:
+    """Binned velocity, clipped duration, one note per (onset, pitch): the longest, then the loudest."""
+    best: dict[tuple[int, int, int], Note] = {}
+    for note in notes:
+        note = Note(note.bar, note.position, note.pitch, vocab.quantize_duration(note.duration),
+                    vocab.quantize_velocity(note.velocity))
+        key = (note.bar, note.position, note.pitch)
+        if key not in best or (note.duration, note.velocity) > (best[key].duration, best[key].velocity):
+            best[key] = note
+    return sorted(best.values())
+
+
+def quantized(song: Song, vocab: Vocabulary) -> Song:
+    """The song as the vocabulary can express it; ``decode(encode(song)) == project(quantized(song), task)``."""
+    return Song(
+        song_id=song.song_id,
+        key=canonical_key(song.key),
+        metre=song.metre,
+        sections=list(song.sections),
+        chords=canonical_chords(song.chords),
+        tracks={name: canonical_notes(song.tracks.get(name, []), vocab) for name in TRACKS},
+        tempos=[Tempo(bar, 0, float(vocab.quantize_tempo(bpm))) for bar, bpm in enumerate(bar_tempos(song))],
+    )
+
+
+def project(song: Song, task: str, base_bpm: float | None = None) -> Song:
+    """Only the fields an example of ``task`` carries; what it does not carry takes neutral values."""
+    fields = TASK_FIELDS[task]
+    tracks = {}
+    for name in TRACKS:
+        notes = song.tracks.get(name, []) if name in fields else []
+        if "velocity" not in fields:
+            notes = [Note(n.bar, n.position, n.pitch, n.duration, NEUTRAL_VELOCITY) for n in notes]
+        tracks[name] = notes
+    if "tempo" in fields:
+        tempos = list(song.tempos)
+    else:
+        tempos = [Tempo(0, 0, float(base_bpm if base_bpm is not None else song.tempos[0].bpm))]
+    return Song(song.song_id, song.key, song.metre, list(song.sections),
+                chords=list(song.chords) if "chords" in fields else [], tracks=tracks, tempos=tempos)
+
+
+# -- encoding -------------------------------------------------------------------------------------------------
+
+def encode_header(song: Song, task: str, vocab: Vocabulary, bpm: int) -> list[int]:
+    ids = [vocab.token("Task", task), vocab.token("Key", song.key), vocab.token("Metre", song.metre),
+           vocab.token("Tempo", bpm)]
+    ids += [vocab.token("Sec", f"{s.label}{s.bars}") for s in song.sections]
+    return ids
+
+
+def _chord_ids(label: str, vocab: Vocabulary) -> list[int]:
+    root, quality, bass = parse_chord(label)
+    ids = [vocab.token("Chord", chord_label(root, quality))]
+    if bass:
+        ids.append(vocab.token("Bass", bass))
+    return ids
+
+
+def _bar_events(song: Song, stream: Stream) -> list[dict[int, dict]]:
+    """Per bar: position -> {"chord": label, "notes": {track: [notes]}}, with the downbeat chord restated."""
+    bars: list[dict[int, dict]] = [dict() for _ in range(song.n_bars)]
+
+    def at(bar: int, position: int) -> dict:
+        return bars[bar].setdefault(position, {"chord": None, "notes": {}})
+
+    if stream.chords:
+        chords = iter(song.chords)
+        sounding, upcoming = NO_CHORD, next(chords, None)
+        for bar in range(song.n_bars):
+            at(bar, 0)["chord"] = sounding
+            while upcoming is not None and upcoming.bar == bar:
+                at(bar, upcoming.position)["chord"] = upcoming.label
+                sounding, upcoming = upcoming.label, next(chords, None)
+    for name in stream.tracks:
+        for note in song.tracks[name]:
+            at(note.bar, note.position)["notes"].setdefault(name, []).append(note)
+    return bars
+
+
+def encode_body(song: Song, stream_name: str, vocab: Vocabulary) -> list[int]:
+    """One stream of a quantized song, without the closing ``<End>``."""
+    stream = STREAMS[stream_name]
+    bar_events = _bar_events(song, stream)
+    bpm_by_bar = [t.bpm for t in song.tempos] if stream.tempo else []
+    ids: list[int] = []
+    bar = 0
+    for section in song.sections:
+        ids.append(vocab.token("Sec", f"{section.label}{section.bars}"))
+        for _ in range(section.bars):
+            ids.append(vocab.token("Bar"))
+            if stream.tempo:
+                ids.append(vocab.token("Tempo", int(bpm_by_bar[bar])))
+            for position, events in sorted(bar_events[bar].items()):
+                if stream.velocities_only:
+                    for name in TRACKS:
+                        ids += [vocab.token("Vel", n.velocity) for n in events["notes"].get(name, [])]
+                    continue
+                ids.append(vocab.token("Pos", position))
+                if events["chord"] is not None:
+                    ids += _chord_ids(events["chord"], vocab)
+                for name in TRACKS:
+                    notes = events["notes"].get(name)
+                    if not notes:
+                        continue
+                    if stream.track_markers:
+                        ids.append(vocab.token("Track", name))
+                    for note in notes:
+                        ids += [vocab.token("Pitch", note.pitch), vocab.token("Dur", note.duration)]
+                        if stream.velocity:
+                            ids.append(vocab.token("Vel", note.velocity))
+            bar += 1
+    return ids
+
+
+def encode(song: Song, task: str, vocab: Vocabulary) -> Example:
+    """The example of ``task`` for a song (quantized here, so raw ingested songs can be passed)."""
+    if task not in TASKS:
+        raise SongError(f"task: unknown task {task!r}; known: {', '.join(TASKS)}")
+    song = quantized(song, vocab)
+    bpm = base_tempo(song, vocab)
+    prompt = encode_header(song, task, vocab, bpm)
+    for name in TASK_INPUTS[task]:
+        prompt += [vocab.token("Input", name)] + encode_body(song, name, vocab)
+    target = encode_body(song, TASK_TARGET[task], vocab) + [vocab.token("End")]
+    return Example(task, prompt, target, song.song_id)
+
+
+# -- decoding -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Header:
+    task: str
+    key: str
+    metre: str
+    bpm: int
+    sections: list[Section]
+    inputs: dict[str, list[int]]
+
+
+def decode_header(prompt: list[int], vocab: Vocabulary) -> Header:
+    families = [vocab.family[i] for i in prompt[:4]]
+    if families != ["Task", "Key", "Metre", "Tempo"]:
+        raise SongError(f"prompt: expected <Task_..><Key_..><Metre_..><Tempo_..> first, got "
+                        f"{vocab.describe(prompt[:4])}")
+    text = [vocab.tokens[i][1:-1].split("_", 1)[1] for i in prompt[:4]]
+    sections, i = [], 4
+    while i < len(prompt) and vocab.family[prompt[i]] == "Sec":
+        label = vocab.tokens[prompt[i]][5:-1]
+        sections.append(Section(label[0], int(label[1:])))
+        i += 1
+    if not sections:
+        raise SongError("prompt: the header names no section")
+    inputs: dict[str, list[int]] = {}
+    current = None
+    for token in prompt[i:]:
+        if vocab.family[token] == "Input":
+            current = vocab.tokens[token][7:-1]
+            inputs[current] = []
+        elif current is None:
+            raise SongError(f"prompt: unexpected {vocab.tokens[token]} after the header")
+        else:
+            inputs[current].append(token)
+    return Header(text[0], text[1], text[2], int(text[3]), sections, inputs)
+
+
+def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary) -> None:
+    """Add what a (grammatical) body of ``stream_name`` says to ``song`` in place."""
+    stream = STREAMS[stream_name]
+    single_track = stream.tracks[0] if len(stream.tracks) == 1 else None
+    bar, position, track = -1, 0, single_track
+    chords, tempos = [], []
+    notes: dict[str, list[Note]] = {name: [] for name in TRACKS}
+    pending: dict = {}
+    velocities: list[int] = []
+    for token in ids:
+        family, value = vocab.family[token], vocab.value[token]
+        if family == "Bar":
+            bar, position = bar + 1, 0
+        elif family == "Tempo":
+            tempos.append(Tempo(bar, 0, float(value)))
+        elif family == "Pos":
+            position = value
+        elif family == "Chord":
+            chords.append(Chord(bar, position, vocab.tokens[token][7:-1]))
+        elif family == "Bass":
+            last = chords[-1]
+            chords[-1] = Chord(last.bar, last.position, f"{last.label}/{vocab.tokens[token][6:-1]}")
+        elif family == "Track":
+            track = TRACKS[value]
+        elif family == "Pitch":
+            pending = {"pitch": value}
+        elif family == "Dur":
+            pending["duration"] = value
+            if not stream.velocity:
+                notes[track].append(Note(bar, position, pending["pitch"], value, NEUTRAL_VELOCITY))
+        elif family == "Vel":
+            if stream.velocities_only:
+                velocities.append(value)
+            else:
+                notes[track].append(Note(bar, position, pending["pitch"], pending["duration"], value))
+    if stream.chords:
+        song.chords = canonical_chords(chords)
+    if stream.tempo:
+        song.tempos = tempos
+    for name in stream.tracks:
+        if not stream.velocities_only:
+            song.tracks[name] = sorted(notes[name])
+    if stream.velocities_only:
+        in_order = sorted((n.bar, n.position, TRACKS.index(name), n.pitch, name, n) for name, n in song.notes())
+        if len(in_order) != len(velocities):
+            raise SongError(f"dynamics: {len(velocities)} velocities for {len(in_order)} notes")
+        song.tracks = {name: [] for name in TRACKS}
+        for (*_, name, note), velocity in zip(in_order, velocities):
+            song.tracks[name].append(Note(note.bar, note.position, note.pitch, note.duration, velocity))
+
+
+def decode(example: Example, vocab: Vocabulary) -> Song:
+    """The song an example describes: header, inputs and target (which must be grammatical)."""
+    header = decode_header(example.prompt, vocab)
+    song = Song(example.song_id, header.key, header.metre, header.sections, chords=[],
+                tracks={name: [] for name in TRACKS}, tempos=[Tempo(0, 0, float(header.bpm))])
+    for name, ids in header.inputs.items():
+        decode_body(ids, name, song, vocab)
+    target = example.target[:-1] if example.target and vocab.family[example.target[-1]] == "End" else example.target
+    decode_body(target, TASK_TARGET[header.task], song, vocab)
+    return song
+
+
+def round_trip_song(song: Song, task: str, vocab: Vocabulary) -> tuple[Song, Song]:
+    """(expected, decoded) for ``task``: the two are equal when encoding is lossless up to quantization."""
+    expected = quantized(song, vocab)
+    example = encode(song, task, vocab)
+    return project(expected, task, base_tempo(expected, vocab)), decode(example, vocab)

@@ -1,0 +1,377 @@
+"""The music grammar: one automaton, written as tables, compiled once into tensors.
+
+The tables say, per stream (see ``musicray.encoding.STREAMS``), which token family may follow which
+(``GRAPH``), which counter must allow a family (``GUARDS``), which families must rise within a scope
+(``RISING``/``RESETS``: positions within a bar, tracks within a position, pitches within a track), and which
+family spends a per-bar quota (``QUOTA``: one velocity per given note in the dynamics stream). A *plan* gives
+the counters' targets: the form (section tokens in order, bars each), the metre (positions per bar) and the
+quotas.
+
+The compiled ``Grammar`` runs a whole batch at once, each row with its own stream, plan and state:
+``start`` → ``mask`` (allowed next tokens, [batch, vocab]) → ``step`` (consume one token per row). The same
+engine validates sequences (``validate``), masks logits during generation and masks the training loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from musicray.song import Section, SongError, metre
+from musicray.tokens import FAMILIES, Vocabulary
+
+_BAR_CLOSE = ("Bar", "Sec", "End")
+
+# prev family -> families allowed next. "Start" is the state before the first token.
+_MELODY_GRAPH = {
+    "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Pos",) + _BAR_CLOSE,
+    "Pos": ("Pitch",), "Pitch": ("Dur",), "Dur": ("Pitch", "Pos") + _BAR_CLOSE,
+}
+GRAPH: dict[str, dict[str, tuple[str, ...]]] = {
+    "song": {
+        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Tempo",), "Tempo": ("Pos",) + _BAR_CLOSE,
+        "Pos": ("Chord", "Track"), "Chord": ("Bass", "Track", "Pos") + _BAR_CLOSE,
+        "Bass": ("Track", "Pos") + _BAR_CLOSE, "Track": ("Pitch",), "Pitch": ("Dur",), "Dur": ("Vel",),
+        "Vel": ("Pitch", "Track", "Pos") + _BAR_CLOSE,
+    },
+    "chord": {
+        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Pos",) + _BAR_CLOSE, "Pos": ("Chord",),
+        "Chord": ("Bass", "Pos") + _BAR_CLOSE, "Bass": ("Pos",) + _BAR_CLOSE,
+    },
+    "melody": _MELODY_GRAPH,
+    "secondary": _MELODY_GRAPH,
+    "notes": {
+        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Pos",) + _BAR_CLOSE, "Pos": ("Track",),
+        "Track": ("Pitch",), "Pitch": ("Dur",), "Dur": ("Pitch", "Track", "Pos") + _BAR_CLOSE,
+    },
+    "dynamics": {"Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Vel",) + _BAR_CLOSE, "Vel": ("Vel",) + _BAR_CLOSE},
+    "tempo": {"Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Tempo",), "Tempo": _BAR_CLOSE},
+}
+STREAM_NAMES: tuple[str, ...] = tuple(GRAPH)
+
+# Counter conditions a family needs (families not listed need none).
+GUARD_NAMES: tuple[str, ...] = ("always", "bar_left", "section_next", "form_done", "quota_left")
+GUARDS: dict[str, str] = {"Bar": "bar_left", "Sec": "section_next", "End": "form_done"}
+# Per stream: the family that spends the bar's quota (it then needs "quota_left").
+QUOTA: dict[str, str] = {"dynamics": "Vel"}
+# Families whose values must strictly rise until a family that opens a new scope resets them.
+RISING: tuple[str, ...] = ("Pos", "Track", "Pitch")
+RESETS: dict[str, tuple[str, ...]] = {"Bar": ("Pos", "Track", "Pitch"), "Pos": ("Track", "Pitch"), "Track": ("Pitch",)}
+
+_FAMILY = {name: i for i, name in enumerate(FAMILIES)}
+_START = len(FAMILIES)
+_NO_LIMIT = 1 << 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the counters must reach: the form in order, the metre, and (dynamics) notes per bar."""
+
+    sections: tuple[Section, ...]
+    metre: str
+    quotas: tuple[int, ...] = ()
+
+    @property
+    def n_bars(self) -> int:
+        return sum(s.bars for s in self.sections)
+
+    @classmethod
+    def from_prompt(cls, prompt: list[int], vocab: Vocabulary) -> "Plan":
+        """The plan an example's header implies; quotas count the notes of the ``<Input_notes>`` body."""
+        from musicray.encoding import decode_header
+
+        header = decode_header(prompt, vocab)
+        quotas: list[int] = []
+        for token in header.inputs.get("notes", []):
+            if vocab.family[token] == "Bar":
+                quotas.append(0)
+            elif vocab.family[token] == "Pitch" and quotas:
+                quotas[-1] += 1
+        return cls(tuple(header.sections), header.metre, tuple(quotas))
+
+
+@dataclass(frozen=True)
+class GrammarError:
+    index: int
+    token: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"token {self.index} {self.token}: {self.reason}"
+
+
+@dataclass
+class GrammarState:
+    """Per-row state of a batch (all tensors have the batch as first dimension)."""
+
+    stream: torch.Tensor      # stream index
+    node: torch.Tensor        # family of the last token (or START)
+    section: torch.Tensor     # sections opened so far
+    n_sections: torch.Tensor
+    bars_left: torch.Tensor   # in the open section
+    bar: torch.Tensor         # bars opened so far
+    quota_left: torch.Tensor  # tokens of the quota family still owed in this bar
+    low: torch.Tensor         # [batch, families]: a token's value must be > low[family]
+    high: torch.Tensor        # [batch, families]: ... and < high[family]
+    section_values: torch.Tensor  # [batch, max sections]: Sec rank of each section of the form
+    section_bars: torch.Tensor    # [batch, max sections]
+    quotas: torch.Tensor          # [batch, max bars + 1]: quota of bar k at k (1-based), 0 elsewhere
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.node == _FAMILY["End"]
+
+    def row(self, i: int) -> dict:
+        return {name: int(getattr(self, name)[i]) for name in
+                ("stream", "node", "section", "n_sections", "bars_left", "bar", "quota_left")}
+
+
+class Grammar:
+    """The tables compiled against one vocabulary, on one device."""
+
+    def __init__(self, vocab: Vocabulary, device: str | torch.device = "cpu"):
+        self.vocab = vocab
+        self.device = torch.device(device)
+        n_fam = len(FAMILIES)
+        allowed = torch.zeros(len(STREAM_NAMES), n_fam + 1, n_fam, dtype=torch.bool)
+        guard = torch.zeros(len(STREAM_NAMES), n_fam, dtype=torch.long)
+        for s, stream in enumerate(STREAM_NAMES):
+            for prev, nexts in GRAPH[stream].items():
+                for fam in nexts:
+                    allowed[s, _START if prev == "Start" else _FAMILY[prev], _FAMILY[fam]] = True
+            # A finished row may only repeat <End>, so batched generation can pad with it.
+            allowed[s, _FAMILY["End"], _FAMILY["End"]] = True
+            for fam, name in GUARDS.items():
+                guard[s, _FAMILY[fam]] = GUARD_NAMES.index(name)
+            if stream in QUOTA:
+                guard[s, _FAMILY[QUOTA[stream]]] = GUARD_NAMES.index("quota_left")
+        self.quota_family = torch.tensor([_FAMILY[QUOTA[s]] if s in QUOTA else -1 for s in STREAM_NAMES])
+        resets = torch.zeros(n_fam, n_fam, dtype=torch.bool)
+        for fam, reset in RESETS.items():
+            for other in reset:
+                resets[_FAMILY[fam], _FAMILY[other]] = True
+        rising = torch.zeros(n_fam, dtype=torch.bool)
+        rising[[_FAMILY[f] for f in RISING]] = True
+        self.first_sec = vocab.ids_of["Sec"][0]
+        value = torch.tensor(vocab.value, dtype=torch.long).clamp(min=0)  # unvalued tokens pass every bound
+        value[vocab.ids_of["Sec"]] = torch.arange(len(vocab.ids_of["Sec"]))  # Sec guards compare ranks
+        family = torch.tensor([_FAMILY[f] for f in vocab.family], dtype=torch.long)
+        to = dict(device=self.device)
+        self.allowed, self.guard, self.resets, self.rising = allowed.to(**to), guard.to(**to), resets.to(**to), \
+            rising.to(**to)
+        self.quota_family = self.quota_family.to(**to)
+        self.token_family, self.token_value = family.to(**to), value.to(**to)
+        self.family_spans = []
+        for name in FAMILIES:
+            ids = vocab.ids_of[name]
+            if ids != list(range(ids[0], ids[-1] + 1)) or ids[0] != sum(e - b for _, b, e, _ in self.family_spans):
+                raise AssertionError(f"{name} tokens must have contiguous ids in family order")
+            self.family_spans.append((_FAMILY[name], ids[0], ids[-1] + 1, name == "Sec" or name in RISING))
+
+    # -- batch engine ------------------------------------------------------------------------------------------
+    def start(self, streams: list[str], plans: list[Plan]) -> GrammarState:
+        if len(streams) != len(plans):
+            raise ValueError("one plan per stream")
+        batch = len(plans)
+        max_sections = max(len(p.sections) for p in plans) + 1
+        max_bars = max(p.n_bars for p in plans) + 2
+        section_values = torch.full((batch, max_sections), -10, dtype=torch.long)
+        section_bars = torch.zeros((batch, max_sections), dtype=torch.long)
+        quotas = torch.zeros((batch, max_bars), dtype=torch.long)
+        high = torch.full((batch, len(FAMILIES)), _NO_LIMIT, dtype=torch.long)
+        for i, (stream, plan) in enumerate(zip(streams, plans)):
+            if stream not in GRAPH:
+                raise SongError(f"stream: unknown stream {stream!r}; known: {', '.join(STREAM_NAMES)}")
+            for k, section in enumerate(plan.sections):
+                section_values[i, k] = self.vocab.token("Sec", f"{section.label}{section.bars}") - self.first_sec
+                section_bars[i, k] = section.bars
+            if plan.quotas:
+                if len(plan.quotas) != plan.n_bars:
+                    raise SongError(f"plan: {len(plan.quotas)} bar quotas for a form of {plan.n_bars} bars")
+                quotas[i, 1:plan.n_bars + 1] = torch.tensor(plan.quotas)
+            high[i, _FAMILY["Pos"]] = metre(plan.metre).positions_per_bar
+        to = dict(device=self.device)
+        zeros = torch.zeros(batch, dtype=torch.long, **to)
+        low = torch.full((batch, len(FAMILIES)), -1, dtype=torch.long, **to)
+        state = GrammarState(
+            stream=torch.tensor([STREAM_NAMES.index(s) for s in streams], **to),
+            node=torch.full((batch,), _START, dtype=torch.long, **to),
+            section=zeros.clone(), n_sections=torch.tensor([len(p.sections) for p in plans], **to),
+            bars_left=zeros.clone(), bar=zeros.clone(), quota_left=zeros.clone(),
+            low=low, high=high.to(**to), section_values=section_values.to(**to),
+            section_bars=section_bars.to(**to), quotas=quotas.to(**to))
+        self._expect_section(state, torch.ones(batch, dtype=torch.bool, device=self.device))
+        return state
+
+    def _expect_section(self, state: GrammarState, rows: torch.Tensor) -> None:
+        """Only the form's next section token is allowed as the next Sec."""
+        nxt = state.section_values.gather(1, state.section.clamp(max=state.section_values.shape[1] - 1)[:, None])[:, 0]
+        sec = _FAMILY["Sec"]
+        state.low[:, sec] = torch.where(rows, nxt - 1, state.low[:, sec])
+        state.high[:, sec] = torch.where(rows, nxt + 1, state.high[:, sec])
+
+    def _guards(self, state: GrammarState) -> torch.Tensor:
+        closed = (state.bars_left == 0) & (state.quota_left == 0)
+        return torch.stack([
+            torch.ones_like(closed),
+            (state.bars_left > 0) & (state.quota_left == 0),
+            closed & (state.section < state.n_sections),
+            closed & (state.section == state.n_sections),
+            state.quota_left > 0,
+        ], dim=1)
+
+    def family_mask(self, state: GrammarState) -> torch.Tensor:
+        """[batch, families]: which families may come next."""
+        allowed = self.allowed[state.stream, state.node]
+        return allowed & self._guards(state).gather(1, self.guard[state.stream])
+
+    def mask(self, state: GrammarState) -> torch.Tensor:
+        """[batch, vocab] bool: the tokens each row may emit next."""
+        allowed = self.family_mask(state)
+        # Families are contiguous id ranges: broadcast each family's verdict over its range, then apply the
+        # value bounds of the bounded families (cheaper than gathering per token).
+        parts = []
+        for family, start, stop, bounded in self.family_spans:
+            part = allowed[:, family, None].expand(-1, stop - start)
+            if bounded:
+                value = self.token_value[start:stop]
+                part = part & (value > state.low[:, family, None]) & (value < state.high[:, family, None])
+            parts.append(part)
+        return torch.cat(parts, dim=1)
+
+    def accepts(self, state: GrammarState, tokens: torch.Tensor) -> torch.Tensor:
+        """[batch] bool: whether each row may emit its token now."""
+        family, value = self.token_family[tokens], self.token_value[tokens]
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        family_ok = self.allowed[state.stream, state.node, family]
+        guard_ok = self._guards(state)[rows, self.guard[state.stream, family]]
+        return family_ok & guard_ok & (value > state.low[rows, family]) & (value < state.high[rows, family])
+
+    def step(self, state: GrammarState, tokens: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Consume one token per row; rows whose token is not accepted keep their state. Returns accepted."""
+        tokens = tokens.to(self.device)
+        ok = self.accepts(state, tokens) if check else torch.ones_like(tokens, dtype=torch.bool)
+        family, value = self.token_family[tokens], self.token_value[tokens]
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        state.node = torch.where(ok, family, state.node)
+
+        opened = ok & (family == _FAMILY["Sec"])
+        bars = state.section_bars.gather(1, state.section.clamp(max=state.section_bars.shape[1] - 1)[:, None])[:, 0]
+        state.bars_left = torch.where(opened, bars, state.bars_left)
+        state.section = state.section + opened.long()
+        self._expect_section(state, opened)
+
+        new_bar = ok & (family == _FAMILY["Bar"])
+        state.bars_left = state.bars_left - new_bar.long()
+        state.bar = state.bar + new_bar.long()
+        quota = state.quotas.gather(1, state.bar.clamp(max=state.quotas.shape[1] - 1)[:, None])[:, 0]
+        state.quota_left = torch.where(new_bar, quota, state.quota_left)
+        spent = ok & (family == self.quota_family[state.stream])
+        state.quota_left = state.quota_left - spent.long()
+
+        raise_low = ok & self.rising[family]
+        state.low[rows, family] = torch.where(raise_low, value, state.low[rows, family])
+        reset = ok[:, None] & self.resets[family]
+        state.low = torch.where(reset, torch.full_like(state.low, -1), state.low)
+        return ok
+
+    # -- validation --------------------------------------------------------------------------------------------
+    def validate(self, ids: list[int], stream: str, plan: Plan) -> list[GrammarError]:
+        return self.validate_batch([ids], [stream], [plan])[0]
+
+    def validate_batch(self, sequences: list[list[int]], streams: list[str], plans: list[Plan]) -> list[list[GrammarError]]:
+        """Errors per sequence (index, token, reason); an empty list means the sequence is grammatical.
+
+        A rejected token is reported and skipped, so one sequence can show several errors.
+        """
+        errors: list[list[GrammarError]] = [[] for _ in sequences]
+        if not sequences:
+            return errors
+        state = self.start(streams, plans)
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        longest = int(lengths.max()) if len(sequences) else 0
+        padded = torch.zeros((len(sequences), max(longest, 1)), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            padded[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        padded = padded.to(self.device)
+        for t in range(longest):
+            active = t < lengths
+            tokens = padded[:, t]
+            finished = state.done & active
+            ok = self.step(state, torch.where(active & ~finished, tokens, torch.zeros_like(tokens)))
+            bad = active & (~ok | finished)
+            for i in torch.nonzero(bad).flatten().tolist():
+                token = int(tokens[i])
+                reason = "token after <End>" if finished[i] else self.explain(state, i, token)
+                errors[i].append(GrammarError(t, self.vocab.tokens[token], reason))
+        for i in torch.nonzero(~state.done).flatten().tolist():
+            errors[i].append(GrammarError(len(sequences[i]), "", self._unfinished(state, i)))
+        return errors
+
+    def explain(self, state: GrammarState, i: int, token: int) -> str:
+        """Why row ``i`` may not emit ``token`` now (for error messages; not on the hot path)."""
+        row = state.row(i)
+        stream = STREAM_NAMES[row["stream"]]
+        fam = self.vocab.family[token]
+        prev = "the start" if row["node"] == _START else f"<{FAMILIES[row['node']]}..>"
+        allowed = [FAMILIES[f] for f in range(len(FAMILIES)) if self.allowed[row["stream"], row["node"], f]]
+        if fam not in allowed:
+            return f"a {fam} token cannot follow {prev} in a {stream} body (expected {' or '.join(allowed)})"
+        guard = GUARD_NAMES[int(self.guard[row["stream"], _FAMILY[fam]])]
+        if not bool(self._guards(state)[i, GUARD_NAMES.index(guard)]):
+            return self._guard_reason(guard, row)
+        value, low, high = self.vocab.value[token], int(state.low[i, _FAMILY[fam]]), int(state.high[i, _FAMILY[fam]])
+        if fam == "Sec":
+            return f"section {row['section'] + 1} of the form must be {self.vocab.tokens[self.first_sec + low + 1]}"
+        if fam == "Pos":
+            return f"position {value} must come after position {low} and before {high} (positions per bar)"
+        if fam == "Track":
+            return "tracks at one position come once each, in the order MELODY, BRIDGE, PIANO"
+        if fam == "Pitch":
+            return f"pitches at one onset must rise: {value} after {low}"
+        return f"value {value} outside ({low}, {high})"
+
+    @staticmethod
+    def _guard_reason(guard: str, row: dict) -> str:
+        if row["quota_left"] > 0 and guard != "quota_left":
+            return f"{row['quota_left']} more velocity token(s) are owed in bar {row['bar']}"
+        if guard == "bar_left":
+            return f"section {row['section']} of the form already has all its bars"
+        if guard == "section_next":
+            if row["bars_left"] > 0:
+                return f"section {row['section']} still needs {row['bars_left']} bar(s)"
+            return f"the form has only {row['n_sections']} sections"
+        if guard == "form_done":
+            if row["bars_left"] > 0:
+                return f"cannot end: section {row['section']} still needs {row['bars_left']} bar(s)"
+            return f"cannot end: {row['n_sections'] - row['section']} section(s) of the form are missing"
+        return f"bar {row['bar']} has no note left to give a velocity"
+
+    def _unfinished(self, state: GrammarState, i: int) -> str:
+        row = state.row(i)
+        return (f"sequence ends without <End> at section {row['section']}/{row['n_sections']} with "
+                f"{row['bars_left']} bar(s) left in it")
+
+
+def example_bodies(example, vocab: Vocabulary) -> list[tuple[str, list[int], str, Plan]]:
+    """(name, tokens, stream, plan) of every body of an example: each prompt input, then the target."""
+    from musicray.encoding import TASK_TARGET, decode_header
+
+    header = decode_header(example.prompt, vocab)
+    plan = Plan.from_prompt(example.prompt, vocab)
+    end = vocab.token("End")
+    bodies = [(name, ids + [end], name) for name, ids in header.inputs.items()]
+    bodies.append(("target", list(example.target), TASK_TARGET[header.task]))
+    return [(name, ids, stream, plan if stream == "dynamics" else Plan(plan.sections, plan.metre))
+            for name, ids, stream in bodies]
+
+
+def validate_examples(grammar: Grammar, examples: list) -> list[dict[str, list[GrammarError]]]:
+    """Errors in every body of every example (batched), keyed by body name ("target" or the input's)."""
+    bodies = [(k, body) for k, example in enumerate(examples) for body in example_bodies(example, grammar.vocab)]
+    errors = grammar.validate_batch([b[1] for _, b in bodies], [b[2] for _, b in bodies], [b[3] for _, b in bodies])
+    result: list[dict[str, list[GrammarError]]] = [{} for _ in examples]
+    for (k, body), found in zip(bodies, errors):
+        result[k][body[0]] = found
+    return result

@@ -1,0 +1,129 @@
+"""The grammar automaton: real encodings validate, random logits through the mask stay grammatical, and
+hand-made invalid sequences get the expected error."""
+
+import random
+
+import pytest
+import torch
+
+from musicray.encoding import STREAMS, encode
+from musicray.grammar import STREAM_NAMES, Grammar, Plan, validate_examples
+from musicray.song import METRES, SECTION_LABELS, Section, parse_form
+from musicray.tokens import SUBTASKS, TASKS, Vocabulary
+
+VOCAB = Vocabulary()
+GRAMMAR = Grammar(VOCAB)
+
+
+def random_plan(rng: random.Random, stream: str) -> Plan:
+    sections = tuple(Section(rng.choice(SECTION_LABELS), rng.randint(1, 3)) for _ in range(rng.randint(1, 3)))
+    n_bars = sum(s.bars for s in sections)
+    quotas = tuple(rng.randint(0, 4) for _ in range(n_bars)) if stream == "dynamics" else ()
+    return Plan(sections, rng.choice(list(METRES)), quotas)
+
+
+def sample_through_mask(streams, plans, seed: int, max_steps: int = 5000) -> list[list[int]]:
+    """Sample from random logits, masked by the grammar, until every row has emitted <End>."""
+    generator = torch.Generator().manual_seed(seed)
+    state = GRAMMAR.start(streams, plans)
+    end = VOCAB.token("End")
+    steps = []
+    for _ in range(max_steps):
+        if bool(state.done.all()):
+            break
+        # The argmax of i.i.d. random logits is a uniform draw among the tokens the mask leaves.
+        logits = torch.rand(len(streams), len(VOCAB), generator=generator)
+        tokens = logits.masked_fill(~GRAMMAR.mask(state), -1.0).argmax(-1)
+        assert bool(GRAMMAR.step(state, tokens).all()), "the mask allowed a token that step rejects"
+        steps.append(tokens)
+    assert bool(state.done.all()), "sampling through the mask did not end"
+    rows = []
+    for row in torch.stack(steps, 1).tolist():
+        rows.append(row[:row.index(end) + 1])  # finished rows pad with <End>
+    return rows
+
+
+def test_ten_thousand_masked_samples_are_grammatical_and_end():
+    rng = random.Random(0)
+    streams = [STREAM_NAMES[i % len(STREAM_NAMES)] for i in range(10_000)]
+    plans = [random_plan(rng, s) for s in streams]
+    sequences = []
+    for start in range(0, len(streams), 1000):  # batches small enough to stay in cache
+        sequences += sample_through_mask(streams[start:start + 1000], plans[start:start + 1000], seed=start)
+    errors = GRAMMAR.validate_batch(sequences, streams, plans)
+    assert sum(map(len, errors)) == 0, [e for e in errors if e][:3]
+    # The form is exact: one Sec per section in order, and the planned number of bars.
+    bar, sec = VOCAB.token("Bar"), set(VOCAB.ids_of["Sec"])
+    for seq, plan in zip(sequences, plans):
+        assert [VOCAB.tokens[t] for t in seq if t in sec] == [f"<Sec_{s.label}{s.bars}>" for s in plan.sections]
+        assert seq.count(bar) == plan.n_bars
+
+
+def test_mask_and_accepts_agree():
+    rng = random.Random(1)
+    streams = list(STREAM_NAMES) * 4
+    plans = [random_plan(rng, s) for s in streams]
+    state = GRAMMAR.start(streams, plans)
+    for _ in range(30):
+        mask = GRAMMAR.mask(state)
+        for token in rng.sample(range(len(VOCAB)), 50):
+            accepted = GRAMMAR.accepts(state, torch.full((len(streams),), token))
+            assert torch.equal(accepted, mask[:, token])
+        choice = torch.multinomial(mask.float(), 1)[:, 0]
+        GRAMMAR.step(state, choice)
+
+
+def test_song_encodings_validate(synthetic_songs):
+    examples = [encode(song, task, VOCAB) for song in synthetic_songs for task in TASKS]
+    for example, errors in zip(examples, validate_examples(GRAMMAR, examples)):
+        assert all(not e for e in errors.values()), (example.song_id, example.task, errors)
+
+
+def test_every_stream_has_a_graph_and_an_encoding():
+    assert set(STREAM_NAMES) == set(STREAMS)
+    assert set(SUBTASKS) <= set(STREAM_NAMES)
+
+
+PLAN = Plan(tuple(parse_form("A2B1")), "4/4", ())
+PLAN_DYN = Plan(tuple(parse_form("A1B1")), "4/4", (2, 1))
+INVALID = [
+    # (stream, plan, tokens, index of first error, words in the reason)
+    ("melody", PLAN, "<Bar>", 0, "cannot follow the start"),
+    ("melody", PLAN, "<Sec_B1>", 0, "must be <Sec_A2>"),
+    ("melody", PLAN, "<Sec_A2><Bar><Sec_B1>", 2, "still needs 1 bar"),
+    ("melody", PLAN, "<Sec_A2><Bar><Bar><Bar>", 3, "already has all its bars"),
+    ("melody", PLAN, "<Sec_A2><Bar><Bar><End>", 3, "cannot end"),
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_4><Pitch_60><Dur_2><Pos_4>", 5, "must come after position 4"),
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Pitch_60><Pos_2>", 4, "cannot follow <Pitch..>"),
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Pitch_64><Dur_1><Pitch_60>", 5, "must rise"),
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Vel_10>", 3, "cannot follow <Pos..>"),
+    ("melody", Plan(PLAN.sections, "3/4"), "<Sec_A2><Bar><Pos_12>", 2, "before 12"),
+    ("song", PLAN, "<Sec_A2><Bar><Pos_0>", 2, "cannot follow <Bar..>"),
+    ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_0><Track_MELODY><Pitch_60><Dur_2><Pos_4>", 7, "cannot follow <Dur..>"),
+    ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_0><Track_PIANO><Pitch_60><Dur_2><Vel_50><Track_MELODY>", 8,
+     "tracks at one position"),
+    ("tempo", PLAN, "<Sec_A2><Bar><Bar>", 2, "cannot follow <Bar..>"),
+    ("tempo", PLAN, "<Sec_A2><Bar><Tempo_90><Tempo_91>", 3, "cannot follow <Tempo..>"),
+    ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Sec_B1>", 3, "1 more velocity"),
+    ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Vel_50><Vel_50>", 4, "no note left"),
+    ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_C:maj><Chord_G:maj>", 4, "cannot follow <Chord..>"),
+    ("chord", PLAN, "<Sec_A2><Bar><Bar><Sec_B1><Bar><End><Bar>", 6, "after <End>"),
+]
+
+
+@pytest.mark.parametrize("stream,plan,text,index,reason", INVALID, ids=[f"{r[0]}:{r[2][-30:]}" for r in INVALID])
+def test_invalid_sequences_get_the_expected_error(stream, plan, text, index, reason):
+    errors = GRAMMAR.validate(VOCAB.parse(text), stream, plan)
+    assert errors, "expected an error"
+    assert errors[0].index == index, errors
+    assert reason in errors[0].reason, errors[0].reason
+
+
+def test_unfinished_sequence_is_reported():
+    errors = GRAMMAR.validate(VOCAB.parse("<Sec_A2><Bar>"), "melody", PLAN)
+    assert errors[-1].index == 2 and "without <End>" in errors[-1].reason
+
+
+def test_valid_handmade_sequence():
+    text = "<Sec_A1><Bar><Vel_50><Vel_58><Sec_B1><Bar><Vel_70><End>"
+    assert GRAMMAR.validate(VOCAB.parse(text), "dynamics", PLAN_DYN) == []
