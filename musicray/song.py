@@ -195,3 +195,28 @@ class Song:
             starts.append(bar)
             bar += section.bars
         return starts
+
+
+def song_to_dict(song: Song) -> dict:
+    """A JSON-ready dict (compact: notes, chords and tempos as lists of fields)."""
+    return {
+        "song_id": song.song_id, "key": song.key, "metre": song.metre, "form": song.form,
+        "chords": [[c.bar, c.position, c.label] for c in song.chords],
+        "tracks": {name: [[n.bar, n.position, n.pitch, n.duration, n.velocity] for n in notes]
+                   for name, notes in song.tracks.items()},
+        "tempos": [[t.bar, t.position, t.bpm] for t in song.tempos],
+    }
+
+
+def song_from_dict(data: dict) -> Song:
+    try:
+        return Song(
+            song_id=str(data["song_id"]), key=data["key"], metre=data["metre"], sections=parse_form(data["form"]),
+            chords=[Chord(int(b), int(p), str(label)) for b, p, label in data["chords"]],
+            tracks={name: [Note(*map(int, n)) for n in data["tracks"].get(name, [])] for name in TRACKS},
+            tempos=[Tempo(int(b), int(p), float(bpm)) for b, p, bpm in data["tempos"]],
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, SongError):
+            raise
+        raise SongError(f"song JSON: missing or malformed field ({type(err).__name__}: {err})") from None

@@ -15,3 +15,19 @@ def synthetic_songs():
     from musicray.data.synth import synth_songs
 
     return synth_songs(40, seed=7)
+
+
+@pytest.fixture(scope="session")
+def pop909_prepared(tmp_path_factory):
+    """All of POP909 through the real preparation job (Ray tasks), once per test session."""
+    root = pop909_dir()
+    if not (root / "POP909").is_dir():
+        pytest.skip(f"POP909 not found at {root} (set POP909_DIR)")
+    from musicray.data.prepare import Pop909Source, load_table, prepare
+    from musicray.tokens import TASKS
+
+    out = tmp_path_factory.mktemp("pop909")
+    report = prepare(Pop909Source(str(root)), out, progress=False)
+    tables = {name: load_table(out, name) for name in ("songs", *TASKS)}
+    tables["report"] = report
+    return out, tables

@@ -1,0 +1,5 @@
+import sys
+
+from musicray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""Dataset preparation on Ray: songs -> quantized songs -> examples of every task -> Parquet tables.
+
+Output directory::
+
+    songs.parquet        one row per kept song: id, split, key, metre, form, counts, the song as JSON
+    song.parquet         whole-song sequences (stage 1, full fine-tune)
+    chord.parquet ...    one table per sub-task (chord, melody, secondary, dynamics, tempo)
+    vocabulary.json      the vocabulary the ids refer to
+    report.json          total, kept, skipped songs by reason (with each song's message), split sizes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+from tqdm import tqdm
+
+from musicray.encoding import base_tempo, encode, quantized
+from musicray.song import Song, SongError, song_to_dict
+from musicray.tokens import TASKS, Vocabulary
+
+SPLITS: tuple[tuple[str, float], ...] = (("train", 0.90), ("validation", 0.05), ("test", 0.05))
+
+
+def split_of(song_id: str) -> str:
+    """Deterministic split from the song id alone, so a song never changes split when others are skipped."""
+    fraction = int(hashlib.sha256(song_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+    cumulative = 0.0
+    for name, share in SPLITS:
+        cumulative += share
+        if fraction < cumulative:
+            return name
+    return SPLITS[-1][0]
+
+
+@dataclass(frozen=True)
+class Pop909Source:
+    root: str
+
+    def ids(self) -> list[str]:
+        from musicray.data.pop909 import song_ids
+
+        return song_ids(Path(self.root))
+
+    def load(self, song_id: str) -> tuple[Song, dict]:
+        from musicray.data.pop909 import load_song
+
+        return load_song(Path(self.root), song_id)
+
+
+@dataclass(frozen=True)
+class SynthSource:
+    songs: int
+    seed: int = 0
+
+    def ids(self) -> list[str]:
+        return [f"synth-{self.seed + i:04d}" for i in range(self.songs)]
+
+    def load(self, song_id: str) -> tuple[Song, dict]:
+        from musicray.data.synth import synth_song
+
+        return synth_song(int(song_id.split("-")[1]), song_id), {}
+
+
+def prepare_one(source, song_id: str, vocab: Vocabulary) -> dict:
+    """Everything the tables need from one song, or the reason it was skipped. Never raises SongError."""
+    try:
+        song, stats = source.load(song_id)
+        song.check()
+        examples = [encode(song, task, vocab) for task in TASKS]
+    except SongError as err:
+        return {"song_id": song_id, "skipped": getattr(err, "reason", "invalid_song"), "message": str(err)}
+    canonical = quantized(song, vocab)
+    split = split_of(song_id)
+    song_row = {
+        "song_id": song_id, "split": split, "key": canonical.key, "metre": canonical.metre,
+        "form": canonical.form, "bars": canonical.n_bars, "base_tempo": base_tempo(canonical, vocab),
+        **{f"{name.lower()}_notes": len(notes) for name, notes in canonical.tracks.items()},
+        "chords": len(canonical.chords), "song_json": json.dumps(song_to_dict(canonical)),
+        "stats_json": json.dumps(stats, default=float),
+    }
+    rows = {ex.task: {"song_id": song_id, "split": split, "prompt": ex.prompt, "target": ex.target,
+                      "prompt_len": len(ex.prompt), "target_len": len(ex.target)} for ex in examples}
+    return {"song_id": song_id, "song": song_row, "examples": rows}
+
+
+@ray.remote
+def _prepare_chunk(source, song_ids: list[str], vocab_json: dict) -> list[dict]:
+    from musicray.tokens import VocabConfig
+
+    vocab = Vocabulary(VocabConfig(**vocab_json["config"]))
+    return [prepare_one(source, song_id, vocab) for song_id in song_ids]
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster this process was started on (``ray job submit``), else start a local one."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def prepare(source, out: str | Path, vocab: Vocabulary | None = None, limit: int | None = None,
+            chunk_size: int = 8, num_cpus: int | None = None, progress: bool = True) -> dict:
+    """Prepare every song of ``source`` in parallel Ray tasks and write the tables; returns the report."""
+    vocab = vocab or Vocabulary()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = source.ids()[:limit] if limit else source.ids()
+    started = time.perf_counter()
+    ensure_ray(num_cpus)
+    vocab_json = vocab.to_json()
+    pending = [_prepare_chunk.remote(source, ids[i:i + chunk_size], vocab_json) for i in range(0, len(ids), chunk_size)]
+    results: list[dict] = []
+    with tqdm(total=len(ids), desc="prepare", unit="song", disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            chunk = ray.get(done[0])
+            results += chunk
+            bar.update(len(chunk))
+    results.sort(key=lambda r: r["song_id"])
+    report = write_tables(results, out, vocab)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def write_tables(results: list[dict], out: Path, vocab: Vocabulary) -> dict:
+    kept = [r for r in results if "song" in r]
+    skipped = [r for r in results if "skipped" in r]
+    pd.DataFrame([r["song"] for r in kept]).to_parquet(out / "songs.parquet", index=False)
+    for task in TASKS:
+        pd.DataFrame([r["examples"][task] for r in kept]).to_parquet(out / f"{task}.parquet", index=False)
+    vocab.save(out / "vocabulary.json")
+    splits = Counter(r["song"]["split"] for r in kept)
+    return {
+        "total": len(results),
+        "kept": len(kept),
+        "skipped": dict(sorted(Counter(r["skipped"] for r in skipped).items())),
+        "skipped_songs": [{k: r[k] for k in ("song_id", "skipped", "message")} for r in skipped],
+        "splits": {name: splits.get(name, 0) for name, _ in SPLITS},
+        "tables": ["songs", *TASKS],
+    }
+
+
+def load_report(data_dir: str | Path) -> dict:
+    return json.loads((Path(data_dir) / "report.json").read_text())
+
+
+def load_table(data_dir: str | Path, name: str, split: str | None = None) -> pd.DataFrame:
+    """A prepared table ("songs" or a task), optionally one split only."""
+    path = Path(data_dir) / f"{name}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such table; run `musicray data prepare` or `musicray data synth` first")
+    table = pd.read_parquet(path)
+    return table[table["split"] == split].reset_index(drop=True) if split else table
