@@ -241,9 +241,18 @@ def encode_body(song: Song, stream_name: str, vocab: Vocabulary) -> list[int]:
 
 def encode(song: Song, task: str, vocab: Vocabulary) -> Example:
     """The example of ``task`` for a song (quantized here, so raw ingested songs can be passed)."""
+    return encode_quantized(quantized(song, vocab), task, vocab)
+
+
+def encode_all(song: Song, vocab: Vocabulary) -> list[Example]:
+    """The examples of every task, quantizing once."""
+    song = quantized(song, vocab)
+    return [encode_quantized(song, task, vocab) for task in TASKS]
+
+
+def encode_quantized(song: Song, task: str, vocab: Vocabulary) -> Example:
     if task not in TASKS:
         raise SongError(f"task: unknown task {task!r}; known: {', '.join(TASKS)}")
-    song = quantized(song, vocab)
     bpm = base_tempo(song, vocab)
     prompt = encode_header(song, task, vocab, bpm)
     for name in TASK_INPUTS[task]:

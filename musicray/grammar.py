@@ -248,10 +248,15 @@ class Grammar:
         guard_ok = self._guards(state)[rows, self.guard[state.stream, family]]
         return family_ok & guard_ok & (value > state.low[rows, family]) & (value < state.high[rows, family])
 
-    def step(self, state: GrammarState, tokens: torch.Tensor, check: bool = True) -> torch.Tensor:
-        """Consume one token per row; rows whose token is not accepted keep their state. Returns accepted."""
+    def step(self, state: GrammarState, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Consume one token per row; rows whose token is not accepted (or not ``active``) keep their state.
+
+        Returns which rows accepted their token.
+        """
         tokens = tokens.to(self.device)
-        ok = self.accepts(state, tokens) if check else torch.ones_like(tokens, dtype=torch.bool)
+        ok = self.accepts(state, tokens)
+        if active is not None:
+            ok = ok & active
         family, value = self.token_family[tokens], self.token_value[tokens]
         rows = torch.arange(tokens.shape[0], device=self.device)
         state.node = torch.where(ok, family, state.node)
@@ -280,17 +285,34 @@ class Grammar:
     def validate(self, ids: list[int], stream: str, plan: Plan) -> list[GrammarError]:
         return self.validate_batch([ids], [stream], [plan])[0]
 
-    def validate_batch(self, sequences: list[list[int]], streams: list[str], plans: list[Plan]) -> list[list[GrammarError]]:
+    def validate_batch(self, sequences: list[list[int]], streams: list[str], plans: list[Plan],
+                       chunk_size: int = 2048) -> list[list[GrammarError]]:
         """Errors per sequence (index, token, reason); an empty list means the sequence is grammatical.
 
-        A rejected token is reported and skipped, so one sequence can show several errors.
+        A rejected token is reported and skipped, so one sequence can show several errors. Sequences run in
+        chunks of similar length so that short ones do not wait for the longest.
         """
         errors: list[list[GrammarError]] = [[] for _ in sequences]
-        if not sequences:
-            return errors
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # per-step tensors are tiny: thread fan-out costs more than it saves
+        try:
+            for start in range(0, len(order), chunk_size):
+                rows = order[start:start + chunk_size]
+                found = self._validate_chunk([sequences[i] for i in rows], [streams[i] for i in rows],
+                                             [plans[i] for i in rows])
+                for i, row_errors in zip(rows, found):
+                    errors[i] = row_errors
+        finally:
+            torch.set_num_threads(threads)
+        return errors
+
+    def _validate_chunk(self, sequences: list[list[int]], streams: list[str], plans: list[Plan]) -> list[list[GrammarError]]:
+        errors: list[list[GrammarError]] = [[] for _ in sequences]
         state = self.start(streams, plans)
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
-        longest = int(lengths.max()) if len(sequences) else 0
+        longest = max(len(s) for s in sequences)
         padded = torch.zeros((len(sequences), max(longest, 1)), dtype=torch.long)
         for i, seq in enumerate(sequences):
             padded[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -299,12 +321,13 @@ class Grammar:
             active = t < lengths
             tokens = padded[:, t]
             finished = state.done & active
-            ok = self.step(state, torch.where(active & ~finished, tokens, torch.zeros_like(tokens)))
+            ok = self.step(state, tokens, active & ~finished)
             bad = active & (~ok | finished)
-            for i in torch.nonzero(bad).flatten().tolist():
-                token = int(tokens[i])
-                reason = "token after <End>" if finished[i] else self.explain(state, i, token)
-                errors[i].append(GrammarError(t, self.vocab.tokens[token], reason))
+            if bool(bad.any()):
+                for i in torch.nonzero(bad).flatten().tolist():
+                    token = int(tokens[i])
+                    reason = "token after <End>" if finished[i] else self.explain(state, i, token)
+                    errors[i].append(GrammarError(t, self.vocab.tokens[token], reason))
         for i in torch.nonzero(~state.done).flatten().tolist():
             errors[i].append(GrammarError(len(sequences[i]), "", self._unfinished(state, i)))
         return errors

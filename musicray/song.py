@@ -44,14 +44,14 @@ class Metre:
         return int(self.name.split("/")[1])
 
 
-# Simple metres use a 16th-note grid, compound metres an 8th-note grid (three per dotted-quarter beat);
-# docs/quantization.md gives the measured onset displacement on POP909 behind this choice.
+# Simple metres use a 16th-note grid (4 per beat), compound metres 6 steps per dotted-quarter beat (8ths and
+# their halves); docs/quantization.md gives the measured onset displacement on POP909 behind this choice.
 METRES: dict[str, Metre] = {
     "4/4": Metre("4/4", beats_per_bar=4, positions_per_beat=4, beat_unit=1.0),
     "3/4": Metre("3/4", beats_per_bar=3, positions_per_beat=4, beat_unit=1.0),
     "2/4": Metre("2/4", beats_per_bar=2, positions_per_beat=4, beat_unit=1.0),
-    "12/8": Metre("12/8", beats_per_bar=4, positions_per_beat=3, beat_unit=1.5),
-    "6/8": Metre("6/8", beats_per_bar=2, positions_per_beat=3, beat_unit=1.5),
+    "12/8": Metre("12/8", beats_per_bar=4, positions_per_beat=6, beat_unit=1.5),
+    "6/8": Metre("6/8", beats_per_bar=2, positions_per_beat=6, beat_unit=1.5),
 }
 
 

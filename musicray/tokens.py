@@ -42,6 +42,7 @@ class Vocabulary:
 
     def __init__(self, config: VocabConfig | None = None):
         self.config = config or VocabConfig()
+        self.velocity_values = self._velocity_bin_values(self.config.velocity_bins)
         self.tokens: list[str] = []
         self.family: list[str] = []
         self.value: list[int] = []
@@ -96,12 +97,11 @@ class Vocabulary:
             self._add("Tempo", str(bpm), bpm)
 
     # -- binning --------------------------------------------------------------------------------------------
-    @property
-    def velocity_values(self) -> list[int]:
+    @staticmethod
+    def _velocity_bin_values(n: int) -> tuple[int, ...]:
         """The velocity of each bin: the middle of equal-width bins over 1..127."""
-        n = self.config.velocity_bins
         width = 127 / n
-        return [min(127, max(1, round(1 + width * (i + 0.5) - 0.5))) for i in range(n)]
+        return tuple(min(127, max(1, round(1 + width * (i + 0.5) - 0.5))) for i in range(n))
 
     def quantize_velocity(self, velocity: int) -> int:
         n = self.config.velocity_bins

@@ -18,11 +18,17 @@ def synthetic_songs():
 
 
 @pytest.fixture(scope="session")
-def pop909_prepared(tmp_path_factory):
-    """All of POP909 through the real preparation job (Ray tasks), once per test session."""
+def pop909_root() -> Path:
     root = pop909_dir()
     if not (root / "POP909").is_dir():
         pytest.skip(f"POP909 not found at {root} (set POP909_DIR)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pop909_prepared(tmp_path_factory, pop909_root):
+    """All of POP909 through the real preparation job (Ray tasks), once per test session."""
+    root = pop909_root
     from musicray.data.prepare import Pop909Source, load_table, prepare
     from musicray.tokens import TASKS
 

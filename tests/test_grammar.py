@@ -119,11 +119,26 @@ def test_invalid_sequences_get_the_expected_error(stream, plan, text, index, rea
     assert reason in errors[0].reason, errors[0].reason
 
 
-def test_unfinished_sequence_is_reported():
-    errors = GRAMMAR.validate(VOCAB.parse("<Sec_A2><Bar>"), "melody", PLAN)
-    assert errors[-1].index == 2 and "without <End>" in errors[-1].reason
+@pytest.mark.parametrize("text", ["<Sec_A2><Bar>", "<Sec_A2><Bar><Bar><Sec_B1><Bar>"])
+def test_unfinished_sequence_is_reported(text):
+    ids = VOCAB.parse(text)
+    errors = GRAMMAR.validate(ids, "melody", PLAN)
+    assert len(errors) == 1 and errors[0].index == len(ids) and "without <End>" in errors[0].reason
 
 
 def test_valid_handmade_sequence():
     text = "<Sec_A1><Bar><Vel_50><Vel_58><Sec_B1><Bar><Vel_70><End>"
     assert GRAMMAR.validate(VOCAB.parse(text), "dynamics", PLAN_DYN) == []
+
+
+def test_every_pop909_encoding_validates(pop909_prepared):
+    """Every task example of every kept POP909 song: prompt inputs and target have zero grammar errors."""
+    from musicray.encoding import Example
+
+    _, tables = pop909_prepared
+    examples = [Example(task, list(row.prompt), list(row.target), row.song_id)
+                for task in TASKS for row in tables[task].itertuples()]
+    assert len(examples) == len(TASKS) * tables["report"]["kept"]
+    failures = [(ex.song_id, ex.task, errs) for ex, errs in zip(examples, validate_examples(GRAMMAR, examples))
+                if any(errs.values())]
+    assert not failures, failures[:3]

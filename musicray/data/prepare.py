@@ -22,7 +22,7 @@ import pandas as pd
 import ray
 from tqdm import tqdm
 
-from musicray.encoding import base_tempo, encode, quantized
+from musicray.encoding import base_tempo, encode_all, quantized
 from musicray.song import Song, SongError, song_to_dict
 from musicray.tokens import TASKS, Vocabulary
 
@@ -74,10 +74,10 @@ def prepare_one(source, song_id: str, vocab: Vocabulary) -> dict:
     try:
         song, stats = source.load(song_id)
         song.check()
-        examples = [encode(song, task, vocab) for task in TASKS]
+        canonical = quantized(song, vocab)
+        examples = encode_all(canonical, vocab)
     except SongError as err:
         return {"song_id": song_id, "skipped": getattr(err, "reason", "invalid_song"), "message": str(err)}
-    canonical = quantized(song, vocab)
     split = split_of(song_id)
     song_row = {
         "song_id": song_id, "split": split, "key": canonical.key, "metre": canonical.metre,

@@ -191,6 +191,7 @@ BROKEN = [
     ("empty-midi", _truncate(MIDI, 0), "unreadable_midi", f"{SONG}.mid", "midi"),
     ("truncated-midi", _truncate(MIDI, 100), "unreadable_midi", f"{SONG}.mid", "midi"),
     ("no-melody-track", _write_midi_without("MELODY"), "missing_track", f"{SONG}.mid", "track"),
+    # miditoolkit neither writes nor reads a track without notes: an empty MELODY is a missing one.
     ("empty-melody-track", _empty_melody, "missing_track", f"{SONG}.mid", "track"),
     ("no-form-file", _delete(f"structure/{SONG}/human_label1.txt"), "missing_file", "human_label1.txt", "file"),
     ("no-reference-melody", _delete(f"structure/{SONG}/melody.txt"), "missing_file", "melody.txt", "file"),

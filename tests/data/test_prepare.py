@@ -1,0 +1,68 @@
+"""The preparation job: deterministic splits, tables per sub-task, broken songs counted not fatal."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from musicray.data import pop909
+from musicray.data.prepare import Pop909Source, SynthSource, load_report, load_table, prepare, split_of
+from musicray.song import song_from_dict
+from musicray.tokens import SUBTASKS, TASKS, Vocabulary
+
+
+def test_split_is_a_function_of_the_song_id():
+    splits = [split_of(f"{i:03d}") for i in range(1, 910)]
+    assert splits == [split_of(f"{i:03d}") for i in range(1, 910)]
+    shares = pd.Series(splits).value_counts(normalize=True)
+    assert 0.85 < shares["train"] < 0.95 and shares["validation"] > 0.02 and shares["test"] > 0.02
+
+
+def test_synth_tables(tmp_path):
+    report = prepare(SynthSource(16, seed=3), tmp_path, num_cpus=2, progress=False)
+    assert report["total"] == report["kept"] == 16 and report["skipped"] == {}
+    assert {p.name for p in tmp_path.iterdir()} >= {f"{t}.parquet" for t in ("songs", *TASKS)} | {
+        "vocabulary.json", "report.json"}
+    for task in SUBTASKS:
+        table = load_table(tmp_path, task)
+        assert len(table) == 16 and set(table.columns) >= {"song_id", "split", "prompt", "target"}
+    songs = load_table(tmp_path, "songs")
+    assert song_from_dict(json.loads(songs.song_json[0])).song_id == songs.song_id[0]
+    assert Vocabulary.load(tmp_path).tokens == Vocabulary().tokens
+
+
+@pytest.fixture
+def broken_dataset(tmp_path, pop909_root):
+    """Four real POP909 songs; three of them damaged in different ways."""
+    root = pop909_root
+    fake = tmp_path / "pop909"
+    ids = ["001", "002", "003", "004"]
+    for song_id in ids:
+        for pattern in pop909.SONG_FILES.values():
+            relative = pattern.format(id=song_id)
+            (fake / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / relative, fake / relative)
+    index = pd.read_excel(root / pop909.INDEX_FILE)
+    index[index["song_id"].isin([int(i) for i in ids])].to_excel(fake / pop909.INDEX_FILE, index=False)
+    (fake / "POP909/002/002.mid").write_bytes((root / "POP909/002/002.mid").read_bytes()[:100])
+    (fake / "structure/003/human_label1.txt").unlink()
+    (fake / "structure/004/human_label1.txt").write_text("i4A8?8\n")
+    return fake
+
+
+def test_prepare_counts_broken_songs_and_goes_on(broken_dataset, tmp_path):
+    report = prepare(Pop909Source(str(broken_dataset)), tmp_path / "out", num_cpus=2, progress=False)
+    assert report["total"] == 4 and report["kept"] == 1
+    assert report["skipped"] == {"bad_form": 1, "missing_file": 1, "unreadable_midi": 1}
+    messages = {s["song_id"]: s["message"] for s in report["skipped_songs"]}
+    assert "002.mid" in messages["002"] and "human_label1.txt" in messages["003"]
+    assert "form" in messages["004"]
+    assert load_report(tmp_path / "out") == report
+    assert list(load_table(tmp_path / "out", "melody")["song_id"]) == ["001"]
+
+
+def test_pop909_keeps_at_least_90_percent(pop909_prepared):
+    report = pop909_prepared[1]["report"]
+    assert report["total"] == 909 and report["kept"] / report["total"] >= 0.90
+    assert sum(report["skipped"].values()) == report["total"] - report["kept"]
