@@ -43,7 +43,7 @@ def make_tokenizer(chords: bool = False):
     import miditok
 
     config = miditok.TokenizerConfig(
-        pitch_range=(0, 128), beat_res={(0, 16): 4}, num_velocities=32, use_velocities=True,
+        pitch_range=(0, 127), beat_res={(0, 16): 4}, num_velocities=32, use_velocities=True,
         use_tempos=True, num_tempos=211, tempo_range=(30, 240), use_time_signatures=True,
         use_chords=chords, use_programs=False, use_sustain_pedals=False, use_rests=False,
     )
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time musicray's prepare_one in one process (no Ray, no Parquet)")
     args = parser.parse_args(argv)
 
+    make_tokenizer(args.miditok_chords)  # fails here, not in a pool that would respawn failing workers forever
     ids = song_ids(args.pop909)[:args.limit]
     paths = midi_paths(args.pop909, ids)
     pool_name = f"MidiTok REMI, Pool({args.workers})"

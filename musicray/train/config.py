@@ -1,0 +1,143 @@
+"""Run configuration: YAML files in configs/, dataclasses with help text, ``key.sub=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from musicray.song import SongError
+from musicray.tokens import SUBTASKS, TASKS
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    kwargs = {"metadata": {"help": text}}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, **kwargs)
+    return field(default=default, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    source: str = _help("'synth' (built-in songs), 'pop909' (prepared from $POP909_DIR) or a prepared data dir",
+                        "synth")
+    songs: int = _help("songs to synthesise when source is 'synth'", 64)
+    seed: int = _help("seed of the first synthetic song", 0)
+    limit: int | None = _help("only the first N POP909 songs (quick runs)", None)
+    max_length: int = _help("longest rendered example in LLM tokens; longer answers are cut at the end", 512)
+
+
+@dataclass
+class Stage1Config:
+    tasks: list[str] = _help("tasks whose examples train the full fine-tune", factory=lambda: list(TASKS))
+    num_workers: int = _help("Ray Train workers (one per GPU on a cluster)", 2)
+    use_gpu: bool = _help("train on GPUs (nccl) instead of CPUs (gloo)", False)
+    cpus_per_worker: int = _help("CPUs reserved per worker", 1)
+    deepspeed: str = _help("DeepSpeed JSON (relative to the repo root or absolute)", "configs/deepspeed/zero2.json")
+    zero_stage: int | None = _help("override the JSON's ZeRO stage (0-3)", None)
+    precision: str = _help("fp32 | bf16 | fp16 (bf16/fp16 need GPUs)", "fp32")
+    micro_batch_size: int = _help("examples per worker per step", 2)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
+    learning_rate: float = _help("peak learning rate (AdamW)", 1e-3)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    warmup_steps: int = _help("linear warm-up steps", 5)
+    lr_schedule: str = _help("constant | linear | cosine decay after warm-up", "cosine")
+    max_steps: int = _help("optimizer steps in total", 40)
+    checkpoint_every: int = _help("steps between checkpoints reported to Ray Train", 10)
+    keep_checkpoints: int = _help("checkpoints kept by Ray Train", 2)
+    max_failures: int = _help("automatic restarts from the latest checkpoint after a worker failure", 2)
+    mask_loss: bool = _help("apply the grammar's allowed-token mask to the logits before the loss", False)
+    log_every: int = _help("steps between metric rows", 1)
+    seed: int = _help("seed for data order and initialisation", 0)
+
+
+@dataclass
+class Stage2Config:
+    subtasks: list[str] = _help("sub-tasks that get a LoRA adapter", factory=lambda: list(SUBTASKS))
+    trials_per_subtask: int = _help("sampled hyperparameter sets per sub-task", 2)
+    max_steps: int = _help("optimizer steps per trial", 20)
+    eval_every: int = _help("steps between validation reports (the early-stopping rungs)", 5)
+    eval_batches: int = _help("validation batches per report", 2)
+    micro_batch_size: int = _help("examples per step", 2)
+    grace_period: int = _help("ASHA: reports before a trial may be stopped", 1)
+    reduction_factor: int = _help("ASHA: keep the best 1/N trials at each rung", 2)
+    cpus_per_trial: float = _help("CPUs per trial", 1)
+    gpus_per_trial: float = _help("GPUs per trial (fractions share a GPU)", 0)
+    max_concurrent_trials: int | None = _help("cap on trials running at once (default: what resources allow)", None)
+    search: dict = _help("search space: rank, alpha, dropout, learning_rate ([low, high], log-uniform), "
+                         "target_modules (list of choices)", factory=lambda: {
+                             "rank": [4, 8], "alpha": [8, 16], "dropout": [0.0, 0.05],
+                             "learning_rate": [1e-4, 3e-3],
+                             "target_modules": [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]]})
+    seed: int = _help("seed of the search", 0)
+
+
+@dataclass
+class Config:
+    base_model: str = _help("'tiny' or a local Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
+    cache_dir: str = _help("where the tiny preset and prepared data are cached", "~/.cache/musicray")
+    data: DataConfig = _help("training data", factory=DataConfig)
+    stage1: Stage1Config = _help("full fine-tune", factory=Stage1Config)
+    stage2: Stage2Config = _help("LoRA sweeps", factory=Stage2Config)
+
+    def validate(self) -> "Config":
+        unknown = set(self.stage1.tasks) - set(TASKS)
+        if unknown:
+            raise SongError(f"stage1.tasks: unknown {sorted(unknown)}; known: {', '.join(TASKS)}")
+        unknown = set(self.stage2.subtasks) - set(SUBTASKS)
+        if unknown:
+            raise SongError(f"stage2.subtasks: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
+        if self.stage1.precision not in ("fp32", "bf16", "fp16"):
+            raise SongError(f"stage1.precision: {self.stage1.precision!r}; expected fp32, bf16 or fp16")
+        if self.stage1.precision != "fp32" and not self.stage1.use_gpu:
+            raise SongError("stage1.precision: bf16/fp16 need use_gpu: true (DeepSpeed on CPU trains in fp32)")
+        if self.stage1.lr_schedule not in ("constant", "linear", "cosine"):
+            raise SongError(f"stage1.lr_schedule: {self.stage1.lr_schedule!r}; expected constant, linear or cosine")
+        return self
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise SongError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise SongError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub) and isinstance(sub, type):
+            kwargs[name] = _build(sub, value or {}, f"{where}.{name}".lstrip("."))
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep:
+        raise SongError(f"override {override!r}: expected key.sub=value")
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A Config from a YAML file (or the defaults) with ``key.sub=value`` overrides applied."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise SongError(f"--config: {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+    for override in overrides or []:
+        _apply_override(data, override)
+    return _build(Config, data, "").validate()
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,113 @@
+"""Training examples: prepared songs -> section windows -> task examples -> chat-rendered token ids."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from musicray.data.prepare import Pop909Source, SynthSource, load_table, prepare
+from musicray.encoding import TASK_TARGET, Example, encode_quantized, section_windows
+from musicray.grammar import Plan
+from musicray.model import MusicTokenizer
+from musicray.song import SongError, song_from_dict
+from musicray.train.config import Config
+
+# Bars per training window: whole sections up to this many bars (a longer section is a window of its own).
+DEFAULT_MAX_BARS = 8
+
+
+def resolve_data_dir(config: Config, progress: bool = True) -> Path:
+    """The prepared data the config names; synthetic and POP909 data are prepared once into the cache."""
+    data = config.data
+    cache = Path(config.cache_dir).expanduser() / "data"
+    if data.source == "synth":
+        out = cache / f"synth-{data.songs}-{data.seed}"
+        source = SynthSource(data.songs, data.seed)
+    elif data.source == "pop909":
+        from musicray.data.pop909 import default_pop909_dir
+
+        out = cache / f"pop909-{data.limit or 'all'}"
+        source = Pop909Source(str(default_pop909_dir()))
+    else:
+        out = Path(data.source).expanduser()
+        if not (out / "songs.parquet").exists():
+            raise SongError(f"data.source: {out} is not a prepared data dir (no songs.parquet); "
+                            "use synth, pop909 or run `musicray data prepare`")
+        return out
+    if not (out / "report.json").exists():
+        prepare(source, out, limit=data.limit, progress=progress)
+    return out
+
+
+def load_examples(data_dir: str | Path, tasks: list[str], split: str, vocab, max_bars: int | None = DEFAULT_MAX_BARS
+                  ) -> list[Example]:
+    """Examples of ``tasks`` from every section window of every song in ``split``."""
+    examples = []
+    for row in load_table(data_dir, "songs", split).itertuples():
+        song = song_from_dict(json.loads(row.song_json))
+        for window in section_windows(song, max_bars):
+            examples += [encode_quantized(window, task, vocab) for task in tasks]
+    return examples
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    labels: list[int]
+    answer_start: int
+    stream: str
+    plan: Plan
+
+
+class RenderedDataset(torch.utils.data.Dataset):
+    """Chat-rendered examples cut to ``max_length``; examples whose prompt leaves no room are dropped."""
+
+    def __init__(self, examples: list[Example], music: MusicTokenizer, max_length: int):
+        self.items: list[Rendered] = []
+        self.dropped = 0
+        for example in examples:
+            input_ids, labels = music.render(example)
+            start = labels.index(next(x for x in labels if x != -100))
+            if start >= max_length - 1:
+                self.dropped += 1
+                continue
+            self.items.append(Rendered(input_ids[:max_length], labels[:max_length], start,
+                                       TASK_TARGET[example.task], Plan.from_prompt(example.prompt, music.vocab)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Rendered:
+        return self.items[index]
+
+
+def collate(items: list[Rendered], pad_id: int) -> dict:
+    """Right-padded tensors plus what the grammar-masked loss needs (streams, plans, answer starts)."""
+    length = max(len(item.input_ids) for item in items)
+    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+    for i, item in enumerate(items):
+        n = len(item.input_ids)
+        input_ids[i, :n] = torch.tensor(item.input_ids)
+        labels[i, :n] = torch.tensor(item.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "answer_start": torch.tensor([item.answer_start for item in items]),
+            "streams": [item.stream for item in items], "plans": [item.plan for item in items]}
+
+
+def shuffled_batches(dataset: RenderedDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    """An endless, seeded stream of batches; epoch e is a permutation shared by all ranks, split by rank."""
+    epoch = 0
+    while True:
+        order = list(range(len(dataset)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        mine = order[rank::world_size]
+        for start in range(0, len(mine) - batch_size + 1, batch_size):
+            yield [dataset[i] for i in mine[start:start + batch_size]]
+        epoch += 1
