@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from musicray.grammar import Grammar
+from musicray.grammar import Grammar, small_tensor_threads
 
 
 def answer_masks(grammar: Grammar, labels: torch.Tensor, answer_start: torch.Tensor, streams: list[str],
@@ -43,7 +43,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, grammar: Grammar 
     if grammar is None:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
     n_music = len(grammar.vocab)
-    music_masks = answer_masks(grammar, labels, answer_start, streams, plans, offset)[:, 1:]
+    with small_tensor_threads(labels.device), torch.no_grad():
+        music_masks = answer_masks(grammar, labels, answer_start, streams, plans, offset)[:, 1:]
     labelled = targets != -100
     selected = logits[labelled]                        # [N, V]
     target = targets[labelled]

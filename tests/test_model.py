@@ -1,0 +1,78 @@
+"""The base model and its music tokens: the tiny preset goes through save_pretrained/from_pretrained."""
+
+import json
+
+import pytest
+import torch
+
+from musicray.encoding import encode
+from musicray.model import (INSTRUCTIONS, MusicTokenizer, add_music_tokens, build_tiny, load_base, load_music_model,
+                            resolve_base, save_music_model)
+from musicray.song import SongError
+from musicray.tokens import TASKS, Vocabulary
+
+VOCAB = Vocabulary()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return load_base("tiny", tmp_path_factory.mktemp("cache"))
+
+
+def test_tiny_preset_is_a_saved_pretrained_llama(tmp_path):
+    path = resolve_base("tiny", tmp_path)
+    assert (path / "config.json").exists() and (path / "model.safetensors").exists()
+    assert json.loads((path / "config.json").read_text())["model_type"] == "llama"
+    assert (path / "tokenizer.json").exists()
+    assert resolve_base("tiny", tmp_path) == path  # built once
+
+
+def test_a_missing_base_model_directory_is_named(tmp_path):
+    with pytest.raises(SongError, match="base_model"):
+        resolve_base(str(tmp_path / "Llama-3.1-8B-Instruct"), tmp_path)
+
+
+def test_music_tokens_are_one_id_each_and_contiguous(base):
+    model, tokenizer = base
+    text_size = len(tokenizer)
+    old_rows = model.get_input_embeddings().weight[:text_size].detach().clone()
+    music = add_music_tokens(model, tokenizer, VOCAB)
+    assert music.offset == text_size and len(tokenizer) == text_size + len(VOCAB)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert torch.equal(model.get_input_embeddings().weight[:text_size], old_rows)
+    # every token string is one id; a concatenation tokenizes to exactly those ids
+    text = "<Sec_A8><Bar><Pos_0><Chord_C:maj><Pitch_60><Dur_4>"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == music.to_llm(VOCAB.parse(text))
+    # new rows start near the mean of the old ones (mean resizing), not at zero or far away
+    new_rows = model.get_input_embeddings().weight[text_size:].detach()
+    assert torch.allclose(new_rows.mean(0), old_rows.mean(0), atol=0.05)
+
+
+def test_render_labels_only_the_answer(base, synthetic_songs):
+    model, tokenizer = base
+    music = MusicTokenizer(tokenizer, VOCAB) if "<Bar>" in tokenizer.get_vocab() else \
+        add_music_tokens(model, tokenizer, VOCAB)
+    for task in TASKS:
+        example = encode(synthetic_songs[0], task, VOCAB)
+        input_ids, labels = music.render(example)
+        answer = [x for x in labels if x != -100]
+        assert answer == music.to_llm(example.target) + [music.eot_id]
+        assert input_ids[len(input_ids) - len(answer):] == answer
+        prompt_text = tokenizer.decode(input_ids[:len(input_ids) - len(answer)])
+        assert INSTRUCTIONS[task] in prompt_text and "<|start_header_id|>assistant<|end_header_id|>" in prompt_text
+
+
+def test_save_and_load_music_model(tmp_path, base):
+    model, tokenizer = base
+    music = MusicTokenizer(tokenizer, VOCAB) if "<Bar>" in tokenizer.get_vocab() else \
+        add_music_tokens(model, tokenizer, VOCAB)
+    save_music_model(model, music, tmp_path / "m")
+    loaded, loaded_music = load_music_model(tmp_path / "m")
+    assert loaded_music.offset == music.offset and loaded_music.vocab.tokens == VOCAB.tokens
+    ids = torch.tensor([music.to_llm(VOCAB.parse("<Sec_A8><Bar><Pos_0>"))])
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_build_tiny_is_deterministic(tmp_path):
+    a, b = build_tiny(tmp_path / "a"), build_tiny(tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

@@ -1,0 +1,90 @@
+"""Training data (section windows, rendering) and the grammar-masked loss."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from musicray.encoding import encode_quantized, quantized, round_trip_song, section_windows
+from musicray.grammar import Grammar, validate_examples
+from musicray.model import add_music_tokens, load_base
+from musicray.tokens import TASKS, Vocabulary
+from musicray.train.config import Config, load_config
+from musicray.train.data import RenderedDataset, collate
+from musicray.train.loss import answer_masks, causal_lm_loss
+
+VOCAB = Vocabulary()
+GRAMMAR = Grammar(VOCAB)
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert path.read_text().startswith("#"), "configs start with their launch command in a comment"
+
+
+def test_overrides_and_unknown_keys():
+    config = load_config(None, ["stage1.zero_stage=3", "data.max_length=64"])
+    assert config.stage1.zero_stage == 3 and config.data.max_length == 64
+    with pytest.raises(ValueError, match="stage1: unknown key"):
+        load_config(None, ["stage1.zero=3"])
+    with pytest.raises(ValueError, match="precision"):
+        load_config(None, ["stage1.precision=bf16"])
+
+
+def test_section_windows_keep_the_grammar_and_round_trip(synthetic_songs):
+    for song in synthetic_songs[:10]:
+        song = quantized(song, VOCAB)
+        windows = section_windows(song, 8)
+        assert sum(w.n_bars for w in windows) == song.n_bars
+        assert [s for w in windows for s in w.sections] == song.sections
+        assert sum(len(n) for w in windows for n in w.tracks.values()) == sum(len(n) for n in song.tracks.values())
+        examples = [encode_quantized(w, task, VOCAB) for w in windows for task in TASKS]
+        assert all(not any(e.values()) for e in validate_examples(GRAMMAR, examples))
+        for window in windows:
+            window.check()
+            expected, decoded = round_trip_song(window, "song", VOCAB)
+            assert decoded == expected
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, synthetic_songs):
+    model, tokenizer = load_base("tiny", tmp_path_factory.mktemp("cache"))
+    music = add_music_tokens(model, tokenizer, VOCAB)
+    windows = [w for s in synthetic_songs[:2] for w in section_windows(quantized(s, VOCAB), 4)]
+    examples = [encode_quantized(w, task, VOCAB) for w in windows[:2] for task in TASKS]
+    dataset = RenderedDataset(examples, music, max_length=1024)
+    return model, music, collate(dataset.items, tokenizer.pad_token_id)
+
+
+def test_masked_loss_gives_illegal_tokens_no_probability(batch):
+    model, music, b = batch
+    masks = answer_masks(GRAMMAR, b["labels"], b["answer_start"], b["streams"], b["plans"], music.offset)
+    labels = b["labels"]
+    music_positions = (labels >= music.offset) & (labels < music.offset + len(VOCAB))
+    # every music label is allowed where it stands, and nowhere else is a mask set
+    assert bool(masks[music_positions].any(-1).all())
+    assert bool(masks[music_positions].gather(1, (labels[music_positions] - music.offset)[:, None]).all())
+    assert not bool(masks[~music_positions].any())
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    masked = causal_lm_loss(logits, labels, GRAMMAR, b["answer_start"], b["streams"], b["plans"], music.offset,
+                            music.eot_id)
+    plain = causal_lm_loss(logits, labels)
+    assert masked.item() < plain.item()  # renormalised over the allowed tokens only
+    masked.backward()
+    grad = model.get_output_embeddings().weight.grad
+    # rows of tokens never allowed anywhere in the batch get no gradient from the masked loss
+    never = ~masks.any(0).any(0)
+    assert bool((grad[music.offset:][never].abs().sum(-1) == 0).all())
+
+
+def test_rendered_dataset_cuts_long_answers_and_drops_prompts_that_do_not_fit(batch, synthetic_songs):
+    _, music, _ = batch
+    example = encode_quantized(quantized(synthetic_songs[3], VOCAB), "dynamics", VOCAB)
+    full = len(music.render(example)[0])
+    cut = RenderedDataset([example], music, max_length=full - 10)
+    assert len(cut) == 1 and len(cut[0].input_ids) == full - 10
+    none = RenderedDataset([example], music, max_length=20)
+    assert len(none) == 0 and none.dropped == 1
