@@ -7,6 +7,10 @@ family spends a per-bar quota (``QUOTA``: one velocity per given note in the dyn
 the counters' targets: the form (section tokens in order, bars each), the metre (positions per bar) and the
 quotas.
 
+An optional token *budget* per row (generation's ``max_new_tokens``) makes the mask close the form in time:
+a family is allowed only if, after it, the tokens it commits to (shortest path in ``GRAPH`` back to a point
+where the bar may close) and the fewest tokens that finish the form still fit the budget.
+
 The compiled ``Grammar`` runs a whole batch at once, each row with its own stream, plan and state:
 ``start`` → ``mask`` (allowed next tokens, [batch, vocab]) → ``step`` (consume one token per row). The same
 engine validates sequences (``validate``), masks logits during generation and masks the training loss.
@@ -63,6 +67,33 @@ RESETS: dict[str, tuple[str, ...]] = {"Bar": ("Pos", "Track", "Pitch"), "Pos": (
 _FAMILY = {name: i for i, name in enumerate(FAMILIES)}
 _START = len(FAMILIES)
 _NO_LIMIT = 1 << 30
+
+
+def _budget_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """Per stream and family: the fewest tokens after it before the bar may close (shortest path in GRAPH to a
+    node followed by <Bar>), and how much of the form's remaining minimum the family itself fulfils."""
+    close_cost = torch.zeros(len(STREAM_NAMES), len(FAMILIES), dtype=torch.long)
+    finish_drop = torch.zeros(len(STREAM_NAMES), len(FAMILIES), dtype=torch.long)
+    for s, stream in enumerate(STREAM_NAMES):
+        graph = GRAPH[stream]
+        cost = {node: 0 for node, nexts in graph.items() if "Bar" in nexts}
+        frontier = list(cost)
+        while frontier:  # breadth-first, backwards from the closable nodes
+            reached = []
+            for node, nexts in graph.items():
+                if node not in cost and any(n in frontier for n in nexts):
+                    cost[node] = 1 + min(cost[n] for n in nexts if n in cost)
+                    reached.append(node)
+            frontier = reached
+        for node, value in cost.items():
+            if node != "Start":
+                close_cost[s, _FAMILY[node]] = value
+        finish_drop[s, _FAMILY["Bar"]] = 1 + cost["Bar"]
+        finish_drop[s, _FAMILY["Sec"]] = 1
+        finish_drop[s, _FAMILY["End"]] = 1
+        if stream in QUOTA:
+            finish_drop[s, _FAMILY[QUOTA[stream]]] = 1
+    return close_cost, finish_drop
 
 
 @contextlib.contextmanager
@@ -133,6 +164,9 @@ class GrammarState:
     section_values: torch.Tensor  # [batch, max sections]: Sec rank of each section of the form
     section_bars: torch.Tensor    # [batch, max sections]
     quotas: torch.Tensor          # [batch, max bars + 1]: quota of bar k at k (1-based), 0 elsewhere
+    bars_after: torch.Tensor      # [batch, max sections]: bars of sections k.. of the form
+    quota_after: torch.Tensor     # [batch, max bars + 1]: quota of the bars after bar k
+    budget: torch.Tensor          # tokens each row may still emit (a large number when unbounded)
 
     @property
     def done(self) -> torch.Tensor:
@@ -163,6 +197,7 @@ class Grammar:
             if stream in QUOTA:
                 guard[s, _FAMILY[QUOTA[stream]]] = GUARD_NAMES.index("quota_left")
         self.quota_family = torch.tensor([_FAMILY[QUOTA[s]] if s in QUOTA else -1 for s in STREAM_NAMES])
+        close_cost, finish_drop = _budget_tables()
         resets = torch.zeros(n_fam, n_fam, dtype=torch.bool)
         for fam, reset in RESETS.items():
             for other in reset:
@@ -177,6 +212,8 @@ class Grammar:
         self.allowed, self.guard, self.resets, self.rising = allowed.to(**to), guard.to(**to), resets.to(**to), \
             rising.to(**to)
         self.quota_family = self.quota_family.to(**to)
+        self.close_cost, self.finish_drop = close_cost.to(**to), finish_drop.to(**to)
+        self.bar_cost = (1 + close_cost[:, _FAMILY["Bar"]]).to(**to)
         self.token_family, self.token_value = family.to(**to), value.to(**to)
         self.family_spans = []
         for name in FAMILIES:
@@ -186,7 +223,8 @@ class Grammar:
             self.family_spans.append((_FAMILY[name], ids[0], ids[-1] + 1, name == "Sec" or name in RISING))
 
     # -- batch engine ------------------------------------------------------------------------------------------
-    def start(self, streams: list[str], plans: list[Plan]) -> GrammarState:
+    def start(self, streams: list[str], plans: list[Plan], budgets: list[int] | None = None) -> GrammarState:
+        """Initial state of a batch; ``budgets`` (optional) caps the tokens of each row, <End> included."""
         if len(streams) != len(plans):
             raise ValueError("one plan per stream")
         batch = len(plans)
@@ -208,6 +246,10 @@ class Grammar:
                 quotas[i, 1:plan.n_bars + 1] = torch.tensor(plan.quotas)
             high[i, _FAMILY["Pos"]] = metre(plan.metre).positions_per_bar
         to = dict(device=self.device)
+        bars_after = section_bars.flip(1).cumsum(1).flip(1)
+        quota_after = quotas.flip(1).cumsum(1).flip(1).roll(-1, 1)
+        quota_after[:, -1] = 0
+        budget = torch.tensor(budgets if budgets is not None else [_NO_LIMIT] * batch, dtype=torch.long)
         zeros = torch.zeros(batch, dtype=torch.long, **to)
         low = torch.full((batch, len(FAMILIES)), -1, dtype=torch.long, **to)
         state = GrammarState(
@@ -216,9 +258,26 @@ class Grammar:
             section=zeros.clone(), n_sections=torch.tensor([len(p.sections) for p in plans], **to),
             bars_left=zeros.clone(), bar=zeros.clone(), quota_left=zeros.clone(),
             low=low, high=high.to(**to), section_values=section_values.to(**to),
-            section_bars=section_bars.to(**to), quotas=quotas.to(**to))
+            section_bars=section_bars.to(**to), quotas=quotas.to(**to), bars_after=bars_after.to(**to),
+            quota_after=quota_after.to(**to), budget=budget.to(**to))
         self._expect_section(state, torch.ones(batch, dtype=torch.bool, device=self.device))
+        if budgets is not None:
+            short = torch.nonzero(state.budget < self.tokens_to_finish(state)).flatten().tolist()
+            if short:
+                i = short[0]
+                raise SongError(f"budget: {budgets[i]} tokens cannot hold the form of row {i} "
+                                f"({plans[i].n_bars} bars need at least {int(self.tokens_to_finish(state)[i])})")
         return state
+
+    def tokens_to_finish(self, state: GrammarState) -> torch.Tensor:
+        """[batch]: the fewest tokens that complete the form from a point where the bar may close."""
+        sections = state.section.clamp(max=state.bars_after.shape[1] - 1)
+        later_bars = torch.where(state.section < state.n_sections, state.bars_after.gather(1, sections[:, None])[:, 0],
+                                 torch.zeros_like(state.section))
+        bars = state.quota_after.gather(1, state.bar.clamp(max=state.quota_after.shape[1] - 1)[:, None])[:, 0]
+        need = ((state.bars_left + later_bars) * self.bar_cost[state.stream] + (state.n_sections - state.section) + 1
+                + state.quota_left + bars)
+        return torch.where(state.done, torch.zeros_like(need), need)
 
     def _expect_section(self, state: GrammarState, rows: torch.Tensor) -> None:
         """Only the form's next section token is allowed as the next Sec."""
@@ -240,7 +299,13 @@ class Grammar:
     def family_mask(self, state: GrammarState) -> torch.Tensor:
         """[batch, families]: which families may come next."""
         allowed = self.allowed[state.stream, state.node]
-        return allowed & self._guards(state).gather(1, self.guard[state.stream])
+        return allowed & self._guards(state).gather(1, self.guard[state.stream]) & self._within_budget(state)
+
+    def _within_budget(self, state: GrammarState) -> torch.Tensor:
+        """[batch, families]: emitting the family still leaves room to finish the form."""
+        after = state.budget[:, None] - 1 - self.close_cost[state.stream]
+        # a finished row pads with <End> whatever its budget
+        return (after >= self.tokens_to_finish(state)[:, None] - self.finish_drop[state.stream]) | state.done[:, None]
 
     def mask(self, state: GrammarState) -> torch.Tensor:
         """[batch, vocab] bool: the tokens each row may emit next."""
@@ -262,7 +327,8 @@ class Grammar:
         rows = torch.arange(tokens.shape[0], device=self.device)
         family_ok = self.allowed[state.stream, state.node, family]
         guard_ok = self._guards(state)[rows, self.guard[state.stream, family]]
-        return family_ok & guard_ok & (value > state.low[rows, family]) & (value < state.high[rows, family])
+        budget_ok = self._within_budget(state)[rows, family]
+        return family_ok & guard_ok & budget_ok & (value > state.low[rows, family]) & (value < state.high[rows, family])
 
     def step(self, state: GrammarState, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Consume one token per row; rows whose token is not accepted (or not ``active``) keep their state.
@@ -276,6 +342,7 @@ class Grammar:
         family, value = self.token_family[tokens], self.token_value[tokens]
         rows = torch.arange(tokens.shape[0], device=self.device)
         state.node = torch.where(ok, family, state.node)
+        state.budget = state.budget - ok.long()
 
         opened = ok & (family == _FAMILY["Sec"])
         bars = state.section_bars.gather(1, state.section.clamp(max=state.section_bars.shape[1] - 1)[:, None])[:, 0]
@@ -355,6 +422,8 @@ class Grammar:
         guard = GUARD_NAMES[int(self.guard[row["stream"], _FAMILY[fam]])]
         if not bool(self._guards(state)[i, GUARD_NAMES.index(guard)]):
             return self._guard_reason(guard, row)
+        if not bool(self._within_budget(state)[i, _FAMILY[fam]]):
+            return f"only {int(state.budget[i])} token(s) of budget left: the form must close"
         value, low, high = self.vocab.value[token], int(state.low[i, _FAMILY[fam]]), int(state.high[i, _FAMILY[fam]])
         if fam == "Sec":
             return f"section {row['section'] + 1} of the form must be {self.vocab.tokens[self.first_sec + low + 1]}"

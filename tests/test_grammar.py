@@ -22,10 +22,10 @@ def random_plan(rng: random.Random, stream: str) -> Plan:
     return Plan(sections, rng.choice(list(METRES)), quotas)
 
 
-def sample_through_mask(streams, plans, seed: int, max_steps: int = 5000) -> list[list[int]]:
+def sample_through_mask(streams, plans, seed: int, max_steps: int = 5000, budgets=None) -> list[list[int]]:
     """Sample from random logits, masked by the grammar, until every row has emitted <End>."""
     generator = torch.Generator().manual_seed(seed)
-    state = GRAMMAR.start(streams, plans)
+    state = GRAMMAR.start(streams, plans, budgets)
     end = VOCAB.token("End")
     steps = []
     for _ in range(max_steps):
@@ -58,6 +58,26 @@ def test_ten_thousand_masked_samples_are_grammatical_and_end():
     for seq, plan in zip(sequences, plans):
         assert [VOCAB.tokens[t] for t in seq if t in sec] == [f"<Sec_{s.label}{s.bars}>" for s in plan.sections]
         assert seq.count(bar) == plan.n_bars
+
+
+def test_a_token_budget_always_closes_the_form_in_time():
+    rng = random.Random(5)
+    streams = [STREAM_NAMES[i % len(STREAM_NAMES)] for i in range(700)]
+    plans = [random_plan(rng, s) for s in streams]
+    minimum = GRAMMAR.tokens_to_finish(GRAMMAR.start(streams, plans)).tolist()
+    budgets = [m + rng.choice([0, 1, 2, 5, 20]) for m in minimum]
+    with small_tensor_threads("cpu"):
+        sequences = sample_through_mask(streams, plans, seed=5, budgets=budgets)
+    assert all(len(seq) <= budget for seq, budget in zip(sequences, budgets))
+    assert sum(map(len, GRAMMAR.validate_batch(sequences, streams, plans))) == 0
+    tight = [seq for seq, m, b in zip(sequences, minimum, budgets) if b == m]
+    assert tight  # some rows ran on the exact minimum and still closed their form
+
+
+def test_a_budget_too_small_for_the_form_is_refused():
+    with pytest.raises(ValueError, match="budget"):
+        GRAMMAR.start(["tempo"], [PLAN], budgets=[5])  # A2B1 needs 2 Sec + 3 x (Bar Tempo) + End = 9
+    GRAMMAR.start(["tempo"], [PLAN], budgets=[9])
 
 
 def test_mask_and_accepts_agree():

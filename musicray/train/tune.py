@@ -1,0 +1,493 @@
+"""Stage 2: one LoRA adapter per sub-task, every sub-task's sweep in one Ray Tune run.
+
+The stage-1 model (``RUN_DIR/stage1/model``) is the frozen base. One ``Tuner`` holds all sweeps at once: the
+sub-task is a grid axis of the search space and the LoRA hyperparameters are sampled per trial, so
+``len(subtasks) x trials_per_subtask`` trials share the cluster. Early stopping is ASHA, but one ASHA per
+sub-task (``PerSubtaskScheduler``): the sub-tasks' losses live on different scales (a dynamics answer is long
+and hard, a chord answer short and easy), so a trial is only ever compared with trials of its own sub-task.
+
+Each trial trains a LoRA adapter on its sub-task's train split, reports ``val_loss`` on the validation split
+every ``eval_every`` steps with the adapter as checkpoint, and Tune keeps each trial's best checkpoint. The
+best trial of each sub-task is exported to ``RUN_DIR/adapters/<subtask>/`` in PEFT format with the chosen
+hyperparameters, and every trial is listed in ``RUN_DIR/tune/trials.csv`` and ``trials.md``.
+
+On a multi-node cluster the run dir and the data dir must be on storage every node sees (the trials read the
+stage-1 model and the prepared data by path, and Tune writes checkpoints under ``RUN_DIR/ray``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from musicray.song import SongError
+from musicray.train.config import Config, Stage2Config, load_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ray.tune.experiment import Trial
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+HYPERPARAMETERS = ("rank", "alpha", "dropout", "learning_rate", "target_modules")
+SEARCH_KEYS = HYPERPARAMETERS
+METRIC, MODE = "val_loss", "min"
+
+
+# -- the scheduler -------------------------------------------------------------------------------------------
+class PerSubtaskScheduler(FIFOScheduler):
+    """ASHA run separately for each sub-task: trials are only ever compared with trials of their own sub-task.
+
+    Every trial callback is routed to the ``ASHAScheduler`` of ``trial.config[key]`` (created on the first
+    trial of that sub-task, all with the same settings), so each sub-task has its own rungs and cutoffs. Trial
+    choice stays FIFO (one queue for all sub-tasks; the search generator interleaves them).
+    """
+
+    def __init__(self, metric: Optional[str] = None, mode: Optional[str] = None, key: str = "subtask",
+                 time_attr: str = "training_iteration", max_t: int = 100, grace_period: int = 1,
+                 reduction_factor: float = 2, stop_last_trials: bool = True):
+        super().__init__()
+        if mode is not None and mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self._metric, self._mode, self._key = metric, mode, key
+        self._asha_kwargs = {"time_attr": time_attr, "max_t": max_t, "grace_period": grace_period,
+                             "reduction_factor": reduction_factor, "stop_last_trials": stop_last_trials}
+        # Fail now, not on the first trial, if the ASHA settings are invalid.
+        ASHAScheduler(metric="_", mode="min", **self._asha_kwargs)
+        self._schedulers: dict[str, ASHAScheduler] = {}
+        self._group_of: dict[str, str] = {}     # trial id -> sub-task
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
+        if (self._metric and metric) or (self._mode and mode):
+            return False
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        for scheduler in self._schedulers.values():
+            scheduler.set_search_properties(metric, mode, **spec)
+        return True
+
+    @property
+    def schedulers(self) -> dict[str, ASHAScheduler]:
+        """The ASHA of each sub-task seen so far."""
+        return dict(self._schedulers)
+
+    def group(self, trial: "Trial") -> str:
+        config = trial.config or {}
+        if self._key not in config:
+            raise ValueError(f"{type(self).__name__}: trial {trial.trial_id} has no {self._key!r} in its config; "
+                             f"every trial must name its {self._key}")
+        return str(config[self._key])
+
+    def _asha(self, trial: "Trial", controller=None) -> ASHAScheduler:
+        group = self._group_of.get(trial.trial_id)
+        if group is None:            # a trial we have not seen (e.g. after a restore): add it first
+            self.on_trial_add(controller, trial)
+            group = self._group_of[trial.trial_id]
+        return self._schedulers[group]
+
+    def on_trial_add(self, tune_controller, trial: "Trial") -> None:
+        if not self._metric or not self._mode:
+            raise ValueError(f"{type(self).__name__} needs a metric and a mode (pass them to it or to TuneConfig)")
+        group = self.group(trial)
+        if group not in self._schedulers:
+            self._schedulers[group] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._asha_kwargs)
+        self._group_of[trial.trial_id] = group
+        self._schedulers[group].on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial: "Trial", result: dict) -> str:
+        return self._asha(trial, tune_controller).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial: "Trial", result: dict) -> None:
+        self._asha(trial, tune_controller).on_trial_complete(tune_controller, trial, result)
+        self._group_of.pop(trial.trial_id, None)
+
+    def on_trial_error(self, tune_controller, trial: "Trial") -> None:
+        group = self._group_of.pop(trial.trial_id, None)
+        if group is not None:
+            self._schedulers[group]._trial_info.pop(trial.trial_id, None)
+
+    def on_trial_remove(self, tune_controller, trial: "Trial") -> None:
+        group = self._group_of.pop(trial.trial_id, None)
+        if group is not None:
+            self._schedulers[group].on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        lines = [f"Using ASHA per {self._key} ({len(self._schedulers)} groups):"]
+        for group, scheduler in sorted(self._schedulers.items()):
+            lines.append(f"[{group}] " + scheduler.debug_string().replace("\n", f"\n[{group}] "))
+        return "\n".join(lines)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.__dict__, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.__dict__.update(pickle.load(file))
+
+
+# -- search space --------------------------------------------------------------------------------------------
+def search_space(stage2: Stage2Config) -> dict:
+    """Tune's param_space: the sub-task as a grid axis, the LoRA hyperparameters sampled.
+
+    ``rank``, ``alpha``, ``dropout``: a list is a choice among its values, a scalar is fixed.
+    ``learning_rate``: ``[low, high]`` is log-uniform (a scalar, or low == high, is fixed).
+    ``target_modules``: a list of lists is a choice among module sets; a list of names or a string
+    (e.g. ``all-linear``) is fixed.
+    """
+    from ray import tune
+
+    defaults = Stage2Config().search
+    unknown = set(stage2.search) - set(SEARCH_KEYS)
+    if unknown:
+        raise SongError(f"stage2.search: unknown key(s) {sorted(unknown)}; known: {', '.join(SEARCH_KEYS)}")
+    search = {**defaults, **stage2.search}
+
+    def choice(name, value):
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise SongError(f"stage2.search.{name}: empty list")
+            return tune.choice(list(value)) if len(value) > 1 else value[0]
+        return value
+
+    rate = search["learning_rate"]
+    if isinstance(rate, (list, tuple)):
+        if len(rate) != 2 or not all(isinstance(x, (int, float)) and x > 0 for x in rate) or rate[0] > rate[1]:
+            raise SongError(f"stage2.search.learning_rate: expected [low, high] with 0 < low <= high, got {rate}")
+        rate = tune.loguniform(float(rate[0]), float(rate[1])) if rate[0] < rate[1] else float(rate[0])
+    modules = search["target_modules"]
+    if isinstance(modules, (list, tuple)) and modules and all(isinstance(m, (list, tuple)) for m in modules):
+        modules = tune.choice([list(m) for m in modules]) if len(modules) > 1 else list(modules[0])
+    elif not isinstance(modules, (str, list, tuple)) or not modules:
+        raise SongError(f"stage2.search.target_modules: expected module names or a list of lists, got {modules!r}")
+    return {"subtask": tune.grid_search(list(stage2.subtasks)),
+            "rank": choice("rank", search["rank"]), "alpha": choice("alpha", search["alpha"]),
+            "dropout": choice("dropout", search["dropout"]), "learning_rate": rate, "target_modules": modules,
+            "seed": int(stage2.seed)}
+
+
+def _check_stage2(stage2: Stage2Config) -> None:
+    for name in ("trials_per_subtask", "max_steps", "eval_every", "eval_batches", "micro_batch_size",
+                 "grace_period"):
+        if int(getattr(stage2, name)) < 1:
+            raise SongError(f"stage2.{name}: must be at least 1, got {getattr(stage2, name)}")
+    if stage2.reduction_factor <= 1:
+        raise SongError(f"stage2.reduction_factor: must be > 1, got {stage2.reduction_factor}")
+    if not stage2.subtasks:
+        raise SongError("stage2.subtasks: empty")
+    if stage2.max_concurrent_trials is not None and stage2.max_concurrent_trials < 1:
+        raise SongError(f"stage2.max_concurrent_trials: must be at least 1, got {stage2.max_concurrent_trials}")
+
+
+def report_count(stage2: Stage2Config) -> int:
+    """Reports per full trial (every eval_every steps, and at the last step): ASHA's max_t."""
+    return math.ceil(stage2.max_steps / stage2.eval_every)
+
+
+# -- one trial -----------------------------------------------------------------------------------------------
+def subtask_datasets(data_dir, subtask: str, music, max_length: int, min_train: int = 1):
+    """(train, validation, where the validation came from) rendered for ``subtask``.
+
+    When nothing of the validation split fits (small synthetic data, or every prompt longer than
+    ``max_length``), the last tenth of the train examples (song order: roughly the last songs) is held out.
+    """
+    from musicray.train.data import RenderedDataset, load_examples
+
+    train = RenderedDataset(load_examples(data_dir, [subtask], "train", music.vocab), music, max_length)
+    val = RenderedDataset(load_examples(data_dir, [subtask], "validation", music.vocab), music, max_length)
+    source = "validation"
+    if len(val) == 0:
+        held = max(1, len(train) // 10)
+        val = copy.copy(train)
+        val.items, train.items = train.items[-held:], train.items[:-held]
+        source = "train (held out)"
+    if len(train) < min_train or len(val) == 0:
+        raise SongError(f"{subtask}: too few examples fit data.max_length={max_length} ({len(train)} to train on, "
+                        f"{len(val)} to validate on, from {source}); use more songs or a larger data.max_length")
+    return train, val, source
+
+
+def evaluate(model, dataset, batch_size: int, batches: int, pad_id: int, device) -> float:
+    """Token-weighted mean loss on the first ``batches`` batches of ``dataset`` (a fixed slice)."""
+    import torch
+
+    from musicray.train.data import collate
+    from musicray.train.loss import causal_lm_loss
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(batches):
+            items = dataset.items[b * batch_size:(b + 1) * batch_size]
+            if not items:
+                break
+            batch = collate(items, pad_id)
+            labels = batch["labels"].to(device)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(causal_lm_loss(logits, labels)) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train_adapter(config: dict, settings: dict) -> None:
+    """Tune function trainable: one LoRA adapter for ``config["subtask"]`` on the stage-1 model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from ray import tune
+
+    from musicray.model import load_music_model
+    from musicray.train.data import collate, shuffled_batches
+    from musicray.train.loss import causal_lm_loss
+
+    subtask, seed = config["subtask"], int(config.get("seed", 0))
+    torch.set_num_threads(max(1, int(settings["cpus_per_trial"])))
+    use_gpu = settings["gpus_per_trial"] > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if use_gpu else "cpu")
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    model, music = load_music_model(settings["stage1"])
+    model.config.use_cache = False
+    lora = LoraConfig(r=int(config["rank"]), lora_alpha=config["alpha"], lora_dropout=float(config["dropout"]),
+                      target_modules=config["target_modules"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora).to(device)
+    model.train()
+
+    batch_size = int(settings["micro_batch_size"])
+    train, val, _ = subtask_datasets(settings["data_dir"], subtask, music, settings["max_length"])
+    batch_size = min(batch_size, len(train))
+    pad_id = music.tokenizer.pad_token_id
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=float(config["learning_rate"]), weight_decay=0.0)
+    batches = shuffled_batches(train, batch_size, seed)
+    max_steps, eval_every = int(settings["max_steps"]), int(settings["eval_every"])
+    losses: list[float] = []
+    for step in range(1, max_steps + 1):
+        batch = collate(next(batches), pad_id)
+        labels = batch["labels"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        loss = causal_lm_loss(logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % eval_every == 0 or step == max_steps:
+            val_loss = evaluate(model, val, batch_size, int(settings["eval_batches"]), pad_id, device)
+            metrics = {"val_loss": val_loss, "train_loss": sum(losses) / len(losses), "step": step,
+                       "subtask": subtask}
+            losses = []
+            with tempfile.TemporaryDirectory() as tmp:
+                # save_embedding_layers=False: the adapter is LoRA only (the vocabulary lives in the stage-1
+                # model), and PEFT does not go looking for the base model's config to decide.
+                model.save_pretrained(tmp, save_embedding_layers=False)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def stage1_model_dir(run_dir: Path) -> Path:
+    path = Path(run_dir) / "stage1" / "model"
+    if not ((path / "config.json").exists() and (path / "vocabulary.json").exists()):
+        raise FileNotFoundError(f"{path}: no stage-1 model (config.json and vocabulary.json); run "
+                                f"`musicray train --out {run_dir}` first: stage 2 trains its adapters on it")
+    return path
+
+
+def tune_adapters(config: Config, run_dir: Path, progress: bool = True) -> dict[str, Path]:
+    """Sweep LoRA hyperparameters for every sub-task in one Tune run; export the best adapter of each.
+
+    Returns sub-task -> ``RUN_DIR/adapters/<subtask>`` (PEFT ``adapter_config.json`` and
+    ``adapter_model.safetensors``, plus ``hyperparameters.json``).
+    """
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from musicray.data.prepare import ensure_ray
+    from musicray.train.data import resolve_data_dir
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    stage1 = stage1_model_dir(run_dir)
+    stage2 = config.stage2
+    _check_stage2(stage2)
+    param_space = search_space(stage2)
+    data_dir = resolve_data_dir(config, progress=progress).expanduser().resolve()
+    ensure_ray()
+    # Tune warns when its experiment snapshots come faster than every 5 s, which num_to_keep forces on every
+    # checkpoint: expected with short trials, and harmless.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+    max_t = report_count(stage2)
+    scheduler = PerSubtaskScheduler(metric=METRIC, mode=MODE, key="subtask", time_attr="training_iteration",
+                                    max_t=max_t, grace_period=min(stage2.grace_period, max_t),
+                                    reduction_factor=stage2.reduction_factor)
+    settings = {"stage1": str(stage1), "data_dir": str(data_dir), "max_length": config.data.max_length,
+                "max_steps": stage2.max_steps, "eval_every": stage2.eval_every, "eval_batches": stage2.eval_batches,
+                "micro_batch_size": stage2.micro_batch_size, "cpus_per_trial": stage2.cpus_per_trial,
+                "gpus_per_trial": stage2.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(train_adapter, settings=settings),
+                                    {"cpu": stage2.cpus_per_trial, "gpu": stage2.gpus_per_trial})
+    # The concurrency cap goes on the search generator: Tune ignores TuneConfig.max_concurrent_trials when a
+    # BasicVariantGenerator is given (which we need for its seeded random_state).
+    searcher = BasicVariantGenerator(max_concurrent=stage2.max_concurrent_trials or 0, random_state=stage2.seed)
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        # reuse_actors: a trial's actor imports torch/transformers/peft once and runs trial after trial.
+        tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=searcher, reuse_actors=True,
+                                    num_samples=stage2.trials_per_subtask),
+        run_config=tune.RunConfig(
+            name="stage2", storage_path=str(run_dir / "ray"), verbose=1 if progress else 0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                                    checkpoint_score_order=MODE)))
+    results = tuner.fit()
+
+    table, best = trials_table(results, stage2)
+    write_table(table, run_dir / "tune")
+    missing = [s for s in stage2.subtasks if s not in best]
+    if missing:
+        errors = {f"{r.config.get('subtask')}: {_last_line(r.error)}" for r in results if r.error is not None}
+        raise SongError(f"stage 2: no trial of {', '.join(missing)} reported a validation loss"
+                        + (f" ({'; '.join(sorted(errors))})" if errors else "") + f"; see {run_dir / 'ray' / 'stage2'}")
+    adapters = {}
+    for subtask in stage2.subtasks:
+        result, checkpoint, metrics = best[subtask]
+        adapters[subtask] = export_adapter(checkpoint, run_dir / "adapters" / subtask, {
+            "subtask": subtask, **{k: result.config[k] for k in HYPERPARAMETERS}, "val_loss": metrics[METRIC],
+            "step": metrics.get("step"), "trial_id": _trial_id(result), "seed": result.config.get("seed"),
+            "stage1_model": str(stage1), "data_dir": str(data_dir)})
+    return adapters
+
+
+def _last_line(error) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _trial_id(result) -> str:
+    return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
+
+
+def _best_report(result) -> tuple[object, dict] | None:
+    """(checkpoint, metrics) of the trial's lowest-val_loss checkpoint, or None if it never reported."""
+    candidates = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(METRIC) is not None]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda cm: cm[1][METRIC])
+
+
+def trials_table(results, stage2: Stage2Config):
+    """(one row per trial, sub-task -> (result, checkpoint, metrics) of its chosen trial)."""
+    import pandas as pd
+
+    rows, best, chosen_ids = [], {}, {}
+    for result in results:
+        cfg = result.config or {}
+        frame = result.metrics_dataframe
+        reported = frame is not None and len(frame) > 0 and METRIC in frame
+        steps = int(frame["step"].max()) if reported and "step" in frame else 0
+        top = _best_report(result)
+        best_loss = float(top[1][METRIC]) if top else float(frame[METRIC].min()) if reported else float("nan")
+        trial_id = _trial_id(result)
+        modules = cfg.get("target_modules")
+        rows.append({"trial_id": trial_id, "subtask": cfg.get("subtask"), "rank": cfg.get("rank"),
+                     "alpha": cfg.get("alpha"), "dropout": cfg.get("dropout"),
+                     "learning_rate": cfg.get("learning_rate"),
+                     "target_modules": ",".join(modules) if isinstance(modules, list) else modules,
+                     "best_val_loss": best_loss, "best_step": top[1].get("step") if top else None,
+                     "steps": steps, "stopped_early": result.error is None and steps < stage2.max_steps,
+                     "status": "error" if result.error is not None else "done", "chosen": False})
+        subtask = cfg.get("subtask")
+        if top is not None and (subtask not in best or top[1][METRIC] < best[subtask][2][METRIC]):
+            best[subtask], chosen_ids[subtask] = (result, top[0], top[1]), trial_id
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["chosen"] = table["trial_id"].isin(set(chosen_ids.values()))
+        order = {s: i for i, s in enumerate(stage2.subtasks)}
+        table["_order"] = table["subtask"].map(order)
+        table = table.sort_values(["_order", "trial_id"]).drop(columns="_order").reset_index(drop=True)
+    return table, best
+
+
+def to_markdown(table) -> str:
+    """A GitHub markdown table (without needing ``tabulate``)."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.4g}"
+        return "" if value is None else str(value).replace("|", "\\|")
+
+    columns = list(table.columns)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "trials.csv", index=False)
+    (out / "trials.md").write_text(to_markdown(table))
+
+
+def export_adapter(checkpoint, out: Path, hyperparameters: dict) -> Path:
+    """Copy the PEFT adapter files of a Tune checkpoint to ``out`` with ``hyperparameters.json``."""
+    with checkpoint.as_directory() as source:
+        source = Path(source)
+        missing = [name for name in ADAPTER_FILES if not (source / name).exists()]
+        if missing:
+            raise RuntimeError(f"{source}: the checkpoint has no {', '.join(missing)}")
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        for name in ADAPTER_FILES:
+            shutil.copy2(source / name, out / name)
+    (out / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=1, default=str))
+    return out
+
+
+# -- command line --------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
+    parser.add_argument("--out", type=Path, required=True, help="run dir holding stage1/model; adapters go here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
+                        help="override a config value (repeatable), e.g. --set stage2.max_steps=40")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    """Run stage 2 from parsed ``add_arguments`` arguments; prints the trials table and the adapters."""
+    adapters = tune_adapters(load_config(args.config, args.set), args.out, progress=not args.quiet)
+    run_dir = Path(args.out).expanduser().resolve()
+    print((run_dir / "tune" / "trials.md").read_text())
+    for subtask, path in adapters.items():
+        print(f"{subtask}: {path}")
+    return adapters
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="musicray tune", description="Stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run."))
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (SongError, FileNotFoundError) as err:
+        print(f"musicray: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

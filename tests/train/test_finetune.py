@@ -1,0 +1,244 @@
+"""Stage 1 on real Ray Train and real DeepSpeed (CPU, gloo): ZeRO-2 and ZeRO-3, the exported model, the loss,
+resuming a stopped run, a worker killed mid-run, and the grammar-masked loss.
+
+One reference run (ZeRO-2, constant learning rate after a short warm-up, 40 steps, checkpoints every 10) is
+shared: with the same seed, data and initial weights, every other run must reproduce its losses step for step
+(ZeRO-3), and a run that was stopped and resumed, or that lost a worker and restarted from a checkpoint, must
+end with its loss and weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from musicray.model import load_music_model  # noqa: E402
+from musicray.song import SongError  # noqa: E402
+from musicray.train.config import load_config  # noqa: E402
+from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir  # noqa: E402
+from musicray.train.finetune import main, train_stage1  # noqa: E402
+from musicray.train.loss import causal_lm_loss  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+STEPS, EVERY = 40, 10
+# Ray Train knobs for a slow, shared 2-core machine: a longer worker-group start timeout, and a faster
+# controller poll so reported checkpoints are registered soon after each report.
+RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def overrides(cache_dir: Path, **extra) -> list[str]:
+    values = {"cache_dir": str(cache_dir), "data.songs": 16, "data.max_length": 256,
+              "stage1.lr_schedule": "constant", "stage1.learning_rate": 0.002, "stage1.warmup_steps": 2,
+              "stage1.max_steps": STEPS, "stage1.checkpoint_every": EVERY, "stage1.keep_checkpoints": 2,
+              "stage1.max_failures": 2}
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{key}={json.dumps(value) if isinstance(value, bool) else value}" for key, value in values.items()]
+
+
+def tiny_config(cache_dir: Path, **extra):
+    return load_config(TINY, overrides(cache_dir, **extra))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with (run_dir / "stage1" / "metrics.csv").open() as f:
+        return [{k: (float(v) if v else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def fixed_batch_loss(model_dir: Path, data_dir: Path, masked: bool = False) -> float:
+    """The loss of the first four training examples (the same batch for every model)."""
+    model, music = load_music_model(model_dir)
+    model.eval()
+    examples = load_examples(data_dir, ["song", "chord", "melody", "secondary", "dynamics", "tempo"], "train",
+                             music.vocab)[:4]
+    batch = collate(RenderedDataset(examples, music, 256).items, music.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if not masked:
+        return causal_lm_loss(logits, batch["labels"]).item()
+    from musicray.grammar import Grammar
+
+    return causal_lm_loss(logits, batch["labels"], Grammar(music.vocab, torch.device("cpu")), batch["answer_start"],
+                          batch["streams"], batch["plans"], music.offset, music.eot_id).item()
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+    state_a, state_b = load_music_model(a)[0].state_dict(), load_music_model(b)[0].state_dict()
+    assert state_a.keys() == state_b.keys()
+    worst = max((state_a[k] - state_b[k]).abs().max().item() for k in state_a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from musicray.data.prepare import ensure_ray
+
+    saved = {key: os.environ.get(key) for key in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    started = not ray.is_initialized()
+    ensure_ray()
+    yield
+    if started:
+        ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("musicray-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, cache_dir, tmp_path_factory) -> Path:
+    """The uninterrupted ZeRO-2 run every other run is compared with."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train_stage1(tiny_config(cache_dir), run_dir, progress=False)
+    return run_dir
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_stage1_trains_and_exports(zero, request, cache_dir, tmp_path):
+    ref_rows = metrics(request.getfixturevalue("reference"))
+    if zero == 2:
+        run_dir, steps = request.getfixturevalue("reference"), STEPS
+    else:   # through the job's command line, with the ZeRO-3 JSON
+        run_dir, steps = tmp_path / "run", 6
+        sets = overrides(cache_dir, stage1__deepspeed="configs/deepspeed/zero3.json", stage1__max_steps=steps,
+                         stage1__checkpoint_every=3)
+        assert main(["--config", str(TINY), "--out", str(run_dir), "--no-progress",
+                     *[arg for value in sets for arg in ("--set", value)]]) == 0
+    stage = run_dir / "stage1"
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(r["start_step"] == 0 and r["tokens_per_s"] > 0 and r["labelled_tokens_per_s"] > 0 for r in rows)
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [s for s in range(1, steps + 1)
+                                                                      if s % (EVERY if zero == 2 else 3) == 0]
+    # Same seed, data and initial weights: ZeRO-3 takes the same steps as ZeRO-2.
+    for row, ref in zip(rows, ref_rows):
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+        assert row["learning_rate"] == pytest.approx(ref["learning_rate"])
+    checkpoints = sorted(p.name for p in (run_dir / "ray" / "stage1").glob("checkpoint_*"))
+    assert checkpoints[-1] == f"checkpoint_{steps:06d}" and len(checkpoints) <= 2
+    assert (stage / "config.yaml").exists() and load_config(stage / "config.yaml").stage1.max_steps == steps
+    assert any((stage / "tensorboard").iterdir())
+
+    model, music = load_music_model(stage / "model")   # from_pretrained, tokenizer, vocabulary.json
+    vocab = music.vocab
+    ids = music.tokenizer.encode("".join(vocab.tokens), add_special_tokens=False)
+    assert ids == list(range(music.offset, music.offset + len(vocab)))
+    assert model.get_input_embeddings().weight.shape[0] == len(music.tokenizer) >= music.offset + len(vocab)
+    assert json.loads((stage / "model" / "musicray.json").read_text())["step"] == steps
+    init = load_music_model(stage / "init")[0].state_dict()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, init[k])]
+    assert "lm_head.weight" in changed and "model.embed_tokens.weight" in changed
+
+
+@pytest.mark.parametrize("mask_loss", [False, True])
+def test_loss_falls(mask_loss, request, cache_dir, tmp_path):
+    if not mask_loss:
+        run_dir = request.getfixturevalue("reference")
+    else:
+        request.getfixturevalue("ray_cluster")
+        run_dir = tmp_path / "run"
+        train_stage1(tiny_config(cache_dir, stage1__mask_loss=True, stage1__max_steps=12,
+                                 stage1__checkpoint_every=12), run_dir, progress=False)
+    data_dir = resolve_data_dir(tiny_config(cache_dir), progress=False)
+    before = fixed_batch_loss(run_dir / "stage1" / "init", data_dir, masked=mask_loss)
+    after = fixed_batch_loss(run_dir / "stage1" / "model", data_dir, masked=mask_loss)
+    assert after < before - 0.3, (before, after)
+    rows = metrics(run_dir)
+    first, last = rows[:3], rows[-3:]
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)
+
+
+def test_resume_matches_uninterrupted(reference, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train_stage1(tiny_config(cache_dir, stage1__max_steps=STEPS // 2), run_dir, progress=False)
+    with pytest.raises(SongError, match="--resume"):
+        train_stage1(tiny_config(cache_dir), run_dir, progress=False)
+    with pytest.raises(SongError, match="stage1.num_workers"):
+        train_stage1(tiny_config(cache_dir, stage1__num_workers=1), run_dir, resume=True, progress=False)
+
+    train_stage1(tiny_config(cache_dir), run_dir, resume=True, progress=False)
+    rows, ref = metrics(run_dir), metrics(reference)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert {r["start_step"] for r in rows[STEPS // 2:]} == {STEPS // 2}
+    for row, ref_row in zip(rows, ref):
+        assert row["loss"] == pytest.approx(ref_row["loss"], rel=1e-4), row["step"]
+    assert rows[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-4)
+    assert_same_weights(run_dir / "stage1" / "model", reference / "stage1" / "model")
+
+
+def _train_workers() -> list[int]:
+    """PIDs of the Ray Train workers of this test's Ray instance (descendants of this process only)."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _registered_checkpoints(run_dir: Path) -> list[str]:
+    snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
+    try:
+        text = snapshot.read_text()
+    except OSError:
+        return []
+    return sorted(set(part.split('"')[0] for part in text.split("checkpoint_0")[1:]))
+
+
+def test_killed_worker_restarts_from_checkpoint(reference, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["model"] = train_stage1(tiny_config(cache_dir), run_dir, progress=False)
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed, deadline = None, time.time() + 600
+    while thread.is_alive() and killed is None and time.time() < deadline:
+        if _registered_checkpoints(run_dir):     # a checkpoint Ray Train can restart from
+            workers = _train_workers()
+            if workers:
+                os.kill(workers[-1], signal.SIGKILL)
+                killed = workers[-1]
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert killed is not None, "the run ended before a worker could be killed"
+
+    rows, ref = metrics(run_dir), metrics(reference)
+    restarts = sorted({r["start_step"] for r in rows} - {0})
+    assert len(restarts) == 1 and restarts[0] % EVERY == 0, restarts
+    restart = int(restarts[0])
+    after = [r for r in rows if r["start_step"] == restart]
+    assert [r["step"] for r in after] == list(range(restart + 1, STEPS + 1))
+    for row in after:   # the restarted workers continue exactly where the checkpoint left off
+        assert row["loss"] == pytest.approx(ref[int(row["step"]) - 1]["loss"], rel=1e-4), row["step"]
+    assert_same_weights(run_dir / "stage1" / "model", reference / "stage1" / "model")
