@@ -39,6 +39,24 @@ def _data_inspect(args: argparse.Namespace) -> None:
     print(render(summarize(args.data_dir), examples=args.songs))
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from musicray.compose import Composer, Request, parse_chords
+    from musicray.decode import Sampling
+    from musicray.midi import read_midi, write_midi
+
+    chords = parse_chords(args.chords.read_text() if args.chords.exists() else str(args.chords), args.form,
+                          args.metre) if args.chords else None
+    melody = read_midi(args.melody).tracks["MELODY"] if args.melody else None
+    request = Request(args.form, args.key, args.metre, args.tempo, args.seed, chords, melody,
+                      tuple(args.stages), Sampling(args.temperature, args.top_k, args.top_p), not args.no_mask)
+    song, report = Composer(args.run, adapters=not args.no_adapters).compose(request)
+    write_midi(song, args.out)
+    report_path = args.out.with_suffix(".json")
+    report_path.write_text(json.dumps(report, indent=1))
+    stages = ", ".join(f"{task} {info['new_tokens']} tokens {info['seconds']}s" for task, info in report["stages"].items())
+    print(f"wrote {args.out} ({song.n_bars} bars, form {song.form}; {stages}) and {report_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
@@ -65,6 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("data_dir", type=Path)
     inspect.add_argument("--songs", type=int, default=5, help="songs to list")
     inspect.set_defaults(run=_data_inspect)
+
+    from musicray.tokens import SUBTASKS
+
+    gen = commands.add_parser("generate", help="compose a song with the trained model and adapters")
+    gen.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
+    gen.add_argument("--form", required=True, help="sections as label + bars, e.g. i4A8B8A8o4")
+    gen.add_argument("--key", default="C:maj", help="ROOT:maj or ROOT:min")
+    gen.add_argument("--metre", default="4/4", help="4/4, 3/4, 2/4, 12/8 or 6/8")
+    gen.add_argument("--tempo", type=int, default=100, help="base tempo, bpm")
+    gen.add_argument("--chords", type=Path, help="chords (file or inline): one per bar, cycled; C:maj,G:maj splits a bar")
+    gen.add_argument("--melody", type=Path, help="your own melody (MIDI); its MELODY track replaces the melody stage")
+    gen.add_argument("--stages", nargs="+", default=list(SUBTASKS), choices=SUBTASKS, help="stages to run")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
+    gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
+    gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")
+    gen.set_defaults(run=_generate)
+
+    from musicray.train import tune
+
+    tune.add_arguments(commands.add_parser(
+        "tune", help="stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run")).set_defaults(
+        run=tune.run)
     return parser
 
 

@@ -164,9 +164,9 @@ def build_init_model(config: Config, out: Path) -> Path:
     from musicray.model import add_music_tokens, load_base, save_music_model
     from musicray.tokens import Vocabulary
 
-    torch.manual_seed(config.stage1.seed)
     model, tokenizer = load_base(config.base_model, Path(config.cache_dir).expanduser(),
                                  _torch_dtype(config.stage1.precision))
+    torch.manual_seed(config.stage1.seed)   # the new rows are sampled: same seed, same initial model
     music = add_music_tokens(model, tokenizer, Vocabulary())
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,186 @@
+"""The composer: chords -> melody -> secondary melody -> dynamics -> tempo, each stage with its sub-task's
+LoRA adapter on the shared stage-1 model, each conditioned on the stages before it.
+
+Given chords skip the chord stage; ``stages`` runs a subset (e.g. only dynamics and tempo to perform a song
+whose notes are given). PIANO is the chords voiced into a simple accompaniment (bass + close triad per change).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from musicray.decode import Sampling, generate
+from musicray.encoding import TASK_TARGET, decode_body, encode
+from musicray.grammar import Grammar, Plan
+from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
+from musicray.model import load_music_model
+from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, metre, parse_form
+from musicray.tokens import SUBTASKS
+
+# Tokens a stage may emit per bar at most (beyond the form's minimum): caps runaway generations while leaving
+# room for dense bars. Dynamics and tempo are fully determined by the form and the notes.
+TOKENS_PER_BAR: dict[str, int] = {"chord": 24, "melody": 96, "secondary": 96, "dynamics": 0, "tempo": 0}
+NEUTRAL_VELOCITY = 82
+
+
+@dataclass
+class Request:
+    form: str
+    key: str = "C:maj"
+    metre: str = "4/4"
+    tempo: int = 100
+    seed: int = 0
+    chords: list[Chord] | None = None
+    melody: list[Note] | None = None
+    stages: tuple[str, ...] = SUBTASKS
+    sampling: Sampling = field(default_factory=Sampling)
+    use_mask: bool = True
+
+    def song(self) -> Song:
+        """The empty song the request describes (validated: form, key, metre, tempo)."""
+        sections = parse_form(self.form)
+        spec = metre(self.metre)
+        if not 20 <= float(self.tempo) <= 300:
+            raise SongError(f"tempo: {self.tempo} bpm is outside 20..300")
+        song = Song("generated", canonical_key(self.key), spec.name, sections, chords=list(self.chords or []),
+                    tracks={name: [] for name in TRACKS}, tempos=[Tempo(0, 0, float(self.tempo))])
+        if self.melody:
+            song.tracks["MELODY"] = [n for n in sorted(self.melody) if n.bar < song.n_bars]
+        unknown = set(self.stages) - set(SUBTASKS)
+        if unknown:
+            raise SongError(f"stages: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
+        song.check()
+        return song
+
+
+def parse_chords(text: str, form: str, metre_name: str) -> list[Chord]:
+    """Chords from text: one entry per bar, cycled over the form's bars; ``C:maj,G:maj`` splits a bar evenly."""
+    bars = sum(s.bars for s in parse_form(form))
+    spec = metre(metre_name)
+    entries = text.split()
+    if not entries:
+        raise SongError("chords: no chord given")
+    chords = []
+    for bar in range(bars):
+        labels = entries[bar % len(entries)].split(",")
+        for k, label in enumerate(labels):
+            position = (k * spec.beats_per_bar // len(labels)) * spec.positions_per_beat
+            try:
+                chords.append(Chord(bar, position, canonical_chord(label)))
+            except SongError as err:
+                raise SongError(f"chords: bar {bar + 1}: {err}") from None
+    return chords
+
+
+def voice_piano(song: Song, velocity: int = NEUTRAL_VELOCITY) -> list[Note]:
+    """A simple accompaniment: at every chord change, the bass note (octave 2-3) and a close triad above C4."""
+    spec = song.spec
+    changes = sorted(song.chords)
+    notes = []
+    for i, chord in enumerate(changes):
+        tones = chord_pitch_classes(chord.label)
+        if not tones:
+            continue
+        start = chord.bar * spec.positions_per_bar + chord.position
+        end = (changes[i + 1].bar * spec.positions_per_bar + changes[i + 1].position) if i + 1 < len(changes) \
+            else song.n_bars * spec.positions_per_bar
+        duration = max(1, min(end - start, 64))
+        bass = 36 + chord_bass_pitch_class(chord.label)
+        upper = sorted({60 + (pc - 60) % 12 for pc in tones})
+        for pitch in [bass, *upper]:
+            notes.append(Note(chord.bar, chord.position, pitch, duration, velocity))
+    return sorted(set(notes))
+
+
+class Composer:
+    """The stage-1 model with every sub-task adapter loaded; one ``compose`` call makes one song."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu", adapters: bool = True):
+        run_dir = Path(run_dir)
+        model, self.music = load_music_model(run_dir / "stage1" / "model")
+        self.adapters: list[str] = []
+        adapter_root = run_dir / "adapters"
+        if adapters and adapter_root.is_dir():
+            from peft import PeftModel
+
+            for subtask in SUBTASKS:
+                path = adapter_root / subtask
+                if not (path / "adapter_config.json").exists():
+                    continue
+                if not self.adapters:
+                    model = PeftModel.from_pretrained(model, path, adapter_name=subtask)
+                else:
+                    model.load_adapter(path, adapter_name=subtask)
+                self.adapters.append(subtask)
+        self.model = model.to(device).eval()
+        self.grammar = Grammar(self.music.vocab, device)
+
+    def _use_adapter(self, subtask: str):
+        if not self.adapters:
+            return _no_adapter()
+        if subtask in self.adapters:
+            self.model.set_adapter(subtask)
+            return _no_adapter()
+        return self.model.disable_adapter()
+
+    def run_stage(self, song: Song, task: str, request: Request) -> dict:
+        """Generate one sub-task's stream for ``song`` and write it into the song."""
+        vocab = self.music.vocab
+        example = encode(song, task, vocab)
+        plan = Plan.from_prompt(example.prompt, vocab)
+        stream = TASK_TARGET[task]
+        minimum = int(self.grammar.tokens_to_finish(self.grammar.start([stream], [plan]))[0])
+        budget = minimum + TOKENS_PER_BAR[task] * plan.n_bars
+        prompt = self.music.prompt_ids(example)
+        seed = request.seed * 1009 + SUBTASKS.index(task)
+        with self._use_adapter(task):
+            out = generate(self.model, self.music, self.grammar, [prompt], [stream], [plan], [budget], [seed],
+                           request.sampling, use_mask=request.use_mask)
+        tokens = out.tokens[0]
+        info = {"tokens": vocab.describe(tokens) if request.use_mask else None, "new_tokens": out.new_tokens,
+                "seconds": round(out.seconds, 3), "mask_seconds": round(out.mask_seconds, 3),
+                "adapter": task if task in self.adapters else None, "finished": out.finished[0]}
+        if not request.use_mask:
+            tokens = self.music.from_llm(tokens)
+            info["tokens"] = vocab.describe(tokens)
+        errors = self.grammar.validate(tokens, stream, plan)
+        info["grammar_errors"] = len(errors)
+        if errors:
+            if request.use_mask:
+                raise AssertionError(f"{task}: masked decoding produced {errors[:2]}")
+            raise SongError(f"{task}: the unmasked model produced an ungrammatical stream: {errors[0]}")
+        decode_body(tokens[:-1], stream, song, vocab)
+        return info
+
+    @torch.no_grad()
+    def compose(self, request: Request) -> tuple[Song, dict]:
+        song = request.song()
+        report: dict = {"stages": {}, "form": song.form, "key": song.key, "metre": song.metre}
+        started = time.perf_counter()
+        for task in SUBTASKS:
+            if task not in request.stages:
+                continue
+            if task == "chord" and request.chords:
+                continue
+            if task == "melody" and request.melody:
+                continue
+            if task == "dynamics" and not song.tracks["PIANO"] and song.chords:
+                song.tracks["PIANO"] = voice_piano(song)
+            report["stages"][task] = self.run_stage(song, task, request)
+        if not song.tracks["PIANO"] and song.chords:
+            song.tracks["PIANO"] = voice_piano(song)
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        song.check()
+        return song, report
+
+
+class _no_adapter:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
