@@ -70,19 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, required=True, help="output folder")
     prep.add_argument("--limit", type=int, help="only the first N songs")
     prep.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
-    prep.set_defaults(run=_data_prepare)
+    prep.set_defaults(handler=_data_prepare)
 
     synth = data.add_parser("synth", help="generate structured synthetic songs into Parquet tables of every task")
     synth.add_argument("--songs", type=int, default=200, help="number of songs")
     synth.add_argument("--seed", type=int, default=0, help="seed of the first song")
     synth.add_argument("--out", type=Path, required=True, help="output folder")
     synth.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
-    synth.set_defaults(run=_data_synth)
+    synth.set_defaults(handler=_data_synth)
 
     inspect = data.add_parser("inspect", help="print songs, sequence lengths, vocabulary coverage, skipped songs")
     inspect.add_argument("data_dir", type=Path)
     inspect.add_argument("--songs", type=int, default=5, help="songs to list")
-    inspect.set_defaults(run=_data_inspect)
+    inspect.set_defaults(handler=_data_inspect)
 
     from musicray.tokens import SUBTASKS
 
@@ -102,20 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")
-    gen.set_defaults(run=_generate)
+    gen.set_defaults(handler=_generate)
 
     from musicray.train import tune
 
     tune.add_arguments(commands.add_parser(
         "tune", help="stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run")).set_defaults(
-        run=tune.run)
+        handler=tune.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except (SongError, FileNotFoundError) as err:
         print(f"musicray: error: {err}", file=sys.stderr)
         return 2

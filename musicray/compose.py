@@ -127,55 +127,67 @@ class Composer:
             return _no_adapter()
         return self.model.disable_adapter()
 
-    def run_stage(self, song: Song, task: str, request: Request) -> dict:
-        """Generate one sub-task's stream for ``song`` and write it into the song."""
+    def run_stage(self, songs: list[Song], task: str, requests: list[Request]) -> list[dict]:
+        """Generate one sub-task's stream for a batch of songs (one decode call) and write it into each song."""
         vocab = self.music.vocab
-        example = encode(song, task, vocab)
-        plan = Plan.from_prompt(example.prompt, vocab)
         stream = TASK_TARGET[task]
-        minimum = int(self.grammar.tokens_to_finish(self.grammar.start([stream], [plan]))[0])
-        budget = minimum + TOKENS_PER_BAR[task] * plan.n_bars
-        prompt = self.music.prompt_ids(example)
-        seed = request.seed * 1009 + SUBTASKS.index(task)
+        examples = [encode(song, task, vocab) for song in songs]
+        plans = [Plan.from_prompt(example.prompt, vocab) for example in examples]
+        minimum = self.grammar.tokens_to_finish(self.grammar.start([stream] * len(plans), plans)).tolist()
+        budgets = [m + TOKENS_PER_BAR[task] * plan.n_bars for m, plan in zip(minimum, plans)]
+        prompts = [self.music.prompt_ids(example) for example in examples]
+        seeds = [request.seed * 1009 + SUBTASKS.index(task) for request in requests]
+        use_mask = requests[0].use_mask
+        if any(r.use_mask != use_mask or r.sampling != requests[0].sampling for r in requests):
+            raise ValueError("one batch shares its sampling settings and mask switch")
         with self._use_adapter(task):
-            out = generate(self.model, self.music, self.grammar, [prompt], [stream], [plan], [budget], [seed],
-                           request.sampling, use_mask=request.use_mask)
-        tokens = out.tokens[0]
-        info = {"tokens": vocab.describe(tokens) if request.use_mask else None, "new_tokens": out.new_tokens,
-                "seconds": round(out.seconds, 3), "mask_seconds": round(out.mask_seconds, 3),
-                "adapter": task if task in self.adapters else None, "finished": out.finished[0]}
-        if not request.use_mask:
-            tokens = self.music.from_llm(tokens)
-            info["tokens"] = vocab.describe(tokens)
-        errors = self.grammar.validate(tokens, stream, plan)
-        info["grammar_errors"] = len(errors)
-        if errors:
-            if request.use_mask:
-                raise AssertionError(f"{task}: masked decoding produced {errors[:2]}")
-            raise SongError(f"{task}: the unmasked model produced an ungrammatical stream: {errors[0]}")
-        decode_body(tokens[:-1], stream, song, vocab)
-        return info
+            out = generate(self.model, self.music, self.grammar, prompts, [stream] * len(songs), plans, budgets,
+                           seeds, requests[0].sampling, use_mask=use_mask)
+        infos = []
+        for song, tokens, plan, finished in zip(songs, out.tokens, plans, out.finished):
+            if not use_mask:
+                tokens = self.music.from_llm(tokens)
+            errors = self.grammar.validate(tokens, stream, plan)
+            info = {"tokens": vocab.describe(tokens), "new_tokens": len(tokens), "seconds": round(out.seconds, 3),
+                    "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs),
+                    "adapter": task if task in self.adapters else None, "grammar_errors": len(errors)}
+            if errors:
+                if use_mask:
+                    raise AssertionError(f"{task}: masked decoding produced {errors[:2]}")
+                raise SongError(f"{task}: the unmasked model produced an ungrammatical stream: {errors[0]}")
+            decode_body(tokens[:-1], stream, song, vocab)
+            infos.append(info)
+        return infos
+
+    def prepare_stage(self, song: Song, task: str) -> None:
+        """What a stage needs before it runs: dynamics perform the PIANO part too, so voice it first."""
+        if task == "dynamics" and not song.tracks["PIANO"] and song.chords:
+            song.tracks["PIANO"] = voice_piano(song)
+
+    @staticmethod
+    def stages_for(request: Request) -> list[str]:
+        """The stages a request runs, in order; given chords or melody replace their stage."""
+        given = {"chord": bool(request.chords), "melody": bool(request.melody)}
+        return [task for task in SUBTASKS if task in request.stages and not given.get(task)]
 
     @torch.no_grad()
     def compose(self, request: Request) -> tuple[Song, dict]:
         song = request.song()
         report: dict = {"stages": {}, "form": song.form, "key": song.key, "metre": song.metre}
         started = time.perf_counter()
-        for task in SUBTASKS:
-            if task not in request.stages:
-                continue
-            if task == "chord" and request.chords:
-                continue
-            if task == "melody" and request.melody:
-                continue
-            if task == "dynamics" and not song.tracks["PIANO"] and song.chords:
-                song.tracks["PIANO"] = voice_piano(song)
-            report["stages"][task] = self.run_stage(song, task, request)
-        if not song.tracks["PIANO"] and song.chords:
-            song.tracks["PIANO"] = voice_piano(song)
+        for task in self.stages_for(request):
+            self.prepare_stage(song, task)
+            report["stages"][task] = self.run_stage([song], task, [request])[0]
+        finish(song)
         report["seconds"] = round(time.perf_counter() - started, 3)
-        song.check()
         return song, report
+
+
+def finish(song: Song) -> None:
+    """Voice the accompaniment if no stage did, and check the result."""
+    if not song.tracks["PIANO"] and song.chords:
+        song.tracks["PIANO"] = voice_piano(song)
+    song.check()
 
 
 class _no_adapter:

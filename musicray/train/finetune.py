@@ -365,6 +365,8 @@ class _MetricsLog:
 def _train_loop_per_worker(loop: dict) -> None:
     config: Config = loop["config"]
     s = config.stage1
+    T0 = time.time()
+    def T(msg): print(f"TIMING {msg} {time.time()-T0:.2f}", file=sys.stderr, flush=True)
     if not s.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -376,6 +378,7 @@ def _train_loop_per_worker(loop: dict) -> None:
     from musicray.model import load_music_model
     from musicray.train.data import RenderedDataset, collate, load_examples, shuffled_batches
 
+    T("imports")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     stage_dir = Path(loop["stage_dir"])
@@ -408,12 +411,14 @@ def _train_loop_per_worker(loop: dict) -> None:
     val_batches = [collate(b, pad_id) for b in itertools.islice(
         shuffled_batches(val_set, s.micro_batch_size, s.seed, rank, world), n_val)] if n_val else []
 
+    T("data+model")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=loop["ds_config"], dist_init_required=False)
     device = engine.device
     scheduler = engine.lr_scheduler
 
+    T("ds init")
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -452,6 +457,7 @@ def _train_loop_per_worker(loop: dict) -> None:
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
 
+    T("pre-loop")
     engine.train()
     for step in range(start_step + 1, s.max_steps + 1):
         started = time.perf_counter()
@@ -488,6 +494,7 @@ def _train_loop_per_worker(loop: dict) -> None:
                                  checkpoint_dir_name=f"checkpoint_{step:06d}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+    T("loop")
     if log is not None:
         log.close()
 
