@@ -2,8 +2,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tests' models and grammar tensors are tiny, and Ray workers share the same cores: intra-op threads in this
+# process only contend with them.
+torch.set_num_threads(1)
 
 
 def pop909_dir() -> Path:

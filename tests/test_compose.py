@@ -1,0 +1,90 @@
+"""The five-stage composer on a random-weight stage-1 model with LoRA adapters."""
+
+import pytest
+import torch
+
+from musicray.compose import Composer, Request, parse_chords, voice_piano
+from musicray.midi import midi_to_song, song_to_midi
+from musicray.model import add_music_tokens, load_base, save_music_model
+from musicray.song import Note, SongError
+from musicray.tokens import SUBTASKS, Vocabulary
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path_factory.mktemp("run")
+    model, tokenizer = load_base("tiny", run / "cache")
+    music = add_music_tokens(model, tokenizer, Vocabulary())
+    save_music_model(model, music, run / "stage1" / "model")
+    for i, subtask in enumerate(SUBTASKS[:3]):  # the other two stages run on the stage-1 model alone
+        torch.manual_seed(i)
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft.save_pretrained(run / "adapters" / subtask)
+        model = peft.unload()
+    return run
+
+
+@pytest.fixture(scope="module")
+def composer(run_dir):
+    return Composer(run_dir)
+
+
+def test_compose_gives_the_requested_form_and_all_tracks(composer):
+    song, report = composer.compose(Request("i1A2B2o1", "E:min", "3/4", 84, seed=5))
+    assert song.form == "i1A2B2o1" and song.n_bars == 6
+    assert all(song.tracks[name] for name in ("MELODY", "BRIDGE", "PIANO"))
+    assert all(n.bar < 6 and n.position < 12 for _, n in song.notes())
+    assert len({n.velocity for _, n in song.notes()}) > 1
+    assert len(song.tempos) == 6
+    assert list(report["stages"]) == list(SUBTASKS)
+    assert [report["stages"][t]["adapter"] for t in SUBTASKS] == ["chord", "melody", "secondary", None, None]
+    assert all(info["grammar_errors"] == 0 for info in report["stages"].values())
+    again, _ = composer.compose(Request("i1A2B2o1", "E:min", "3/4", 84, seed=5))
+    assert again == song
+    back = midi_to_song(song_to_midi(song))
+    assert back.form == song.form and back.tracks == song.tracks
+
+
+def test_given_chords_and_melody_replace_their_stages(composer):
+    chords = parse_chords("A:min F:maj,G:maj", "A2", "4/4")
+    melody = [Note(0, 0, 69, 8, 90), Note(1, 4, 72, 4, 90)]
+    song, report = composer.compose(Request("A2", "A:min", chords=chords, melody=melody, seed=1))
+    assert "chord" not in report["stages"] and "melody" not in report["stages"]
+    assert [c.label for c in song.chords] == ["A:min", "F:maj", "G:maj", "A:min", "F:maj", "G:maj"][:len(song.chords)]
+    assert [(n.bar, n.position, n.pitch) for n in song.tracks["MELODY"]] == [(0, 0, 69), (1, 4, 72)]
+
+
+def test_stages_subset_performs_a_given_song(composer):
+    chords = parse_chords("C:maj G:maj", "A2", "4/4")
+    song, report = composer.compose(Request("A2", chords=chords, melody=[Note(0, 0, 60, 4, 82)],
+                                            stages=("dynamics", "tempo"), seed=2))
+    assert list(report["stages"]) == ["dynamics", "tempo"]
+    assert song.tracks["PIANO"] == [n for n in song.tracks["PIANO"]]  # voiced, then performed
+    assert len(song.tempos) == 2
+
+
+@pytest.mark.parametrize("request_kwargs,field", [
+    ({"form": "A4B?"}, "form"), ({"form": "A0"}, "form"), ({"form": "A4", "key": "H:maj"}, "pitch name"),
+    ({"form": "A4", "metre": "5/4"}, "metre"), ({"form": "A4", "tempo": 1000}, "tempo"),
+    ({"form": "A4", "stages": ("lyrics",)}, "stages"),
+])
+def test_bad_requests_name_the_field(composer, request_kwargs, field):
+    with pytest.raises(SongError, match=field):
+        composer.compose(Request(**request_kwargs))
+
+
+def test_parse_chords_errors_name_the_bar():
+    with pytest.raises(SongError, match="bar 2"):
+        parse_chords("C:maj X:min", "A2", "4/4")
+
+
+def test_voice_piano_follows_the_chords():
+    chords = parse_chords("C:maj G:maj/3", "A2", "4/4")
+    from musicray.song import Song, parse_form
+
+    song = Song("v", "C:maj", "4/4", parse_form("A2"), chords=chords)
+    notes = voice_piano(song)
+    assert {n.pitch % 12 for n in notes if n.bar == 0} == {0, 4, 7}
+    assert min(n.pitch for n in notes if n.bar == 1) % 12 == 11  # the slash bass B under G
