@@ -57,6 +57,16 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({song.n_bars} bars, form {song.form}; {stages}) and {report_path}")
 
 
+def _pipeline(args: argparse.Namespace) -> None:
+    from musicray.pipeline import preset_config, run_pipeline
+
+    config = args.config or preset_config(args.preset)
+    summary = run_pipeline(config, args.out, args.set, progress=not args.quiet)
+    for name, info in summary["stages"].items():
+        print(f"{name}: {info['seconds']} s{' (skipped)' if info['skipped'] else ''}")
+    print(f"run dir: {summary['run_dir']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
@@ -83,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("data_dir", type=Path)
     inspect.add_argument("--songs", type=int, default=5, help="songs to list")
     inspect.set_defaults(handler=_data_inspect)
+
+    pipe = commands.add_parser("pipeline", help="data -> stage 1 -> stage 2 -> generated songs, in one run dir")
+    pipe.add_argument("--preset", default="tiny", help="tiny (synthetic songs) or pop909-tiny (real POP909)")
+    pipe.add_argument("--config", type=Path, help="a YAML config instead of a preset")
+    pipe.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run dir (default runs/tiny)")
+    pipe.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a config value")
+    pipe.add_argument("--quiet", action="store_true", help="no progress bars")
+    pipe.set_defaults(handler=_pipeline)
 
     from musicray.tokens import SUBTASKS
 

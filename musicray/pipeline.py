@@ -1,0 +1,76 @@
+"""``musicray pipeline``: data -> stage-1 fine-tune -> five LoRA sweeps -> generated songs, on one Ray cluster.
+
+Each stage is the library call its own command makes (``musicray data``, ``train``, ``tune``, ``generate``);
+a stage whose output is already in the run dir is skipped, so an interrupted pipeline continues where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from musicray.song import SongError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PRESETS: dict[str, str] = {"tiny": "configs/tiny.yaml", "pop909-tiny": "configs/pop909_tiny.yaml"}
+DEMO_SONGS: tuple[dict, ...] = (
+    {"form": "i2A4B4o2", "key": "C:maj", "metre": "4/4", "tempo": 96},
+    {"form": "A4B4A4", "key": "A:min", "metre": "4/4", "tempo": 80},
+    {"form": "i2A4b2A4", "key": "G:maj", "metre": "3/4", "tempo": 120},
+)
+
+
+def preset_config(preset: str) -> Path:
+    if preset not in PRESETS:
+        raise SongError(f"--preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    path = PROJECT_ROOT / PRESETS[preset]
+    if not path.exists():
+        raise SongError(f"--preset: {path} is missing (presets live in the repository's configs/)")
+    return path
+
+
+def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None = None, progress: bool = True) -> dict:
+    from musicray.compose import Composer, Request
+    from musicray.data.prepare import ensure_ray
+    from musicray.midi import write_midi
+    from musicray.train.config import load_config
+    from musicray.train.data import resolve_data_dir
+    from musicray.train.finetune import train_stage1
+    from musicray.train.tune import tune_adapters
+
+    config = load_config(config_path, overrides)
+    run_dir = Path(run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"config": str(config_path), "run_dir": str(run_dir), "stages": {}}
+
+    def stage(name: str, done: bool, work) -> None:
+        started = time.perf_counter()
+        print(f"== {name}{' (already done, skipped)' if done else ''}", flush=True)
+        if not done:
+            work()
+        summary["stages"][name] = {"seconds": round(time.perf_counter() - started, 1), "skipped": done}
+
+    ensure_ray()
+    stage("data", False, lambda: summary.update(data_dir=str(resolve_data_dir(config, progress))))
+    stage("stage 1: full fine-tune (Ray Train + DeepSpeed)", (run_dir / "stage1" / "model" / "config.json").exists(),
+          lambda: train_stage1(config, run_dir, progress=progress))
+    stage("stage 2: LoRA sweeps (Ray Tune)", (run_dir / "tune" / "trials.csv").exists(),
+          lambda: tune_adapters(config, run_dir, progress=progress))
+
+    def compose_demo_songs() -> None:
+        composer = Composer(run_dir)
+        out = run_dir / "songs"
+        out.mkdir(exist_ok=True)
+        for i, spec in enumerate(DEMO_SONGS):
+            song, report = composer.compose(Request(seed=i, **spec))
+            path = out / f"song{i}_{spec['form']}.mid"
+            write_midi(song, path)
+            path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+            print(f"   {path.name}: {song.n_bars} bars, {sum(len(n) for n in song.tracks.values())} notes, "
+                  f"{report['seconds']} s", flush=True)
+
+    stage("generate", False, compose_demo_songs)
+    (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=1))
+    return summary
