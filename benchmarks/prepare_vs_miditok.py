@@ -17,7 +17,9 @@ spawned processes (start-up: spawning them and building a tokenizer in each, tim
     python benchmarks/prepare_vs_miditok.py [--pop909 DIR] [--limit N] [--repeat K] [--workers 2]
                                             [--miditok-chords] [--serial-musicray]
 
-The repeats alternate which side goes first; the table gives medians. ``--serial-musicray`` adds musicray's
+The repeats alternate which side goes first; the table gives medians. Besides wall time it gives CPU seconds
+(user + system of the process and its descendants: Ray's processes, the pool's workers), which load from other
+jobs on the machine inflates much less than wall time. ``--serial-musicray`` adds musicray's
 ``prepare_one`` in a loop in this process (no Ray, no Parquet), to separate Ray's cost from the per-song work.
 On 2 cores the 909 songs take about 3 minutes per repeat. docs/benchmarks.md records the output.
 """
@@ -37,6 +39,22 @@ from pathlib import Path
 # miditok and their start-up is not charged with Ray's import.
 
 _TOKENIZER = None
+
+
+def cpu_seconds(children: bool = True) -> float:
+    """User + system CPU seconds of this process and (by default) its living descendants (Ray's processes,
+    the pool's workers): a figure that other load on the machine inflates much less than wall time."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *(me.children(recursive=True) if children else [])]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def make_tokenizer(chords: bool = False):
@@ -73,24 +91,26 @@ def midi_paths(root: Path, song_ids: list[str]) -> list[str]:
 
 
 def run_miditok_pool(paths: list[str], workers: int, chords: bool) -> dict:
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(chords,)) as pool:
         while len(set(pool.map(_ready, range(workers), chunksize=1))) < workers:
             pass
         up = time.perf_counter()
         results = pool.map(tokenize, paths, chunksize=8)
         done = time.perf_counter()
-    return {"startup": up - started, "work": done - up, "total": done - started,
+        cpu = cpu_seconds() - cpu
+    return {"startup": up - started, "work": done - up, "total": done - started, "cpu": cpu,
             "tokens": sum(len(ids) for song in results for ids in song)}
 
 
 def run_miditok_serial(paths: list[str], chords: bool) -> dict:
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(False), time.perf_counter()
     _init_worker(chords)
     up = time.perf_counter()
     tokens = sum(len(ids) for path in paths for ids in tokenize(path))
     done = time.perf_counter()
-    return {"startup": up - started, "work": done - up, "total": done - started, "tokens": tokens}
+    return {"startup": up - started, "work": done - up, "total": done - started,
+            "cpu": cpu_seconds(False) - cpu, "tokens": tokens}
 
 
 def run_musicray(root: Path, limit: int | None, workers: int) -> dict:
@@ -102,18 +122,19 @@ def run_musicray(root: Path, limit: int | None, workers: int) -> dict:
 
     if ray.is_initialized():
         ray.shutdown()
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     ensure_ray(workers)
     up = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="musicray-bench-") as out:
         report = prepare(Pop909Source(str(root)), out, limit=limit, num_cpus=workers, progress=False)
         done = time.perf_counter()
+        cpu = cpu_seconds() - cpu  # Ray's processes are this process's descendants until ray.shutdown()
         tokens = 0
         for task in TASKS:
             table = pd.read_parquet(Path(out) / f"{task}.parquet", columns=["prompt_len", "target_len"])
             tokens += int(table["prompt_len"].sum() + table["target_len"].sum())
     ray.shutdown()
-    return {"startup": up - started, "work": done - up, "total": done - started, "tokens": tokens,
+    return {"startup": up - started, "work": done - up, "total": done - started, "cpu": cpu, "tokens": tokens,
             "kept": report["kept"]}
 
 
@@ -121,14 +142,15 @@ def run_musicray_serial(root: Path, song_ids: list[str]) -> dict:
     from musicray.data.prepare import Pop909Source, prepare_one
     from musicray.tokens import Vocabulary
 
-    started = time.perf_counter()
+    cpu, started = cpu_seconds(False), time.perf_counter()
     source, vocab = Pop909Source(str(root)), Vocabulary()
     up = time.perf_counter()
     results = [prepare_one(source, song_id, vocab) for song_id in song_ids]
     done = time.perf_counter()
+    cpu = cpu_seconds(False) - cpu
     tokens = sum(row["prompt_len"] + row["target_len"] for r in results if "examples" in r
                  for row in r["examples"].values())
-    return {"startup": up - started, "work": done - up, "total": done - started, "tokens": tokens,
+    return {"startup": up - started, "work": done - up, "total": done - started, "cpu": cpu, "tokens": tokens,
             "kept": sum(1 for r in results if "song" in r)}
 
 
@@ -137,14 +159,15 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def table(runs: dict[str, list[dict]], songs: int) -> str:
-    lines = ["| pipeline | start-up s | work s | total s | songs/s (total) | tokens out | "
+    lines = ["| pipeline | start-up s | work s | total s | songs/s (total) | CPU s | tokens out | "
              "musicray total / this total |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     reference = median_of(runs["musicray prepare (Ray)"], "total")
     for name, results in runs.items():
         total = median_of(results, "total")
         lines.append(f"| {name} | {median_of(results, 'startup'):.2f} | {median_of(results, 'work'):.2f} | "
-                     f"{total:.2f} | {songs / total:.1f} | {results[0]['tokens']:,} | {reference / total:.2f} |")
+                     f"{total:.2f} | {songs / total:.1f} | {median_of(results, 'cpu'):.1f} | "
+                     f"{results[0]['tokens']:,} | {reference / total:.2f} |")
     return "\n".join(lines)
 
 
@@ -177,19 +200,20 @@ def main(argv: list[str] | None = None) -> None:
                 run = run_musicray(args.pop909, args.limit, args.workers)
                 runs["musicray prepare (Ray)"].append(run)
                 print(f"repeat {repeat + 1}: musicray (Ray) start-up {run['startup']:.2f} s, prepare {run['work']:.2f} s, "
-                      f"kept {run['kept']} of {len(ids)}", flush=True)
+                      f"CPU {run['cpu']:.1f} s, kept {run['kept']} of {len(ids)}", flush=True)
             else:
                 run = run_miditok_pool(paths, args.workers, args.miditok_chords)
                 runs[pool_name].append(run)
-                print(f"repeat {repeat + 1}: {pool_name} start-up {run['startup']:.2f} s, work {run['work']:.2f} s",
-                      flush=True)
+                print(f"repeat {repeat + 1}: {pool_name} start-up {run['startup']:.2f} s, work {run['work']:.2f} s, "
+                      f"CPU {run['cpu']:.1f} s", flush=True)
                 run = run_miditok_serial(paths, args.miditok_chords)
                 runs["MidiTok REMI, 1 process"].append(run)
-                print(f"repeat {repeat + 1}: MidiTok 1 process {run['total']:.2f} s", flush=True)
+                print(f"repeat {repeat + 1}: MidiTok 1 process {run['total']:.2f} s, CPU {run['cpu']:.1f} s", flush=True)
         if args.serial_musicray:
             run = run_musicray_serial(args.pop909, ids)
             runs["musicray prepare_one, 1 process"].append(run)
-            print(f"repeat {repeat + 1}: musicray prepare_one, 1 process {run['total']:.2f} s", flush=True)
+            print(f"repeat {repeat + 1}: musicray prepare_one, 1 process {run['total']:.2f} s, CPU {run['cpu']:.1f} s",
+                  flush=True)
 
     print()
     print(table(runs, len(ids)))
@@ -197,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     miditok = runs[pool_name]
     print(f"\nratio musicray / MidiTok, both on {args.workers} processes: total (with start-ups) "
           f"{median_of(musicray, 'total') / median_of(miditok, 'total'):.2f}, work only "
-          f"{median_of(musicray, 'work') / median_of(miditok, 'work'):.2f} (goal: <= 1.0); "
+          f"{median_of(musicray, 'work') / median_of(miditok, 'work'):.2f}, CPU seconds "
+          f"{median_of(musicray, 'cpu') / median_of(miditok, 'cpu'):.2f} (goal: <= 1.0); "
           f"medians of {args.repeat} repeat(s); MidiTok chords {'on' if args.miditok_chords else 'off'}")
 
 

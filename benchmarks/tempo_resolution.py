@@ -155,7 +155,9 @@ def variation_table(kept: list[dict]) -> str:
         line("integer bar tempo not constant (bar-level ritardando/rubato)", sum(r["bar_int_varies"] for r in kept)),
         line("a bar's tempo more than 2% from the base tempo", sum(r["bar_max_dev"] > 0.02 for r in kept)),
         line("a bar's tempo more than 5% from the base tempo", sum(r["bar_max_dev"] > 0.05 for r in kept)),
-        line("some beat's tempo not an integer bpm (e.g. a constant 58.5)", off_integer),
+        line("some beat's tempo not an integer bpm", off_integer),
+        line("constant tempo, but not an integer bpm (e.g. 58.5 throughout)",
+             sum(r["non_integer"] and not r["beat_varies"] for r in kept)),
         line("a beat slower than 30 or faster than 240 bpm (clipped)", sum(r["clipped"] for r in kept)),
         "",
         "tempo tokens if a tempo were written only where it changes (median / mean / max per song): "

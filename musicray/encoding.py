@@ -16,8 +16,9 @@ position. What a bar holds depends on the stream (``STREAMS``):
     dynamics  <Bar> <Vel>*                              one velocity per note of the bar, in note order
     tempo     <Bar> <Tempo>                             one tempo per bar
 
-Tempo is encoded per bar (the bar's mean tempo, harmonic over its beats), so every downbeat keeps its
-performed time; docs/tokens.md gives the figures behind this choice.
+Tempo is encoded per bar as integer bpm, chosen so that each rebuilt downbeat lands as close as possible to
+its performed time (the rounding error is carried into the next bar instead of accumulating); docs/tokens.md
+gives the figures behind this choice.
 """
 
 from __future__ import annotations
@@ -146,8 +147,23 @@ def quantized(song: Song, vocab: Vocabulary) -> Song:
         sections=list(song.sections),
         chords=canonical_chords(song.chords),
         tracks={name: canonical_notes(song.tracks.get(name, []), vocab) for name in TRACKS},
-        tempos=[Tempo(bar, 0, float(vocab.quantize_tempo(bpm))) for bar, bpm in enumerate(bar_tempos(song))],
+        tempos=[Tempo(bar, 0, float(bpm)) for bar, bpm in enumerate(bar_tempo_tokens(song, vocab))],
     )
+
+
+def bar_tempo_tokens(song: Song, vocab: Vocabulary) -> list[int]:
+    """Integer bpm per bar whose rebuilt downbeats track the performed ones: each bar's value is rounded from
+    the tempo that would reach the *performed* end of the bar from where the rebuilt bars have got to."""
+    beats = song.spec.beats_per_bar
+    performed = rebuilt = 0.0
+    tokens = []
+    for bpm in bar_tempos(song):
+        performed += beats * 60.0 / bpm
+        remaining = performed - rebuilt
+        token = vocab.quantize_tempo(beats * 60.0 / remaining) if remaining > 0 else vocab.config.tempo_max
+        tokens.append(token)
+        rebuilt += beats * 60.0 / token
+    return tokens
 
 
 def project(song: Song, task: str, base_bpm: float | None = None) -> Song:
@@ -317,7 +333,7 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
             tempos.append(Tempo(bar, 0, float(value)))
         elif family == "Pos":
             position = value
-        elif family == "Chord":
+        elif family in ("Chord", "NoChord"):
             chords.append(Chord(bar, position, vocab.tokens[token][7:-1]))
         elif family == "Bass":
             last = chords[-1]

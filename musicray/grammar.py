@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from musicray.encoding import TASK_TARGET, decode_header
 from musicray.song import Section, SongError, metre
 from musicray.tokens import FAMILIES, Vocabulary
 
@@ -36,13 +37,14 @@ _MELODY_GRAPH = {
 GRAPH: dict[str, dict[str, tuple[str, ...]]] = {
     "song": {
         "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Tempo",), "Tempo": ("Pos",) + _BAR_CLOSE,
-        "Pos": ("Chord", "Track"), "Chord": ("Bass", "Track", "Pos") + _BAR_CLOSE,
+        "Pos": ("NoChord", "Chord", "Track"), "NoChord": ("Track", "Pos") + _BAR_CLOSE,
+        "Chord": ("Bass", "Track", "Pos") + _BAR_CLOSE,
         "Bass": ("Track", "Pos") + _BAR_CLOSE, "Track": ("Pitch",), "Pitch": ("Dur",), "Dur": ("Vel",),
         "Vel": ("Pitch", "Track", "Pos") + _BAR_CLOSE,
     },
     "chord": {
-        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Pos",) + _BAR_CLOSE, "Pos": ("Chord",),
-        "Chord": ("Bass", "Pos") + _BAR_CLOSE, "Bass": ("Pos",) + _BAR_CLOSE,
+        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Pos",) + _BAR_CLOSE, "Pos": ("NoChord", "Chord"),
+        "NoChord": ("Pos",) + _BAR_CLOSE, "Chord": ("Bass", "Pos") + _BAR_CLOSE, "Bass": ("Pos",) + _BAR_CLOSE,
     },
     "melody": _MELODY_GRAPH,
     "secondary": _MELODY_GRAPH,
@@ -126,8 +128,6 @@ class Plan:
     @classmethod
     def from_prompt(cls, prompt: list[int], vocab: Vocabulary) -> "Plan":
         """The plan an example's header implies; quotas count the notes of the ``<Input_notes>`` body."""
-        from musicray.encoding import decode_header
-
         header = decode_header(prompt, vocab)
         quotas: list[int] = []
         for token in header.inputs.get("notes", []):
@@ -459,8 +459,6 @@ class Grammar:
 
 def example_bodies(example, vocab: Vocabulary) -> list[tuple[str, list[int], str, Plan]]:
     """(name, tokens, stream, plan) of every body of an example: each prompt input, then the target."""
-    from musicray.encoding import TASK_TARGET, decode_header
-
     header = decode_header(example.prompt, vocab)
     plan = Plan.from_prompt(example.prompt, vocab)
     end = vocab.token("End")

@@ -32,8 +32,8 @@ class VocabConfig:
 
 # Token families in id order. The grammar speaks of these names.
 FAMILIES: tuple[str, ...] = (
-    "End", "Task", "Input", "Key", "Metre", "Sec", "Bar", "Pos", "Chord", "Bass", "Track", "Pitch", "Dur", "Vel",
-    "Tempo",
+    "End", "Task", "Input", "Key", "Metre", "Sec", "Bar", "Pos", "NoChord", "Chord", "Bass", "Track", "Pitch", "Dur",
+    "Vel", "Tempo",
 )
 
 
@@ -56,8 +56,9 @@ class Vocabulary:
         self.max_positions = max(m.positions_per_bar for m in METRES.values())
 
     # -- layout ---------------------------------------------------------------------------------------------
-    def _add(self, family: str, text: str, value: int = -1) -> None:
-        self.tokens.append(f"<{family}_{text}>" if text else f"<{family}>")
+    def _add(self, family: str, text: str, value: int = -1, prefix: str | None = None) -> None:
+        prefix = prefix or family
+        self.tokens.append(f"<{prefix}_{text}>" if text else f"<{prefix}>")
         self.family.append(family)
         self.value.append(value)
 
@@ -79,7 +80,8 @@ class Vocabulary:
         self._add("Bar", "")
         for pos in range(max(m.positions_per_bar for m in METRES.values())):
             self._add("Pos", str(pos), pos)
-        self._add("Chord", NO_CHORD)
+        # No-chord is a family of its own so that the grammar can forbid a slash bass after it.
+        self._add("NoChord", NO_CHORD, prefix="Chord")
         for pc in range(12):
             for quality in CHORD_QUALITIES:
                 self._add("Chord", chord_label(pc, quality), pc)

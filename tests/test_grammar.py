@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from musicray.encoding import STREAMS, encode
+from musicray.encoding import STREAMS, decode_body, encode
 from musicray.grammar import STREAM_NAMES, Grammar, Plan, small_tensor_threads, validate_examples
-from musicray.song import METRES, SECTION_LABELS, Section, parse_form
+from musicray.song import METRES, SECTION_LABELS, Section, Song, parse_form
 from musicray.tokens import SUBTASKS, TASKS, Vocabulary
 
 VOCAB = Vocabulary()
@@ -58,6 +58,12 @@ def test_ten_thousand_masked_samples_are_grammatical_and_end():
     for seq, plan in zip(sequences, plans):
         assert [VOCAB.tokens[t] for t in seq if t in sec] == [f"<Sec_{s.label}{s.bars}>" for s in plan.sections]
         assert seq.count(bar) == plan.n_bars
+    # Grammatical means decodable: every body (but dynamics, which needs its notes) becomes a valid song.
+    for seq, stream, plan in zip(sequences, streams, plans):
+        if stream != "dynamics":
+            song = Song("sampled", "C:maj", plan.metre, list(plan.sections))
+            decode_body(seq[:-1], stream, song, VOCAB)
+            song.check()
 
 
 def test_a_token_budget_always_closes_the_form_in_time():
@@ -128,6 +134,7 @@ INVALID = [
     ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Sec_B1>", 3, "1 more velocity"),
     ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Vel_50><Vel_50>", 4, "no note left"),
     ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_C:maj><Chord_G:maj>", 4, "cannot follow <Chord..>"),
+    ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_N><Bass_3>", 4, "cannot follow <NoChord..>"),
     ("chord", PLAN, "<Sec_A2><Bar><Bar><Sec_B1><Bar><End><Bar>", 6, "after <End>"),
 ]
 
