@@ -41,6 +41,7 @@ def _data_inspect(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from musicray.compose import Composer, Request, parse_chords
+    from musicray.tokens import SUBTASKS
     from musicray.decode import Sampling
     from musicray.midi import read_midi, write_midi
 
@@ -49,7 +50,7 @@ def _generate(args: argparse.Namespace) -> None:
     melody = read_midi(args.melody).tracks["MELODY"] if args.melody else None
     request = Request(args.form, args.key, args.metre, args.tempo, args.seed, chords, melody,
                       tuple(args.stages), Sampling(args.temperature, args.top_k, args.top_p), not args.no_mask)
-    song, report = Composer(args.run, adapters=not args.no_adapters).compose(request)
+    song, report = Composer(args.run, adapters=() if args.no_adapters else SUBTASKS).compose(request)
     write_midi(song, args.out)
     report_path = args.out.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1))
@@ -122,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")
     gen.set_defaults(handler=_generate)
 
+    from musicray.serve import app as serve_app
     from musicray.train import tune
+
+    serve_app.add_arguments(commands.add_parser(
+        "serve", help="serve the composer over HTTP on Ray Serve (POST /v1/generate)")).set_defaults(
+        handler=serve_app.run)
 
     tune.add_arguments(commands.add_parser(
         "tune", help="stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run")).set_defaults(

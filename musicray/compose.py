@@ -99,23 +99,25 @@ def voice_piano(song: Song, velocity: int = NEUTRAL_VELOCITY) -> list[Note]:
 class Composer:
     """The stage-1 model with every sub-task adapter loaded; one ``compose`` call makes one song."""
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu", adapters: bool = True):
+    def __init__(self, run_dir: str | Path, device: str = "cpu", adapters: tuple[str, ...] = SUBTASKS,
+                 tokens_per_bar: dict[str, int] | None = None):
+        """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a sub-task without
+        one runs on the stage-1 model alone); ``tokens_per_bar`` overrides the per-stage token caps."""
         run_dir = Path(run_dir)
         model, self.music = load_music_model(run_dir / "stage1" / "model")
+        self.tokens_per_bar = {**TOKENS_PER_BAR, **(tokens_per_bar or {})}
         self.adapters: list[str] = []
-        adapter_root = run_dir / "adapters"
-        if adapters and adapter_root.is_dir():
+        for subtask in adapters:
+            path = run_dir / "adapters" / subtask
+            if not (path / "adapter_config.json").exists():
+                continue
             from peft import PeftModel
 
-            for subtask in SUBTASKS:
-                path = adapter_root / subtask
-                if not (path / "adapter_config.json").exists():
-                    continue
-                if not self.adapters:
-                    model = PeftModel.from_pretrained(model, path, adapter_name=subtask)
-                else:
-                    model.load_adapter(path, adapter_name=subtask)
-                self.adapters.append(subtask)
+            if not self.adapters:
+                model = PeftModel.from_pretrained(model, path, adapter_name=subtask)
+            else:
+                model.load_adapter(path, adapter_name=subtask)
+            self.adapters.append(subtask)
         self.model = model.to(device).eval()
         self.grammar = Grammar(self.music.vocab, device)
 
@@ -134,7 +136,7 @@ class Composer:
         examples = [encode(song, task, vocab) for song in songs]
         plans = [Plan.from_prompt(example.prompt, vocab) for example in examples]
         minimum = self.grammar.tokens_to_finish(self.grammar.start([stream] * len(plans), plans)).tolist()
-        budgets = [m + TOKENS_PER_BAR[task] * plan.n_bars for m, plan in zip(minimum, plans)]
+        budgets = [m + self.tokens_per_bar[task] * plan.n_bars for m, plan in zip(minimum, plans)]
         prompts = [self.music.prompt_ids(example) for example in examples]
         seeds = [request.seed * 1009 + SUBTASKS.index(task) for request in requests]
         use_mask = requests[0].use_mask

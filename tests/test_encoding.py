@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from musicray.encoding import STREAMS, TASK_INPUTS, Example, base_tempo, decode, encode, project, quantized, \
+from musicray.encoding import TASK_INPUTS, Example, base_tempo, decode, encode, project, quantized, \
     round_trip_song
 from musicray.harmony import CHORD_QUALITIES, CANONICAL_BASS_DEGREES, PITCH_CLASS_NAMES, chord_label
 from musicray.song import METRES, SECTION_LABELS, TRACKS, Chord, Note, Section, Song, Tempo, song_from_dict

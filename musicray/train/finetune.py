@@ -25,7 +25,14 @@ checkpoint after a worker failure (``FailureConfig(max_failures)``), and a new `
 checkpoint there too (``resume=True``). Either way the worker loads it with ``engine.load_checkpoint`` (model,
 optimizer, LR-schedule state) and skips the batch stream to the saved step, so the run continues exactly where
 the checkpoint left it. A resumed run must keep the number of workers, micro-batch, accumulation, data and base
-model (the ZeRO shards and the data order depend on them); steps, checkpoint and logging intervals may change.
+model (the ZeRO shards and the data order depend on them); steps, checkpoint and logging intervals may change
+(with a linear or cosine schedule, a new ``max_steps`` also reshapes the rest of the decay).
+
+On a cluster of several nodes, RUN_DIR and ``cache_dir`` must be on storage that every node shares (NFS or
+similar): workers read the initial model and the prepared data from there, rank 0 writes the metrics there, and
+Ray Train keeps the checkpoints there. Each rank writes its DeepSpeed shard to a local temporary directory
+(``$TMPDIR``) before Ray Train copies it into the run, so point ``TMPDIR`` at a large local disk for big models.
+The final export consolidates the fp32 weights on the driver (about 32 GB of host memory for 8B parameters).
 """
 
 from __future__ import annotations
@@ -167,6 +174,10 @@ def build_init_model(config: Config, out: Path) -> Path:
     model, tokenizer = load_base(config.base_model, Path(config.cache_dir).expanduser(),
                                  _torch_dtype(config.stage1.precision))
     torch.manual_seed(config.stage1.seed)   # the new rows are sampled: same seed, same initial model
+    if tokenizer.pad_token is None:   # Llama 3.1 Instruct has a reserved pad token but names none
+        reserved = "<|finetune_right_pad_id|>"
+        tokenizer.pad_token = reserved if reserved in tokenizer.get_vocab() else tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
     music = add_music_tokens(model, tokenizer, Vocabulary())
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -365,8 +376,6 @@ class _MetricsLog:
 def _train_loop_per_worker(loop: dict) -> None:
     config: Config = loop["config"]
     s = config.stage1
-    T0 = time.time()
-    def T(msg): print(f"TIMING {msg} {time.time()-T0:.2f}", file=sys.stderr, flush=True)
     if not s.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -378,7 +387,6 @@ def _train_loop_per_worker(loop: dict) -> None:
     from musicray.model import load_music_model
     from musicray.train.data import RenderedDataset, collate, load_examples, shuffled_batches
 
-    T("imports")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     stage_dir = Path(loop["stage_dir"])
@@ -387,10 +395,12 @@ def _train_loop_per_worker(loop: dict) -> None:
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
         os.environ["LOCAL_RANK"] = str(device.index)
-    if not s.use_gpu:
+    else:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (minutes, needs g++) that only its
         # inference all-reduce uses; training all-reduces go through gloo. Mark it unavailable so it is skipped.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # One intra-op thread per reserved CPU (Ray's OMP_NUM_THREADS is not reliable for reused processes).
+        torch.set_num_threads(max(1, int(s.cpus_per_worker)))
     torch.manual_seed(s.seed)
 
     model, music = load_music_model(loop["init_dir"], _torch_dtype(s.precision))
@@ -407,18 +417,17 @@ def _train_loop_per_worker(loop: dict) -> None:
         val_set = []
     # The same count on every rank (ZeRO-3 gathers parameters collectively in each forward).
     n_val = min(VAL_BATCHES, (len(val_set) // world) // s.micro_batch_size) if len(val_set) else 0
-    pad_id = music.tokenizer.pad_token_id
+    # Padding is masked out of attention and labels; any id will do where the tokenizer names no pad token.
+    pad_id = music.tokenizer.pad_token_id if music.tokenizer.pad_token_id is not None else music.eot_id
     val_batches = [collate(b, pad_id) for b in itertools.islice(
         shuffled_batches(val_set, s.micro_batch_size, s.seed, rank, world), n_val)] if n_val else []
 
-    T("data+model")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=loop["ds_config"], dist_init_required=False)
     device = engine.device
     scheduler = engine.lr_scheduler
 
-    T("ds init")
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -457,7 +466,6 @@ def _train_loop_per_worker(loop: dict) -> None:
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
 
-    T("pre-loop")
     engine.train()
     for step in range(start_step + 1, s.max_steps + 1):
         started = time.perf_counter()
@@ -468,9 +476,9 @@ def _train_loop_per_worker(loop: dict) -> None:
             loss = forward_loss(batch)
             engine.backward(loss)
             engine.step()
-            stats += torch.tensor([loss.item(), batch["attention_mask"].sum().item(),
-                                   (batch["labels"][:, 1:] != -100).sum().item()], dtype=torch.float64,
-                                  device=device)
+            stats[0] += loss.detach().double()     # summed on the device: no host sync per micro-batch
+            stats[1] += int(batch["attention_mask"].sum())
+            stats[2] += int((batch["labels"][:, 1:] != -100).sum())
         dist.all_reduce(stats)
         elapsed = time.perf_counter() - started
         loss_value = (stats[0] / (gas * world)).item()
@@ -494,7 +502,6 @@ def _train_loop_per_worker(loop: dict) -> None:
                                  checkpoint_dir_name=f"checkpoint_{step:06d}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    T("loop")
     if log is not None:
         log.close()
 

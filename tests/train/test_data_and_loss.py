@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from musicray.encoding import encode_quantized, quantized, round_trip_song, section_windows
 from musicray.grammar import Grammar, validate_examples

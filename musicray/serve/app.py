@@ -1,0 +1,301 @@
+"""The musicray Ray Serve application: an HTTP ingress composing the sub-task deployments.
+
+``POST /v1/generate`` takes a plan (form, key, metre, tempo, seed; optional chords, a melody as MIDI, the
+stages to run, sampling settings) and answers a three-track MIDI (MELODY, BRIDGE, PIANO), as JSON with the
+MIDI in base64 and a per-stage report, or as ``audio/midi`` bytes (``Accept: audio/midi`` or
+``?format=midi``). ``GET /healthz`` reports the adapters each deployment holds; ``/docs`` is the OpenAPI UI.
+
+The ingress (``Ingress``) validates the request, builds the empty song and calls the stage deployments through
+``DeploymentHandle``s in stage order (chord, melody, secondary, dynamics, tempo), passing the song as
+``song_to_dict`` JSON; each stage deployment batches concurrent songs (``musicray.serve.stages``).
+
+Launch: ``musicray serve --run RUN_DIR`` (``main``/``add_arguments``/``run`` here), ``serve run
+configs/serve/app.yaml`` (``app_builder``), or ``serve.run(build_app(run_dir, config))`` from Python.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the Serve class view.
+import argparse
+import asyncio
+import base64
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+from fastapi import FastAPI, Query
+from fastapi import Request as HTTPRequest
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.handle import DeploymentHandle
+
+from musicray.compose import Composer, finish
+from musicray.midi import TEXT_CHARSET, song_to_midi
+from musicray.serve.config import (
+    APP_NAME, DEFAULT_HOST, DEFAULT_PORT, DEPLOYMENT_KEYS, read_config_file, serve_config, stage_options,
+)
+from musicray.serve.schema import GenerateBody, InputError, request_song, sampling_settings, to_request
+from musicray.serve.stages import StageComposer
+from musicray.song import SongError, song_from_dict, song_to_dict
+from musicray.tokens import SUBTASKS
+
+MIDI_TYPES = ("audio/midi", "audio/x-midi", "audio/mid")
+BODY_SLACK = 64 * 1024  # room for the JSON around a melody upload
+
+api = FastAPI(
+    title="musicray",
+    description="Structured, expressive pop songs from an LLM with one LoRA adapter per sub-task, on Ray Serve.",
+    version="0.1.0")
+
+
+# -- errors: bad input is a 4xx naming the field, never a 5xx ----------------------------------------------------
+def _field_of(message: str) -> str:
+    head, sep, _ = message.partition(":")
+    return head.strip() if sep and head.strip().replace("_", "").isalnum() else "body"
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+    errors = jsonable_encoder(exc.errors())
+    lines, fields = [], []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        if error.get("type") == "json_invalid" or not loc:
+            field = "body"
+        else:
+            field = loc[0] if not loc[0].isdigit() else "body"
+        fields.append(field)
+        where = ".".join(loc) if field != "body" else "body"
+        reason = error.get("msg", "invalid")
+        if error.get("type") == "json_invalid":
+            reason = f"invalid JSON ({(error.get('ctx') or {}).get('error', 'cannot parse')})"
+        lines.append(f"{where}: {reason}")
+    return JSONResponse(status_code=422, content={"detail": errors, "field": fields[0] if fields else "body",
+                                                  "message": "; ".join(lines)})
+
+
+@api.exception_handler(SongError)
+async def _song_error(request: HTTPRequest, exc: SongError) -> JSONResponse:
+    field = exc.field if isinstance(exc, InputError) else _field_of(str(exc))
+    status = exc.status if isinstance(exc, InputError) else 400
+    return JSONResponse(status_code=status, content={"detail": str(exc), "field": field})
+
+
+class StageFailed(Exception):
+    def __init__(self, task: str, status: int, message: str):
+        super().__init__(message)
+        self.task, self.status = task, status
+
+
+@api.exception_handler(StageFailed)
+async def _stage_failed(request: HTTPRequest, exc: StageFailed) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"detail": str(exc), "stage": exc.task})
+
+
+# The body limit of this process's ingress. Set through a module-level function: Serve serves a frozen copy of
+# ``api`` and runs a by-value copy of the ingress class, so neither can carry state the middleware would see.
+_BODY_LIMIT: dict[str, int] = {}
+
+
+def _set_body_limit(max_midi_bytes: int) -> int:
+    _BODY_LIMIT["bytes"] = 4 * ((max_midi_bytes + 2) // 3) + BODY_SLACK
+    return _BODY_LIMIT["bytes"]
+
+
+@api.middleware("http")
+async def _limit_body(request: HTTPRequest, call_next):
+    """Refuse a body larger than the largest allowed upload before it is read (413)."""
+    limit = _BODY_LIMIT.get("bytes")
+    length = request.headers.get("content-length")
+    if limit and length and length.isdigit() and int(length) > limit:
+        return JSONResponse(status_code=413, content={
+            "detail": f"body: {int(length)} bytes exceeds the limit of {limit} bytes "
+                      f"(melody_midi up to max_midi_bytes as base64, plus {BODY_SLACK} bytes)", "field": "body"})
+    return await call_next(request)
+
+
+def midi_bytes(song) -> bytes:
+    buffer = io.BytesIO()
+    song_to_midi(song).dump(file=buffer, charset=TEXT_CHARSET)
+    return buffer.getvalue()
+
+
+# -- the ingress -------------------------------------------------------------------------------------------------
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, stages: dict[str, DeploymentHandle], config: dict):
+        self.stages, self.config = stages, config
+        self.max_bars, self.max_midi_bytes = int(config["max_bars"]), int(config["max_midi_bytes"])
+        self.max_body_bytes = _set_body_limit(self.max_midi_bytes)
+
+    @api.get("/healthz", summary="liveness, and the adapters each sub-task deployment holds")
+    async def healthz(self) -> JSONResponse:
+        deployments: dict[str, dict] = {}
+        for name, handle in {h.deployment_name: h for h in self.stages.values()}.items():
+            try:
+                deployments[name] = await asyncio.wait_for(handle.info.remote(), timeout=30)
+            except Exception as err:  # a stage that cannot answer makes the service unhealthy
+                deployments[name] = {"error": f"{type(err).__name__}: {err}"}
+        adapters = {}
+        for task, handle in self.stages.items():
+            info = deployments[handle.deployment_name]
+            adapters[task] = task if task in info.get("adapters", ()) else None
+        ok = not any("error" in info for info in deployments.values())
+        return JSONResponse(status_code=200 if ok else 503, content={
+            "ok": ok, "mode": "multiplexed" if self.config["multiplexed"] else "per-adapter",
+            "adapters": adapters, "deployments": deployments,
+            "limits": {"max_bars": self.max_bars, "max_midi_bytes": self.max_midi_bytes}})
+
+    @api.post("/v1/generate", summary="compose a song",
+              responses={200: {"content": {"application/json": {}, "audio/midi": {}},
+                               "description": "JSON with the MIDI in base64 and a per-stage report, or the MIDI"},
+                         400: {"description": "the music rules refuse a field (named in the message)"},
+                         413: {"description": "melody_midi or the body is larger than allowed"},
+                         422: {"description": "a field has the wrong type or is out of range"}})
+    async def generate(self, body: GenerateBody, http: HTTPRequest,
+                       format: Optional[Literal["json", "midi"]] = Query(
+                           None, description="midi: answer audio/midi bytes (as Accept: audio/midi)")) -> Response:
+        started = time.perf_counter()
+        request = to_request(body, self.max_bars, self.max_midi_bytes)
+        song = request_song(request)
+        settings = sampling_settings(request)
+        stages: dict[str, dict] = {}
+        for task in Composer.stages_for(request):
+            tick = time.perf_counter()
+            method = getattr(self.stages[task], task)
+            try:
+                out = await method.remote(song_to_dict(song), settings)
+            except Exception as err:
+                raise StageFailed(task, 503, f"{task}: stage deployment unavailable: {type(err).__name__}: {err}")
+            if "error" in out:
+                # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model
+                # output that does not decode), not the client's: a 500 naming the stage.
+                error = out["error"]
+                raise StageFailed(task, 500, f"{task}: the stage failed on this song: {error['type']}: "
+                                             f"{error['message']}")
+            song = song_from_dict(out["song"])
+            info = out["info"]
+            stages[task] = {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "seconds": info["seconds"],
+                            "adapter": info["adapter"], "batch": info["batch"],
+                            "wall_seconds": round(time.perf_counter() - tick, 3)}
+        try:
+            finish(song)
+            data = midi_bytes(song)
+        except SongError as err:  # the composed song, not the request, is at fault
+            raise StageFailed("finish", 500, f"finish: the composed song cannot be written: {err}") from None
+        seconds = round(time.perf_counter() - started, 3)
+        accept = http.headers.get("accept", "")
+        if format == "midi" or (format is None and any(t in accept for t in MIDI_TYPES)):
+            return Response(content=data, media_type="audio/midi", headers={
+                "Content-Disposition": 'attachment; filename="musicray.mid"', "X-Musicray-Form": song.form,
+                "X-Musicray-Bars": str(song.n_bars), "X-Musicray-Seconds": str(seconds)})
+        return JSONResponse({"midi": base64.b64encode(data).decode("ascii"), "form": song.form, "bars": song.n_bars,
+                             "key": song.key, "metre": song.metre, "seed": request.seed, "stages": stages,
+                             "seconds": seconds})
+
+
+# -- building the graph ------------------------------------------------------------------------------------------
+def _check_run_dir(run_dir: str) -> None:
+    model = Path(run_dir) / "stage1" / "model"
+    if not (model / "config.json").exists():
+        raise FileNotFoundError(f"--run: {run_dir} has no stage-1 model ({model}/config.json); "
+                                "train one first (musicray train) or pass the run dir that holds it")
+
+
+def _deployment(options: dict) -> dict:
+    return {key: options[key] for key in DEPLOYMENT_KEYS if key in options}
+
+
+def build_app(run_dir: str | Path | None = None, config: dict | None = None) -> Application:
+    """The Serve application: ingress + one deployment per sub-task (or one multiplexed deployment)."""
+    config = serve_config(config, run_dir=str(run_dir) if run_dir is not None else None)
+    if not config["run_dir"]:
+        raise SongError("run_dir: no run dir given (musicray serve --run RUN_DIR, or args.run_dir in the config)")
+    _check_run_dir(config["run_dir"])
+    if config["multiplexed"]:
+        options = stage_options(config, "multiplexed")
+        composer = StageComposer.options(name="composer", **_deployment(options)).bind(
+            config["run_dir"], list(SUBTASKS), options, config)
+        stages = {task: composer for task in SUBTASKS}
+    else:
+        stages = {}
+        for task in SUBTASKS:
+            options = stage_options(config, task)
+            stages[task] = StageComposer.options(name=f"stage_{task}", **_deployment(options)).bind(
+                config["run_dir"], [task], options, config)
+    return Ingress.options(**_deployment(config["ingress"])).bind(stages, config)
+
+
+def app_builder(args: dict) -> Application:
+    """For ``serve run``: ``import_path: musicray.serve.app:app_builder`` with the settings as ``args``."""
+    args = dict(args or {})
+    return build_app(args.pop("run_dir", None), args)
+
+
+# -- musicray serve ----------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
+    parser.add_argument("--config", type=Path,
+                        help="Serve config file (e.g. configs/serve/app.yaml: its args and http_options) or a "
+                             "mapping of settings; default: the built-in defaults")
+    parser.add_argument("--host", help=f"address to bind (default: the config's, else {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, help=f"HTTP port (default: the config's, else {DEFAULT_PORT})")
+    parser.add_argument("--multiplexed", action="store_true",
+                        help="one deployment holding the base model once with all five adapters")
+    parser.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """``musicray serve``: start Ray (or join the cluster in RAY_ADDRESS), Serve and the app; serve until Ctrl-C,
+    then shut down what this call started."""
+    import ray
+
+    settings, http = read_config_file(args.config) if args.config else ({}, {})
+    if args.multiplexed:
+        settings["multiplexed"] = True
+    settings.pop("run_dir", None)
+    app = build_app(args.run, settings)  # validates the run dir and the settings before anything starts
+    host = args.host or http.get("host") or DEFAULT_HOST
+    port = args.port if args.port is not None else int(http.get("port") or DEFAULT_PORT)
+    started_ray = serving = False
+    try:
+        if not ray.is_initialized():
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+            started_ray = True
+        serve.start(http_options={"host": host, "port": port})
+        serving = True
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"musicray: serving {args.run} on http://{host}:{port} (POST /v1/generate, GET /healthz, /docs); "
+              "Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("musicray: stopping", flush=True)
+    finally:
+        try:
+            if serving:
+                serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="musicray serve", description="Serve the composer over HTTP with Ray Serve."))
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (SongError, FileNotFoundError) as err:
+        print(f"musicray: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

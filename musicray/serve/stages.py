@@ -1,0 +1,133 @@
+"""The model side of the Serve graph: a deployment holding the stage-1 model with one or all sub-task adapters.
+
+``StageComposer`` is one class for both layouts:
+
+* per adapter: one deployment per sub-task, each replica loads the stage-1 model with only its own adapter;
+* multiplexed: one deployment, each replica loads the stage-1 model once with all five adapters and switches
+  with ``set_adapter`` per batch (a lock keeps two sub-tasks' batches from interleaving on the one model).
+
+Each sub-task has its own ``@serve.batch`` method (named after the sub-task), so concurrent requests for a
+sub-task become one ``Composer.run_stage`` call: a single decode over the batch, one grammar state per row,
+the mask computed in process (``musicray.decode``). Requests in a batch that differ in sampling settings are
+run as separate groups. Songs travel as ``song_to_dict`` JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+from ray import serve
+
+from musicray.compose import Composer, Request
+from musicray.decode import Sampling
+from musicray.song import SongError, song_from_dict, song_to_dict
+from musicray.tokens import SUBTASKS
+
+
+def _memory() -> dict:
+    try:
+        import psutil
+
+        process = psutil.Process()
+        info = process.memory_full_info()
+        return {"rss_mb": round(info.rss / 2**20, 1), "uss_mb": round(info.uss / 2**20, 1)}
+    except Exception:  # psutil missing or no permission: memory is informative only
+        return {}
+
+
+def _error(err: BaseException) -> dict:
+    return {"error": {"type": "SongError" if isinstance(err, SongError) else type(err).__name__,
+                      "message": str(err)}}
+
+
+@serve.deployment(name="StageComposer")
+class StageComposer:
+    def __init__(self, run_dir: str, subtasks: list[str], options: dict, config: dict):
+        import torch
+
+        threads = config.get("torch_threads") or max(1, int(options.get("ray_actor_options", {}).get("num_cpus", 1)))
+        torch.set_num_threads(threads)
+        device = config.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() and options.get("ray_actor_options", {}).get("num_gpus") \
+                else "cpu"
+        self.subtasks, self.device, self.threads = list(subtasks), device, threads
+        self.composer = Composer(run_dir, device, tuple(self.subtasks), config.get("tokens_per_bar"))
+        self.lock = threading.Lock()
+        self.batches = {task: 0 for task in self.subtasks}
+        self.songs = {task: 0 for task in self.subtasks}
+        for task in SUBTASKS:
+            method = getattr(self, task)
+            method.set_max_batch_size(int(options["max_batch_size"]))
+            method.set_batch_wait_timeout_s(float(options["batch_wait_timeout_s"]))
+
+    # -- one batched entry point per sub-task ------------------------------------------------------------------
+    @serve.batch
+    async def chord(self, songs: list[dict], settings: list[dict]) -> list[dict]:
+        return await self._batch("chord", songs, settings)
+
+    @serve.batch
+    async def melody(self, songs: list[dict], settings: list[dict]) -> list[dict]:
+        return await self._batch("melody", songs, settings)
+
+    @serve.batch
+    async def secondary(self, songs: list[dict], settings: list[dict]) -> list[dict]:
+        return await self._batch("secondary", songs, settings)
+
+    @serve.batch
+    async def dynamics(self, songs: list[dict], settings: list[dict]) -> list[dict]:
+        return await self._batch("dynamics", songs, settings)
+
+    @serve.batch
+    async def tempo(self, songs: list[dict], settings: list[dict]) -> list[dict]:
+        return await self._batch("tempo", songs, settings)
+
+    async def _batch(self, task: str, songs: list[dict], settings: list[dict]) -> list[dict]:
+        if task not in self.subtasks:
+            return [_error(SongError(f"stages: this deployment serves {self.subtasks}, not {task}"))] * len(songs)
+        # The decode runs in a worker thread so that the replica keeps taking requests into the next batch.
+        return await asyncio.to_thread(self._run, task, songs, settings)
+
+    def _run(self, task: str, songs: list[dict], settings: list[dict]) -> list[dict]:
+        results: list[dict | None] = [None] * len(songs)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(settings):  # a batch shares sampling settings: group the requests by them
+            groups.setdefault((s["temperature"], s["top_k"], s["top_p"], s.get("use_mask", True)), []).append(i)
+        with self.lock:
+            for key, rows in groups.items():
+                self._run_group(task, songs, settings, rows, key, results)
+        return results
+
+    def _run_group(self, task, songs, settings, rows, key, results) -> None:
+        temperature, top_k, top_p, use_mask = key
+        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+        try:
+            batch = [song_from_dict(songs[i]) for i in rows]
+            requests = [Request(form=song.form, seed=int(settings[i]["seed"]), sampling=sampling, use_mask=use_mask)
+                        for song, i in zip(batch, rows)]
+            for song in batch:
+                self.composer.prepare_stage(song, task)
+            started = time.perf_counter()
+            infos = self.composer.run_stage(batch, task, requests)
+            wall = round(time.perf_counter() - started, 3)
+        except Exception as err:
+            if len(rows) > 1:  # isolate the song that failed; the others still get their stage
+                for i in rows:
+                    self._run_group(task, songs, settings, [i], key, results)
+            else:
+                results[rows[0]] = _error(err)
+            return
+        self.batches[task] += 1
+        self.songs[task] += len(rows)
+        for i, song, info in zip(rows, batch, infos):
+            info = {**info, "batch_seconds": wall, "replica_pid": os.getpid()}
+            results[i] = {"song": song_to_dict(song), "info": info}
+
+    # -- introspection ------------------------------------------------------------------------------------------
+    async def info(self) -> dict:
+        return {"subtasks": self.subtasks, "adapters": list(self.composer.adapters), "device": self.device,
+                "torch_threads": self.threads, "pid": os.getpid(), "batches": dict(self.batches),
+                "songs": dict(self.songs), **_memory()}
