@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_generate)
 
     from musicray.serve import app as serve_app
-    from musicray.train import tune
+    from musicray.train import finetune, tune
+
+    finetune.add_arguments(commands.add_parser(
+        "train", help="stage 1: full fine-tune on Ray Train under DeepSpeed")).set_defaults(handler=finetune.run)
 
     serve_app.add_arguments(commands.add_parser(
         "serve", help="serve the composer over HTTP on Ray Serve (POST /v1/generate)")).set_defaults(

@@ -510,9 +510,7 @@ def _train_loop_per_worker(loop: dict) -> None:
 # Command line (jobs/finetune.py)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jobs/finetune.py",
-                                     description="Stage 1: full fine-tune on Ray Train + DeepSpeed.")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
     parser.add_argument("--out", type=Path, required=True, help="run directory (RUN_DIR/stage1/model at the end)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -522,15 +520,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> Path:
+    """Run stage 1 from parsed ``add_arguments`` arguments."""
+    model_dir = train_stage1(load_config(args.config, args.set), args.out, resume=args.resume,
+                             progress=not args.no_progress)
+    print(f"wrote {model_dir}")
+    return model_dir
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="jobs/finetune.py", description="Stage 1: full fine-tune on Ray Train + DeepSpeed.")
+    args = add_arguments(parser).parse_args(argv)
     try:
-        config = load_config(args.config, args.set)
-        model_dir = train_stage1(config, args.out, resume=args.resume, progress=not args.no_progress)
+        run(args)
     except (SongError, FileNotFoundError) as err:
         print(f"musicray: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {model_dir}")
     return 0
 
 
