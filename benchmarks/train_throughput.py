@@ -96,8 +96,8 @@ def ray_loop(config_path: Path, sets: list[str], workers: int, cpus: int, run_di
     train_stage1(config, run_dir, progress=False)
     wall = time.perf_counter() - started
     with (run_dir / "stage1" / "metrics.csv").open() as f:
-        rows = [{k: float(v) for k, v in row.items() if k in ("step", "loss", "step_s", "tokens", "labelled_tokens", "time")}
-                for row in csv.DictReader(f)]
+        keep = ("step", "loss", "step_s", "tokens", "labelled_tokens", "time")
+        rows = [{k: float(v) for k, v in row.items() if k in keep} for row in csv.DictReader(f)]
     return rows, wall
 
 
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.yaml")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per loop")
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the throughput (>= 1)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each loop, interleaved (best and median reported)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each loop, interleaved (best and median reported)")
     parser.add_argument("--cpus", type=int, default=2, help="CPU cores of the widest loops")
     parser.add_argument("--cache-dir", type=Path, help="cache for the tiny model and data (default: a temp dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")

@@ -529,7 +529,8 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jobs/finetune.py", description="Stage 1: full fine-tune on Ray Train + DeepSpeed.")
+    parser = argparse.ArgumentParser(prog="jobs/finetune.py",
+                                     description="Stage 1: full fine-tune on Ray Train + DeepSpeed.")
     args = add_arguments(parser).parse_args(argv)
     try:
         run(args)

@@ -71,6 +71,8 @@ def serve_url(run_dir):
     from musicray.serve import build_app
 
     port = _free_port()
+    if ray.is_initialized():  # an earlier test's local instance: Serve needs its own resources
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
+from musicray.model import load_music_model
+from musicray.song import SongError
+from musicray.train.config import load_config
+from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir
+from musicray.train.finetune import deepspeed_config, main, train_stage1
+from musicray.train.loss import causal_lm_loss
 
-from musicray.model import load_music_model  # noqa: E402
-from musicray.song import SongError  # noqa: E402
-from musicray.train.config import load_config  # noqa: E402
-from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir  # noqa: E402
-from musicray.train.finetune import deepspeed_config, main, train_stage1  # noqa: E402
-from musicray.train.loss import causal_lm_loss  # noqa: E402
+pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -84,7 +84,8 @@ def test_deepspeed_config_is_filled_from_the_config():
                                 "stage1.learning_rate=0.0005", "stage1.weight_decay=0.1", "stage1.zero_stage=3",
                                 "stage1.warmup_steps=7", "stage1.max_steps=90"])
     ds = deepspeed_config(config)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 4, 24)
+    sizes = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert sizes == (3, 4, 24)
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 0.0005, "weight_decay": 0.1, "betas": [0.9, 0.999],
                                                            "eps": 1e-8, "torch_adam": True}}
     assert ds["zero_optimization"]["stage"] == 3 and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
@@ -224,7 +225,7 @@ def _registered_checkpoints(run_dir: Path) -> list[str]:
         text = snapshot.read_text()
     except OSError:
         return []
-    return sorted(set(part.split('"')[0] for part in text.split("checkpoint_0")[1:]))
+    return sorted({part.split('"')[0] for part in text.split("checkpoint_0")[1:]})
 
 
 def test_killed_worker_restarts_from_checkpoint(reference, cache_dir, tmp_path):
@@ -234,7 +235,7 @@ def test_killed_worker_restarts_from_checkpoint(reference, cache_dir, tmp_path):
     def run():
         try:
             outcome["model"] = train_stage1(tiny_config(cache_dir), run_dir, progress=False)
-        except BaseException as err:  # reported below
+        except Exception as err:  # noqa: BLE001 - re-raised by the assertion below
             outcome["error"] = err
 
     thread = threading.Thread(target=run)
