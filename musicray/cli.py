@@ -139,14 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def report_errors(handler, args: argparse.Namespace) -> int:
+    """Run a command; a user error (bad input, missing file) is one line on stderr and exit status 2."""
     try:
-        args.handler(args)
+        handler(args)
     except (SongError, FileNotFoundError) as err:
         print(f"musicray: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def entrypoint(prog: str, description: str, add_arguments, handler, argv: list[str] | None = None) -> int:
+    """``main`` of a job script (jobs/*.py): the same arguments and error handling as its musicray command."""
+    args = add_arguments(argparse.ArgumentParser(prog=prog, description=description)).parse_args(argv)
+    return report_errors(handler, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_errors(args.handler, args)
 
 
 if __name__ == "__main__":

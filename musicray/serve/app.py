@@ -286,15 +286,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="musicray serve", description="Serve the composer over HTTP with Ray Serve."))
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (SongError, FileNotFoundError) as err:
-        print(f"musicray: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    from musicray.cli import entrypoint
+
+    return entrypoint("musicray serve", "Serve the composer over HTTP with Ray Serve.", add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

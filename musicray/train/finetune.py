@@ -529,15 +529,10 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jobs/finetune.py",
-                                     description="Stage 1: full fine-tune on Ray Train + DeepSpeed.")
-    args = add_arguments(parser).parse_args(argv)
-    try:
-        run(args)
-    except (SongError, FileNotFoundError) as err:
-        print(f"musicray: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    from musicray.cli import entrypoint
+
+    return entrypoint("jobs/finetune.py", "Stage 1: full fine-tune on Ray Train + DeepSpeed.", add_arguments, run,
+                      argv)
 
 
 if __name__ == "__main__":

@@ -478,15 +478,10 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="musicray tune", description="Stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run."))
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (SongError, FileNotFoundError) as err:
-        print(f"musicray: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    from musicray.cli import entrypoint
+
+    return entrypoint("musicray tune", "Stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run.",
+                      add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
