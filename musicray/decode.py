@@ -84,8 +84,9 @@ class Generated:
     tokens: list[list[int]]       # music ids per row, up to and including <End> when the row finished
     finished: list[bool]
     new_tokens: int
-    seconds: float
+    seconds: float          # the whole call: prefill (the prompt's forward pass) and decode loop
     mask_seconds: float
+    prefill_seconds: float = 0.0
 
 
 @torch.no_grad()
@@ -111,6 +112,7 @@ def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     logits_out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     cache, scores = logits_out.past_key_values, logits_out.logits[:, -1].float()
+    prefill_seconds = time.perf_counter() - started
     steps = 0
     for step in range(max(max_new_tokens)):
         if use_mask:
@@ -141,7 +143,7 @@ def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[
             row = row[:row.index(music.eot_id)]
         rows.append([t - music.offset for t in row if music.is_music(t)] if use_mask else row)
         done.append(bool(rows[-1]) and rows[-1][-1] == music.vocab.token("End"))
-    return Generated(rows, done, steps, time.perf_counter() - started, mask_seconds)
+    return Generated(rows, done, steps, time.perf_counter() - started, mask_seconds, prefill_seconds)
 
 
 def _draw(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:

@@ -167,6 +167,8 @@ class GrammarState:
     bars_after: torch.Tensor      # [batch, max sections]: bars of sections k.. of the form
     quota_after: torch.Tensor     # [batch, max bars + 1]: quota of the bars after bar k
     budget: torch.Tensor          # tokens each row may still emit (a large number when unbounded)
+    # family_mask of the current state, kept from mask() for the step() that follows it (decoding asks both)
+    family_cache: torch.Tensor | None = None
 
     @property
     def done(self) -> torch.Tensor:
@@ -298,8 +300,11 @@ class Grammar:
 
     def family_mask(self, state: GrammarState) -> torch.Tensor:
         """[batch, families]: which families may come next."""
-        allowed = self.allowed[state.stream, state.node]
-        return allowed & self._guards(state).gather(1, self.guard[state.stream]) & self._within_budget(state)
+        if state.family_cache is None:
+            allowed = self.allowed[state.stream, state.node]
+            state.family_cache = allowed & self._guards(state).gather(1, self.guard[state.stream]) \
+                & self._within_budget(state)
+        return state.family_cache
 
     def _within_budget(self, state: GrammarState) -> torch.Tensor:
         """[batch, families]: emitting the family still leaves room to finish the form."""
@@ -309,26 +314,17 @@ class Grammar:
 
     def mask(self, state: GrammarState) -> torch.Tensor:
         """[batch, vocab] bool: the tokens each row may emit next."""
-        allowed = self.family_mask(state)
-        # Families are contiguous id ranges: broadcast each family's verdict over its range, then apply the
-        # value bounds of the bounded families (cheaper than gathering per token).
-        parts = []
-        for family, start, stop, bounded in self.family_spans:
-            part = allowed[:, family, None].expand(-1, stop - start)
-            if bounded:
-                value = self.token_value[start:stop]
-                part = part & (value > state.low[:, family, None]) & (value < state.high[:, family, None])
-            parts.append(part)
-        return torch.cat(parts, dim=1)
+        # Each token takes its family's verdict and its family's value bounds: three gathers over the vocabulary.
+        family = self.token_family.expand(state.node.shape[0], -1)
+        return self.family_mask(state).gather(1, family) & (self.token_value > state.low.gather(1, family)) \
+            & (self.token_value < state.high.gather(1, family))
 
     def accepts(self, state: GrammarState, tokens: torch.Tensor) -> torch.Tensor:
         """[batch] bool: whether each row may emit its token now."""
         family, value = self.token_family[tokens], self.token_value[tokens]
         rows = torch.arange(tokens.shape[0], device=self.device)
-        family_ok = self.allowed[state.stream, state.node, family]
-        guard_ok = self._guards(state)[rows, self.guard[state.stream, family]]
-        budget_ok = self._within_budget(state)[rows, family]
-        return family_ok & guard_ok & budget_ok & (value > state.low[rows, family]) & (value < state.high[rows, family])
+        return self.family_mask(state)[rows, family] & (value > state.low[rows, family]) \
+            & (value < state.high[rows, family])
 
     def step(self, state: GrammarState, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Consume one token per row; rows whose token is not accepted (or not ``active``) keep their state.
@@ -362,6 +358,7 @@ class Grammar:
         state.low[rows, family] = torch.where(raise_low, value, state.low[rows, family])
         reset = ok[:, None] & self.resets[family]
         state.low = torch.where(reset, torch.full_like(state.low, -1), state.low)
+        state.family_cache = None
         return ok
 
     # -- validation --------------------------------------------------------------------------------------------

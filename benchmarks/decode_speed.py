@@ -1,0 +1,237 @@
+"""Decoding speed: the grammar mask's cost against unmasked decoding, and per-token time as the context grows.
+
+One run measures, on one random-weight model (``--size``: the tiny preset, or a LLaMA-3-shaped 1B / 8B with the
+tiny tokenizer, for a GPU) and the same prompts and seeds:
+
+    masked vs unmasked   ``musicray.decode.generate`` with and without the mask: decode tokens/s (rows x steps
+                         over the decode loop's time, the prompt's prefill excluded) at each batch size; goal: masked >= 0.97 x unmasked
+    mask per token       the mask's own time (``Generated.mask_seconds``: masking the scores and stepping every
+                         row's grammar state) per token per sequence; goal <= 20 us (XGrammar reports < 40 us
+                         per token for JSON grammars)
+    grammar alone        the same mask + step replayed over real encoded songs without a model, per batch size:
+                         the automaton's cost with nothing else on the machine's cores
+    context              seconds per decoded token (KV cache) with a short context (a melody prompt, ~150
+                         tokens) and a long one (a whole 48-bar song already in the cache, ~2,700 tokens);
+                         goal: long <= 1.5 x short
+
+Prompts are melody-task prompts of seeded synthetic songs with long forms, so that masked rows do not close
+their song within ``--tokens`` steps and both runs decode the same number of steps. Runs are interleaved
+``--repeat`` times and the best of each is kept (the least disturbed by other load), with the median ratio
+beside it. On CPU every run uses ``--threads`` torch threads (default 1, as the serve replicas do).
+
+    python benchmarks/decode_speed.py [--size tiny] [--device cpu] [--batch 1 8 32] [--tokens 128]
+                                      [--repeat 3] [--threads 1] [--no-docs]
+
+About two minutes on two cores with the defaults. Prints a table and writes it as the "Decoding (SIZE model)" section
+of docs/benchmarks.md (replacing an earlier section of that name only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from musicray.data.synth import synth_song
+from musicray.decode import Sampling, generate
+from musicray.encoding import encode, quantized
+from musicray.grammar import Grammar, Plan
+from musicray.model import TinyConfig, add_music_tokens, build_tiny
+from musicray.tokens import Vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES: dict[str, TinyConfig] = {
+    "tiny": TinyConfig(),
+    # Big enough that the weights, not per-op overhead, dominate a decode step on CPU (~30 M parameters).
+    "small": TinyConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4),
+    # LLaMA-3.2-1B and LLaMA-3.1-8B shapes (random weights; the vocabulary is the tiny tokenizer's + music).
+    "1b": TinyConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8),
+    "8b": TinyConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8),
+}
+
+
+def build_model(size: str, device: str, dtype: torch.dtype, workdir: Path):
+    """A random-weight model of ``size`` through save_pretrained/from_pretrained, with the music tokens added."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = build_tiny(workdir / f"base-{size}", SIZES[size])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    music = add_music_tokens(model, tokenizer, Vocabulary())
+    return model.to(device).eval(), music
+
+
+def long_form_songs(count: int, vocab: Vocabulary) -> list:
+    """Seeded synthetic songs, longest first (more bars than the decode steps can fill)."""
+    songs = [quantized(synth_song(seed, f"bench-{seed}"), vocab) for seed in range(count * 3)]
+    return sorted(songs, key=lambda s: -s.n_bars)[:count]
+
+
+MODES: dict[str, dict] = {"unmasked": {"use_mask": False}, "masked": {"use_mask": True}}
+
+
+def decode_run(model, music, grammar, examples, tokens: int, seed: int, **mode):
+    prompts = [music.prompt_ids(e) for e in examples]
+    plans = [Plan.from_prompt(e.prompt, music.vocab) for e in examples]
+    return generate(model, music, grammar, prompts, ["melody"] * len(examples), plans, [tokens] * len(examples),
+                    [seed + i for i in range(len(examples))], Sampling(), **mode)
+
+
+def masked_vs_unmasked(model, music, grammar, songs, batches, tokens, repeat) -> list[dict]:
+    """Per batch size: tokens/s of each mode (best run), the masked/unmasked ratios (best and median) and the
+    grammar's own time per token per sequence."""
+    rows = []
+    for batch in batches:
+        examples = [encode(songs[i % len(songs)], "melody", music.vocab) for i in range(batch)]
+        decode_run(model, music, grammar, examples, tokens, 0, use_mask=True)  # warm-up (allocator, caches)
+        runs: dict[str, list[dict]] = {name: [] for name in MODES}
+        for r in range(repeat):
+            for name, mode in MODES.items():
+                out = decode_run(model, music, grammar, examples, tokens, 100 * r, **mode)
+                decode_seconds = out.seconds - out.prefill_seconds
+                runs[name].append({"tokens_per_s": batch * out.new_tokens / decode_seconds, "steps": out.new_tokens,
+                                   "mask_us": 1e6 * out.mask_seconds / (batch * out.new_tokens)})
+        best = {name: max(runs[name], key=lambda x: x["tokens_per_s"]) for name in MODES}
+        row = {"batch": batch, "steps": {name: best[name]["steps"] for name in MODES},
+               "mask_us": min(x["mask_us"] for x in runs["masked"])}
+        for name in MODES:
+            row[name] = best[name]["tokens_per_s"]
+            row[f"{name} ratio"] = best[name]["tokens_per_s"] / best["unmasked"]["tokens_per_s"]
+            row[f"{name} median ratio"] = statistics.median(
+                a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[name], runs["unmasked"]))
+        rows.append(row)
+    return rows
+
+
+def grammar_alone(grammar, songs, batches, repeat) -> list[dict]:
+    """Replay real encodings through mask + step: the automaton's cost per token per sequence."""
+    vocab = grammar.vocab
+    examples = [encode(s, "melody", vocab) for s in songs]
+    rows = []
+    for batch in batches:
+        chosen = [examples[i % len(examples)] for i in range(batch)]
+        length = min(len(e.target) for e in chosen)
+        targets = torch.tensor([e.target[:length] for e in chosen], device=grammar.device)
+        plans = [Plan.from_prompt(e.prompt, vocab) for e in chosen]
+        best = float("inf")
+        for _ in range(repeat):
+            state = grammar.start(["melody"] * batch, plans)
+            started = time.perf_counter()
+            for step in range(length):
+                grammar.mask(state)
+                grammar.step(state, targets[:, step])
+            if grammar.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - started) / (length * batch))
+        rows.append({"batch": batch, "us_per_token_per_sequence": 1e6 * best, "steps": length})
+    return rows
+
+
+def context_scaling(model, music, tokens: int, repeat: int) -> dict:
+    """Seconds per decoded token with a short and with a long context already in the KV cache (unmasked: the
+    mask's cost does not depend on the context)."""
+    vocab = music.vocab
+    song = quantized(synth_song(2, "bench-long"), vocab)  # 48 bars: i2A8A8B8b4A8B8o2
+    short = encode(song, "melody", vocab)
+    whole = encode(song, "song", vocab)
+    contexts = {"short": music.prompt_ids(short),
+                "long": music.prompt_ids(whole) + music.to_llm(whole.target[:-1])}
+    plan = Plan.from_prompt(short.prompt, vocab)
+    grammar = Grammar(vocab, next(model.parameters()).device)
+    result = {}
+    for name, prompt in contexts.items():
+        times = []
+        for r in range(repeat):
+            out = generate(model, music, grammar, [prompt], ["melody"], [plan], [tokens], [r], Sampling(),
+                           use_mask=False)
+            times.append((out.seconds - out.prefill_seconds) / out.new_tokens)
+        result[name] = {"context": len(prompt), "s_per_token": min(times)}
+    result["ratio"] = result["long"]["s_per_token"] / result["short"]["s_per_token"]
+    return result
+
+
+def markdown(args, rows, alone, context, env) -> str:
+    lines = [
+        f"## Decoding ({args.size} model)",
+        "",
+        f"`python benchmarks/decode_speed.py --size {args.size} --device {args.device} --batch "
+        f"{' '.join(map(str, args.batch))} --tokens {args.tokens} --repeat {args.repeat} --threads {args.threads}` "
+        f"on {env['machine']} ({env['date']}, load average {env['load']}).",
+        "",
+        "Masked vs unmasked decoding (same model, prompts, seeds and steps; best of the interleaved runs, median "
+        "ratio in brackets). Goals: masked/unmasked >= 0.97, mask <= 20 us per token per sequence.",
+        "",
+        "| batch | unmasked tok/s | masked tok/s | ratio (median) | mask us/token/seq | steps unmasked/masked |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['unmasked']:.0f} | {r['masked']:.0f} | {r['masked ratio']:.3f} "
+                     f"({r['masked median ratio']:.3f}) | {r['mask_us']:.1f} | "
+                     f"{'/'.join(str(v) for v in r['steps'].values())} |")
+    lines += ["", "The grammar alone (mask + step replayed over encoded songs, no model):", "",
+              "| batch | us per token per sequence |", "|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['us_per_token_per_sequence']:.1f} |" for r in alone]
+    lines += ["", f"Per-token decode time with the KV cache: {context['short']['context']} tokens of context "
+              f"{1e3 * context['short']['s_per_token']:.2f} ms, {context['long']['context']} tokens "
+              f"{1e3 * context['long']['s_per_token']:.2f} ms: ratio **{context['ratio']:.2f}** (goal <= 1.5).", ""]
+    return "\n".join(lines)
+
+
+def write_docs(section: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(section.splitlines()[0] + "\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section.rstrip() + "\n" + (text[end:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model shape (random weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: bfloat16 on a GPU, float32 on CPU")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
+    parser.add_argument("--tokens", type=int, default=128, help="decode steps per run")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    with tempfile.TemporaryDirectory() as workdir:
+        model, music = build_model(args.size, args.device, dtype, Path(workdir))
+        grammar = Grammar(music.vocab, args.device)
+        songs = long_form_songs(8, music.vocab)
+        rows = masked_vs_unmasked(model, music, grammar, songs, args.batch, args.tokens, args.repeat)
+        alone = grammar_alone(grammar, songs, args.batch, args.repeat)
+        context = context_scaling(model, music, args.tokens, args.repeat)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s)"
+    env = {"machine": f"{args.size} model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+                      f"{str(dtype).removeprefix('torch.')}) on {device_name}",
+           "date": datetime.date.today().isoformat(), "load": f"{os.getloadavg()[0]:.1f}"}
+    section = markdown(args, rows, alone, context, env)
+    print(section)
+    print({"sampling": asdict(Sampling())})
+    if not args.no_docs:
+        write_docs(section)
+
+
+if __name__ == "__main__":
+    main()
