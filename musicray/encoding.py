@@ -64,7 +64,14 @@ TASK_INPUTS: dict[str, tuple[str, ...]] = {
     "dynamics": ("notes",),
     "tempo": ("melody",),
 }
-# The song fields an example of each task carries (prompt and target together).
+# Inputs a task's prompt may carry besides its own: chords written *for* a given melody (a user's own tune)
+# see it; trained both ways, the chord adapter serves with and without one.
+OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"chord": ("melody",)}
+# The song fields each stream carries, and those an example of each task carries (prompt and target together).
+STREAM_FIELDS: dict[str, tuple[str, ...]] = {
+    "chord": ("chords",), "melody": ("MELODY",), "secondary": ("BRIDGE",),
+    "notes": ("MELODY", "BRIDGE", "PIANO"), "tempo": ("tempo",),
+}
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "song": ("chords", "MELODY", "BRIDGE", "PIANO", "velocity", "tempo"),
     "chord": ("chords",),
@@ -166,9 +173,25 @@ def bar_tempo_tokens(song: Song, vocab: Vocabulary) -> list[int]:
     return tokens
 
 
-def project(song: Song, task: str, base_bpm: float | None = None) -> Song:
+def task_inputs(task: str, optional: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The input streams of a ``task`` prompt: its own, then the ``optional`` ones it accepts, in stage order."""
+    unknown = set(optional) - set(OPTIONAL_INPUTS.get(task, ()))
+    if unknown:
+        raise SongError(f"inputs: task {task!r} takes no {sorted(unknown)} input "
+                        f"(optional inputs: {list(OPTIONAL_INPUTS.get(task, ())) or 'none'})")
+    return TASK_INPUTS[task] + tuple(name for name in OPTIONAL_INPUTS.get(task, ()) if name in optional)
+
+
+def has_stream(song: Song, stream: str) -> bool:
+    """Whether the song has anything of ``stream`` to give as an input (a melody-less window gives no melody)."""
+    present = {"chords": bool(song.chords), "tempo": bool(song.tempos),
+               **{name: bool(song.tracks.get(name)) for name in TRACKS}}
+    return any(present[f] for f in STREAM_FIELDS[stream])
+
+
+def project(song: Song, task: str, base_bpm: float | None = None, optional: tuple[str, ...] = ()) -> Song:
     """Only the fields an example of ``task`` carries; what it does not carry takes neutral values."""
-    fields = TASK_FIELDS[task]
+    fields = TASK_FIELDS[task] + tuple(f for name in task_inputs(task, optional) for f in STREAM_FIELDS[name])
     tracks = {}
     for name in TRACKS:
         notes = song.tracks.get(name, []) if name in fields else []
@@ -256,9 +279,10 @@ def encode_body(song: Song, stream_name: str, vocab: Vocabulary) -> list[int]:
     return ids
 
 
-def encode(song: Song, task: str, vocab: Vocabulary) -> Example:
-    """The example of ``task`` for a song (quantized here, so raw ingested songs can be passed)."""
-    return encode_quantized(quantized(song, vocab), task, vocab)
+def encode(song: Song, task: str, vocab: Vocabulary, optional: tuple[str, ...] = ()) -> Example:
+    """The example of ``task`` for a song (quantized here, so raw ingested songs can be passed), its prompt
+    carrying the ``optional`` inputs the task accepts (``OPTIONAL_INPUTS``) as well as its own."""
+    return encode_quantized(quantized(song, vocab), task, vocab, optional)
 
 
 def encode_all(song: Song, vocab: Vocabulary) -> list[Example]:
@@ -267,12 +291,12 @@ def encode_all(song: Song, vocab: Vocabulary) -> list[Example]:
     return [encode_quantized(song, task, vocab) for task in TASKS]
 
 
-def encode_quantized(song: Song, task: str, vocab: Vocabulary) -> Example:
+def encode_quantized(song: Song, task: str, vocab: Vocabulary, optional: tuple[str, ...] = ()) -> Example:
     if task not in TASKS:
         raise SongError(f"task: unknown task {task!r}; known: {', '.join(TASKS)}")
     bpm = base_tempo(song, vocab)
     prompt = encode_header(song, task, vocab, bpm)
-    for name in TASK_INPUTS[task]:
+    for name in task_inputs(task, optional):
         prompt += [vocab.token("Input", name)] + encode_body(song, name, vocab)
     target = encode_body(song, TASK_TARGET[task], vocab) + [vocab.token("End")]
     return Example(task, prompt, target, song.song_id)
@@ -379,11 +403,11 @@ def decode(example: Example, vocab: Vocabulary) -> Song:
     return song
 
 
-def round_trip_song(song: Song, task: str, vocab: Vocabulary) -> tuple[Song, Song]:
+def round_trip_song(song: Song, task: str, vocab: Vocabulary, optional: tuple[str, ...] = ()) -> tuple[Song, Song]:
     """(expected, decoded) for ``task``: the two are equal when encoding is lossless up to quantization."""
     expected = quantized(song, vocab)
-    example = encode(song, task, vocab)
-    return project(expected, task, base_tempo(expected, vocab)), decode(example, vocab)
+    example = encode(song, task, vocab, optional)
+    return project(expected, task, base_tempo(expected, vocab), optional), decode(example, vocab)
 
 
 def section_windows(song: Song, max_bars: int | None) -> list[Song]:

@@ -56,6 +56,21 @@ def test_given_chords_and_melody_replace_their_stages(composer):
     assert [(n.bar, n.position, n.pitch) for n in song.tracks["MELODY"]] == [(0, 0, 69), (1, 4, 72)]
 
 
+def test_a_given_melody_gets_chords_written_for_it(composer):
+    melody = [Note(bar, 0, 60 + 2 * bar, 8, 90) for bar in range(4)] + [Note(3, 8, 67, 8, 90)]
+    song, report = composer.compose(Request("A2B2", "C:maj", melody=melody, seed=3))
+    assert list(report["stages"]) == ["chord", "secondary", "dynamics", "tempo"]
+    assert report["stages"]["chord"]["inputs"] == ["melody"]
+    assert report["stages"]["secondary"]["inputs"] == ["chord", "melody"]
+    assert song.chords and all(c.bar < 4 for c in song.chords)
+    assert [(n.bar, n.position, n.pitch) for n in song.tracks["MELODY"]] == [(n.bar, n.position, n.pitch) for n in melody]
+    _, plain = composer.compose(Request("A2B2", "C:maj", seed=3, stages=("chord",)))
+    assert plain["stages"]["chord"]["inputs"] == []
+    melody_tokens = 2 * len(melody) + 5 + 4  # pitch + duration per note, a position per onset (5), a bar per bar
+    assert report["stages"]["chord"]["prompt_tokens"] == plain["stages"]["chord"]["prompt_tokens"] + melody_tokens \
+        + 1 + 2  # <Input_melody>, and the melody body's section tokens
+
+
 def test_stages_subset_performs_a_given_song(composer):
     chords = parse_chords("C:maj G:maj", "A2", "4/4")
     song, report = composer.compose(Request("A2", chords=chords, melody=[Note(0, 0, 60, 4, 82)],

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from musicray.encoding import TASK_INPUTS, Example, base_tempo, decode, encode, project, quantized, \
+from musicray.encoding import OPTIONAL_INPUTS, TASK_INPUTS, Example, base_tempo, decode, encode, project, quantized, \
     round_trip_song
 from musicray.harmony import CHORD_QUALITIES, CANONICAL_BASS_DEGREES, PITCH_CLASS_NAMES, chord_label
-from musicray.song import METRES, SECTION_LABELS, TRACKS, Chord, Note, Section, Song, Tempo, song_from_dict
+from musicray.song import METRES, SECTION_LABELS, TRACKS, Chord, Note, Section, Song, SongError, Tempo, song_from_dict
 from musicray.tokens import TASKS, Vocabulary
 
 VOCAB = Vocabulary()
@@ -45,8 +45,9 @@ def songs(draw):
 @given(song=songs(), task=st.sampled_from(TASKS))
 def test_round_trip_hypothesis(song, task):
     song.check()
-    expected, decoded = round_trip_song(song, task, VOCAB)
-    assert decoded == expected
+    for optional in [(), *((name,) for name in OPTIONAL_INPUTS.get(task, ()))]:
+        expected, decoded = round_trip_song(song, task, VOCAB, optional)
+        assert decoded == expected
 
 
 @settings(max_examples=60, deadline=None)
@@ -63,6 +64,18 @@ def test_prompts_carry_the_inputs_of_each_task(synthetic_songs):
         inputs = [VOCAB.tokens[t][7:-1] for t in example.prompt if VOCAB.family[t] == "Input"]
         assert inputs == list(TASK_INPUTS[task])
         assert VOCAB.tokens[example.target[-1]] == "<End>"
+
+
+def test_chords_for_a_given_melody_carry_it_in_the_prompt(synthetic_songs):
+    song = synthetic_songs[2]
+    plain, for_melody = encode(song, "chord", VOCAB), encode(song, "chord", VOCAB, ("melody",))
+    assert [VOCAB.tokens[t] for t in for_melody.prompt if VOCAB.family[t] == "Input"] == ["<Input_melody>"]
+    assert for_melody.target == plain.target
+    assert for_melody.prompt[:len(plain.prompt)] == plain.prompt
+    expected, decoded = round_trip_song(song, "chord", VOCAB, ("melody",))
+    assert decoded == expected and decoded.tracks["MELODY"] and not decoded.tracks["BRIDGE"]
+    with pytest.raises(SongError, match="takes no \\['chord'\\] input"):
+        encode(song, "melody", VOCAB, ("chord",))
 
 
 def test_dynamics_gives_one_velocity_per_note(synthetic_songs):

@@ -179,8 +179,8 @@ class Ingress:
                                              f"{error['message']}")
             song = song_from_dict(out["song"])
             info = out["info"]
-            stages[task] = {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "seconds": info["seconds"],
-                            "adapter": info["adapter"], "batch": info["batch"],
+            stages[task] = {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "inputs": info["inputs"],
+                            "seconds": info["seconds"], "adapter": info["adapter"], "batch": info["batch"],
                             "wall_seconds": round(time.perf_counter() - tick, 3)}
         try:
             finish(song)

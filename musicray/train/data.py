@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from musicray.data.prepare import Pop909Source, SynthSource, load_table, prepare
-from musicray.encoding import TASK_TARGET, Example, encode_quantized, section_windows
+from musicray.encoding import OPTIONAL_INPUTS, TASK_TARGET, Example, encode_quantized, has_stream, section_windows
 from musicray.grammar import Plan
 from musicray.model import MusicTokenizer
 from musicray.song import SongError, song_from_dict
@@ -45,12 +45,16 @@ def resolve_data_dir(config: Config, progress: bool = True) -> Path:
 
 def load_examples(data_dir: str | Path, tasks: list[str], split: str, vocab, max_bars: int | None = DEFAULT_MAX_BARS
                   ) -> list[Example]:
-    """Examples of ``tasks`` from every section window of every song in ``split``."""
+    """Examples of ``tasks`` from every section window of every song in ``split``; a task with optional inputs
+    (``OPTIONAL_INPUTS``: chords for a given melody) gets one example without them and one with each."""
     examples = []
     for row in load_table(data_dir, "songs", split).itertuples():
         song = song_from_dict(json.loads(row.song_json))
         for window in section_windows(song, max_bars):
-            examples += [encode_quantized(window, task, vocab) for task in tasks]
+            for task in tasks:
+                examples.append(encode_quantized(window, task, vocab))
+                examples += [encode_quantized(window, task, vocab, (name,)) for name in OPTIONAL_INPUTS.get(task, ())
+                             if has_stream(window, name)]
     return examples
 
 

@@ -206,6 +206,7 @@ def test_uploaded_melody_replaces_the_melody_stage(serve_url):
     out = generate(serve_url, {"form": "A2B2", "seed": 2, "melody_midi": upload, "stages": ["chord", "melody",
                                                                                              "secondary", "tempo"]})
     assert list(out["stages"]) == ["chord", "secondary", "tempo"]
+    assert out["stages"]["chord"]["inputs"] == ["melody"]  # chords written for the uploaded tune
     song = midi_to_song(base64.b64decode(out["midi"]))
     assert [(n.bar, n.position, n.pitch, n.duration) for n in song.tracks["MELODY"]] == \
         [(n.bar, n.position, n.pitch, n.duration) for n in melody]

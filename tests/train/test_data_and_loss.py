@@ -9,7 +9,7 @@ from musicray.grammar import Grammar, validate_examples
 from musicray.model import add_music_tokens, load_base
 from musicray.tokens import TASKS, Vocabulary
 from musicray.train.config import Config, load_config
-from musicray.train.data import RenderedDataset, collate
+from musicray.train.data import RenderedDataset, collate, load_examples
 from musicray.train.loss import answer_masks, causal_lm_loss
 
 VOCAB = Vocabulary()
@@ -46,6 +46,27 @@ def test_section_windows_keep_the_grammar_and_round_trip(synthetic_songs):
             window.check()
             expected, decoded = round_trip_song(window, "song", VOCAB)
             assert decoded == expected
+
+
+def test_load_examples_teaches_chords_with_and_without_a_melody(tmp_path, synthetic_songs):
+    import json
+
+    import pandas as pd
+
+    from musicray.song import song_to_dict
+
+    songs = [quantized(s, VOCAB) for s in synthetic_songs[:3]]
+    pd.DataFrame([{"song_id": s.song_id, "split": "test", "song_json": json.dumps(song_to_dict(s))} for s in songs]
+                 ).to_parquet(tmp_path / "songs.parquet")
+    examples = load_examples(tmp_path, ["chord", "melody"], "test", VOCAB, max_bars=8)
+    windows = [w for s in songs for w in section_windows(s, 8)]
+    with_melody = [w for w in windows if w.tracks["MELODY"]]
+    assert 0 < len(with_melody) <= len(windows)
+    chord_inputs = [[VOCAB.tokens[t] for t in e.prompt if VOCAB.family[t] == "Input"]
+                    for e in examples if e.task == "chord"]
+    assert chord_inputs.count([]) == len(windows) and chord_inputs.count(["<Input_melody>"]) == len(with_melody)
+    assert sum(e.task == "melody" for e in examples) == len(windows)
+    assert all(not any(e.values()) for e in validate_examples(GRAMMAR, examples))
 
 
 @pytest.fixture(scope="module")
