@@ -215,8 +215,8 @@ def markdown(results: dict, args, machine: str, date: str) -> str:
     per, mux = results["per-adapter"], results["multiplexed"]
     lines += [
         "",
-        f"Ingress replica: {per['memory']['ingress']['rss']:.0f} MiB RSS. Serve overhead per song (HTTP, five "
-        f"handle calls, batch waits, song JSON): {per['latency_s'] - per['local_latency_s']:+.2f} s per-adapter, "
+        f"Ingress replica: {per['memory']['ingress']['rss']:.0f} MiB RSS. Serve overhead per song (HTTP, handle "
+        f"calls (five per-adapter, one multiplexed), batch waits, song JSON): {per['latency_s'] - per['local_latency_s']:+.2f} s per-adapter, "
         f"{mux['latency_s'] - mux['local_latency_s']:+.2f} s multiplexed. Summed over the five stages, the time "
         f"from the ingress's handle call to its answer beyond the decode itself is {per['stage_overhead_s']:.2f} s "
         "per-adapter (batch waits, hops, song JSON, and the prompt encoding, stream validation and decoding that "
@@ -245,9 +245,11 @@ def markdown(results: dict, args, machine: str, date: str) -> str:
         + ", ".join(f"{name} {'yes' if x >= 4 else 'no'}" for name, x in scale.items())
         + "). The numbers are as measured. With one torch thread per model process a lone song keeps one core "
         "busy, so more clients can at most add the second core (shared with other jobs on this machine); the "
-        f"rest has to come from batching, and with {levels[-1]} clients the songs spread over the five pipelined "
-        f"stages, so a decode batch averaged {per['levels'][levels[-1]]['mean_batch']:.1f} songs per-adapter and "
-        f"{mux['levels'][levels[-1]]['mean_batch']:.1f} multiplexed. Memory: the per-adapter graph holds the "
+        f"rest has to come from batching. Per-adapter, each stage deployment batches the songs that reach it at "
+        f"the same moment, and with {levels[-1]} clients the songs spread over the five pipelined stages: a decode "
+        f"batch averaged {per['levels'][levels[-1]]['mean_batch']:.1f} songs. Multiplexed, the deployment batches "
+        f"whole songs, which go through their five stages together: "
+        f"{mux['levels'][levels[-1]]['mean_batch']:.1f} songs per decode batch. Memory: the per-adapter graph holds the "
         "stage-1 model in five processes, the multiplexed deployment once; with the tiny model the difference is "
         "almost all per-process runtime (Python, torch), with an 8B model it is four extra copies of the weights.",
         "",

@@ -7,7 +7,8 @@ MIDI in base64 and a per-stage report, or as ``audio/midi`` bytes (``Accept: aud
 
 The ingress (``Ingress``) validates the request, builds the empty song and calls the stage deployments through
 ``DeploymentHandle``s in stage order (chord, melody, secondary, dynamics, tempo), passing the song as
-``song_to_dict`` JSON; each stage deployment batches concurrent songs (``musicray.serve.stages``).
+``song_to_dict`` JSON; each stage deployment batches concurrent songs (``musicray.serve.stages``). In
+multiplexed mode it makes one call per song to the one deployment, which batches whole songs.
 
 Launch: ``musicray serve --run RUN_DIR`` (``main``/``add_arguments``/``run`` here), ``serve run
 configs/serve/app.yaml`` (``app_builder``), or ``serve.run(build_app(run_dir, config))`` from Python.
@@ -163,25 +164,14 @@ class Ingress:
         request = to_request(body, self.max_bars, self.max_midi_bytes)
         song = request_song(request)
         settings = sampling_settings(request)
-        stages: dict[str, dict] = {}
-        for task in Composer.stages_for(request):
-            tick = time.perf_counter()
-            method = getattr(self.stages[task], task)
-            try:
-                out = await method.remote(song_to_dict(song), settings)
-            except Exception as err:
-                raise StageFailed(task, 503, f"{task}: stage deployment unavailable: {type(err).__name__}: {err}")
-            if "error" in out:
-                # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model
-                # output that does not decode), not the client's: a 500 naming the stage.
-                error = out["error"]
-                raise StageFailed(task, 500, f"{task}: the stage failed on this song: {error['type']}: "
-                                             f"{error['message']}")
-            song = song_from_dict(out["song"])
-            info = out["info"]
-            stages[task] = {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "inputs": info["inputs"],
-                            "seconds": info["seconds"], "adapter": info["adapter"], "batch": info["batch"],
-                            "wall_seconds": round(time.perf_counter() - tick, 3)}
+        plan = Composer.stages_for(request)
+        if self.config["multiplexed"]:
+            song, infos = await self._compose_whole(song, settings, plan)
+        else:
+            song, infos = await self._compose_by_stage(song, settings, plan)
+        stages = {task: {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "inputs": info["inputs"],
+                         "seconds": info["seconds"], "adapter": info["adapter"], "batch": info["batch"],
+                         "wall_seconds": info["wall_seconds"]} for task, info in infos.items()}
         try:
             finish(song)
             data = midi_bytes(song)
@@ -196,6 +186,43 @@ class Ingress:
         return JSONResponse({"midi": base64.b64encode(data).decode("ascii"), "form": song.form, "bars": song.n_bars,
                              "key": song.key, "metre": song.metre, "seed": request.seed, "stages": stages,
                              "seconds": seconds})
+
+
+    async def _compose_by_stage(self, song, settings: dict, plan: list[str]) -> tuple:
+        """One handle call per stage, each to that sub-task's deployment (which batches it with other songs)."""
+        infos: dict[str, dict] = {}
+        for task in plan:
+            tick = time.perf_counter()
+            method = getattr(self.stages[task], task)
+            try:
+                out = await method.remote(song_to_dict(song), settings)
+            except Exception as err:
+                raise StageFailed(task, 503, f"{task}: stage deployment unavailable: {type(err).__name__}: {err}")
+            if "error" in out:
+                raise _failed(task, out["error"])
+            song = song_from_dict(out["song"])
+            infos[task] = {**out["info"], "wall_seconds": round(time.perf_counter() - tick, 3)}
+        return song, infos
+
+    async def _compose_whole(self, song, settings: dict, plan: list[str]) -> tuple:
+        """One handle call for the whole song to the multiplexed deployment (which batches whole songs)."""
+        if not plan:
+            return song, {}
+        try:
+            out = await self.stages[plan[0]].compose.remote(song_to_dict(song), settings, plan)
+        except Exception as err:
+            raise StageFailed("compose", 503, f"compose: deployment unavailable: {type(err).__name__}: {err}")
+        if "error" in out:
+            raise _failed(out.get("stage", "compose"), out["error"])
+        # One call covered every stage: each stage's wall time is its batch's decode wall time in the replica.
+        return song_from_dict(out["song"]), {task: {**info, "wall_seconds": info["batch_seconds"]}
+                                             for task, info in out["infos"].items()}
+
+
+def _failed(task: str, error: dict) -> StageFailed:
+    # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model output that
+    # does not decode), not the client's: a 500 naming the stage.
+    return StageFailed(task, 500, f"{task}: the stage failed on this song: {error['type']}: {error['message']}")
 
 
 # -- building the graph ------------------------------------------------------------------------------------------

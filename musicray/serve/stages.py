@@ -8,8 +8,11 @@
 
 Each sub-task has its own ``@serve.batch`` method (named after the sub-task), so concurrent requests for a
 sub-task become one ``Composer.run_stage`` call: a single decode over the batch, one grammar state per row,
-the mask computed in process (``musicray.decode``). Requests in a batch that differ in sampling settings are
-run as separate groups. Songs travel as ``song_to_dict`` JSON.
+the mask computed in process (``musicray.decode``). The multiplexed deployment also batches whole songs
+(``compose``): the ingress makes one call per song, and a batch of concurrent songs goes through all its
+stages together, so every stage decodes the whole batch instead of the few songs that happen to reach it at
+the same moment. Requests in a batch that differ in sampling settings are run as separate groups. Songs travel
+as ``song_to_dict`` JSON.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class StageComposer:
         self.lock = threading.Lock()
         self.batches = {task: 0 for task in self.subtasks}
         self.songs = {task: 0 for task in self.subtasks}
-        for task in SUBTASKS:
-            method = getattr(self, task)
+        for name in (*SUBTASKS, "compose"):
+            method = getattr(self, name)
             method.set_max_batch_size(int(options["max_batch_size"]))
             method.set_batch_wait_timeout_s(float(options["batch_wait_timeout_s"]))
 
@@ -84,6 +87,31 @@ class StageComposer:
     @serve.batch
     async def tempo(self, songs: list[dict], settings: list[dict]) -> list[dict]:
         return await self._batch("tempo", songs, settings)
+
+    @serve.batch
+    async def compose(self, songs: list[dict], settings: list[dict], stages: list[list[str]]) -> list[dict]:
+        """Whole songs: each through its ``stages`` (in order), the batch's songs decoding together per stage.
+        Answers per song ``{"song", "infos": {task: info}}``, or ``{"error", "stage"}`` for the stage that failed."""
+        missing = {task for row in stages for task in row} - set(self.subtasks)
+        if missing:
+            return [{**_error(SongError(f"stages: this deployment serves {self.subtasks}, not {sorted(missing)}")),
+                     "stage": sorted(missing)[0]}] * len(songs)
+        return await asyncio.to_thread(self._compose, songs, settings, stages)
+
+    def _compose(self, songs: list[dict], settings: list[dict], stages: list[list[str]]) -> list[dict]:
+        results: list[dict] = [{"song": song, "infos": {}} for song in songs]
+        for task in SUBTASKS:
+            rows = [i for i, row in enumerate(stages) if task in row and "error" not in results[i]]
+            if not rows:
+                continue
+            outcome = self._run(task, [results[i]["song"] for i in rows], [settings[i] for i in rows])
+            for i, out in zip(rows, outcome):
+                if "error" in out:
+                    results[i] = {**out, "stage": task}
+                else:
+                    results[i]["song"] = out["song"]
+                    results[i]["infos"][task] = out["info"]
+        return results
 
     async def _batch(self, task: str, songs: list[dict], settings: list[dict]) -> list[dict]:
         if task not in self.subtasks:

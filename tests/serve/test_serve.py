@@ -226,26 +226,39 @@ def test_accept_audio_midi_returns_midi_bytes(serve_url):
     assert base64.b64decode(generate(serve_url, body)["midi"]) == response.content
 
 
-def test_concurrent_requests_all_succeed_and_are_batched(serve_url):
-    start = threading.Barrier(4)
+def burst(url: str, seeds: range) -> list[dict]:
+    """Post one A2B2 request per seed, all at once; every answer is a 200 with a valid song."""
+    start = threading.Barrier(len(seeds))
     results: dict[int, requests.Response] = {}
 
     def client(seed: int) -> None:
         start.wait()
-        results[seed] = post(serve_url, {"form": "A2B2", "seed": seed})
+        results[seed] = post(url, {"form": "A2B2", "seed": seed})
 
-    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(20, 24)]
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in seeds]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    assert sorted(results) == [20, 21, 22, 23]
+    assert sorted(results) == list(seeds)
     assert all(r.status_code == 200 for r in results.values()), [r.text for r in results.values()]
     outs = [r.json() for r in results.values()]
     for out in outs:
         check_midi(base64.b64decode(out["midi"]), "A2B2")
-    assert len({out["midi"] for out in outs}) == 4  # per-row seeds: four different songs
+    assert len({out["midi"] for out in outs}) == len(seeds)  # per-row seeds: different songs
+    return outs
+
+
+def test_concurrent_requests_all_succeed_and_are_batched(serve_url):
+    outs = burst(serve_url, range(20, 24))
     # Four requests arriving together share at least one decode batch.
+    assert max(info["batch"] for out in outs for info in out["stages"].values()) >= 2
+
+
+def test_multiplexed_batches_whole_songs_through_their_stages(mux_url):
+    outs = burst(mux_url, range(24, 28))
+    # A song batched with others stays with them through all five stages: one batch size per song.
+    assert all(len({info["batch"] for info in out["stages"].values()}) == 1 for out in outs)
     assert max(info["batch"] for out in outs for info in out["stages"].values()) >= 2
 
 
