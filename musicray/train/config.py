@@ -12,6 +12,10 @@ from musicray.song import SongError
 from musicray.tokens import SUBTASKS, TASKS
 
 
+# Bars per training window: whole sections up to this many bars (a longer section is a window of its own).
+DEFAULT_MAX_BARS = 8
+
+
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
     kwargs = {"metadata": {"help": text}}
     if factory is not dataclasses.MISSING:
@@ -27,6 +31,9 @@ class DataConfig:
     seed: int = _help("seed of the first synthetic song", 0)
     limit: int | None = _help("only the first N POP909 songs (quick runs)", None)
     max_length: int = _help("longest rendered example in LLM tokens; longer answers are cut at the end", 512)
+    max_bars: int | None = _help("bars per training window: songs are cut at section boundaries into windows of at "
+                                 "most this many bars (a longer section is its own window); null: whole songs",
+                                 DEFAULT_MAX_BARS)
 
 
 @dataclass
@@ -111,8 +118,19 @@ def _build(cls, values: dict, where: str):
         if dataclasses.is_dataclass(sub) and isinstance(sub, type):
             kwargs[name] = _build(sub, value or {}, f"{where}.{name}".lstrip("."))
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, str(known[name].type), f"{where}.{name}".lstrip("."))
     return cls(**kwargs)
+
+
+def _coerce(value, annotation: str, where: str):
+    """A number written as text read as the field's type: YAML 1.1 reads ``1e-3`` (no dot) as a string."""
+    kind = annotation.split("|")[0].strip()
+    if isinstance(value, str) and kind in ("float", "int"):
+        try:
+            return float(value) if kind == "float" else int(value)
+        except ValueError:
+            raise SongError(f"{where}: expected a number ({kind}), got {value!r}") from None
+    return value
 
 
 def _apply_override(data: dict, override: str) -> None:

@@ -14,10 +14,7 @@ from musicray.encoding import OPTIONAL_INPUTS, TASK_TARGET, Example, encode_quan
 from musicray.grammar import Plan
 from musicray.model import MusicTokenizer
 from musicray.song import SongError, song_from_dict
-from musicray.train.config import Config
-
-# Bars per training window: whole sections up to this many bars (a longer section is a window of its own).
-DEFAULT_MAX_BARS = 8
+from musicray.train.config import DEFAULT_MAX_BARS, Config
 
 
 def resolve_data_dir(config: Config, progress: bool = True) -> Path:

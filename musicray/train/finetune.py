@@ -406,12 +406,13 @@ def _train_loop_per_worker(loop: dict) -> None:
     model, music = load_music_model(loop["init_dir"], _torch_dtype(s.precision))
     model.config.use_cache = False
     data_dir = loop["data_dir"]
-    train_set = RenderedDataset(load_examples(data_dir, s.tasks, "train", music.vocab), music, config.data.max_length)
+    train_set = RenderedDataset(load_examples(data_dir, s.tasks, "train", music.vocab, config.data.max_bars), music,
+                                config.data.max_length)
     if len(train_set) // world < s.micro_batch_size:
         raise SongError(f"stage 1: {len(train_set)} training examples cannot give {world} workers a micro-batch "
                         f"of {s.micro_batch_size}; use more data or fewer workers")
     try:
-        val_set = RenderedDataset(load_examples(data_dir, s.tasks, "validation", music.vocab), music,
+        val_set = RenderedDataset(load_examples(data_dir, s.tasks, "validation", music.vocab, config.data.max_bars), music,
                                   config.data.max_length)
     except (FileNotFoundError, KeyError, SongError):
         val_set = []

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from musicray.song import SongError
-from musicray.train.config import Config, Stage2Config, load_config
+from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config, load_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.tune.experiment import Trial
@@ -195,7 +195,8 @@ def report_count(stage2: Stage2Config) -> int:
 
 
 # -- one trial -----------------------------------------------------------------------------------------------
-def subtask_datasets(data_dir, subtask: str, music, max_length: int, min_train: int = 1):
+def subtask_datasets(data_dir, subtask: str, music, max_length: int, min_train: int = 1,
+                     max_bars: int | None = DEFAULT_MAX_BARS):
     """(train, validation, where the validation came from) rendered for ``subtask``.
 
     When nothing of the validation split fits (small synthetic data, or every prompt longer than
@@ -203,8 +204,8 @@ def subtask_datasets(data_dir, subtask: str, music, max_length: int, min_train: 
     """
     from musicray.train.data import RenderedDataset, load_examples
 
-    train = RenderedDataset(load_examples(data_dir, [subtask], "train", music.vocab), music, max_length)
-    val = RenderedDataset(load_examples(data_dir, [subtask], "validation", music.vocab), music, max_length)
+    train = RenderedDataset(load_examples(data_dir, [subtask], "train", music.vocab, max_bars), music, max_length)
+    val = RenderedDataset(load_examples(data_dir, [subtask], "validation", music.vocab, max_bars), music, max_length)
     source = "validation"
     if len(val) == 0:
         held = max(1, len(train) // 10)
@@ -268,7 +269,8 @@ def train_adapter(config: dict, settings: dict) -> None:
     model.train()
 
     batch_size = int(settings["micro_batch_size"])
-    train, val, _ = subtask_datasets(settings["data_dir"], subtask, music, settings["max_length"])
+    train, val, _ = subtask_datasets(settings["data_dir"], subtask, music, settings["max_length"],
+                                     max_bars=settings["max_bars"])
     batch_size = min(batch_size, len(train))
     pad_id = music.tokenizer.pad_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -335,7 +337,7 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True) -> dict[
     scheduler = PerSubtaskScheduler(metric=METRIC, mode=MODE, key="subtask", time_attr="training_iteration",
                                     max_t=max_t, grace_period=min(stage2.grace_period, max_t),
                                     reduction_factor=stage2.reduction_factor)
-    settings = {"stage1": str(stage1), "data_dir": str(data_dir), "max_length": config.data.max_length,
+    settings = {"stage1": str(stage1), "data_dir": str(data_dir), "max_length": config.data.max_length, "max_bars": config.data.max_bars,
                 "max_steps": stage2.max_steps, "eval_every": stage2.eval_every, "eval_batches": stage2.eval_batches,
                 "micro_batch_size": stage2.micro_batch_size, "cpus_per_trial": stage2.cpus_per_trial,
                 "gpus_per_trial": stage2.gpus_per_trial}

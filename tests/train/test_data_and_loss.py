@@ -7,6 +7,7 @@ import pytest
 from musicray.encoding import encode_quantized, quantized, round_trip_song, section_windows
 from musicray.grammar import Grammar, validate_examples
 from musicray.model import add_music_tokens, load_base
+from musicray.song import SongError
 from musicray.tokens import TASKS, Vocabulary
 from musicray.train.config import Config, load_config
 from musicray.train.data import RenderedDataset, collate, load_examples
@@ -22,6 +23,16 @@ def test_every_config_loads(path):
     config = load_config(path)
     assert isinstance(config, Config)
     assert path.read_text().startswith("#"), "configs start with their launch command in a comment"
+
+
+def test_numbers_yaml_reads_as_text_are_coerced(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# musicray train --config c.yaml\nstage1:\n  learning_rate: 1e-3\n  max_steps: '12'\n"
+                    "data:\n  max_bars: 4\n")
+    config = load_config(path)
+    assert config.stage1.learning_rate == 0.001 and config.stage1.max_steps == 12 and config.data.max_bars == 4
+    with pytest.raises(SongError, match="stage1.learning_rate: expected a number"):
+        load_config(path, ["stage1.learning_rate=fast"])
 
 
 def test_overrides_and_unknown_keys():
