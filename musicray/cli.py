@@ -68,6 +68,26 @@ def _pipeline(args: argparse.Namespace) -> None:
     print(f"run dir: {summary['run_dir']}")
 
 
+def _render(args: argparse.Namespace) -> None:
+    from musicray.render import render
+
+    rendered = render(args.midi, args.out, args.soundfont, args.sample_rate, args.gain)
+    print(f"wrote {rendered.path} ({rendered.seconds:.1f} s at {rendered.sample_rate} Hz, "
+          f"soundfont {rendered.soundfont})")
+
+
+def _audio_setting(kind, low: float, high: float):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low:g}..{high:g}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
@@ -122,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")
     gen.set_defaults(handler=_generate)
+
+    from musicray.render import DEFAULT_GAIN, DEFAULT_SAMPLE_RATE, SOUNDFONT_ENV
+
+    ren = commands.add_parser("render", help="render a MIDI file to WAV with FluidSynth and a General MIDI soundfont")
+    ren.add_argument("midi", type=Path, help="MIDI file (e.g. from musicray generate)")
+    ren.add_argument("--out", type=Path, required=True, help="output WAV path")
+    ren.add_argument("--soundfont", type=Path,
+                     help=f"a .sf2 soundfont (default: ${SOUNDFONT_ENV}, else the system's General MIDI soundfont)")
+    ren.add_argument("--sample-rate", type=_audio_setting(int, 8000, 192000), default=DEFAULT_SAMPLE_RATE,
+                     help=f"Hz (default {DEFAULT_SAMPLE_RATE})")
+    ren.add_argument("--gain", type=_audio_setting(float, 0.01, 10), default=DEFAULT_GAIN,
+                     help=f"FluidSynth master gain (default {DEFAULT_GAIN})")
+    ren.set_defaults(handler=_render)
 
     from musicray.serve import app as serve_app
     from musicray.train import finetune, tune

@@ -1,0 +1,1 @@
+"""Evaluation of generated songs: metrics, teacher-forced scores, plots and the report."""
