@@ -68,6 +68,16 @@ def _pipeline(args: argparse.Namespace) -> None:
     print(f"run dir: {summary['run_dir']}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from musicray.eval.report import evaluate_run, settings_for
+
+    settings = settings_for(args.run, songs=args.songs, max_bars=args.max_bars, max_examples=args.max_examples,
+                            batch_size=args.batch_size, seed=args.seed)
+    report = evaluate_run(args.run, args.data, args.out, settings, args.device, progress=not args.quiet)
+    drawn = [path for path in report["plots"].values() if not path.startswith("skipped")]
+    print(f"wrote {args.out / 'report.md'}, report.json and {len(drawn)} plots ({report['seconds']['total']} s)")
+
+
 def _render(args: argparse.Namespace) -> None:
     from musicray.render import render
 
@@ -142,6 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")
     gen.set_defaults(handler=_generate)
+
+    ev = commands.add_parser("eval", help="evaluation report: generated vs real test songs, teacher-forced scores, "
+                                          "ablations, plots")
+    ev.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
+    ev.add_argument("--data", type=Path, required=True, help="the prepared data dir the run was trained on (its "
+                                                             "test split is evaluated)")
+    ev.add_argument("--out", type=Path, required=True, help="report dir: report.json, report.md, plots/, songs/")
+    ev.add_argument("--songs", type=int, help="test songs to compose again, one window each (default: the run "
+                                              "config's eval.songs)")
+    ev.add_argument("--max-bars", type=int, help="bars per composed window (default: eval.max_bars)")
+    ev.add_argument("--max-examples", type=int, help="test examples per sub-task for the teacher-forced scores, "
+                                                     "0 = all (default: eval.max_examples)")
+    ev.add_argument("--batch-size", type=int, help="examples per forward pass (default: eval.batch_size)")
+    ev.add_argument("--seed", type=int, help="seed of the first composed window (default: eval.seed)")
+    ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--quiet", action="store_true", help="no progress lines")
+    ev.set_defaults(handler=_eval)
 
     from musicray.render import DEFAULT_GAIN, DEFAULT_SAMPLE_RATE, SOUNDFONT_ENV
 

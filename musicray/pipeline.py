@@ -1,12 +1,15 @@
-"""``musicray pipeline``: data -> stage-1 fine-tune -> five LoRA sweeps -> generated songs, on one Ray cluster.
+"""``musicray pipeline``: data -> stage-1 fine-tune -> five LoRA sweeps -> generated songs -> evaluation report,
+on one Ray cluster.
 
-Each stage is the library call its own command makes (``musicray data``, ``train``, ``tune``, ``generate``);
-a stage whose output is already in the run dir is skipped, so an interrupted pipeline continues where it
-stopped.
+Each stage is the library call its own command makes (``musicray data``, ``train``, ``tune``, ``generate``,
+``eval``); a stage whose output is already in the run dir is skipped, so an interrupted pipeline continues where
+it stopped. With ``eval.mask_loss_ablation`` a second stage-1 model is trained with ``stage1.mask_loss`` flipped
+(into ``RUN/ablations/mask_loss_<on|off>``) for the report's loss-mask ablation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ def preset_config(preset: str) -> Path:
 def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None = None, progress: bool = True) -> dict:
     from musicray.compose import Composer, Request
     from musicray.data.prepare import ensure_ray
+    from musicray.eval.report import evaluate_run, mask_loss_dir
     from musicray.midi import write_midi
     from musicray.train.config import load_config
     from musicray.train.data import resolve_data_dir
@@ -45,9 +49,9 @@ def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None =
     run_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"config": str(config_path), "run_dir": str(run_dir), "stages": {}}
 
-    def stage(name: str, done: bool, work) -> None:
+    def stage(name: str, done: bool, work, why_skipped: str = "already done") -> None:
         started = time.perf_counter()
-        print(f"== {name}{' (already done, skipped)' if done else ''}", flush=True)
+        print(f"== {name}{f' ({why_skipped}, skipped)' if done else ''}", flush=True)
         if not done:
             work()
         summary["stages"][name] = {"seconds": round(time.perf_counter() - started, 1), "skipped": done}
@@ -72,5 +76,17 @@ def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None =
                   f"{report['seconds']} s", flush=True)
 
     stage("generate", False, compose_demo_songs)
+
+    # The loss-mask ablation: the same stage 1 (config, seed, steps) with the mask in the loss flipped.
+    flipped = not config.stage1.mask_loss
+    ablation_dir = mask_loss_dir(run_dir, flipped)
+    ablation = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, mask_loss=flipped))
+    stage(f"ablation: stage 1 with stage1.mask_loss={str(flipped).lower()}",
+          not config.eval.mask_loss_ablation or (ablation_dir / "stage1" / "model" / "config.json").exists(),
+          lambda: train_stage1(ablation, ablation_dir, progress=progress),
+          "already done" if config.eval.mask_loss_ablation else "eval.mask_loss_ablation is false")
+    stage("evaluate", False, lambda: evaluate_run(run_dir, summary["data_dir"], run_dir / "eval", config.eval,
+                                                  progress=progress))
+    summary["eval_report"] = str(run_dir / "eval" / "report.md")
     (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=1))
     return summary

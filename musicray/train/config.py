@@ -82,12 +82,27 @@ class Stage2Config:
 
 
 @dataclass
+class EvalConfig:
+    songs: int = _help("test songs composed again from their plan for the generated-vs-real comparison (one "
+                       "window each)", 4)
+    max_bars: int = _help("bars per composed window: whole sections up to this many bars (a longer section is cut "
+                          "to its first max_bars bars), to keep composing fast on a CPU", 4)
+    max_examples: int = _help("test examples per sub-task for the teacher-forced scores, in song order (0: all)", 64)
+    batch_size: int = _help("examples per forward pass for the teacher-forced scores", 4)
+    seed: int = _help("seed of the first composed window (window i uses seed + i)", 0)
+    mask_loss_ablation: bool = _help("musicray pipeline: also train stage 1 with stage1.mask_loss flipped, into "
+                                     "RUN/ablations/mask_loss_<on|off> (the loss-mask ablation; as costly as stage 1)",
+                                     False)
+
+
+@dataclass
 class Config:
     base_model: str = _help("'tiny' or a local Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
     cache_dir: str = _help("where the tiny preset and prepared data are cached", "~/.cache/musicray")
     data: DataConfig = _help("training data", factory=DataConfig)
     stage1: Stage1Config = _help("full fine-tune", factory=Stage1Config)
     stage2: Stage2Config = _help("LoRA sweeps", factory=Stage2Config)
+    eval: EvalConfig = _help("evaluation (musicray eval, the pipeline's last stage)", factory=EvalConfig)
 
     def validate(self) -> "Config":
         unknown = set(self.stage1.tasks) - set(TASKS)
@@ -102,6 +117,11 @@ class Config:
             raise SongError("stage1.precision: bf16/fp16 need use_gpu: true (DeepSpeed on CPU trains in fp32)")
         if self.stage1.lr_schedule not in ("constant", "linear", "cosine"):
             raise SongError(f"stage1.lr_schedule: {self.stage1.lr_schedule!r}; expected constant, linear or cosine")
+        for name in ("songs", "max_bars", "batch_size"):
+            if getattr(self.eval, name) < 1:
+                raise SongError(f"eval.{name}: {getattr(self.eval, name)}; expected at least 1")
+        if self.eval.max_examples < 0:
+            raise SongError(f"eval.max_examples: {self.eval.max_examples}; expected 0 (all) or more")
         return self
 
 

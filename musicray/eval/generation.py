@@ -1,0 +1,203 @@
+"""Generation for the evaluation: short windows of the real test songs, composed again from their plan.
+
+Each test song gives one *window*, so that composing on a CPU stays fast: the longest run of whole sections of at
+most ``max_bars`` bars that carries a melody, or, when every such section is longer, the first ``max_bars`` bars
+of the first melodic one (``A8`` becomes ``A4``). The composer is asked for the window's form, key, metre and base
+tempo and its songs are compared with the real windows.
+
+Two kinds of generation:
+
+* whole songs (``compose_batch``, ``compose_each``): the five stages chained as ``Composer.compose`` chains them;
+  masked decoding runs the whole batch through each stage in one decode call, unmasked decoding one song at a
+  time, since an ungrammatical stream ends that song (``SongError``), which is counted, not raised;
+* single stages from the real window's inputs (``stage_streams``): the stage's prompt carries the real song's
+  earlier streams (its chords for the melody stage...), and the raw generated tokens are kept whatever their
+  grammar, so that validity and structure adherence can be measured per stage with and without the mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from musicray.compose import Composer, Request, finish
+from musicray.data.prepare import load_table
+from musicray.decode import Sampling, generate
+from musicray.encoding import TASK_TARGET, base_tempo, encode, section_windows
+from musicray.grammar import GrammarError, Plan
+from musicray.song import Section, Song, SongError, song_from_dict
+from musicray.tokens import SUBTASKS, Vocabulary
+
+TEST_SPLIT = "test"
+
+
+@dataclass
+class Window:
+    """A real test window and the request that asks the composer for the same plan."""
+
+    song: Song
+    request: Request
+    source_id: str
+    cut: bool        # a section was cut to fit max_bars
+
+
+def split_songs(data_dir: str | Path, split: str = TEST_SPLIT) -> list[Song]:
+    """The prepared (quantized) songs of a split, in song-id order."""
+    table = load_table(data_dir, "songs", split)
+    if table.empty:
+        raise SongError(f"--data: {data_dir} has no songs in its {split} split; prepare more songs")
+    return [song_from_dict(json.loads(text)) for text in table["song_json"]]
+
+
+def first_bars(song: Song, bars: int) -> Song:
+    """The song's first ``bars`` bars; the section the cut falls in keeps its label with the bars that are left."""
+    sections, left = [], bars
+    for section in song.sections:
+        if left <= 0:
+            break
+        sections.append(Section(section.label, min(section.bars, left)))
+        left -= section.bars
+    n_bars = sum(s.bars for s in sections)
+    return Song(song.song_id, song.key, song.metre, sections,
+                chords=[c for c in song.chords if c.bar < n_bars],
+                tracks={name: [n for n in notes if n.bar < n_bars] for name, notes in song.tracks.items()},
+                tempos=[t for t in song.tempos if t.bar < n_bars])
+
+
+def eval_window(song: Song, max_bars: int) -> tuple[Song, bool] | None:
+    """(window, whether a section was cut) of a song for evaluation, or None when it has no melody at all: the
+    longest section window of at most ``max_bars`` bars with a melody, else the first ``max_bars`` bars of the
+    first window with a melody."""
+    windows = [w for w in section_windows(song, max_bars) if w.tracks["MELODY"]]
+    if not windows:
+        return None
+    fitting = [w for w in windows if w.n_bars <= max_bars]
+    if fitting:
+        # The longest, so that a short transition (POP909's X2) does not stand for a song; the first of equals.
+        return max(fitting, key=lambda w: w.n_bars), False
+    return first_bars(windows[0], max_bars), True
+
+
+def eval_windows(songs: list[Song], count: int, max_bars: int, vocab: Vocabulary, seed: int = 0) -> list[Window]:
+    """Windows of the first ``count`` test songs that have a melody, each with its request (seed + i)."""
+    if max_bars < 1:
+        raise SongError(f"max_bars: {max_bars}; expected at least 1")
+    windows = []
+    for song in songs:
+        if len(windows) == count:
+            break
+        found = eval_window(song, max_bars)
+        if found is None:
+            continue
+        window, cut = found
+        request = Request(window.form, window.key, window.metre, base_tempo(window, vocab), seed=seed + len(windows))
+        windows.append(Window(window, request, song.song_id, cut))
+    if not windows:
+        raise SongError("test split: no test song has a melody to compare generated songs with")
+    return windows
+
+
+@contextlib.contextmanager
+def adapter_for(composer: Composer, task: str | None):
+    """The composer's model as it runs ``task``: under the task's LoRA adapter where there is one, the stage-1
+    model alone where there is none or ``task`` is None (PEFT's ``disable_adapter``)."""
+    if not composer.adapters:
+        yield
+    elif task in composer.adapters:
+        composer.model.set_adapter(task)
+        yield
+    else:
+        with composer.model.disable_adapter():
+            yield
+
+
+# -- whole songs ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Composed:
+    request: Request
+    song: Song | None                       # None when a stage wrote an ungrammatical stream
+    stages: dict[str, dict] = field(default_factory=dict)   # each run stage's info (Composer.run_stage)
+    failed_stage: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def compose_batch(composer: Composer, requests: list[Request]) -> list[Composed]:
+    """Masked composition of a batch: each stage is one decode call over every song (``Composer.run_stage``)."""
+    if any(not r.use_mask for r in requests):
+        raise ValueError("compose_batch: unmasked songs fail one by one; use compose_each")
+    started = time.perf_counter()
+    songs = [request.song() for request in requests]
+    results = [Composed(request, song) for request, song in zip(requests, songs)]
+    for task in Composer.stages_for(requests[0]):
+        for song in songs:
+            composer.prepare_stage(song, task)
+        for result, info in zip(results, composer.run_stage(songs, task, requests)):
+            result.stages[task] = info
+    seconds = time.perf_counter() - started
+    for result in results:
+        finish(result.song)
+        result.seconds = seconds / len(results)
+    return results
+
+
+@torch.no_grad()
+def compose_each(composer: Composer, requests: list[Request]) -> list[Composed]:
+    """Composition one song at a time; a stage that writes an ungrammatical stream ends its song (recorded)."""
+    results = []
+    for request in requests:
+        started = time.perf_counter()
+        result = Composed(request, None)
+        song = request.song()
+        for task in Composer.stages_for(request):
+            composer.prepare_stage(song, task)
+            try:
+                result.stages[task] = composer.run_stage([song], task, [request])[0]
+            except SongError as err:
+                result.failed_stage, result.error = task, str(err)
+                break
+        if result.failed_stage is None:
+            finish(song)
+            result.song = song
+        result.seconds = time.perf_counter() - started
+        results.append(result)
+    return results
+
+
+# -- single stages -------------------------------------------------------------------------------------------
+
+@dataclass
+class StageStream:
+    task: str
+    tokens: list[int]          # music ids as generated (non-music ids dropped, as the composer does)
+    plan: Plan
+    errors: list[GrammarError]
+    finished: bool             # ended with <End> (masked) or <|eot_id|> within the budget
+
+
+@torch.no_grad()
+def stage_streams(composer: Composer, windows: list[Window], task: str, use_mask: bool, adapters: bool = True,
+                  sampling: Sampling | None = None) -> list[StageStream]:
+    """One stage for every window in one decode call, its prompt built from the real window (``encode``), the
+    raw output kept and validated. Budgets and seeds are the composer's (``Composer.run_stage``)."""
+    music, grammar = composer.music, composer.grammar
+    stream = TASK_TARGET[task]
+    examples = [encode(w.song, task, music.vocab) for w in windows]
+    plans = [Plan.from_prompt(example.prompt, music.vocab) for example in examples]
+    minimum = grammar.tokens_to_finish(grammar.start([stream] * len(plans), plans)).tolist()
+    budgets = [m + composer.tokens_per_bar[task] * plan.n_bars for m, plan in zip(minimum, plans)]
+    seeds = [w.request.seed * 1009 + SUBTASKS.index(task) for w in windows]
+    with adapter_for(composer, task if adapters else None):
+        out = generate(composer.model, music, grammar, [music.prompt_ids(e) for e in examples], [stream] * len(plans),
+                       plans, budgets, seeds, sampling or Sampling(), use_mask=use_mask)
+    tokens = out.tokens if use_mask else [music.from_llm(row) for row in out.tokens]
+    errors = grammar.validate_batch(tokens, [stream] * len(plans), plans)
+    return [StageStream(task, row, plan, found, bool(row) and music.vocab.family[row[-1]] == "End")
+            for row, plan, found in zip(tokens, plans, errors)]

@@ -1,0 +1,171 @@
+"""``musicray eval`` end to end on a tiny random-weight run: report.json, report.md, the ablation table, plots."""
+
+import json
+import shutil
+
+import pytest
+
+from musicray.cli import main
+from musicray.eval.report import evaluate_run, settings_for
+from musicray.tokens import SUBTASKS
+from musicray.train.config import EvalConfig
+
+from .conftest import ADAPTED, TRAIN_SONGS, write_data
+
+SMALL = EvalConfig(songs=2, max_bars=2, max_examples=6, batch_size=3, seed=5)
+PLOTS = ("piano_roll_generated", "piano_roll_real", "performance_curves", "training_curves", "sweep_table")
+
+
+@pytest.fixture(scope="module")
+def report_dir(eval_run, eval_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    evaluate_run(eval_run, eval_data, out, SMALL, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(report_dir):
+    return json.loads((report_dir / "report.json").read_text())
+
+
+def test_report_json_has_every_part(report):
+    assert {"run_dir", "data_dir", "settings", "notes", "windows", "metrics", "teacher_forced", "ablations", "plots",
+            "seconds", "sources"} <= set(report)
+    assert report["settings"]["songs"] == 2 and len(report["windows"]) == 2
+    assert all(int(w["form"][1:]) <= 2 for w in report["windows"])   # 8-bar sections cut to 2-bar windows
+    assert any("at most 2 bars" in note for note in report["notes"])
+
+
+def test_generated_songs_are_compared_with_the_real_windows_and_songs(report):
+    metrics = report["metrics"]
+    assert metrics["songs"] == {"generated": 2, "real_windows": 2, "real_test_songs": 3}
+    for column in ("generated", "real_windows", "real_test_songs"):
+        assert set(metrics[column]) >= {"chord_tone_ratio", "ctnctr", "pitch_class_entropy_h1", "groove_consistency",
+                                        "velocity_mean_melody", "velocity_std_piano", "tempo_change_rate",
+                                        "tempo_range_bpm", "structure_adherence", "grammar_validity"}
+        # The grammar mask makes every generated stream grammatical and exactly as long as its form.
+        assert metrics[column]["grammar_validity"]["mean"] == 1.0
+        assert metrics[column]["structure_adherence"]["mean"] == 1.0
+    # Synthetic melodies put chord tones on strong beats; a random-weight model does not.
+    assert metrics["real_windows"]["chord_tone_ratio"]["mean"] > metrics["generated"]["chord_tone_ratio"]["mean"]
+    assert len(metrics["per_window"]) == 2
+
+
+def test_teacher_forced_table_has_adapter_and_stage1_scores(report):
+    scores = report["teacher_forced"]
+    assert list(scores) == list(SUBTASKS)
+    for task in SUBTASKS:
+        alone = scores[task]["stage1"]
+        assert alone["examples"] == 6 and alone["tokens"] > 0
+        assert 0 <= alone["accuracy"] <= alone["masked_accuracy"] <= 1
+        assert 0 < alone["masked_loss"] <= alone["loss"]
+        if task in ADAPTED:
+            # Random non-zero LoRA weights change the model.
+            assert scores[task]["adapter"]["loss"] != pytest.approx(alone["loss"], abs=1e-6)
+        else:
+            assert scores[task]["adapter"] is None
+
+
+def test_ablation_table_has_the_three_ablations_and_the_reference(report):
+    rows = report["ablations"]["table"]
+    assert [(row["ablation"], row["variant"].split(" ")[0]) for row in rows] == [
+        ("generation mask", "on"), ("generation mask", "off"),
+        ("mask in the stage-1 loss", "off"), ("mask in the stage-1 loss", "on"),
+        ("LoRA adapters", "adapters"), ("LoRA adapters", "stage-1"), ("reference", "real")]
+    mask_on, mask_off, loss_off, loss_on, adapters, alone, _ = rows
+    assert mask_on["songs_valid"] == mask_on["stages_valid"] == mask_on["structure_adherence"] == 1.0
+    # Random weights without the mask do not write grammatical streams.
+    assert mask_off["songs_valid"] == 0.0 and mask_off["stages_valid"] < 1.0
+    assert "ablations/mask_loss_on" in loss_on["variant"]
+    assert loss_on["loss"] != pytest.approx(loss_off["loss"])
+    assert adapters["loss"] != pytest.approx(alone["loss"])
+    assert alone["songs_valid"] == 1.0
+    failed = report["ablations"]["generation_mask"]["off"]["songs"]
+    assert failed["valid"] == 0 and sum(failed["failed_at"].values()) == 2 and len(failed["errors"]) == 2
+
+
+def test_plots_and_songs_are_written(report, report_dir):
+    assert set(report["plots"]) == set(PLOTS)
+    for name in PLOTS:
+        path = report_dir / report["plots"][name]
+        assert path.suffix == ".png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((report_dir / "songs").glob("*.generated.mid"))) == 2
+
+
+def test_report_md_shows_the_tables_and_links_the_plots(report_dir, report):
+    text = (report_dir / "report.md").read_text()
+    for heading in ("## Generated vs real", "## Teacher-forced scores", "## Ablations", "## Plots", "## Sources"):
+        assert heading in text
+    assert "| chord_tone_ratio |" in text and "| generation mask | off (adapters) |" in text
+    for name in PLOTS:
+        assert f"]({report['plots'][name]})" in text
+    assert "Wu & Yang 2020" in text and "Yeh et al. 2021" in text
+
+
+def test_a_run_without_the_loss_mask_arm_says_not_run(eval_run, eval_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run, ignore=shutil.ignore_patterns("ablations"))
+    report = evaluate_run(run, eval_data, tmp_path / "out", EvalConfig(songs=1, max_bars=1, max_examples=2),
+                          progress=False)
+    assert report["ablations"]["loss_mask"]["other"] == "not run"
+    assert report["ablations"]["table"][3]["variant"] == "on: not run"
+    assert any("loss-mask ablation not run" in note for note in report["notes"])
+    (tmp_path / "run" / "stage1" / "metrics.csv").unlink()
+    report = evaluate_run(run, eval_data, tmp_path / "out2", EvalConfig(songs=1, max_bars=1, max_examples=2),
+                          progress=False)
+    assert report["plots"]["training_curves"].startswith("skipped:")
+    assert "training_curves: skipped:" in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_cli_eval_writes_the_report(eval_run, eval_data, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(out), "--songs", "1",
+                 "--max-bars", "1", "--max-examples", "2", "--quiet"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["settings"]["max_examples"] == 2
+
+
+def test_settings_come_from_the_run_config_and_flags(eval_run, tmp_path):
+    (eval_run / "stage1" / "config.yaml").write_text("eval:\n  songs: 3\n  seed: 7\n")
+    try:
+        settings = settings_for(eval_run, songs=None, seed=9)
+    finally:
+        (eval_run / "stage1" / "config.yaml").unlink()
+    assert (settings.songs, settings.seed, settings.max_bars) == (3, 9, EvalConfig().max_bars)
+
+
+BAD_INPUT = {
+    "missing run dir": (lambda run, data, tmp: (tmp / "nowhere", data), "--run: .* does not exist"),
+    "no stage-1 model": (lambda run, data, tmp: (tmp, data), "has no stage-1 model"),
+    "no adapters": (lambda run, data, tmp: (_without(run, tmp, "adapters"), data), "has no LoRA adapter"),
+    "not a data dir": (lambda run, data, tmp: (run, tmp), "--data: .* not a prepared data dir"),
+    "empty test split": (lambda run, data, tmp: (run, _train_only(tmp)), "no songs in its test split"),
+}
+
+
+def _without(run, tmp, name):
+    copy = tmp / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(name))
+    return copy
+
+
+def _train_only(tmp):
+    out = tmp / "train-only"
+    write_data(out, TRAIN_SONGS)
+    return out
+
+
+@pytest.mark.parametrize("make, message", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_a_one_line_error(eval_run, eval_data, tmp_path, capsys, make, message):
+    import re
+
+    run, data = make(eval_run, eval_data, tmp_path)
+    assert main(["eval", "--run", str(run), "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_bad_settings_name_the_setting(eval_run, eval_data, tmp_path, capsys):
+    assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path), "--songs",
+                 "0"]) == 2
+    assert "eval.songs" in capsys.readouterr().err
