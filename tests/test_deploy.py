@@ -426,7 +426,8 @@ def test_pipeline_job_runs_through_ray_job_submit(tmp_path):
             time.sleep(2)
         sets = ["cache_dir=" + str(tmp_path / "cache"), "data.songs=16", "stage1.max_steps=4",
                 "stage1.checkpoint_every=2", "stage2.trials_per_subtask=1", "stage2.max_steps=2",
-                "stage2.eval_every=1", "stage2.eval_batches=1"]
+                "stage2.eval_every=1", "stage2.eval_batches=1", "eval.songs=2", "eval.max_examples=8",
+                "eval.mask_loss_ablation=false"]
         submit = subprocess.run(
             [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
              sys.executable, "jobs/pipeline.py", "--preset", "tiny", "--out", str(run), "--quiet",
