@@ -4,7 +4,8 @@ One run measures, on one random-weight model (``--size``: the tiny preset, or a 
 tiny tokenizer, for a GPU) and the same prompts and seeds:
 
     masked vs unmasked   ``musicray.decode.generate`` with and without the mask: decode tokens/s (rows x steps
-                         over the decode loop's time, the prompt's prefill excluded) at each batch size; goal: masked >= 0.97 x unmasked
+                         over the decode loop's time, the prompt's prefill excluded) at each batch size;
+                         goal: masked >= 0.97 x unmasked
     mask per token       the mask's own time (``Generated.mask_seconds``: masking the scores and stepping every
                          row's grammar state) per token per sequence; goal <= 20 us (XGrammar reports < 40 us
                          per token for JSON grammars)

@@ -152,7 +152,8 @@ class Composer:
                 tokens = self.music.from_llm(tokens)
             errors = self.grammar.validate(tokens, stream, plan)
             info = {"tokens": vocab.describe(tokens), "new_tokens": len(tokens), "prompt_tokens": len(prompt),
-                    "inputs": list(task_inputs(task, self.optional_inputs(song, task))), "seconds": round(out.seconds, 3),
+                    "inputs": list(task_inputs(task, self.optional_inputs(song, task))),
+                    "seconds": round(out.seconds, 3),
                     "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs),
                     "adapter": task if task in self.adapters else None, "grammar_errors": len(errors)}
             if errors:

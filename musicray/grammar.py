@@ -217,12 +217,6 @@ class Grammar:
         self.close_cost, self.finish_drop = close_cost.to(**to), finish_drop.to(**to)
         self.bar_cost = (1 + close_cost[:, _FAMILY["Bar"]]).to(**to)
         self.token_family, self.token_value = family.to(**to), value.to(**to)
-        self.family_spans = []
-        for name in FAMILIES:
-            ids = vocab.ids_of[name]
-            if ids != list(range(ids[0], ids[-1] + 1)) or ids[0] != sum(e - b for _, b, e, _ in self.family_spans):
-                raise AssertionError(f"{name} tokens must have contiguous ids in family order")
-            self.family_spans.append((_FAMILY[name], ids[0], ids[-1] + 1, name == "Sec" or name in RISING))
 
     # -- batch engine ------------------------------------------------------------------------------------------
     def start(self, streams: list[str], plans: list[Plan], budgets: list[int] | None = None) -> GrammarState:

@@ -63,7 +63,8 @@ def test_a_given_melody_gets_chords_written_for_it(composer):
     assert report["stages"]["chord"]["inputs"] == ["melody"]
     assert report["stages"]["secondary"]["inputs"] == ["chord", "melody"]
     assert song.chords and all(c.bar < 4 for c in song.chords)
-    assert [(n.bar, n.position, n.pitch) for n in song.tracks["MELODY"]] == [(n.bar, n.position, n.pitch) for n in melody]
+    given = [(n.bar, n.position, n.pitch) for n in melody]
+    assert [(n.bar, n.position, n.pitch) for n in song.tracks["MELODY"]] == given
     _, plain = composer.compose(Request("A2B2", "C:maj", seed=3, stages=("chord",)))
     assert plain["stages"]["chord"]["inputs"] == []
     melody_tokens = 2 * len(melody) + 5 + 4  # pitch + duration per note, a position per onset (5), a bar per bar

@@ -412,8 +412,8 @@ def _train_loop_per_worker(loop: dict) -> None:
         raise SongError(f"stage 1: {len(train_set)} training examples cannot give {world} workers a micro-batch "
                         f"of {s.micro_batch_size}; use more data or fewer workers")
     try:
-        val_set = RenderedDataset(load_examples(data_dir, s.tasks, "validation", music.vocab, config.data.max_bars), music,
-                                  config.data.max_length)
+        val_set = RenderedDataset(load_examples(data_dir, s.tasks, "validation", music.vocab, config.data.max_bars),
+                                  music, config.data.max_length)
     except (FileNotFoundError, KeyError, SongError):
         val_set = []
     # The same count on every rank (ZeRO-3 gathers parameters collectively in each forward).

@@ -337,7 +337,8 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True) -> dict[
     scheduler = PerSubtaskScheduler(metric=METRIC, mode=MODE, key="subtask", time_attr="training_iteration",
                                     max_t=max_t, grace_period=min(stage2.grace_period, max_t),
                                     reduction_factor=stage2.reduction_factor)
-    settings = {"stage1": str(stage1), "data_dir": str(data_dir), "max_length": config.data.max_length, "max_bars": config.data.max_bars,
+    settings = {"stage1": str(stage1), "data_dir": str(data_dir), "max_length": config.data.max_length,
+                "max_bars": config.data.max_bars,
                 "max_steps": stage2.max_steps, "eval_every": stage2.eval_every, "eval_batches": stage2.eval_batches,
                 "micro_batch_size": stage2.micro_batch_size, "cpus_per_trial": stage2.cpus_per_trial,
                 "gpus_per_trial": stage2.gpus_per_trial}
