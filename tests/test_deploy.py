@@ -449,6 +449,9 @@ def test_pipeline_job_runs_through_ray_job_submit(tmp_path):
         log.close()
         ray_tmp.cleanup()
     summary = json.loads((run / "pipeline.json").read_text())
-    assert summary["run_dir"] == str(run) and not any(stage["skipped"] for stage in summary["stages"].values())
+    skipped = [name for name, stage in summary["stages"].items() if stage["skipped"]]
+    assert summary["run_dir"] == str(run)
+    assert skipped == ["ablation: stage 1 with stage1.mask_loss=true"]  # eval.mask_loss_ablation=false above
     assert len(list((run / "songs").glob("*.mid"))) == len(DEMO_SONGS)
+    assert (run / "eval" / "report.md").exists()
     assert (run / "stage1" / "model" / "config.json").exists() and (run / "tune" / "trials.csv").exists()
