@@ -48,8 +48,13 @@ def _generate(args: argparse.Namespace) -> None:
     chords = parse_chords(args.chords.read_text() if args.chords.exists() else str(args.chords), args.form,
                           args.metre) if args.chords else None
     melody = read_midi(args.melody).tracks["MELODY"] if args.melody else None
-    request = Request(args.form, args.key, args.metre, args.tempo, args.seed, chords, melody,
-                      tuple(args.stages), Sampling(args.temperature, args.top_k, args.top_p), not args.no_mask)
+    given = read_midi(args.song) if args.song else None
+    if given and not any(given.tracks.values()):
+        raise SongError(f"--song: {args.song} has no notes in its MELODY, BRIDGE or PIANO tracks")
+    request = Request(args.form, args.key, args.metre, args.tempo, args.seed,
+                      chords or (given.chords if given else None), melody or (given.tracks["MELODY"] if given else None),
+                      tuple(args.stages), Sampling(args.temperature, args.top_k, args.top_p), not args.no_mask,
+                      bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None)
     song, report = Composer(args.run, adapters=() if args.no_adapters else SUBTASKS).compose(request)
     write_midi(song, args.out)
     report_path = args.out.with_suffix(".json")
@@ -143,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tempo", type=int, default=100, help="base tempo, bpm")
     gen.add_argument("--chords", type=Path, help="chords (file or inline): one per bar, cycled; C:maj,G:maj splits a bar")
     gen.add_argument("--melody", type=Path, help="your own melody (MIDI); its MELODY track replaces the melody stage")
+    gen.add_argument("--song", type=Path,
+                     help="a whole song (MIDI with MELODY, BRIDGE, PIANO tracks; chords from its chord markers): what "
+                          "it has replaces its stages, e.g. with --stages dynamics tempo to perform it")
     gen.add_argument("--stages", nargs="+", default=list(SUBTASKS), choices=SUBTASKS, help="stages to run")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")

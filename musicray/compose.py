@@ -1,9 +1,9 @@
 """The composer: chords -> melody -> secondary melody -> dynamics -> tempo, each stage with its sub-task's
 LoRA adapter on the shared stage-1 model, each conditioned on the stages before it.
 
-Given chords skip the chord stage; a given melody skips the melody stage and the chord stage writes chords for
-it (the chord task's optional melody input); ``stages`` runs a subset (e.g. only dynamics and tempo to perform a song
-whose notes are given). PIANO is the chords voiced into a simple accompaniment (bass + close triad per change).
+Given chords skip the chord stage, a given secondary melody the secondary stage; a given melody skips the melody
+stage and the chord stage writes chords for it (the chord task's optional melody input); ``stages`` runs a subset
+(e.g. only dynamics and tempo to perform a song whose notes are given). PIANO is the chords voiced into a simple accompaniment (bass + close triad per change).
 """
 
 from __future__ import annotations
@@ -40,17 +40,24 @@ class Request:
     stages: tuple[str, ...] = SUBTASKS
     sampling: Sampling = field(default_factory=Sampling)
     use_mask: bool = True
+    bridge: list[Note] | None = None  # a given secondary melody (BRIDGE) replaces the secondary stage
+    piano: list[Note] | None = None   # a given accompaniment is performed as it is instead of the voiced chords
 
     def song(self) -> Song:
-        """The empty song the request describes (validated: form, key, metre, tempo)."""
+        """The song the request describes, empty but for what it gives (validated: form, key, metre, tempo)."""
         sections = parse_form(self.form)
         spec = metre(self.metre)
         if not 20 <= float(self.tempo) <= 300:
             raise SongError(f"tempo: {self.tempo} bpm is outside 20..300")
-        song = Song("generated", canonical_key(self.key), spec.name, sections, chords=list(self.chords or []),
+        try:
+            key = canonical_key(self.key)
+        except SongError as err:
+            raise SongError(f"key: {err}") from None
+        song = Song("generated", key, spec.name, sections, chords=list(self.chords or []),
                     tracks={name: [] for name in TRACKS}, tempos=[Tempo(0, 0, float(self.tempo))])
-        if self.melody:
-            song.tracks["MELODY"] = [n for n in sorted(self.melody) if n.bar < song.n_bars]
+        for name, notes in (("MELODY", self.melody), ("BRIDGE", self.bridge), ("PIANO", self.piano)):
+            if notes:
+                song.tracks[name] = [n for n in sorted(notes) if n.bar < song.n_bars]
         unknown = set(self.stages) - set(SUBTASKS)
         if unknown:
             raise SongError(f"stages: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
@@ -105,6 +112,9 @@ class Composer:
         """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a sub-task without
         one runs on the stage-1 model alone); ``tokens_per_bar`` overrides the per-stage token caps."""
         run_dir = Path(run_dir)
+        if not (run_dir / "stage1" / "model" / "config.json").exists():
+            raise SongError(f"--run: {run_dir} has no stage-1 model (stage1/model/config.json); train one "
+                            "(musicray train / musicray pipeline) or pass the run dir that holds it")
         model, self.music = load_music_model(run_dir / "stage1" / "model")
         self.tokens_per_bar = {**TOKENS_PER_BAR, **(tokens_per_bar or {})}
         self.adapters: list[str] = []
@@ -176,8 +186,8 @@ class Composer:
 
     @staticmethod
     def stages_for(request: Request) -> list[str]:
-        """The stages a request runs, in order; given chords or melody replace their stage."""
-        given = {"chord": bool(request.chords), "melody": bool(request.melody)}
+        """The stages a request runs, in order; given chords, melody or secondary melody replace their stage."""
+        given = {"chord": bool(request.chords), "melody": bool(request.melody), "secondary": bool(request.bridge)}
         return [task for task in SUBTASKS if task in request.stages and not given.get(task)]
 
     @torch.no_grad()

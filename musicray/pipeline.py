@@ -73,7 +73,7 @@ def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None =
             write_midi(song, path)
             path.with_suffix(".json").write_text(json.dumps(report, indent=1))
             print(f"   {path.name}: {song.n_bars} bars, {sum(len(n) for n in song.tracks.values())} notes, "
-                  f"{report['seconds']} s", flush=True)
+                  f"composed in {report['seconds']} s", flush=True)
 
     stage("generate", False, compose_demo_songs)
 

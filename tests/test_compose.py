@@ -72,17 +72,34 @@ def test_a_given_melody_gets_chords_written_for_it(composer):
         + 1 + 2  # <Input_melody>, and the melody body's section tokens
 
 
-def test_stages_subset_performs_a_given_song(composer):
-    chords = parse_chords("C:maj G:maj", "A2", "4/4")
-    song, report = composer.compose(Request("A2", chords=chords, melody=[Note(0, 0, 60, 4, 82)],
-                                            stages=("dynamics", "tempo"), seed=2))
+def test_stages_subset_performs_a_given_song(composer, synthetic_songs):
+    from musicray.encoding import quantized, section_windows
+
+    given = next(w for w in section_windows(quantized(synthetic_songs[0], Vocabulary()), 4)
+                 if all(w.tracks.values()))
+    song, report = composer.compose(Request(given.form, given.key, given.metre, 90, seed=2, chords=given.chords,
+                                            melody=given.tracks["MELODY"], bridge=given.tracks["BRIDGE"],
+                                            piano=given.tracks["PIANO"], stages=("dynamics", "tempo")))
     assert list(report["stages"]) == ["dynamics", "tempo"]
-    assert song.tracks["PIANO"] == [n for n in song.tracks["PIANO"]]  # voiced, then performed
-    assert len(song.tempos) == 2
+    assert song.chords == given.chords
+    for name in ("MELODY", "BRIDGE", "PIANO"):  # every given note kept, each with a performed velocity
+        assert [(n.bar, n.position, n.pitch, n.duration) for n in song.tracks[name]] == \
+            [(n.bar, n.position, n.pitch, n.duration) for n in given.tracks[name]]
+    assert report["stages"]["dynamics"]["new_tokens"] == sum(len(n) for n in given.tracks.values()) + \
+        given.n_bars + len(given.sections) + 1  # one velocity per note, the bars, the sections, <End>
+    assert len(song.tempos) == given.n_bars
+
+
+def test_a_given_secondary_melody_replaces_its_stage(composer):
+    chords = parse_chords("C:maj G:maj", "A2", "4/4")
+    bridge = [Note(0, 0, 55, 8, 70), Note(1, 0, 59, 8, 70)]
+    song, report = composer.compose(Request("A2", chords=chords, bridge=bridge, seed=4))
+    assert list(report["stages"]) == ["melody", "dynamics", "tempo"]
+    assert [(n.bar, n.pitch) for n in song.tracks["BRIDGE"]] == [(0, 55), (1, 59)]
 
 
 @pytest.mark.parametrize("request_kwargs,field", [
-    ({"form": "A4B?"}, "form"), ({"form": "A0"}, "form"), ({"form": "A4", "key": "H:maj"}, "pitch name"),
+    ({"form": "A4B?"}, "form"), ({"form": "A0"}, "form"), ({"form": "A4", "key": "H:maj"}, "key: pitch name"),
     ({"form": "A4", "metre": "5/4"}, "metre"), ({"form": "A4", "tempo": 1000}, "tempo"),
     ({"form": "A4", "stages": ("lyrics",)}, "stages"),
 ])

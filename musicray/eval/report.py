@@ -522,8 +522,9 @@ def render_markdown(report: dict) -> str:
     lines += [""] + [f"- **{name}**: {text}" for name, text in ablations["columns"].items()]
     mask_off = ablations["generation_mask"]["off"]["songs"]
     if mask_off["failed_at"]:
-        lines.append("- unmasked songs ended at: " + ", ".join(f"{task} ({n})" for task, n in
-                                                               mask_off["failed_at"].items()))
+        lines.append("- without the mask, composing stopped at the first stage whose output was ungrammatical: "
+                     + ", ".join(f"{task} ({n} song{'s' if n != 1 else ''})" for task, n in
+                                 mask_off["failed_at"].items()))
 
     lines += ["", "## Plots", ""]
     for name, path in report["plots"].items():
