@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from musicray.decode import Sampling, generate
-from musicray.encoding import OPTIONAL_INPUTS, TASK_TARGET, decode_body, encode, has_stream, task_inputs
+from musicray.encoding import TASK_TARGET, available_inputs, decode_body, encode, task_inputs
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
 from musicray.model import load_music_model
@@ -144,7 +144,8 @@ class Composer:
         """Generate one sub-task's stream for a batch of songs (one decode call) and write it into each song."""
         vocab = self.music.vocab
         stream = TASK_TARGET[task]
-        examples = [encode(song, task, vocab, self.optional_inputs(song, task)) for song in songs]
+        optional = [available_inputs(song, task) for song in songs]
+        examples = [encode(song, task, vocab, given) for song, given in zip(songs, optional)]
         plans = [Plan.from_prompt(example.prompt, vocab) for example in examples]
         minimum = self.grammar.tokens_to_finish(self.grammar.start([stream] * len(plans), plans)).tolist()
         budgets = [m + self.tokens_per_bar[task] * plan.n_bars for m, plan in zip(minimum, plans)]
@@ -157,12 +158,12 @@ class Composer:
             out = generate(self.model, self.music, self.grammar, prompts, [stream] * len(songs), plans, budgets,
                            seeds, requests[0].sampling, use_mask=use_mask)
         infos = []
-        for song, tokens, plan, prompt in zip(songs, out.tokens, plans, prompts):
+        for song, tokens, plan, prompt, given in zip(songs, out.tokens, plans, prompts, optional):
             if not use_mask:
                 tokens = self.music.from_llm(tokens)
             errors = self.grammar.validate(tokens, stream, plan)
             info = {"tokens": vocab.describe(tokens), "new_tokens": len(tokens), "prompt_tokens": len(prompt),
-                    "inputs": list(task_inputs(task, self.optional_inputs(song, task))),
+                    "inputs": list(task_inputs(task, given)),
                     "seconds": round(out.seconds, 3),
                     "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs),
                     "adapter": task if task in self.adapters else None, "grammar_errors": len(errors)}
@@ -173,11 +174,6 @@ class Composer:
             decode_body(tokens[:-1], stream, song, vocab)
             infos.append(info)
         return infos
-
-    @staticmethod
-    def optional_inputs(song: Song, task: str) -> tuple[str, ...]:
-        """The optional inputs the song already has for this stage (a given melody for the chord stage)."""
-        return tuple(name for name in OPTIONAL_INPUTS.get(task, ()) if has_stream(song, name))
 
     def prepare_stage(self, song: Song, task: str) -> None:
         """What a stage needs before it runs: dynamics perform the PIANO part too, so voice it first."""

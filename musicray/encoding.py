@@ -182,11 +182,11 @@ def task_inputs(task: str, optional: tuple[str, ...] = ()) -> tuple[str, ...]:
     return TASK_INPUTS[task] + tuple(name for name in OPTIONAL_INPUTS.get(task, ()) if name in optional)
 
 
-def has_stream(song: Song, stream: str) -> bool:
-    """Whether the song has anything of ``stream`` to give as an input (a melody-less window gives no melody)."""
+def available_inputs(song: Song, task: str) -> tuple[str, ...]:
+    """The optional inputs of ``task`` the song has something for (a melody-less window gives no melody)."""
     present = {"chords": bool(song.chords), "tempo": bool(song.tempos),
                **{name: bool(song.tracks.get(name)) for name in TRACKS}}
-    return any(present[f] for f in STREAM_FIELDS[stream])
+    return tuple(name for name in OPTIONAL_INPUTS.get(task, ()) if any(present[f] for f in STREAM_FIELDS[name]))
 
 
 def project(song: Song, task: str, base_bpm: float | None = None, optional: tuple[str, ...] = ()) -> Song:

@@ -11,6 +11,31 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+def save_random_run(run: Path, subtasks, cache: Path):
+    """A run dir without training: the tiny stage-1 model with the music tokens, and a random (non-zero) LoRA
+    adapter for each of ``subtasks`` (the others run on the stage-1 model alone). Returns (model, music)."""
+    from peft import LoraConfig, get_peft_model
+
+    from musicray.model import add_music_tokens, load_base, save_music_model
+    from musicray.tokens import Vocabulary
+
+    model, tokenizer = load_base("tiny", cache)
+    music = add_music_tokens(model, tokenizer, Vocabulary())
+    save_music_model(model, music, run / "stage1" / "model")
+    for seed, subtask in enumerate(subtasks):
+        torch.manual_seed(seed)
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft.save_pretrained(run / "adapters" / subtask)
+        model = peft.unload()
+    return model, music
+
+
+@pytest.fixture(scope="session")
+def make_random_run():
+    """``save_random_run`` for fixtures in any test module."""
+    return save_random_run
+
+
 def pop909_dir() -> Path:
     return Path(os.environ.get("POP909_DIR", ROOT.parent / "shared" / "datasets" / "pop909"))
 

@@ -1,28 +1,17 @@
 """The five-stage composer on a random-weight stage-1 model with LoRA adapters."""
 
 import pytest
-import torch
 
 from musicray.compose import Composer, Request, parse_chords, voice_piano
 from musicray.midi import midi_to_song, song_to_midi
-from musicray.model import add_music_tokens, load_base, save_music_model
 from musicray.song import Note, SongError
 from musicray.tokens import SUBTASKS, Vocabulary
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-
+def run_dir(tmp_path_factory, make_random_run):
     run = tmp_path_factory.mktemp("run")
-    model, tokenizer = load_base("tiny", run / "cache")
-    music = add_music_tokens(model, tokenizer, Vocabulary())
-    save_music_model(model, music, run / "stage1" / "model")
-    for i, subtask in enumerate(SUBTASKS[:3]):  # the other two stages run on the stage-1 model alone
-        torch.manual_seed(i)
-        peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        peft.save_pretrained(run / "adapters" / subtask)
-        model = peft.unload()
+    make_random_run(run, SUBTASKS[:3], run / "cache")  # the other two stages run on the stage-1 model alone
     return run
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -20,21 +19,11 @@ QUICKSTART = "quickstart.ipynb"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-
-    from musicray.model import add_music_tokens, load_base, save_music_model
-    from musicray.tokens import SUBTASKS, Vocabulary
+def tiny_run(tmp_path_factory, make_random_run):
+    from musicray.tokens import SUBTASKS
 
     run = tmp_path_factory.mktemp("run")
-    model, tokenizer = load_base("tiny", run / "cache")
-    music = add_music_tokens(model, tokenizer, Vocabulary())
-    save_music_model(model, music, run / "stage1" / "model")
-    for seed, subtask in enumerate(SUBTASKS):
-        torch.manual_seed(seed)
-        peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        peft.save_pretrained(run / "adapters" / subtask)
-        model = peft.unload()
+    make_random_run(run, SUBTASKS, run / "cache")
     return run
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from musicray.data.prepare import Pop909Source, SynthSource, load_table, prepare
-from musicray.encoding import OPTIONAL_INPUTS, TASK_TARGET, Example, encode_quantized, has_stream, section_windows
+from musicray.encoding import TASK_TARGET, Example, available_inputs, encode_quantized, section_windows
 from musicray.grammar import Plan
 from musicray.model import MusicTokenizer
 from musicray.song import SongError, song_from_dict
@@ -50,8 +50,7 @@ def load_examples(data_dir: str | Path, tasks: list[str], split: str, vocab, max
         for window in section_windows(song, max_bars):
             for task in tasks:
                 examples.append(encode_quantized(window, task, vocab))
-                examples += [encode_quantized(window, task, vocab, (name,)) for name in OPTIONAL_INPUTS.get(task, ())
-                             if has_stream(window, name)]
+                examples += [encode_quantized(window, task, vocab, (name,)) for name in available_inputs(window, task)]
     return examples
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from musicray.model import add_music_tokens, load_base, save_music_model
+from musicray.model import save_music_model
 from musicray.tokens import SUBTASKS, Vocabulary
 
 # Synthetic songs whose id hashes into the test split (split_of), and one train song.
@@ -54,20 +54,11 @@ def eval_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def eval_run(tmp_path_factory):
+def eval_run(tmp_path_factory, make_random_run):
     """stage1/model + LoRA adapters of three sub-tasks (random, non-zero), training records, and a second stage-1
     model in ablations/mask_loss_on (the loss-mask arm; the run's own config says mask_loss: false)."""
-    from peft import LoraConfig, get_peft_model
-
     run = tmp_path_factory.mktemp("eval-run")
-    model, tokenizer = load_base("tiny", run / "cache")
-    music = add_music_tokens(model, tokenizer, Vocabulary())
-    save_music_model(model, music, run / "stage1" / "model")
-    for i, subtask in enumerate(ADAPTED):
-        torch.manual_seed(i)
-        peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        peft.save_pretrained(run / "adapters" / subtask)
-        model = peft.unload()
+    model, music = make_random_run(run, ADAPTED, run / "cache")
     write_training_records(run)
     torch.manual_seed(99)
     with torch.no_grad():   # another stage-1 model: this one with its embeddings moved
