@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from musicray.song import SongError
+from musicray.errors import SongError
 
 # One spelling per pitch class so that enharmonic labels (C#:maj, Db:maj) share a token.
 PITCH_CLASS_NAMES: tuple[str, ...] = ("C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B")

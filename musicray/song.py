@@ -11,11 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from musicray.errors import SongError
+
 TRACKS: tuple[str, ...] = ("MELODY", "BRIDGE", "PIANO")
-
-
-class SongError(ValueError):
-    """A song, form string or song field that cannot be represented; the message names the field."""
 
 
 @dataclass(frozen=True)
