@@ -40,7 +40,7 @@ def _data_inspect(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from musicray.compose import Composer, Request, parse_chords
+    from musicray.compose import Composer, Request, parse_chords, regenerated_bars
     from musicray.tokens import SUBTASKS
     from musicray.decode import Sampling
     from musicray.midi import read_midi, write_midi
@@ -51,10 +51,21 @@ def _generate(args: argparse.Namespace) -> None:
     given = read_midi(args.song) if args.song else None
     if given and not any(given.tracks.values()):
         raise SongError(f"--song: {args.song} has no notes in its MELODY, BRIDGE or PIANO tracks")
-    request = Request(args.form, args.key, args.metre, args.tempo, args.seed,
+    if (args.regenerate or args.regenerate_bars) and not given:
+        raise SongError("--regenerate: infilling rewrites part of a given song; pass it with --song")
+    # A given song brings its own form, key, metre and tempo unless they are set here.
+    form = args.form or (given.form if given else None)
+    if not form:
+        raise SongError("--form: required (or give a --song, whose form is used)")
+    key, metre_name = args.key or (given.key if given else "C:maj"), args.metre or (given.metre if given else "4/4")
+    tempo = args.tempo or (round(given.tempos[0].bpm) if given and given.tempos else 100)
+    regenerate = regenerated_bars(form, args.regenerate, args.regenerate_bars) \
+        if args.regenerate or args.regenerate_bars else None
+    request = Request(form, key, metre_name, tempo, args.seed,
                       chords or (given.chords if given else None), melody or (given.tracks["MELODY"] if given else None),
                       tuple(args.stages), Sampling(args.temperature, args.top_k, args.top_p), not args.no_mask,
-                      bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None)
+                      bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
+                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None)
     song, report = Composer(args.run, adapters=() if args.no_adapters else SUBTASKS).compose(request)
     write_midi(song, args.out)
     report_path = args.out.with_suffix(".json")
@@ -142,16 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="compose a song with the trained model and adapters")
     gen.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
-    gen.add_argument("--form", required=True, help="sections as label + bars, e.g. i4A8B8A8o4")
-    gen.add_argument("--key", default="C:maj", help="ROOT:maj or ROOT:min")
-    gen.add_argument("--metre", default="4/4", help="4/4, 3/4, 2/4, 12/8 or 6/8")
-    gen.add_argument("--tempo", type=int, default=100, help="base tempo, bpm")
+    gen.add_argument("--form", help="sections as label + bars, e.g. i4A8B8A8o4 (default: the --song's form)")
+    gen.add_argument("--key", help="ROOT:maj or ROOT:min (default: the --song's key, else C:maj)")
+    gen.add_argument("--metre", help="4/4, 3/4, 2/4, 12/8 or 6/8 (default: the --song's metre, else 4/4)")
+    gen.add_argument("--tempo", type=int, help="base tempo, bpm (default: the --song's first tempo, else 100)")
     gen.add_argument("--chords", type=Path, help="chords (file or inline): one per bar, cycled; C:maj,G:maj splits a bar")
     gen.add_argument("--melody", type=Path, help="your own melody (MIDI); its MELODY track replaces the melody stage")
     gen.add_argument("--song", type=Path,
                      help="a whole song (MIDI with MELODY, BRIDGE, PIANO tracks; chords from its chord markers): what "
                           "it has replaces its stages, e.g. with --stages dynamics tempo to perform it")
-    gen.add_argument("--stages", nargs="+", default=list(SUBTASKS), choices=SUBTASKS, help="stages to run")
+    gen.add_argument("--regenerate", metavar="LABELS",
+                     help="infilling: rewrite the sections with these labels (e.g. B or A,B) of the --song; every "
+                          "other bar stays as given, note for note")
+    gen.add_argument("--regenerate-bars", metavar="RANGES",
+                     help="infilling: rewrite these bars (1-based, e.g. 9-16 or 1-4,9) of the --song")
+    gen.add_argument("--stages", nargs="+", default=list(SUBTASKS), choices=SUBTASKS,
+                     help="stages to run (with --regenerate: the parts rewritten in the chosen bars)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)

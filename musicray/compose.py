@@ -8,6 +8,7 @@ stage and the chord stage writes chords for it (the chord task's optional melody
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from musicray.decode import Sampling, generate
-from musicray.encoding import TASK_TARGET, available_inputs, decode_body, encode, task_inputs
+from musicray.encoding import TASK_TARGET, available_inputs, decode_body, encode, given_bars, quantized, task_inputs
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
 from musicray.model import load_music_model
@@ -42,6 +43,10 @@ class Request:
     use_mask: bool = True
     bridge: list[Note] | None = None  # a given secondary melody (BRIDGE) replaces the secondary stage
     piano: list[Note] | None = None   # a given accompaniment is performed as it is instead of the voiced chords
+    # Infilling: the bars (0-based) that ``stages`` write anew; every other bar of those stages keeps what the
+    # request gives (chords, melody, bridge, piano, tempo), token for token. None: compose as usual.
+    regenerate: tuple[int, ...] | None = None
+    tempos: list[Tempo] | None = None  # a given tempo map (kept outside the regenerated bars)
 
     def song(self) -> Song:
         """The song the request describes, empty but for what it gives (validated: form, key, metre, tempo)."""
@@ -54,13 +59,20 @@ class Request:
         except SongError as err:
             raise SongError(f"key: {err}") from None
         song = Song("generated", key, spec.name, sections, chords=list(self.chords or []),
-                    tracks={name: [] for name in TRACKS}, tempos=[Tempo(0, 0, float(self.tempo))])
+                    tracks={name: [] for name in TRACKS},
+                    tempos=[t for t in self.tempos if t.bar < sum(s.bars for s in sections)] if self.tempos
+                    else [Tempo(0, 0, float(self.tempo))])
         for name, notes in (("MELODY", self.melody), ("BRIDGE", self.bridge), ("PIANO", self.piano)):
             if notes:
-                song.tracks[name] = [n for n in sorted(notes) if n.bar < song.n_bars]
+                song.tracks[name] = [song.inside_form(n) for n in sorted(notes) if n.bar < song.n_bars]
         unknown = set(self.stages) - set(SUBTASKS)
         if unknown:
             raise SongError(f"stages: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
+        if self.regenerate is not None:
+            outside = sorted(b for b in self.regenerate if not 0 <= b < song.n_bars)
+            if outside or not self.regenerate:
+                raise SongError(f"regenerate: bars {[b + 1 for b in outside] or '(none)'} are not bars of the form "
+                                f"{song.form} (1..{song.n_bars})")
         song.check()
         return song
 
@@ -82,6 +94,37 @@ def parse_chords(text: str, form: str, metre_name: str) -> list[Chord]:
             except SongError as err:
                 raise SongError(f"chords: bar {bar + 1}: {err}") from None
     return chords
+
+
+def regenerated_bars(form: str, labels: str | None = None, bars: str | None = None) -> tuple[int, ...]:
+    """The bars (0-based) to write anew: every bar of the sections whose label is in ``labels`` (e.g. ``B`` or
+    ``A,B``) and the 1-based inclusive ranges of ``bars`` (e.g. ``9-16`` or ``1-4,9``)."""
+    sections = parse_form(form)
+    chosen: set[int] = set()
+    if labels:
+        wanted = {label.strip() for label in labels.split(",") if label.strip()}
+        missing = wanted - {s.label for s in sections}
+        if missing:
+            raise SongError(f"regenerate: the form {form} has no section labelled {', '.join(sorted(missing))}")
+        start = 0
+        for section in sections:
+            if section.label in wanted:
+                chosen.update(range(start, start + section.bars))
+            start += section.bars
+    if bars:
+        n_bars = sum(s.bars for s in sections)
+        for part in bars.split(","):
+            first, _, last = part.strip().partition("-")
+            try:
+                low, high = int(first), int(last or first)
+            except ValueError:
+                raise SongError(f"regenerate-bars: cannot read {part!r}; expected e.g. 9-16 or 1-4,9") from None
+            if not 1 <= low <= high <= n_bars:
+                raise SongError(f"regenerate-bars: {part.strip()} is not a range of bars in 1..{n_bars}")
+            chosen.update(range(low - 1, high))
+    if not chosen:
+        raise SongError("regenerate: no bar chosen (give section labels or bar ranges)")
+    return tuple(sorted(chosen))
 
 
 def voice_piano(song: Song, velocity: int = NEUTRAL_VELOCITY) -> list[Note]:
@@ -146,9 +189,10 @@ class Composer:
         stream = TASK_TARGET[task]
         optional = [available_inputs(song, task) for song in songs]
         examples = [encode(song, task, vocab, given) for song, given in zip(songs, optional)]
-        plans = [Plan.from_prompt(example.prompt, vocab) for example in examples]
+        plans = [self._plan(example, song, task, request, given)
+                 for example, song, request, given in zip(examples, songs, requests, optional)]
         minimum = self.grammar.tokens_to_finish(self.grammar.start([stream] * len(plans), plans)).tolist()
-        budgets = [m + self.tokens_per_bar[task] * plan.n_bars for m, plan in zip(minimum, plans)]
+        budgets = [m + self.tokens_per_bar[task] * (plan.n_bars - len(plan.forced)) for m, plan in zip(minimum, plans)]
         prompts = [self.music.prompt_ids(example) for example in examples]
         seeds = [request.seed * 1009 + SUBTASKS.index(task) for request in requests]
         use_mask = requests[0].use_mask
@@ -175,14 +219,31 @@ class Composer:
             infos.append(info)
         return infos
 
+    def _plan(self, example, song: Song, task: str, request: Request, optional: tuple[str, ...]) -> Plan:
+        """The grammar plan of a stage: the prompt's form and quotas, and (infilling) the bars it keeps given."""
+        plan = Plan.from_prompt(example.prompt, self.music.vocab)
+        if request.regenerate is None:
+            return plan
+        keep = [bar for bar in range(song.n_bars) if bar not in set(request.regenerate)]
+        # The kept bars come from the request as given: earlier stages may have changed what they did not write
+        # (a melody stage has no velocities), the given song has not.
+        source = request.song()
+        self.prepare_stage(source, task)
+        return dataclasses.replace(plan, forced=given_bars(source, task, self.music.vocab, keep, optional))
+
     def prepare_stage(self, song: Song, task: str) -> None:
-        """What a stage needs before it runs: dynamics perform the PIANO part too, so voice it first."""
-        if task == "dynamics" and not song.tracks["PIANO"] and song.chords:
-            song.tracks["PIANO"] = voice_piano(song)
+        """What a stage needs before it runs: dynamics perform the PIANO part too, so voice it first, and give
+        velocities to the notes as the prompt writes them (canonical: one per onset and pitch, inside the form)."""
+        if task == "dynamics":
+            if not song.tracks["PIANO"] and song.chords:
+                song.tracks["PIANO"] = voice_piano(song)
+            song.tracks = quantized(song, self.music.vocab).tracks
 
     @staticmethod
     def stages_for(request: Request) -> list[str]:
         """The stages a request runs, in order; given chords, melody or secondary melody replace their stage."""
+        if request.regenerate is not None:   # infilling rewrites the chosen bars of every requested stage
+            return [task for task in SUBTASKS if task in request.stages]
         given = {"chord": bool(request.chords), "melody": bool(request.melody), "secondary": bool(request.bridge)}
         return [task for task in SUBTASKS if task in request.stages and not given.get(task)]
 

@@ -9,27 +9,35 @@ An example is a *prompt* (header + inputs) and a *target* (one stream of the son
 A body walks the form: ``<Sec_A8>`` opens a section, ``<Bar>`` each of its bars, then the bar's events by
 position. What a bar holds depends on the stream (``STREAMS``):
 
-    song      <Bar> <Tempo> (<Pos> [<Chord> [<Bass>]] (<Track> (<Pitch> <Dur> <Vel>)+)*)*
+    song      <Bar> <Tempo|TempoChange> (<Pos> [<Chord> [<Bass>]] (<Track> (<Pitch> <Dur> <Vel>)+)*)*
     chord     <Bar> (<Pos> <Chord> [<Bass>])*          the chord sounding at the downbeat is restated there
     melody    <Bar> (<Pos> (<Pitch> <Dur>)+)*           MELODY (melody task) or BRIDGE (secondary task)
     notes     <Bar> (<Pos> (<Track> (<Pitch> <Dur>)+)+)*  all tracks without velocity (the dynamics input)
     dynamics  <Bar> <Vel>*                              one velocity per note of the bar, in note order
-    tempo     <Bar> <Tempo>                             one tempo per bar
+    tempo     <Bar> <Tempo|TempoChange>                 one tempo per bar
 
 Tempo is encoded per bar as integer bpm, chosen so that each rebuilt downbeat lands as close as possible to
 its performed time (the rounding error is carried into the next bar instead of accumulating); docs/tokens.md
 gives the figures behind this choice.
+
+The vocabulary's language (``VocabConfig``) says how chords, pitches and bar tempi are written. In the relative
+language a chord is a degree of the key, a pitch counts semitones above the root of the chord sounding at its
+onset (above the key's tonic where no chord sounds, or where the example has not given the chords yet: a body
+read before the chord stream), and a bar's tempo is the change from the bar before (the body's first bar, and
+changes beyond ``max_tempo_change``, absolute). Both languages decode to the same song.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
-from musicray.harmony import NO_CHORD, canonical_key, chord_label, parse_chord
+from musicray.harmony import (CHORD_QUALITIES, NO_CHORD, canonical_key, chord_label, key_tonic, parse_chord,
+                              reference_pitch_class)
 from musicray.song import TRACKS, Chord, Note, Section, Song, SongError, Tempo
-from musicray.tokens import TASKS, Vocabulary
+from musicray.tokens import REPRESENTABLE_PITCHES, TASKS, Vocabulary
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,10 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "tempo": ("MELODY", "tempo"),
 }
 
+CHORD_QUALITY_NAMES: tuple[str, ...] = tuple(CHORD_QUALITIES)
+# Version of the canonical song (``quantized``) that prepared data stores: 2 keeps every note inside the form
+# and its pitch in the range every language writes. Prepared data of another version is prepared again.
+CANONICAL_FORMAT = 2
 # Notes of a stream without velocity decode with this one; it is a bin centre so quantization keeps it.
 NEUTRAL_VELOCITY = 82
 DEFAULT_BPM = 120.0
@@ -133,11 +145,23 @@ def canonical_chords(chords: list[Chord]) -> list[Chord]:
     return merged
 
 
-def canonical_notes(notes: list[Note], vocab: Vocabulary) -> list[Note]:
-    """Binned velocity, clipped duration, one note per (onset, pitch): the longest, then the loudest."""
+def representable_pitch(pitch: int) -> int:
+    """The pitch moved by octaves into the range every language can write (MIDI 11..116)."""
+    low, high = REPRESENTABLE_PITCHES
+    while pitch < low:
+        pitch += 12
+    while pitch > high:
+        pitch -= 12
+    return pitch
+
+
+def canonical_notes(song: Song, track: str, vocab: Vocabulary) -> list[Note]:
+    """A track's notes binned (velocity), moved into the representable pitch range, clipped (duration: to the
+    vocabulary's longest and to the form's end), one note per (onset, pitch): the longest, then the loudest."""
     best: dict[tuple[int, int, int], Note] = {}
-    for note in notes:
-        note = Note(note.bar, note.position, note.pitch, vocab.quantize_duration(note.duration),
+    for note in song.tracks.get(track, []):
+        note = song.inside_form(note)
+        note = Note(note.bar, note.position, representable_pitch(note.pitch), vocab.quantize_duration(note.duration),
                     vocab.quantize_velocity(note.velocity))
         key = (note.bar, note.position, note.pitch)
         if key not in best or (note.duration, note.velocity) > (best[key].duration, best[key].velocity):
@@ -153,7 +177,7 @@ def quantized(song: Song, vocab: Vocabulary) -> Song:
         metre=song.metre,
         sections=list(song.sections),
         chords=canonical_chords(song.chords),
-        tracks={name: canonical_notes(song.tracks.get(name, []), vocab) for name in TRACKS},
+        tracks={name: canonical_notes(song, name, vocab) for name in TRACKS},
         tempos=[Tempo(bar, 0, float(bpm)) for bar, bpm in enumerate(bar_tempo_tokens(song, vocab))],
     )
 
@@ -215,11 +239,45 @@ def encode_header(song: Song, task: str, vocab: Vocabulary, bpm: int) -> list[in
     return ids
 
 
-def _chord_ids(label: str, vocab: Vocabulary) -> list[int]:
+class SoundingChords:
+    """The chord sounding at any (bar, position) of a list of chord changes (None before the first, or when
+    the list is empty: the chords are not known)."""
+
+    def __init__(self, chords: list[Chord]):
+        self.changes = sorted(chords)
+        self.times = [(c.bar, c.position) for c in self.changes]
+
+    def at(self, bar: int, position: int) -> str | None:
+        index = bisect.bisect_right(self.times, (bar, position)) - 1
+        return self.changes[index].label if index >= 0 else None
+
+
+def _chord_ids(label: str, vocab: Vocabulary, tonic: int) -> list[int]:
     root, quality, bass = parse_chord(label)
-    ids = [vocab.token("Chord", chord_label(root, quality))]
+    if root is None:
+        return [vocab.token("Chord", NO_CHORD)]
+    written = (root - tonic) % 12 if vocab.config.chords == "degree" else root
+    ids = [vocab.ids_of["Chord"][written * len(CHORD_QUALITY_NAMES) + CHORD_QUALITY_NAMES.index(quality)]]
     if bass:
         ids.append(vocab.token("Bass", bass))
+    return ids
+
+
+def _pitch_id(pitch: int, reference: int, vocab: Vocabulary) -> int:
+    written = pitch - reference if vocab.config.pitch == "chord" else pitch
+    return vocab.ids_of["Pitch"][written]
+
+
+def _bar_tempo_ids(bpm_by_bar: list[int], vocab: Vocabulary) -> list[int]:
+    """One tempo token per bar: absolute, or (the 'change' language) the change from the bar before."""
+    limit = vocab.config.max_tempo_change
+    ids = []
+    for bar, bpm in enumerate(bpm_by_bar):
+        change = bpm - bpm_by_bar[bar - 1] if bar else None
+        if vocab.config.tempo == "change" and change is not None and abs(change) <= limit:
+            ids.append(vocab.ids_of["TempoChange"][change + limit])
+        else:
+            ids.append(vocab.token("Tempo", bpm))
     return ids
 
 
@@ -245,10 +303,13 @@ def _bar_events(song: Song, stream: Stream) -> list[dict[int, dict]]:
 
 
 def encode_body(song: Song, stream_name: str, vocab: Vocabulary) -> list[int]:
-    """One stream of a quantized song, without the closing ``<End>``."""
+    """One stream of a quantized song, without the closing ``<End>``. Relative pitches count from
+    ``song.chords``: pass the song without chords for a body read before the chords are known."""
     stream = STREAMS[stream_name]
     bar_events = _bar_events(song, stream)
-    bpm_by_bar = [t.bpm for t in song.tempos] if stream.tempo else []
+    tempo_ids = _bar_tempo_ids([int(t.bpm) for t in song.tempos], vocab) if stream.tempo else []
+    tonic = key_tonic(song.key)
+    sounding = SoundingChords(song.chords)
     ids: list[int] = []
     bar = 0
     for section in song.sections:
@@ -256,7 +317,7 @@ def encode_body(song: Song, stream_name: str, vocab: Vocabulary) -> list[int]:
         for _ in range(section.bars):
             ids.append(vocab.token("Bar"))
             if stream.tempo:
-                ids.append(vocab.token("Tempo", int(bpm_by_bar[bar])))
+                ids.append(tempo_ids[bar])
             for position, events in sorted(bar_events[bar].items()):
                 if stream.velocities_only:
                     for name in TRACKS:
@@ -264,7 +325,8 @@ def encode_body(song: Song, stream_name: str, vocab: Vocabulary) -> list[int]:
                     continue
                 ids.append(vocab.token("Pos", position))
                 if events["chord"] is not None:
-                    ids += _chord_ids(events["chord"], vocab)
+                    ids += _chord_ids(events["chord"], vocab, tonic)
+                reference = reference_pitch_class(sounding.at(bar, position), song.key)
                 for name in TRACKS:
                     notes = events["notes"].get(name)
                     if not notes:
@@ -272,11 +334,51 @@ def encode_body(song: Song, stream_name: str, vocab: Vocabulary) -> list[int]:
                     if stream.track_markers:
                         ids.append(vocab.token("Track", name))
                     for note in notes:
-                        ids += [vocab.token("Pitch", note.pitch), vocab.token("Dur", note.duration)]
+                        ids += [_pitch_id(note.pitch, reference, vocab), vocab.token("Dur", note.duration)]
                         if stream.velocity:
                             ids.append(vocab.token("Vel", note.velocity))
             bar += 1
     return ids
+
+
+def bar_contents(body: list[int], vocab: Vocabulary) -> list[list[int]]:
+    """The tokens of each bar of a body, in order: what follows its ``<Bar>`` up to the next ``<Bar>``,
+    ``<Sec_..>`` or ``<End>``."""
+    bars: list[list[int]] = []
+    inside = False
+    for token in body:
+        family = vocab.family[token]
+        if family == "Bar":
+            bars.append([])
+            inside = True
+        elif family in ("Sec", "End"):
+            inside = False
+        elif inside:
+            bars[-1].append(token)
+    return bars
+
+
+def given_bars(song: Song, task: str, vocab: Vocabulary, bars: list[int],
+               optional: tuple[str, ...] = ()) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """What ``task``'s stream of ``song`` holds in each of ``bars`` (0-based), as a grammar plan's forced bars
+    (bar numbers from 1). A tempo change whose bar before is not given is written absolute: the bar before
+    will be written anew, and the given bar must keep its own tempo whatever that one becomes."""
+    example = encode(song, task, vocab, optional)
+    contents = bar_contents(example.target, vocab)
+    kept = set(bars)
+    bpm_by_bar: list[int] = []
+    for content in contents:   # each bar's absolute tempo, for the changes that must become absolute
+        tempo = next((t for t in content if vocab.family[t] in ("Tempo", "TempoChange")), None)
+        if tempo is not None:
+            value = vocab.value[tempo]
+            bpm_by_bar.append(value if vocab.family[tempo] == "Tempo" else bpm_by_bar[-1] + value)
+    forced = []
+    for bar in sorted(kept):
+        content = list(contents[bar])
+        if content and vocab.family[content[0]] == "TempoChange" and bar - 1 not in kept:
+            content[0] = vocab.token("Tempo", bpm_by_bar[bar])
+        forced.append((bar + 1, tuple(content)))
+    return tuple(forced)
 
 
 def encode(song: Song, task: str, vocab: Vocabulary, optional: tuple[str, ...] = ()) -> Example:
@@ -296,9 +398,15 @@ def encode_quantized(song: Song, task: str, vocab: Vocabulary, optional: tuple[s
         raise SongError(f"task: unknown task {task!r}; known: {', '.join(TASKS)}")
     bpm = base_tempo(song, vocab)
     prompt = encode_header(song, task, vocab, bpm)
+    # A body's pitches may count from the chords only once the example has given them (an earlier input, or
+    # the body's own chords): the chord task's melody input is read before the chords it is for.
+    known = song.replace(chords=[])
     for name in task_inputs(task, optional):
-        prompt += [vocab.token("Input", name)] + encode_body(song, name, vocab)
-    target = encode_body(song, TASK_TARGET[task], vocab) + [vocab.token("End")]
+        if STREAMS[name].chords:
+            known = song
+        prompt += [vocab.token("Input", name)] + encode_body(known, name, vocab)
+    target_stream = TASK_TARGET[task]
+    target = encode_body(song if STREAMS[target_stream].chords else known, target_stream, vocab) + [vocab.token("End")]
     return Example(task, prompt, target, song.song_id)
 
 
@@ -341,31 +449,55 @@ def decode_header(prompt: list[int], vocab: Vocabulary) -> Header:
 
 
 def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary) -> None:
-    """Add what a (grammatical) body of ``stream_name`` says to ``song`` in place."""
+    """Add what a (grammatical) body of ``stream_name`` says to ``song`` in place.
+
+    Relative pitches count from the chords the body carries, else from ``song.chords`` (the chords decoded so
+    far: empty when the example had not given them); a tempo change on a body's first bar counts from the
+    song's first tempo.
+    """
     stream = STREAMS[stream_name]
     single_track = stream.tracks[0] if len(stream.tracks) == 1 else None
+    tonic = key_tonic(song.key)
+    known = SoundingChords([] if stream.chords else song.chords)
     bar, position, track = -1, 0, single_track
     chords, tempos = [], []
     notes: dict[str, list[Note]] = {name: [] for name in TRACKS}
     pending: dict = {}
     velocities: list[int] = []
+    bpm = vocab.quantize_tempo(song.tempos[0].bpm if song.tempos else DEFAULT_BPM)
+    reference = tonic
     for token in ids:
         family, value = vocab.family[token], vocab.value[token]
         if family == "Bar":
             bar, position = bar + 1, 0
+            if not stream.chords:
+                reference = reference_pitch_class(known.at(bar, position), song.key)
         elif family == "Tempo":
-            tempos.append(Tempo(bar, 0, float(value)))
+            bpm = value
+            tempos.append(Tempo(bar, 0, float(bpm)))
+        elif family == "TempoChange":
+            bpm = min(vocab.config.tempo_max, max(vocab.config.tempo_min, bpm + value))
+            tempos.append(Tempo(bar, 0, float(bpm)))
         elif family == "Pos":
             position = value
-        elif family in ("Chord", "NoChord"):
-            chords.append(Chord(bar, position, vocab.tokens[token][7:-1]))
+            if not stream.chords:
+                reference = reference_pitch_class(known.at(bar, position), song.key)
+        elif family == "NoChord":
+            chords.append(Chord(bar, position, NO_CHORD))
+            reference = tonic
+        elif family == "Chord":
+            root = (tonic + value) % 12 if vocab.config.chords == "degree" else value
+            chords.append(Chord(bar, position, chord_label(root, vocab.chord_quality(token))))
+            reference = root
         elif family == "Bass":
             last = chords[-1]
             chords[-1] = Chord(last.bar, last.position, f"{last.label}/{vocab.tokens[token][6:-1]}")
         elif family == "Track":
             track = TRACKS[value]
         elif family == "Pitch":
-            pending = {"pitch": value}
+            # A generated pitch outside the range every language writes is moved by octaves into it, so that a
+            # decoded song is already canonical (its notes are the ones a later stage's prompt encodes).
+            pending = {"pitch": representable_pitch(reference + value if vocab.config.pitch == "chord" else value)}
         elif family == "Dur":
             pending["duration"] = value
             if not stream.velocity:
@@ -381,6 +513,10 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
         song.tempos = tempos
     for name in stream.tracks:
         if not stream.velocities_only:
+            if not stream.velocity:   # a note the song already had keeps its velocity (infilling keeps bars)
+                had = {(n.bar, n.position, n.pitch, n.duration): n.velocity for n in song.tracks.get(name, [])}
+                notes[name] = [dataclasses.replace(n, velocity=had.get((n.bar, n.position, n.pitch, n.duration),
+                                                                       n.velocity)) for n in notes[name]]
             song.tracks[name] = sorted(notes[name])
     if stream.velocities_only:
         in_order = sorted((n.bar, n.position, TRACKS.index(name), n.pitch, name, n) for name, n in song.notes())
@@ -444,8 +580,10 @@ def section_windows(song: Song, max_bars: int | None) -> list[Song]:
         tempo_before = [t for t in song.tempos if (t.bar, t.position) <= (first, 0)]
         tempos = ([Tempo(0, 0, tempo_before[-1].bpm)] if tempo_before else []) + \
             [shift(t) for t in song.tempos if inside(t) and (t.bar, t.position) != (first, 0)]
-        windows.append(Song(
+        window = Song(
             f"{song.song_id}#{n}", song.key, song.metre, [song.sections[i] for i in group], chords=chords,
             tracks={name: [shift(x) for x in notes if inside(x)] for name, notes in song.tracks.items()},
-            tempos=tempos))
+            tempos=tempos)
+        window.tracks = {name: [window.inside_form(x) for x in notes] for name, notes in window.tracks.items()}
+        windows.append(window)
     return windows

@@ -5,7 +5,9 @@ The tables say, per stream (see ``musicray.encoding.STREAMS``), which token fami
 (``RISING``/``RESETS``: positions within a bar, tracks within a position, pitches within a track), and which
 family spends a per-bar quota (``QUOTA``: one velocity per given note in the dynamics stream). A *plan* gives
 the counters' targets: the form (section tokens in order, bars each), the metre (positions per bar) and the
-quotas.
+quotas, and it may *force* bars: a forced bar's content (the tokens after its ``<Bar>``) is given, the mask
+allows exactly the next given token there and the bar closes after the last one (infilling regenerates the
+other bars).
 
 An optional token *budget* per row (generation's ``max_new_tokens``) makes the mask close the form in time:
 a family is allowed only if, after it, the tokens it commits to (shortest path in ``GRAPH`` back to a point
@@ -36,7 +38,8 @@ _MELODY_GRAPH = {
 }
 GRAPH: dict[str, dict[str, tuple[str, ...]]] = {
     "song": {
-        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Tempo",), "Tempo": ("Pos",) + _BAR_CLOSE,
+        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Tempo", "TempoChange"), "Tempo": ("Pos",) + _BAR_CLOSE,
+        "TempoChange": ("Pos",) + _BAR_CLOSE,
         "Pos": ("NoChord", "Chord", "Track"), "NoChord": ("Track", "Pos") + _BAR_CLOSE,
         "Chord": ("Bass", "Track", "Pos") + _BAR_CLOSE,
         "Bass": ("Track", "Pos") + _BAR_CLOSE, "Track": ("Pitch",), "Pitch": ("Dur",), "Dur": ("Vel",),
@@ -53,18 +56,24 @@ GRAPH: dict[str, dict[str, tuple[str, ...]]] = {
         "Track": ("Pitch",), "Pitch": ("Dur",), "Dur": ("Pitch", "Track", "Pos") + _BAR_CLOSE,
     },
     "dynamics": {"Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Vel",) + _BAR_CLOSE, "Vel": ("Vel",) + _BAR_CLOSE},
-    "tempo": {"Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Tempo",), "Tempo": _BAR_CLOSE},
+    "tempo": {"Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Tempo", "TempoChange"), "Tempo": _BAR_CLOSE,
+              "TempoChange": _BAR_CLOSE},
 }
 STREAM_NAMES: tuple[str, ...] = tuple(GRAPH)
 
 # Counter conditions a family needs (families not listed need none).
-GUARD_NAMES: tuple[str, ...] = ("always", "bar_left", "section_next", "form_done", "quota_left")
-GUARDS: dict[str, str] = {"Bar": "bar_left", "Sec": "section_next", "End": "form_done"}
+GUARD_NAMES: tuple[str, ...] = ("always", "bar_left", "section_next", "form_done", "quota_left", "after_first_bar")
+# A tempo change needs a bar before it in the body (the first bar's tempo is absolute).
+GUARDS: dict[str, str] = {"Bar": "bar_left", "Sec": "section_next", "End": "form_done",
+                          "TempoChange": "after_first_bar"}
 # Per stream: the family that spends the bar's quota (it then needs "quota_left").
 QUOTA: dict[str, str] = {"dynamics": "Vel"}
 # Families whose values must strictly rise until a family that opens a new scope resets them.
 RISING: tuple[str, ...] = ("Pos", "Track", "Pitch")
 RESETS: dict[str, tuple[str, ...]] = {"Bar": ("Pos", "Track", "Pitch"), "Pos": ("Track", "Pitch"), "Track": ("Pitch",)}
+# Families whose value counts grid steps from the last position: they may not pass the form's end (a note
+# sounds at most until the last bar's end), bounded when a Pos is read.
+UNTIL_FORM_END: tuple[str, ...] = ("Dur",)
 
 _FAMILY = {name: i for i, name in enumerate(FAMILIES)}
 _START = len(FAMILIES)
@@ -120,6 +129,8 @@ class Plan:
     sections: tuple[Section, ...]
     metre: str
     quotas: tuple[int, ...] = ()
+    # (bar number from 1, the bar's tokens after its <Bar>) for every bar whose content is given
+    forced: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @property
     def n_bars(self) -> int:
@@ -167,6 +178,13 @@ class GrammarState:
     bars_after: torch.Tensor      # [batch, max sections]: bars of sections k.. of the form
     quota_after: torch.Tensor     # [batch, max bars + 1]: quota of the bars after bar k
     budget: torch.Tensor          # tokens each row may still emit (a large number when unbounded)
+    forced_tokens: torch.Tensor   # [batch, all forced tokens]: the forced bars' contents, one after another
+    forced_start: torch.Tensor    # [batch, max bars + 1]: where bar k's content starts in forced_tokens
+    forced_length: torch.Tensor   # [batch, max bars + 1]: its length; -1 for a bar that is not forced
+    forced_extra_after: torch.Tensor  # [batch, max bars + 1]: tokens forced bars after bar k add to their minimum
+    forced_next: torch.Tensor     # [batch]: index of the next forced token in forced_tokens
+    forced_end: torch.Tensor      # [batch]: end of the open bar's forced content (== forced_next: none left)
+    in_forced_bar: torch.Tensor   # [batch] bool: the open bar is forced (after its content, it must close)
     # family_mask of the current state, kept from mask() for the step() that follows it (decoding asks both)
     family_cache: torch.Tensor | None = None
 
@@ -206,6 +224,10 @@ class Grammar:
                 resets[_FAMILY[fam], _FAMILY[other]] = True
         rising = torch.zeros(n_fam, dtype=torch.bool)
         rising[[_FAMILY[f] for f in RISING]] = True
+        bar_close = torch.zeros(n_fam, dtype=torch.bool)
+        bar_close[[_FAMILY[f] for f in _BAR_CLOSE]] = True
+        until_form_end = torch.zeros(n_fam, dtype=torch.bool)
+        until_form_end[[_FAMILY[f] for f in UNTIL_FORM_END]] = True
         self.first_sec = vocab.ids_of["Sec"][0]
         value = torch.tensor(vocab.value, dtype=torch.long).clamp(min=0)  # unvalued tokens pass every bound
         value[vocab.ids_of["Sec"]] = torch.arange(len(vocab.ids_of["Sec"]))  # Sec guards compare ranks
@@ -213,6 +235,8 @@ class Grammar:
         to = dict(device=self.device)
         self.allowed, self.guard, self.resets, self.rising = allowed.to(**to), guard.to(**to), resets.to(**to), \
             rising.to(**to)
+        self.until_form_end = until_form_end.to(**to)
+        self.bar_close = bar_close.to(**to)
         self.quota_family = self.quota_family.to(**to)
         self.close_cost, self.finish_drop = close_cost.to(**to), finish_drop.to(**to)
         self.bar_cost = (1 + close_cost[:, _FAMILY["Bar"]]).to(**to)
@@ -241,6 +265,7 @@ class Grammar:
                     raise SongError(f"plan: {len(plan.quotas)} bar quotas for a form of {plan.n_bars} bars")
                 quotas[i, 1:plan.n_bars + 1] = torch.tensor(plan.quotas)
             high[i, _FAMILY["Pos"]] = metre(plan.metre).positions_per_bar
+        forced_tokens, forced_start, forced_length, forced_extra = self._forced_tables(streams, plans, max_bars)
         to = dict(device=self.device)
         bars_after = section_bars.flip(1).cumsum(1).flip(1)
         quota_after = quotas.flip(1).cumsum(1).flip(1).roll(-1, 1)
@@ -255,7 +280,13 @@ class Grammar:
             bars_left=zeros.clone(), bar=zeros.clone(), quota_left=zeros.clone(),
             low=low, high=high.to(**to), section_values=section_values.to(**to),
             section_bars=section_bars.to(**to), quotas=quotas.to(**to), bars_after=bars_after.to(**to),
-            quota_after=quota_after.to(**to), budget=budget.to(**to))
+            quota_after=quota_after.to(**to), budget=budget.to(**to),
+            forced_tokens=forced_tokens.to(**to), forced_start=forced_start.to(**to),
+            forced_length=forced_length.to(**to),
+            forced_extra_after=forced_extra.flip(1).cumsum(1).flip(1).roll(-1, 1).to(**to),
+            forced_next=zeros.clone(), forced_end=zeros.clone(),
+            in_forced_bar=torch.zeros(batch, dtype=torch.bool, **to))
+        state.forced_extra_after[:, -1] = 0
         self._expect_section(state, torch.ones(batch, dtype=torch.bool, device=self.device))
         if budgets is not None:
             short = torch.nonzero(state.budget < self.tokens_to_finish(state)).flatten().tolist()
@@ -265,14 +296,47 @@ class Grammar:
                                 f"({plans[i].n_bars} bars need at least {int(self.tokens_to_finish(state)[i])})")
         return state
 
+    def _forced_tables(self, streams: list[str], plans: list[Plan], max_bars: int):
+        """(tokens, start, length, extra) tensors of the plans' forced bars (see ``GrammarState``)."""
+        batch = len(plans)
+        width = max([sum(len(tokens) for _, tokens in plan.forced) for plan in plans] + [1])
+        tokens = torch.zeros((batch, width), dtype=torch.long)
+        start = torch.zeros((batch, max_bars), dtype=torch.long)
+        length = torch.full((batch, max_bars), -1, dtype=torch.long)
+        extra = torch.zeros((batch, max_bars), dtype=torch.long)
+        for i, (stream, plan) in enumerate(zip(streams, plans)):
+            offset = 0
+            minimum = int(self.bar_cost[STREAM_NAMES.index(stream)]) - 1   # tokens a bar needs after its <Bar>
+            for bar, content in plan.forced:
+                if not 1 <= bar <= plan.n_bars:
+                    raise SongError(f"plan: forced bar {bar} is outside the form's {plan.n_bars} bars")
+                tokens[i, offset:offset + len(content)] = torch.tensor(content, dtype=torch.long)
+                start[i, bar], length[i, bar] = offset, len(content)
+                extra[i, bar] = max(0, len(content) - minimum)
+                offset += len(content)
+        return tokens, start, length, extra
+
+    @staticmethod
+    def _next_forced(state: GrammarState) -> tuple[torch.Tensor, torch.Tensor]:
+        """([batch] bool: the next token is given, [batch]: that token, meaningful where it is)."""
+        forcing = state.forced_next < state.forced_end
+        index = state.forced_next.clamp(max=state.forced_tokens.shape[1] - 1)[:, None]
+        return forcing, state.forced_tokens.gather(1, index)[:, 0]
+
+    @staticmethod
+    def _later_bars(state: GrammarState) -> torch.Tensor:
+        """[batch]: bars of the form's sections after the open one."""
+        sections = state.section.clamp(max=state.bars_after.shape[1] - 1)
+        return torch.where(state.section < state.n_sections, state.bars_after.gather(1, sections[:, None])[:, 0],
+                           torch.zeros_like(state.section))
+
     def tokens_to_finish(self, state: GrammarState) -> torch.Tensor:
         """[batch]: the fewest tokens that complete the form from a point where the bar may close."""
-        sections = state.section.clamp(max=state.bars_after.shape[1] - 1)
-        later_bars = torch.where(state.section < state.n_sections, state.bars_after.gather(1, sections[:, None])[:, 0],
-                                 torch.zeros_like(state.section))
+        later_bars = self._later_bars(state)
         bars = state.quota_after.gather(1, state.bar.clamp(max=state.quota_after.shape[1] - 1)[:, None])[:, 0]
+        forced = state.forced_extra_after.gather(1, state.bar.clamp(max=state.forced_extra_after.shape[1] - 1)[:, None])
         need = ((state.bars_left + later_bars) * self.bar_cost[state.stream] + (state.n_sections - state.section) + 1
-                + state.quota_left + bars)
+                + state.quota_left + bars + forced[:, 0] + (state.forced_end - state.forced_next))
         return torch.where(state.done, torch.zeros_like(need), need)
 
     def _expect_section(self, state: GrammarState, rows: torch.Tensor) -> None:
@@ -290,14 +354,23 @@ class Grammar:
             closed & (state.section < state.n_sections),
             closed & (state.section == state.n_sections),
             state.quota_left > 0,
+            state.bar > 1,
         ], dim=1)
 
     def family_mask(self, state: GrammarState) -> torch.Tensor:
         """[batch, families]: which families may come next."""
         if state.family_cache is None:
-            allowed = self.allowed[state.stream, state.node]
-            state.family_cache = allowed & self._guards(state).gather(1, self.guard[state.stream]) \
-                & self._within_budget(state)
+            allowed = self.allowed[state.stream, state.node] & self._guards(state).gather(1, self.guard[state.stream])
+            forcing, given = self._next_forced(state)
+            # A forced token's room was set aside in the budget (tokens_to_finish counts forced bars in full).
+            allowed = allowed & (self._within_budget(state) | forcing[:, None])
+            # After a forced bar's content only what closes the bar may come.
+            closing = state.in_forced_bar & ~forcing
+            allowed = torch.where(closing[:, None], allowed & self.bar_close, allowed)
+            if bool(forcing.any()):
+                only = torch.nn.functional.one_hot(self.token_family[given], len(FAMILIES)).bool()
+                allowed = torch.where(forcing[:, None], allowed & only, allowed)
+            state.family_cache = allowed
         return state.family_cache
 
     def _within_budget(self, state: GrammarState) -> torch.Tensor:
@@ -310,15 +383,21 @@ class Grammar:
         """[batch, vocab] bool: the tokens each row may emit next."""
         # Each token takes its family's verdict and its family's value bounds: three gathers over the vocabulary.
         family = self.token_family.expand(state.node.shape[0], -1)
-        return self.family_mask(state).gather(1, family) & (self.token_value > state.low.gather(1, family)) \
+        allowed = self.family_mask(state).gather(1, family) & (self.token_value > state.low.gather(1, family)) \
             & (self.token_value < state.high.gather(1, family))
+        forcing, given = self._next_forced(state)
+        if bool(forcing.any()):
+            only = torch.zeros_like(allowed).scatter_(1, given[:, None], True)
+            allowed = torch.where(forcing[:, None], allowed & only, allowed)
+        return allowed
 
     def accepts(self, state: GrammarState, tokens: torch.Tensor) -> torch.Tensor:
         """[batch] bool: whether each row may emit its token now."""
         family, value = self.token_family[tokens], self.token_value[tokens]
         rows = torch.arange(tokens.shape[0], device=self.device)
+        forcing, given = self._next_forced(state)
         return self.family_mask(state)[rows, family] & (value > state.low[rows, family]) \
-            & (value < state.high[rows, family])
+            & (value < state.high[rows, family]) & (~forcing | (tokens == given))
 
     def step(self, state: GrammarState, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Consume one token per row; rows whose token is not accepted (or not ``active``) keep their state.
@@ -340,13 +419,30 @@ class Grammar:
         state.section = state.section + opened.long()
         self._expect_section(state, opened)
 
+        state.forced_next = state.forced_next + (ok & (state.forced_next < state.forced_end)).long()
         new_bar = ok & (family == _FAMILY["Bar"])
         state.bars_left = state.bars_left - new_bar.long()
         state.bar = state.bar + new_bar.long()
+        if bool(new_bar.any()):
+            index = state.bar.clamp(max=state.forced_start.shape[1] - 1)[:, None]
+            length = state.forced_length.gather(1, index)[:, 0]
+            start = state.forced_start.gather(1, index)[:, 0]
+            state.in_forced_bar = torch.where(new_bar, length >= 0, state.in_forced_bar)
+            state.forced_next = torch.where(new_bar, start, state.forced_next)
+            state.forced_end = torch.where(new_bar, start + length.clamp(min=0), state.forced_end)
+        leaves_bar = ok & ((family == _FAMILY["Sec"]) | (family == _FAMILY["End"]))
+        state.in_forced_bar = state.in_forced_bar & ~leaves_bar
         quota = state.quotas.gather(1, state.bar.clamp(max=state.quotas.shape[1] - 1)[:, None])[:, 0]
         state.quota_left = torch.where(new_bar, quota, state.quota_left)
         spent = ok & (family == self.quota_family[state.stream])
         state.quota_left = state.quota_left - spent.long()
+
+        read_pos = ok & (family == _FAMILY["Pos"])
+        if bool(read_pos.any()):
+            steps_per_bar = state.high[:, _FAMILY["Pos"]]
+            steps_left = (state.bars_left + self._later_bars(state)) * steps_per_bar + steps_per_bar - value
+            bounded = read_pos[:, None] & self.until_form_end
+            state.high = torch.where(bounded, (steps_left + 1)[:, None], state.high)
 
         raise_low = ok & self.rising[family]
         state.low[rows, family] = torch.where(raise_low, value, state.low[rows, family])
@@ -406,6 +502,12 @@ class Grammar:
         row = state.row(i)
         stream = STREAM_NAMES[row["stream"]]
         fam = self.vocab.family[token]
+        forcing, given = self._next_forced(state)
+        if bool(forcing[i]):
+            if token != int(given[i]):
+                return f"bar {row['bar']} is given: its next token is {self.vocab.tokens[int(given[i])]}"
+        elif bool(state.in_forced_bar[i]) and fam not in _BAR_CLOSE:
+            return f"bar {row['bar']} is given and complete: only <Bar>, <Sec_..> or <End> may follow"
         prev = "the start" if row["node"] == _START else f"<{FAMILIES[row['node']]}..>"
         allowed = [FAMILIES[f] for f in range(len(FAMILIES)) if self.allowed[row["stream"], row["node"], f]]
         if fam not in allowed:
@@ -424,6 +526,8 @@ class Grammar:
             return "tracks at one position come once each, in the order MELODY, BRIDGE, PIANO"
         if fam == "Pitch":
             return f"pitches at one onset must rise: {value} after {low}"
+        if fam in UNTIL_FORM_END:
+            return f"{fam} {value} passes the form's end ({high - 1} step(s) left)"
         return f"value {value} outside ({low}, {high})"
 
     @staticmethod
@@ -436,6 +540,8 @@ class Grammar:
             if row["bars_left"] > 0:
                 return f"section {row['section']} still needs {row['bars_left']} bar(s)"
             return f"the form has only {row['n_sections']} sections"
+        if guard == "after_first_bar":
+            return "a body's first bar takes an absolute <Tempo_..>, not a change"
         if guard == "form_done":
             if row["bars_left"] > 0:
                 return f"cannot end: section {row['section']} still needs {row['bars_left']} bar(s)"

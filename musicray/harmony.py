@@ -9,6 +9,8 @@ PITCH_CLASS_NAMES: tuple[str, ...] = ("C", "Db", "D", "Eb", "E", "F", "Gb", "G",
 _NATURALS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 
 KEY_MODES: tuple[str, ...] = ("maj", "min")
+# Chord roots as semitones above the key's tonic, Roman-numeral style (minor keys count from their own tonic).
+DEGREE_NAMES: tuple[str, ...] = ("I", "bII", "II", "bIII", "III", "IV", "#IV", "V", "bVI", "VI", "bVII", "VII")
 
 # Chord qualities found in POP909 (all 909 songs' chord_midi.txt), with their intervals above the root.
 CHORD_QUALITIES: dict[str, tuple[int, ...]] = {
@@ -119,3 +121,19 @@ def scale_pitch_classes(key: str) -> tuple[int, ...]:
     tonic, mode = parse_key(key)
     steps = (0, 2, 4, 5, 7, 9, 11) if mode == "maj" else (0, 2, 3, 5, 7, 8, 10)
     return tuple((tonic + s) % 12 for s in steps)
+
+
+def key_tonic(key: str) -> int:
+    return parse_key(key)[0]
+
+
+def chord_root(label: str) -> int | None:
+    """Pitch class of a chord's root; None for no-chord."""
+    return parse_chord(label)[0]
+
+
+def reference_pitch_class(chord: str | None, key: str) -> int:
+    """What a relative pitch counts from: the sounding chord's root, or the key's tonic where no chord sounds
+    (``N``) or none is known (``None``)."""
+    root = chord_root(chord) if chord is not None else None
+    return key_tonic(key) if root is None else root

@@ -186,6 +186,12 @@ class Song:
             if not (0 <= note.pitch <= 127 and note.duration >= 1 and 1 <= note.velocity <= 127):
                 raise SongError(f"{self.song_id}: {name} note: pitch/duration/velocity out of range in {note}")
 
+    def inside_form(self, note: Note) -> Note:
+        """The note cut to end at the form's end at the latest (the song lasts exactly its form's bars)."""
+        steps = self.spec.positions_per_bar
+        steps_left = (self.n_bars - note.bar) * steps - note.position
+        return note if note.duration <= steps_left else replace(note, duration=steps_left)
+
     def section_starts(self) -> list[int]:
         """First bar of each section."""
         starts, bar = [], 0

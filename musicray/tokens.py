@@ -11,8 +11,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from musicray.harmony import CANONICAL_BASS_DEGREES, CHORD_QUALITIES, KEY_MODES, NO_CHORD, PITCH_CLASS_NAMES, chord_label
-from musicray.song import MAX_SECTION_BARS, METRES, SECTION_LABELS, TRACKS, SongError
+from musicray.errors import SongError
+from musicray.harmony import (CANONICAL_BASS_DEGREES, CHORD_QUALITIES, DEGREE_NAMES, KEY_MODES, NO_CHORD,
+                              PITCH_CLASS_NAMES, chord_label)
+from musicray.song import MAX_SECTION_BARS, METRES, SECTION_LABELS, TRACKS
 
 SUBTASKS: tuple[str, ...] = ("chord", "melody", "secondary", "dynamics", "tempo")
 TASKS: tuple[str, ...] = ("song",) + SUBTASKS
@@ -20,20 +22,64 @@ TASKS: tuple[str, ...] = ("song",) + SUBTASKS
 INPUTS: tuple[str, ...] = ("chord", "melody", "notes")
 
 
+# How chords, pitches and bar tempi are written (docs/tokens.md, "The relative language"). The relative choices
+# write musical relations into the tokens (chord tone, key, steady tempo), so that a model that learns token
+# frequencies learns those relations; docs/results.md measures them against the absolute ones.
+LANGUAGE_CHOICES: dict[str, tuple[str, ...]] = {
+    "chords": ("degree", "absolute"),
+    "pitch": ("chord", "absolute"),
+    "tempo": ("change", "absolute"),
+}
+# What vocabularies saved before the language fields existed wrote.
+LEGACY_LANGUAGE = {"chords": "absolute", "pitch": "absolute", "tempo": "absolute"}
+# Relative pitches are semitones above a reference pitch class 0..11, so 0..116 keeps every absolute pitch in
+# 0..127; MIDI pitches 11..116 are representable under any reference (others are moved by octaves).
+RELATIVE_PITCH_MAX = 116
+REPRESENTABLE_PITCHES = (11, 116)
+
+
 @dataclass(frozen=True)
 class VocabConfig:
-    """Sizes and bins of the vocabulary. Saved with every dataset and model; changing it changes token ids."""
+    """Sizes, bins and language of the vocabulary. Saved with every dataset and model; changing it changes
+    token ids or their meaning."""
 
     max_duration: int = field(default=64, metadata={"help": "longest note in grid steps; longer notes are clipped"})
     velocity_bins: int = field(default=32, metadata={"help": "number of equal-width velocity bins over 1..127"})
     tempo_min: int = field(default=30, metadata={"help": "slowest tempo token, bpm; slower tempi are clipped"})
     tempo_max: int = field(default=240, metadata={"help": "fastest tempo token, bpm; faster tempi are clipped"})
+    chords: str = field(default="degree", metadata={
+        "help": "'degree': chord roots as degrees of the song's key (<Chord_IV:maj>); 'absolute': as pitch "
+                "classes (<Chord_F:maj>)"})
+    pitch: str = field(default="chord", metadata={
+        "help": "'chord': a note's pitch as semitones above the root of the chord sounding at its onset, or above "
+                "the key's tonic where no chord sounds or none is known yet (<Rel_19>); 'absolute': MIDI pitch"})
+    tempo: str = field(default="change", metadata={
+        "help": "'change': a bar's tempo as the change from the previous bar (<TempoChange_+1>; the body's first "
+                "bar and larger changes absolute); 'absolute': every bar an absolute <Tempo>"})
+    max_tempo_change: int = field(default=8, metadata={"help": "largest bar-to-bar change written as a change, bpm"})
+
+    def __post_init__(self):
+        for name, choices in LANGUAGE_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise SongError(f"vocab.{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if not 0 <= self.max_tempo_change <= 60:
+            raise SongError(f"vocab.max_tempo_change: {self.max_tempo_change} is outside 0..60")
+
+    @property
+    def language(self) -> str:
+        """One word for the language: relative, absolute, or the mix (e.g. chords=degree,pitch=absolute,..)."""
+        values = {name: getattr(self, name) for name in LANGUAGE_CHOICES}
+        if all(values[n] == choices[0] for n, choices in LANGUAGE_CHOICES.items()):
+            return "relative"
+        if all(values[n] == "absolute" for n in LANGUAGE_CHOICES):
+            return "absolute"
+        return ",".join(f"{n}={v}" for n, v in values.items())
 
 
 # Token families in id order. The grammar speaks of these names.
 FAMILIES: tuple[str, ...] = (
     "End", "Task", "Input", "Key", "Metre", "Sec", "Bar", "Pos", "NoChord", "Chord", "Bass", "Track", "Pitch", "Dur",
-    "Vel", "Tempo",
+    "Vel", "Tempo", "TempoChange",
 )
 
 
@@ -82,21 +128,30 @@ class Vocabulary:
             self._add("Pos", str(pos), pos)
         # No-chord is a family of its own so that the grammar can forbid a slash bass after it.
         self._add("NoChord", NO_CHORD, prefix="Chord")
-        for pc in range(12):
+        # Chord values are the root's pitch class, or its semitones above the key's tonic (degree chords).
+        root_names = DEGREE_NAMES if c.chords == "degree" else PITCH_CLASS_NAMES
+        for root in range(12):
             for quality in CHORD_QUALITIES:
-                self._add("Chord", chord_label(pc, quality), pc)
+                self._add("Chord", f"{root_names[root]}:{quality}", root)
         for i, degree in enumerate(CANONICAL_BASS_DEGREES):
             self._add("Bass", degree, i)
         for i, name in enumerate(TRACKS):
             self._add("Track", name, i)
-        for pitch in range(128):
-            self._add("Pitch", str(pitch), pitch)
+        if c.pitch == "chord":
+            for interval in range(RELATIVE_PITCH_MAX + 1):
+                self._add("Pitch", str(interval), interval, prefix="Rel")
+        else:
+            for pitch in range(128):
+                self._add("Pitch", str(pitch), pitch)
         for dur in range(1, c.max_duration + 1):
             self._add("Dur", str(dur), dur)
         for velocity in self.velocity_values:
             self._add("Vel", str(velocity), velocity)
         for bpm in range(c.tempo_min, c.tempo_max + 1):
             self._add("Tempo", str(bpm), bpm)
+        # Present in every language (a change is always readable); only the 'change' language writes them.
+        for change in range(-c.max_tempo_change, c.max_tempo_change + 1):
+            self._add("TempoChange", f"{change:+d}" if change else "0", change)
 
     # -- binning --------------------------------------------------------------------------------------------
     @staticmethod
@@ -129,6 +184,10 @@ class Vocabulary:
     def token(self, family: str, text: object = "") -> int:
         """Id of ``<Family_text>`` (``<Family>`` when text is empty)."""
         return self.id(f"<{family}_{text}>" if text != "" else f"<{family}>")
+
+    def chord_quality(self, token: int) -> str:
+        """The quality of a ``Chord`` token (``<Chord_IV:maj7>`` -> ``maj7``)."""
+        return self.tokens[token][1:-1].split(":", 1)[1]
 
     def describe(self, ids: list[int]) -> str:
         return "".join(self.tokens[i] for i in ids)
@@ -166,7 +225,7 @@ class Vocabulary:
         if path.is_dir():
             path = path / "vocabulary.json"
         data = json.loads(path.read_text())
-        vocab = cls(VocabConfig(**data["config"]))
+        vocab = cls(VocabConfig(**{**LEGACY_LANGUAGE, **data["config"]}))
         if vocab.tokens != data["tokens"]:
             raise SongError(f"{path}: saved tokens differ from those this musicray builds from the same config")
         return vocab
@@ -183,17 +242,18 @@ class Vocabulary:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m musicray.tokens", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the vocabulary JSON instead of the layout")
+    parser.add_argument("--absolute", action="store_true", help="the absolute language (chords, pitches, tempi)")
     args = parser.parse_args(argv)
-    vocab = Vocabulary()
+    vocab = Vocabulary(VocabConfig(**LEGACY_LANGUAGE) if args.absolute else None)
     if args.json:
         print(json.dumps(vocab.to_json(), indent=1))
         return
-    print(f"musicray vocabulary: {len(vocab)} tokens")
+    print(f"musicray vocabulary: {len(vocab)} tokens, {vocab.config.language} language")
     for key, value in asdict(vocab.config).items():
         print(f"  {key} = {value}")
-    print(f"{'family':<8} {'ids':>11} {'count':>6}  first .. last")
+    print(f"{'family':<11} {'ids':>11} {'count':>6}  first .. last")
     for fam, first, count, first_token, last_token in vocab.layout():
-        print(f"{fam:<8} {first:>5}-{first + count - 1:<5} {count:>6}  {first_token} .. {last_token}")
+        print(f"{fam:<11} {first:>5}-{first + count - 1:<5} {count:>6}  {first_token} .. {last_token}")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,47 @@ def test_voice_piano_follows_the_chords():
     notes = voice_piano(song)
     assert {n.pitch % 12 for n in notes if n.bar == 0} == {0, 4, 7}
     assert min(n.pitch for n in notes if n.bar == 1) % 12 == 11  # the slash bass B under G
+
+
+def _bars(song, bars):
+    """Everything a song holds in ``bars`` (0-based): notes per track, the chord sounding at every grid step,
+    tempo per bar."""
+    from musicray.encoding import SoundingChords
+
+    sounding = SoundingChords(song.chords)
+    steps = range(song.spec.positions_per_bar)
+    return {"notes": {name: [n for n in notes if n.bar in bars] for name, notes in song.tracks.items()},
+            "chords": [sounding.at(b, p) for b in sorted(bars) for p in steps],
+            "tempos": [t for t in song.tempos if t.bar in bars]}
+
+
+@pytest.mark.parametrize("stages", [SUBTASKS, ("melody",), ("chord", "tempo")])
+def test_infilling_rewrites_the_chosen_bars_and_keeps_the_rest_note_for_note(composer, stages):
+    from musicray.compose import regenerated_bars
+    from musicray.encoding import quantized
+
+    given, _ = composer.compose(Request("A2B2A2", "D:maj", "4/4", 90, seed=11))
+    given = quantized(given, Vocabulary())
+    given.tempos = [t if t.bar != 4 else type(t)(4, 0, 97.0) for t in given.tempos]   # a tempo change after B
+    span = regenerated_bars(given.form, labels="B")
+    assert span == (2, 3)
+    song, report = composer.compose(Request(
+        given.form, given.key, given.metre, 90, seed=12, chords=given.chords, melody=given.tracks["MELODY"],
+        bridge=given.tracks["BRIDGE"], piano=given.tracks["PIANO"], tempos=given.tempos, stages=stages,
+        regenerate=span))
+    assert list(report["stages"]) == [t for t in SUBTASKS if t in stages]
+    outside = {0, 1, 4, 5}
+    assert _bars(song, outside) == _bars(given, outside)
+    assert song.form == given.form and all(info["grammar_errors"] == 0 for info in report["stages"].values())
+    assert _bars(song, {2, 3}) != _bars(given, {2, 3})   # the chosen bars were written anew
+
+
+def test_regenerated_bars_are_read_from_labels_and_ranges():
+    from musicray.compose import regenerated_bars
+
+    assert regenerated_bars("i2A4B4", labels="A,i") == tuple(range(6))
+    assert regenerated_bars("i2A4B4", bars="9-10,1") == (0, 8, 9)
+    for labels, bars, field in ((None, "0-3", "regenerate-bars"), ("C", None, "no section labelled C"),
+                                (None, "x", "cannot read"), (None, None, "no bar chosen")):
+        with pytest.raises(SongError, match=field):
+            regenerated_bars("i2A4B4", labels, bars)

@@ -1,4 +1,5 @@
-"""decode(encode(song)) == quantized(song) for every task: synthetic, hypothesis-generated and real songs."""
+"""decode(encode(song)) == quantized(song) for every task and both languages (relative and absolute):
+synthetic, hypothesis-generated and real songs."""
 
 import json
 
@@ -7,19 +8,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from musicray.encoding import OPTIONAL_INPUTS, TASK_INPUTS, Example, base_tempo, decode, encode, project, quantized, \
-    round_trip_song
+    round_trip_song, section_windows
 from musicray.harmony import CHORD_QUALITIES, CANONICAL_BASS_DEGREES, PITCH_CLASS_NAMES, chord_label
 from musicray.song import METRES, SECTION_LABELS, TRACKS, Chord, Note, Section, Song, SongError, Tempo, song_from_dict
-from musicray.tokens import TASKS, Vocabulary
+from musicray.tokens import LEGACY_LANGUAGE, TASKS, VocabConfig, Vocabulary
 
 VOCAB = Vocabulary()
+ABSOLUTE = Vocabulary(VocabConfig(**LEGACY_LANGUAGE))
+LANGUAGES = {"relative": VOCAB, "absolute": ABSOLUTE}
 
 
+@pytest.mark.parametrize("language", LANGUAGES)
 @pytest.mark.parametrize("task", TASKS)
-def test_round_trip_synthetic(task, synthetic_songs):
+def test_round_trip_synthetic(task, language, synthetic_songs):
+    vocab = LANGUAGES[language]
     for song in synthetic_songs:
-        expected, decoded = round_trip_song(song, task, VOCAB)
+        expected, decoded = round_trip_song(song, task, vocab)
         assert decoded == expected, (song.song_id, task)
+        for optional in OPTIONAL_INPUTS.get(task, ()):
+            expected, decoded = round_trip_song(song, task, vocab, (optional,))
+            assert decoded == expected, (song.song_id, task, optional)
 
 
 @st.composite
@@ -42,11 +50,11 @@ def songs(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(song=songs(), task=st.sampled_from(TASKS))
-def test_round_trip_hypothesis(song, task):
+@given(song=songs(), task=st.sampled_from(TASKS), language=st.sampled_from(sorted(LANGUAGES)))
+def test_round_trip_hypothesis(song, task, language):
     song.check()
     for optional in [(), *((name,) for name in OPTIONAL_INPUTS.get(task, ()))]:
-        expected, decoded = round_trip_song(song, task, VOCAB, optional)
+        expected, decoded = round_trip_song(song, task, LANGUAGES[language], optional)
         assert decoded == expected
 
 
@@ -55,6 +63,56 @@ def test_round_trip_hypothesis(song, task):
 def test_quantized_is_a_fixed_point(song):
     once = quantized(song, VOCAB)
     assert quantized(once, VOCAB) == once
+    # no note sounds past the form's end, and every pitch is writable in every language
+    steps = once.spec.positions_per_bar
+    for _, note in once.notes():
+        assert (note.bar * steps + note.position + note.duration) <= once.n_bars * steps
+        assert 11 <= note.pitch <= 116
+
+
+@settings(max_examples=40, deadline=None)
+@given(song=songs(), max_bars=st.integers(1, 4))
+def test_windows_round_trip_and_end_inside_their_form(song, max_bars):
+    for window in section_windows(quantized(song, VOCAB), max_bars):
+        steps = window.spec.positions_per_bar
+        assert all(n.bar * steps + n.position + n.duration <= window.n_bars * steps for _, n in window.notes())
+        for task in TASKS:
+            expected, decoded = round_trip_song(window, task, VOCAB)
+            assert decoded == expected
+
+
+def test_relative_language_writes_degrees_chord_intervals_and_tempo_changes():
+    song = Song("rel", "G:maj", "4/4", [Section("A", 3)],
+                chords=[Chord(0, 0, "G:maj"), Chord(1, 0, "D:7/3"), Chord(2, 0, "N")],
+                tracks={"MELODY": [Note(0, 0, 71, 4, 90), Note(1, 0, 66, 4, 90), Note(2, 0, 67, 4, 90)],
+                        "BRIDGE": [], "PIANO": []},
+                tempos=[Tempo(0, 0, 90.0), Tempo(1, 0, 90.0), Tempo(2, 0, 150.0)])
+    melody = VOCAB.describe(encode(song, "melody", VOCAB).target)
+    # B over G is 4 semitones above the root (+ octaves); F# over D 4; G with no chord counts from the tonic G.
+    assert melody == ("<Sec_A3><Bar><Pos_0><Rel_64><Dur_4><Bar><Pos_0><Rel_64><Dur_4><Bar><Pos_0><Rel_60><Dur_4>"
+                      "<End>")
+    chords = VOCAB.describe(encode(song, "chord", VOCAB).target)
+    assert chords == "<Sec_A3><Bar><Pos_0><Chord_I:maj><Bar><Pos_0><Chord_V:7><Bass_3><Bar><Pos_0><Chord_N><End>"
+    tempo = VOCAB.describe(encode(song, "tempo", VOCAB).target)
+    assert tempo == "<Sec_A3><Bar><Tempo_90><Bar><TempoChange_0><Bar><Tempo_150><End>"  # +60 is past the change range
+    # the tempo task's melody input has no chords to count from: it counts from the key's tonic (G = 7)
+    prompt = VOCAB.describe(encode(song, "tempo", VOCAB).prompt)
+    assert "<Pos_0><Rel_64><Dur_4><Bar><Pos_0><Rel_59><Dur_4>" in prompt
+    assert ABSOLUTE.describe(encode(song, "melody", ABSOLUTE).target).startswith("<Sec_A3><Bar><Pos_0><Pitch_71>")
+
+
+def test_saved_vocabularies_without_language_fields_load_as_absolute(tmp_path):
+    data = ABSOLUTE.to_json()
+    data["config"] = {k: v for k, v in data["config"].items() if k not in LEGACY_LANGUAGE}
+    (tmp_path / "vocabulary.json").write_text(json.dumps(data))
+    assert Vocabulary.load(tmp_path).tokens == ABSOLUTE.tokens
+
+
+@pytest.mark.parametrize("field,value", [("chords", "roman"), ("pitch", "interval"), ("tempo", "delta"),
+                                         ("max_tempo_change", -1)])
+def test_bad_language_settings_name_the_field(field, value):
+    with pytest.raises(SongError, match=f"vocab.{field}"):
+        VocabConfig(**{field: value})
 
 
 def test_prompts_carry_the_inputs_of_each_task(synthetic_songs):

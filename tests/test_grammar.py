@@ -120,20 +120,26 @@ INVALID = [
     ("melody", PLAN, "<Sec_A2><Bar><Sec_B1>", 2, "still needs 1 bar"),
     ("melody", PLAN, "<Sec_A2><Bar><Bar><Bar>", 3, "already has all its bars"),
     ("melody", PLAN, "<Sec_A2><Bar><Bar><End>", 3, "cannot end"),
-    ("melody", PLAN, "<Sec_A2><Bar><Pos_4><Pitch_60><Dur_2><Pos_4>", 5, "must come after position 4"),
-    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Pitch_60><Pos_2>", 4, "cannot follow <Pitch..>"),
-    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Pitch_64><Dur_1><Pitch_60>", 5, "must rise"),
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_4><Rel_60><Dur_2><Pos_4>", 5, "must come after position 4"),
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Rel_60><Pos_2>", 4, "cannot follow <Pitch..>"),
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Rel_64><Dur_1><Rel_60>", 5, "must rise"),
     ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Vel_10>", 3, "cannot follow <Pos..>"),
     ("melody", Plan(PLAN.sections, "3/4"), "<Sec_A2><Bar><Pos_12>", 2, "before 12"),
     ("song", PLAN, "<Sec_A2><Bar><Pos_0>", 2, "cannot follow <Bar..>"),
-    ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_0><Track_MELODY><Pitch_60><Dur_2><Pos_4>", 7, "cannot follow <Dur..>"),
-    ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_0><Track_PIANO><Pitch_60><Dur_2><Vel_50><Track_MELODY>", 8,
+    ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_0><Track_MELODY><Rel_60><Dur_2><Pos_4>", 7, "cannot follow <Dur..>"),
+    ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_0><Track_PIANO><Rel_60><Dur_2><Vel_50><Track_MELODY>", 8,
      "tracks at one position"),
     ("tempo", PLAN, "<Sec_A2><Bar><Bar>", 2, "cannot follow <Bar..>"),
     ("tempo", PLAN, "<Sec_A2><Bar><Tempo_90><Tempo_91>", 3, "cannot follow <Tempo..>"),
+    ("tempo", PLAN, "<Sec_A2><Bar><TempoChange_+1>", 2, "first bar takes an absolute"),
+    ("tempo", PLAN, "<Sec_A2><Bar><Tempo_90><Bar><TempoChange_+1><Sec_B1><Bar><TempoChange_0><TempoChange_0>", 8,
+     "cannot follow <TempoChange..>"),
+    # A note may not sound past the form's end: 3 bars of 16 steps, onset at bar 3 step 4 leaves 12 steps.
+    ("melody", PLAN, "<Sec_A2><Bar><Bar><Sec_B1><Bar><Pos_4><Rel_60><Dur_13>", 7, "passes the form's end"),
+    ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_15><Track_MELODY><Rel_60><Dur_34>", 6, "passes the form's end"),
     ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Sec_B1>", 3, "1 more velocity"),
     ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Vel_50><Vel_50>", 4, "no note left"),
-    ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_C:maj><Chord_G:maj>", 4, "cannot follow <Chord..>"),
+    ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_I:maj><Chord_V:maj>", 4, "cannot follow <Chord..>"),
     ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_N><Bass_3>", 4, "cannot follow <NoChord..>"),
     ("chord", PLAN, "<Sec_A2><Bar><Bar><Sec_B1><Bar><End><Bar>", 6, "after <End>"),
 ]
@@ -154,9 +160,14 @@ def test_unfinished_sequence_is_reported(text):
     assert len(errors) == 1 and errors[0].index == len(ids) and "without <End>" in errors[0].reason
 
 
-def test_valid_handmade_sequence():
-    text = "<Sec_A1><Bar><Vel_50><Vel_58><Sec_B1><Bar><Vel_70><End>"
-    assert GRAMMAR.validate(VOCAB.parse(text), "dynamics", PLAN_DYN) == []
+@pytest.mark.parametrize("stream,plan,text", [
+    ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Vel_58><Sec_B1><Bar><Vel_70><End>"),
+    ("melody", PLAN, "<Sec_A2><Bar><Bar><Sec_B1><Bar><Pos_4><Rel_60><Dur_12><End>"),   # ends exactly at the end
+    ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_15><Track_MELODY><Rel_60><Dur_33><Vel_50><Bar><TempoChange_-2>"
+                   "<Sec_B1><Bar><Tempo_120><End>"),
+])
+def test_valid_handmade_sequence(stream, plan, text):
+    assert GRAMMAR.validate(VOCAB.parse(text), stream, plan) == []
 
 
 def test_every_pop909_encoding_validates(pop909_prepared):
@@ -170,3 +181,55 @@ def test_every_pop909_encoding_validates(pop909_prepared):
     failures = [(ex.song_id, ex.task, errs) for ex, errs in zip(examples, validate_examples(GRAMMAR, examples))
                 if any(errs.values())]
     assert not failures, failures[:3]
+
+
+def bar_contents(seq: list[int]) -> dict[int, list[int]]:
+    """Bar number (from 1) -> the tokens after its <Bar>, up to the next <Bar>, <Sec_..> or <End>."""
+    bars, current = {}, None
+    for token in seq:
+        family = VOCAB.family[token]
+        if family == "Bar":
+            current = len(bars) + 1
+            bars[current] = []
+        elif family in ("Sec", "End"):
+            current = None
+        elif current is not None:
+            bars[current].append(token)
+    return bars
+
+
+def test_forced_bars_are_reproduced_exactly_and_the_rest_stays_grammatical():
+    """Random logits through the mask with half the bars given (taken from other masked samples): the given bars
+    come out token for token, budgets still close the form, and every row is grammatical."""
+    rng = random.Random(11)
+    streams = [STREAM_NAMES[i % len(STREAM_NAMES)] for i in range(350)]
+    plans = [random_plan(rng, s) for s in streams]
+    with small_tensor_threads("cpu"):
+        sources = sample_through_mask(streams, plans, seed=3)
+        forced_plans = []
+        for seq, plan in zip(sources, plans):
+            given = {bar: tuple(tokens) for bar, tokens in bar_contents(seq).items() if rng.random() < 0.5}
+            forced_plans.append(Plan(plan.sections, plan.metre, plan.quotas, tuple(sorted(given.items()))))
+        minimum = GRAMMAR.tokens_to_finish(GRAMMAR.start(streams, forced_plans)).tolist()
+        budgets = [m + rng.choice([0, 3, 30]) for m in minimum]
+        sequences = sample_through_mask(streams, forced_plans, seed=4, budgets=budgets)
+    assert sum(map(len, GRAMMAR.validate_batch(sequences, streams, plans))) == 0
+    forced_bars = 0
+    for seq, plan, budget in zip(sequences, forced_plans, budgets):
+        bars = bar_contents(seq)
+        for bar, tokens in plan.forced:
+            assert bars[bar] == list(tokens)
+            forced_bars += 1
+        assert len(seq) <= budget
+    assert forced_bars > 200
+
+
+def test_a_forced_bar_refuses_other_tokens_and_more_content():
+    forced = Plan(PLAN.sections, PLAN.metre, forced=((2, tuple(VOCAB.parse("<Pos_0><Rel_60><Dur_4>"))),))
+    wrong = GRAMMAR.validate(VOCAB.parse("<Sec_A2><Bar><Bar><Pos_0><Rel_62><Dur_4><Sec_B1><Bar><End>"), "melody",
+                             forced)
+    assert wrong[0].index == 4 and "its next token is <Rel_60>" in wrong[0].reason
+    more = GRAMMAR.validate(VOCAB.parse("<Sec_A2><Bar><Bar><Pos_0><Rel_60><Dur_4><Pos_4>"), "melody", forced)
+    assert more[0].index == 6 and "given and complete" in more[0].reason
+    right = "<Sec_A2><Bar><Pos_2><Rel_50><Dur_1><Bar><Pos_0><Rel_60><Dur_4><Sec_B1><Bar><End>"
+    assert GRAMMAR.validate(VOCAB.parse(right), "melody", forced) == []

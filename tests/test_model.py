@@ -41,7 +41,7 @@ def test_music_tokens_are_one_id_each_and_contiguous(base):
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert torch.equal(model.get_input_embeddings().weight[:text_size], old_rows)
     # every token string is one id; a concatenation tokenizes to exactly those ids
-    text = "<Sec_A8><Bar><Pos_0><Chord_C:maj><Pitch_60><Dur_4>"
+    text = "<Sec_A8><Bar><Pos_0><Chord_I:maj><Rel_60><Dur_4>"
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == music.to_llm(VOCAB.parse(text))
     # new rows start near the mean of the old ones (mean resizing), not at zero or far away
     new_rows = model.get_input_embeddings().weight[text_size:].detach()

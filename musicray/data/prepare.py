@@ -22,7 +22,7 @@ import pandas as pd
 import ray
 from tqdm import tqdm
 
-from musicray.encoding import base_tempo, encode_all, quantized
+from musicray.encoding import CANONICAL_FORMAT, base_tempo, encode_all, quantized
 from musicray.song import Song, SongError, song_to_dict
 from musicray.tokens import TASKS, Vocabulary
 
@@ -139,6 +139,7 @@ def write_tables(results: list[dict], out: Path, vocab: Vocabulary) -> dict:
     vocab.save(out / "vocabulary.json")
     splits = Counter(r["song"]["split"] for r in kept)
     return {
+        "canonical_format": CANONICAL_FORMAT,
         "total": len(results),
         "kept": len(kept),
         "skipped": dict(sorted(Counter(r["skipped"] for r in skipped).items())),

@@ -63,10 +63,12 @@ def first_bars(song: Song, bars: int) -> Song:
         sections.append(Section(section.label, min(section.bars, left)))
         left -= section.bars
     n_bars = sum(s.bars for s in sections)
-    return Song(song.song_id, song.key, song.metre, sections,
-                chords=[c for c in song.chords if c.bar < n_bars],
-                tracks={name: [n for n in notes if n.bar < n_bars] for name, notes in song.tracks.items()},
-                tempos=[t for t in song.tempos if t.bar < n_bars])
+    cut = Song(song.song_id, song.key, song.metre, sections,
+               chords=[c for c in song.chords if c.bar < n_bars],
+               tracks={name: [n for n in notes if n.bar < n_bars] for name, notes in song.tracks.items()},
+               tempos=[t for t in song.tempos if t.bar < n_bars])
+    cut.tracks = {name: [cut.inside_form(n) for n in notes] for name, notes in cut.tracks.items()}
+    return cut
 
 
 def eval_window(song: Song, max_bars: int) -> tuple[Song, bool] | None:

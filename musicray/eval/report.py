@@ -79,9 +79,6 @@ def check_inputs(run_dir: Path, data_dir: Path) -> None:
     if not _has_model(run_dir):
         raise SongError(f"--run: {run_dir} has no stage-1 model (stage1/model with config.json and "
                         "vocabulary.json); run `musicray train` or `musicray pipeline` first")
-    if not any((Path(run_dir) / "adapters" / task / "adapter_config.json").exists() for task in SUBTASKS):
-        raise SongError(f"--run: {run_dir} has no LoRA adapter (adapters/<subtask>/adapter_config.json); run "
-                        "`musicray tune` first")
     if not (Path(data_dir) / "songs.parquet").exists():
         raise SongError(f"--data: {data_dir} is not a prepared data dir (no songs.parquet); run `musicray data "
                         "prepare` or `musicray data synth`, or pass the data dir the run was trained on")

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from musicray.song import SongError
-from musicray.tokens import SUBTASKS, TASKS
+from musicray.tokens import SUBTASKS, TASKS, VocabConfig
 
 
 # Bars per training window: whole sections up to this many bars (a longer section is a window of its own).
@@ -99,6 +99,8 @@ class EvalConfig:
 class Config:
     base_model: str = _help("'tiny' or a local Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
     cache_dir: str = _help("where the tiny preset and prepared data are cached", "~/.cache/musicray")
+    vocab: VocabConfig = _help("the music vocabulary and its language (relative or absolute chords, pitches, "
+                               "tempi); fixed when stage 1 adds the tokens", factory=VocabConfig)
     data: DataConfig = _help("training data", factory=DataConfig)
     stage1: Stage1Config = _help("full fine-tune", factory=Stage1Config)
     stage2: Stage2Config = _help("LoRA sweeps", factory=Stage2Config)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from musicray.data.prepare import Pop909Source, SynthSource, load_table, prepare
-from musicray.encoding import TASK_TARGET, Example, available_inputs, encode_quantized, section_windows
+from musicray.encoding import CANONICAL_FORMAT, TASK_TARGET, Example, available_inputs, encode_quantized, section_windows
 from musicray.grammar import Plan
 from musicray.model import MusicTokenizer
 from musicray.song import SongError, song_from_dict
@@ -35,8 +35,9 @@ def resolve_data_dir(config: Config, progress: bool = True) -> Path:
             raise SongError(f"data.source: {out} is not a prepared data dir (no songs.parquet); "
                             "use synth, pop909 or run `musicray data prepare`")
         return out
-    if not (out / "report.json").exists():
-        prepare(source, out, limit=data.limit, progress=progress)
+    report = out / "report.json"
+    if not report.exists() or json.loads(report.read_text()).get("canonical_format") != CANONICAL_FORMAT:
+        prepare(source, out, limit=data.limit, progress=progress)   # absent, or cached by an older musicray
     return out
 
 
@@ -61,6 +62,7 @@ class Rendered:
     answer_start: int
     stream: str
     plan: Plan
+    prompt: list[int]     # the example's prompt in music ids (the context its answer is read against)
 
 
 class RenderedDataset(torch.utils.data.Dataset):
@@ -76,7 +78,8 @@ class RenderedDataset(torch.utils.data.Dataset):
                 self.dropped += 1
                 continue
             self.items.append(Rendered(input_ids[:max_length], labels[:max_length], start,
-                                       TASK_TARGET[example.task], Plan.from_prompt(example.prompt, music.vocab)))
+                                       TASK_TARGET[example.task], Plan.from_prompt(example.prompt, music.vocab),
+                                       example.prompt))
 
     def __len__(self) -> int:
         return len(self.items)

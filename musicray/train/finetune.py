@@ -178,7 +178,7 @@ def build_init_model(config: Config, out: Path) -> Path:
         reserved = "<|finetune_right_pad_id|>"
         tokenizer.pad_token = reserved if reserved in tokenizer.get_vocab() else tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    music = add_music_tokens(model, tokenizer, Vocabulary())
+    music = add_music_tokens(model, tokenizer, Vocabulary(config.vocab))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_music_model(model, music, tmp, extra={"stage": "init", "base_model": config.base_model})

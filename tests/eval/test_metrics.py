@@ -153,7 +153,7 @@ STRUCTURE_CASES = {
     "an extra section": ("<Sec_A2><Bar><Bar><Sec_B2><Bar><Bar><Sec_A2><Bar><Bar><End>", 2 / 3),
     "a missing section": ("<Sec_A2><Bar><Bar><End>", 0.5),
     "nothing written": ("", 0.0),
-    "other tokens do not matter": ("<Pitch_60><Sec_A2><Bar><Pos_0><Chord_C:maj><Bar><Sec_B2><Bar><Vel_82><Bar>", 1.0),
+    "other tokens do not matter": ("<Rel_60><Sec_A2><Bar><Pos_0><Chord_I:maj><Bar><Sec_B2><Bar><Vel_82><Bar>", 1.0),
     "after <End> nothing counts": ("<Sec_A2><Bar><Bar><Sec_B2><Bar><Bar><End><Sec_A2><Bar>", 1.0),
 }
 

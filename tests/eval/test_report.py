@@ -137,7 +137,6 @@ def test_settings_come_from_the_run_config_and_flags(eval_run, tmp_path):
 BAD_INPUT = {
     "missing run dir": (lambda run, data, tmp: (tmp / "nowhere", data), "--run: .* does not exist"),
     "no stage-1 model": (lambda run, data, tmp: (tmp, data), "has no stage-1 model"),
-    "no adapters": (lambda run, data, tmp: (_without(run, tmp, "adapters"), data), "has no LoRA adapter"),
     "not a data dir": (lambda run, data, tmp: (run, tmp), "--data: .* not a prepared data dir"),
     "empty test split": (lambda run, data, tmp: (run, _train_only(tmp)), "no songs in its test split"),
 }
@@ -147,6 +146,15 @@ def _without(run, tmp, name):
     copy = tmp / "copy"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns(name))
     return copy
+
+
+def test_a_run_without_adapters_is_evaluated_on_stage1_alone(eval_run, eval_data, tmp_path):
+    run = _without(eval_run, tmp_path, "adapters")
+    report = evaluate_run(run, eval_data, tmp_path / "out", EvalConfig(songs=1, max_bars=2, max_examples=2,
+                                                                       batch_size=2), progress=False)
+    assert all(report["teacher_forced"][task]["adapter"] is None for task in SUBTASKS)
+    assert report["metrics"]["generated"]["grammar_validity"]["mean"] == 1.0
+    assert any("no LoRA adapter for chord, melody, secondary, dynamics, tempo" in note for note in report["notes"])
 
 
 def _train_only(tmp):

@@ -1,0 +1,135 @@
+"""Teacher-forced relation scores: does a model put its probability where music puts its notes?
+
+Per answer position of held-out examples (the training pipeline's own, ``musicray.train.data``):
+
+* melody pitches: the share of the probability given to pitch tokens that lands on the sounding chord's tones
+  (``chord_tone_mass``) and on the key's scale (``scale_mass``), whatever the language writes pitches as;
+* bar tempi: the probability of keeping the previous bar's tempo (``tempo_hold``), counting every token that
+  decodes to it (``<TempoChange_0>``, or ``<Tempo_x>`` with x the previous tempo).
+
+Each score comes with the same share for the real next tokens (``real_*``), the value a model that had learnt the
+relation exactly would give. These are the figures behind docs/results.md's relative-vs-absolute comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from musicray.encoding import SoundingChords, decode_header, decode_body
+from musicray.harmony import chord_pitch_classes, reference_pitch_class, scale_pitch_classes
+from musicray.model import MusicTokenizer
+from musicray.song import TRACKS, Song, Tempo
+from musicray.train.data import RenderedDataset, collate
+
+
+@dataclass
+class RelationScores:
+    chord_tone_mass: float | None
+    scale_mass: float | None
+    tempo_hold: float | None
+    real_chord_tone: float | None
+    real_in_scale: float | None
+    real_tempo_hold: float | None
+    pitch_positions: int
+    tempo_positions: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _context_song(item_prompt: list[int], music: MusicTokenizer) -> Song:
+    """The song an example's prompt describes (its inputs decoded in order, as ``encoding.decode`` does)."""
+    vocab = music.vocab
+    header = decode_header(item_prompt, vocab)
+    song = Song("context", header.key, header.metre, header.sections, tracks={name: [] for name in TRACKS},
+                tempos=[Tempo(0, 0, float(header.bpm))])
+    for name, ids in header.inputs.items():
+        decode_body(ids, name, song, vocab)
+    return song
+
+
+def _pitch_classes_of_pitch_tokens(music: MusicTokenizer, reference: int) -> torch.Tensor:
+    """[pitch tokens]: the pitch class each ``Pitch`` token stands for under ``reference``."""
+    values = torch.tensor([music.vocab.value[i] for i in music.vocab.ids_of["Pitch"]])
+    shift = reference if music.vocab.config.pitch == "chord" else 0
+    return (values + shift) % 12
+
+
+@torch.no_grad()
+def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None, tempo: RenderedDataset | None,
+                    batch_size: int = 4) -> RelationScores:
+    """Scores over a melody-task dataset and a tempo-task dataset (either may be None)."""
+    vocab = music.vocab
+    device = next(model.parameters()).device
+    model.eval()
+    pitch_ids = torch.tensor(vocab.ids_of["Pitch"]) + music.offset
+    tempo_ids = torch.tensor(vocab.ids_of["Tempo"]) + music.offset
+    change_ids = torch.tensor(vocab.ids_of["TempoChange"]) + music.offset
+    sums = {"chord": 0.0, "scale": 0.0, "hold": 0.0, "real_chord": 0, "real_scale": 0, "real_hold": 0}
+    n_pitch = n_tempo = 0
+    pad = music.tokenizer.pad_token_id if music.tokenizer.pad_token_id is not None else music.eot_id
+    for dataset, kind in ((melody, "melody"), (tempo, "tempo")):
+        if dataset is None:
+            continue
+        for start in range(0, len(dataset), batch_size):
+            items = dataset.items[start:start + batch_size]
+            batch = collate(items, pad)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+            probs = torch.softmax(logits, dim=-1)
+            for row, item in enumerate(items):
+                song = _context_song(item.prompt, music)
+                sounding = SoundingChords(song.chords)
+                scale = set(scale_pitch_classes(song.key))
+                bar, position, bpm = -1, 0, None
+                for t in range(item.answer_start, len(item.input_ids)):
+                    token = item.input_ids[t]
+                    if not music.is_music(token):
+                        continue
+                    music_id = token - music.offset
+                    family, value = vocab.family[music_id], vocab.value[music_id]
+                    p = probs[row, t - 1]   # the distribution this token was drawn from
+                    if family == "Bar":
+                        bar, position = bar + 1, 0
+                    elif family == "Pos":
+                        position = value
+                    elif family == "Pitch" and kind == "melody":
+                        chord = sounding.at(bar, position)
+                        tones = set(chord_pitch_classes(chord)) if chord else set()
+                        if not tones:
+                            continue
+                        reference = reference_pitch_class(chord, song.key)
+                        classes = _pitch_classes_of_pitch_tokens(music, reference)
+                        mass = p[pitch_ids]
+                        total = float(mass.sum())
+                        if total <= 0:
+                            continue
+                        on_chord = torch.tensor([int(c) in tones for c in classes])
+                        in_scale = torch.tensor([int(c) in scale for c in classes])
+                        sums["chord"] += float(mass[on_chord].sum()) / total
+                        sums["scale"] += float(mass[in_scale].sum()) / total
+                        true_class = int(classes[value])
+                        sums["real_chord"] += true_class in tones
+                        sums["real_scale"] += true_class in scale
+                        n_pitch += 1
+                    elif family in ("Tempo", "TempoChange") and kind == "tempo":
+                        new_bpm = value if family == "Tempo" else (bpm or 0) + value
+                        if bpm is not None:
+                            total = float(p[tempo_ids].sum() + p[change_ids].sum())
+                            hold = float(p[change_ids[vocab.config.max_tempo_change]])
+                            if vocab.config.tempo_min <= bpm <= vocab.config.tempo_max:
+                                hold += float(p[tempo_ids[bpm - vocab.config.tempo_min]])
+                            if total > 0:
+                                sums["hold"] += hold / total
+                                sums["real_hold"] += new_bpm == bpm
+                                n_tempo += 1
+                        bpm = new_bpm
+
+    def mean(key: str, n: int) -> float | None:
+        return round(sums[key] / n, 4) if n else None
+
+    return RelationScores(mean("chord", n_pitch), mean("scale", n_pitch), mean("hold", n_tempo),
+                          mean("real_chord", n_pitch), mean("real_scale", n_pitch), mean("real_hold", n_tempo),
+                          n_pitch, n_tempo)
