@@ -14,6 +14,9 @@ tiny tokenizer, for a GPU) and the same prompts and seeds:
     context              seconds per decoded token (KV cache) with a short context (a melody prompt, ~150
                          tokens) and a long one (a whole 48-bar song already in the cache, ~2,700 tokens);
                          goal: long <= 1.5 x short
+    jump-forward         infilling (every other bar of a 16-bar melody given): the step-by-step loop against
+                         jump-forward (a forced run fed in one forward pass), model forward calls per chosen
+                         token and tokens/s; both decode the same tokens
 
 Prompts are melody-task prompts of seeded synthetic songs with long forms, so that masked rows do not close
 their song within ``--tokens`` steps and both runs decode the same number of steps. Runs are interleaved
@@ -43,9 +46,10 @@ import torch
 
 from musicray.data.synth import synth_song
 from musicray.decode import Sampling, generate
-from musicray.encoding import encode, quantized
+from musicray.encoding import bar_contents, encode, quantized
 from musicray.grammar import Grammar, Plan
 from musicray.model import TinyConfig, add_music_tokens, build_tiny
+from musicray.song import Section
 from musicray.tokens import Vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +166,41 @@ def context_scaling(model, music, tokens: int, repeat: int) -> dict:
     return result
 
 
-def markdown(args, rows, alone, context, env) -> str:
+def jump_forward(model, music, grammar, songs, batch: int, repeat: int) -> dict:
+    """Infilling with every other bar given: forward calls per token and tokens/s, step by step vs jump-forward."""
+    vocab = music.vocab
+    examples, plans = [], []
+    for song in songs[:batch]:
+        window = song.replace(sections=[Section("A", 16)], chords=[c for c in song.chords if c.bar < 16],
+                              tracks={n: [x for x in notes if x.bar < 16] for n, notes in song.tracks.items()},
+                              tempos=[t for t in song.tempos if t.bar < 16])
+        window.tracks = {n: [window.inside_form(x) for x in notes] for n, notes in window.tracks.items()}
+        example = encode(window, "melody", vocab)
+        bars = bar_contents(example.target, vocab)
+        plan = Plan.from_prompt(example.prompt, vocab)
+        examples.append(example)
+        plans.append(Plan(plan.sections, plan.metre, forced=tuple((b + 1, tuple(bars[b])) for b in range(0, 16, 2))))
+    budgets = [int(x) + 96 * 8 for x in grammar.tokens_to_finish(grammar.start(["melody"] * len(plans), plans))]
+    prompts = [music.prompt_ids(e) for e in examples]
+    result = {}
+    for name, jump in (("step by step", False), ("jump-forward", True)):
+        best = None
+        for r in range(repeat):
+            out = generate(model, music, grammar, prompts, ["melody"] * len(plans), plans, budgets,
+                           list(range(len(plans))), Sampling(), jump_forward=jump)
+            tokens = sum(len(t) + 1 for t in out.tokens)   # + <|eot_id|>
+            run = {"tokens": tokens, "forward_calls": out.forward_calls, "calls_per_token": out.forward_calls /
+                   max(1, out.new_tokens), "tokens_per_s": tokens / (out.seconds - out.prefill_seconds),
+                   "output": out.tokens}
+            best = run if best is None or run["tokens_per_s"] > best["tokens_per_s"] else best
+        result[name] = best
+    result["same tokens"] = result["step by step"].pop("output") == result["jump-forward"].pop("output")
+    result["speed-up"] = result["jump-forward"]["tokens_per_s"] / result["step by step"]["tokens_per_s"]
+    result["batch"] = len(plans)
+    return result
+
+
+def markdown(args, rows, alone, context, env, jump=None) -> str:
     lines = [
         f"## Decoding ({args.size} model)",
         "",
@@ -186,6 +224,15 @@ def markdown(args, rows, alone, context, env) -> str:
     lines += ["", f"Per-token decode time with the KV cache: {context['short']['context']} tokens of context "
               f"{1e3 * context['short']['s_per_token']:.2f} ms, {context['long']['context']} tokens "
               f"{1e3 * context['long']['s_per_token']:.2f} ms: ratio **{context['ratio']:.2f}** (goal <= 1.5).", ""]
+    if jump:
+        lines += [f"Jump-forward on infilling (batch {jump['batch']}, 16-bar melodies, every other bar given; the two "
+                  f"loops decode the same tokens: {jump['same tokens']}):", "",
+                  "| loop | tokens | forward calls | calls per decode step | tokens/s |", "|---|---:|---:|---:|---:|"]
+        for name in ("step by step", "jump-forward"):
+            r = jump[name]
+            lines.append(f"| {name} | {r['tokens']} | {r['forward_calls']} | {r['calls_per_token']:.2f} | "
+                         f"{r['tokens_per_s']:.0f} |")
+        lines += ["", f"Speed-up: **{jump['speed-up']:.2f}x**.", ""]
     return "\n".join(lines)
 
 
@@ -222,12 +269,14 @@ def main() -> None:
         rows = masked_vs_unmasked(model, music, grammar, songs, args.batch, args.tokens, args.repeat)
         alone = grammar_alone(grammar, songs, args.batch, args.repeat)
         context = context_scaling(model, music, args.tokens, args.repeat)
+        jump = jump_forward(model, music, grammar, long_form_songs(8, music.vocab), min(8, max(args.batch)),
+                            args.repeat)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s)"
     env = {"machine": f"{args.size} model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
                       f"{str(dtype).removeprefix('torch.')}) on {device_name}",
            "date": datetime.date.today().isoformat(), "load": f"{os.getloadavg()[0]:.1f}"}
-    section = markdown(args, rows, alone, context, env)
+    section = markdown(args, rows, alone, context, env, jump)
     print(section)
     print({"sampling": asdict(Sampling())})
     if not args.no_docs:

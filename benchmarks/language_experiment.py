@@ -53,8 +53,8 @@ def train(language: str, args, data_dir: Path) -> dict:
     model, tokenizer = load_base(str(base), args.out)
     torch.manual_seed(args.seed)
     music = add_music_tokens(model, tokenizer, Vocabulary(LANGUAGES[language]))
-    train_set = RenderedDataset(load_examples(data_dir, TASKS, "train", music.vocab, args.max_bars), music,
-                                args.max_length)
+    train_set = RenderedDataset(load_examples(data_dir, TASKS, "train", music.vocab, args.max_bars,
+                                              args.train_songs), music, args.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 *
                                                  (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
@@ -71,17 +71,16 @@ def train(language: str, args, data_dir: Path) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
         if (step + 1) % 50 == 0:
             print(f"  {language} step {step + 1}/{args.steps} loss {statistics.mean(losses[-50:]):.3f} "
                   f"({tokens / (time.perf_counter() - started):.0f} tokens/s)", flush=True)
     train_seconds = time.perf_counter() - started
     model.eval()
-    melody = RenderedDataset(load_examples(data_dir, ["melody"], "test", music.vocab, args.max_bars)[:args.eval_examples],
-                             music, args.max_length)
-    tempo = RenderedDataset(load_examples(data_dir, ["tempo"], "test", music.vocab, args.max_bars)[:args.eval_examples],
-                            music, args.max_length)
+    tests = {task: load_examples(data_dir, [task], "test", music.vocab, args.max_bars, 30)[:args.eval_examples]
+             for task in TASKS}
+    melody, tempo = (RenderedDataset(tests[task], music, args.max_length) for task in TASKS)
     relations = relation_scores(model, music, melody, tempo)
     generated = generate_windows(model, music, data_dir, args)
     return {"language": language, "vocab": asdict(music.vocab.config), "train_examples": len(train_set),
@@ -145,6 +144,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--max-bars", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--train-songs", type=int, default=300, help="the first N songs of the train split")
     parser.add_argument("--eval-examples", type=int, default=200)
     parser.add_argument("--generate", type=int, default=32, help="test windows to generate melody and tempo for")
     parser.add_argument("--languages", nargs="+", default=list(LANGUAGES), choices=list(LANGUAGES))

@@ -248,16 +248,76 @@ class Composer:
         return [task for task in SUBTASKS if task in request.stages and not given.get(task)]
 
     @torch.no_grad()
+    def run_stages(self, songs: list[Song], requests: list[Request], stages: list[list[str]] | None = None,
+                   isolate_failures: bool = False, finish_songs: bool = True) -> list[Composition]:
+        """The stage loop, the one place it is written: every stage in order (``stages_for`` of each request, or
+        the given ``stages`` per song), one decode call per stage over the songs that run it, then ``finish``.
+
+        Songs are changed in place. A stage that fails raises, or with ``isolate_failures`` is run again song by
+        song so that only the songs at fault stop (their ``Composition`` says where and why)."""
+        plans = stages if stages is not None else [self.stages_for(request) for request in requests]
+        results = [Composition(song) for song in songs]
+        for task in SUBTASKS:
+            rows = [i for i, plan in enumerate(plans) if task in plan and results[i].failed_stage is None]
+            if not rows:
+                continue
+            for group in self._sampling_groups(rows, requests):
+                self._run_group(task, group, songs, requests, results, isolate_failures)
+        if finish_songs:
+            for result in results:
+                if result.failed_stage is not None:
+                    continue
+                try:
+                    finish(result.song)
+                except SongError as err:
+                    if not isolate_failures:
+                        raise
+                    result.failed_stage, result.error = "finish", err
+        return results
+
+    @staticmethod
+    def _sampling_groups(rows: list[int], requests: list[Request]) -> list[list[int]]:
+        """Rows that can share a decode call (same sampling settings and mask switch)."""
+        groups: dict[tuple, list[int]] = {}
+        for i in rows:
+            groups.setdefault((requests[i].sampling, requests[i].use_mask), []).append(i)
+        return list(groups.values())
+
+    def _run_group(self, task: str, rows: list[int], songs: list[Song], requests: list[Request],
+                   results: list["Composition"], isolate_failures: bool) -> None:
+        try:
+            for i in rows:
+                self.prepare_stage(songs[i], task)
+            infos = self.run_stage([songs[i] for i in rows], task, [requests[i] for i in rows])
+        except Exception as err:
+            if not isolate_failures:
+                raise
+            if len(rows) > 1:   # find the song at fault; the others still get their stage
+                for i in rows:
+                    self._run_group(task, [i], songs, requests, results, isolate_failures)
+            else:
+                results[rows[0]].failed_stage, results[rows[0]].error = task, err
+            return
+        for i, info in zip(rows, infos):
+            results[i].stages[task] = info
+
     def compose(self, request: Request) -> tuple[Song, dict]:
+        """One song; raises on the first stage that fails."""
         song = request.song()
-        report: dict = {"stages": {}, "form": song.form, "key": song.key, "metre": song.metre}
         started = time.perf_counter()
-        for task in self.stages_for(request):
-            self.prepare_stage(song, task)
-            report["stages"][task] = self.run_stage([song], task, [request])[0]
-        finish(song)
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        return song, report
+        result = self.run_stages([song], [request])[0]
+        return song, {"stages": result.stages, "form": song.form, "key": song.key, "metre": song.metre,
+                      "seconds": round(time.perf_counter() - started, 3)}
+
+
+@dataclass
+class Composition:
+    """What ``Composer.run_stages`` did to one song: each stage's report, or where and why it stopped."""
+
+    song: Song
+    stages: dict[str, dict] = field(default_factory=dict)
+    failed_stage: str | None = None
+    error: BaseException | None = None
 
 
 def finish(song: Song) -> None:

@@ -39,15 +39,20 @@ class Sampling:
         return scores
 
 
+def allowed_tokens(grammar: Grammar, state: GrammarState, music: MusicTokenizer, vocab_size: int) -> torch.Tensor:
+    """[batch, llm vocab] bool: what each row may emit next (its grammar's music tokens; ``<|eot_id|>`` after
+    ``<End>``)."""
+    offset, size = music.offset, len(music.vocab)
+    allowed = torch.zeros((state.node.shape[0], vocab_size), dtype=torch.bool, device=grammar.device)
+    allowed[:, offset:offset + size] = grammar.mask(state) & ~state.done[:, None]
+    allowed[:, music.eot_id] = state.done
+    return allowed
+
+
 def mask_scores(grammar: Grammar, state: GrammarState, scores: torch.Tensor, music: MusicTokenizer) -> torch.Tensor:
     """[batch, llm vocab] scores with everything the grammar forbids at -inf; ``<|eot_id|>`` only after ``<End>``."""
-    offset, size = music.offset, len(music.vocab)
-    allowed = grammar.mask(state) & ~state.done[:, None]  # after <End> only <|eot_id|> closes the answer
-    masked = torch.full_like(scores, NEG_INF)
-    masked[:, offset:offset + size] = scores[:, offset:offset + size].masked_fill(~allowed, NEG_INF)
-    masked[:, music.eot_id] = torch.where(state.done, scores[:, music.eot_id], torch.full_like(state.done, NEG_INF,
-                                                                                                dtype=scores.dtype))
-    return masked
+    allowed = allowed_tokens(grammar, state, music, scores.shape[-1]).to(scores.device)
+    return scores.masked_fill(~allowed, NEG_INF)
 
 
 def consume(grammar: Grammar, state: GrammarState, tokens: torch.Tensor, music: MusicTokenizer) -> None:
@@ -83,17 +88,24 @@ class GrammarLogitsProcessor(LogitsProcessor):
 class Generated:
     tokens: list[list[int]]       # music ids per row, up to and including <End> when the row finished
     finished: list[bool]
-    new_tokens: int
+    new_tokens: int         # the longest row's tokens (decode steps a token-by-token loop would take)
     seconds: float          # the whole call: prefill (the prompt's forward pass) and decode loop
     mask_seconds: float
     prefill_seconds: float = 0.0
+    forward_calls: int = 0  # model calls after the prefill (jump-forward feeds a forced run in one)
 
 
 @torch.no_grad()
 def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[int]], streams: list[str],
              plans: list[Plan], max_new_tokens: list[int], seeds: list[int], sampling: Sampling = Sampling(),
-             use_mask: bool = True) -> Generated:
-    """Decode a batch of chat-formatted prompts (LLM ids) with the KV cache, one grammar state per row."""
+             use_mask: bool = True, jump_forward: bool = True) -> Generated:
+    """Decode a batch of chat-formatted prompts (LLM ids) with the KV cache, one grammar state per row.
+
+    A token the grammar leaves no choice for is taken without drawing (so a row's random stream is spent on
+    choices only). With ``jump_forward``, a run of such tokens (a given bar, the closing ``<End>``) is fed to
+    the model in one forward pass with the token before it instead of one pass per token; the tokens and
+    distributions are those of the step-by-step loop (``jump_forward=False``), up to float rounding.
+    """
     device = next(model.parameters()).device
     batch = len(prompts)
     width = max(len(p) for p in prompts)
@@ -106,48 +118,87 @@ def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     state = grammar.start(streams, plans, max_new_tokens if use_mask else None)
     limit = torch.tensor(max_new_tokens, device=device)
+    emitted = torch.zeros(batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    out = torch.full((batch, max(max_new_tokens)), pad, dtype=torch.long, device=device)
-    started, mask_seconds = time.perf_counter(), 0.0
+    rows_out: list[list[int]] = [[] for _ in range(batch)]
+    started, mask_seconds, forward_calls = time.perf_counter(), 0.0, 0
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     logits_out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     cache, scores = logits_out.past_key_values, logits_out.logits[:, -1].float()
     prefill_seconds = time.perf_counter() - started
-    steps = 0
-    for step in range(max(max_new_tokens)):
-        if use_mask:
+    vocab_size = scores.shape[-1]
+    allowed = None   # the grammar's verdict for the current state, when the jump-forward loop already has it
+    while True:
+        if use_mask and allowed is None:
             tick = time.perf_counter()
-            scores = mask_scores(grammar, state, scores, music)
+            allowed = allowed_tokens(grammar, state, music, vocab_size)
             mask_seconds += time.perf_counter() - tick
-        scores = sampling.warp(scores)
-        tokens = _draw(scores, sampling, generators)
-        tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
-        out[:, step] = tokens
-        steps = step + 1
+        if use_mask:
+            scores = scores.masked_fill(~allowed, NEG_INF)
+            only = allowed.sum(-1) == 1
+        else:
+            only = torch.zeros(batch, dtype=torch.bool, device=device)
+        drawn = _draw(sampling.warp(scores), sampling, generators, ~only & ~finished)
+        tokens = torch.where(only, scores.argmax(-1), drawn)
+        fed_tokens, fed_rows = [tokens], [~finished]
+        finished, emitted = _emit(tokens, ~finished, finished, emitted, limit, rows_out, music)
+        allowed = None
         if use_mask:
             tick = time.perf_counter()
             consume(grammar, state, tokens, music)
+            running = ~finished
+            while jump_forward and bool(running.any()):   # extend each row by the tokens it has no choice over
+                allowed = allowed_tokens(grammar, state, music, vocab_size)
+                running = running & (allowed.sum(-1) == 1) & (emitted < limit)
+                if not bool(running.any()):
+                    break
+                forced = torch.where(running, allowed.float().argmax(-1), torch.full_like(tokens, pad))
+                fed_tokens.append(forced)
+                fed_rows.append(running)
+                finished, emitted = _emit(forced, running, finished, emitted, limit, rows_out, music)
+                consume(grammar, state, torch.where(running, forced, torch.full_like(forced, music.eot_id)), music)
+                running = running & ~finished
+                allowed = None
             mask_seconds += time.perf_counter() - tick
-        finished |= (tokens == music.eot_id) | (step + 1 >= limit)
         if bool(finished.all()):
             break
-        attention = torch.cat([attention, (~finished).long()[:, None]], dim=1)
-        positions = (attention.sum(1, keepdim=True) - 1)
-        logits_out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions,
+        fed, real = torch.stack(fed_tokens, 1), torch.stack(fed_rows, 1)    # [batch, tokens this pass]
+        attention = torch.cat([attention, real.long()], dim=1)
+        positions = attention.cumsum(1)[:, -fed.shape[1]:] - 1
+        logits_out = model(input_ids=fed, attention_mask=attention, position_ids=positions,
                            past_key_values=cache, use_cache=True)
-        cache, scores = logits_out.past_key_values, logits_out.logits[:, -1].float()
-    rows, done = [], []
-    for i in range(batch):
-        row = out[i, :steps].tolist()
+        forward_calls += 1
+        last = real.long().cumsum(1).argmax(1)   # each row's last fed token: its next distribution
+        cache = logits_out.past_key_values
+        scores = logits_out.logits[torch.arange(batch, device=device), last].float()
+    done = []
+    for i, row in enumerate(rows_out):
         if music.eot_id in row:
             row = row[:row.index(music.eot_id)]
-        rows.append([t - music.offset for t in row if music.is_music(t)] if use_mask else row)
-        done.append(bool(rows[-1]) and rows[-1][-1] == music.vocab.token("End"))
-    return Generated(rows, done, steps, time.perf_counter() - started, mask_seconds, prefill_seconds)
+        rows_out[i] = [t - music.offset for t in row if music.is_music(t)] if use_mask else row
+        done.append(bool(rows_out[i]) and rows_out[i][-1] == music.vocab.token("End"))
+    return Generated(rows_out, done, int(emitted.max()), time.perf_counter() - started, mask_seconds,
+                     prefill_seconds, forward_calls)
 
 
-def _draw(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
+def _emit(tokens: torch.Tensor, rows: torch.Tensor, finished: torch.Tensor, emitted: torch.Tensor,
+          limit: torch.Tensor, out: list[list[int]], music: MusicTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append each of ``rows``' token to its output; a row finishes at ``<|eot_id|>`` or its token limit."""
+    rows = rows & ~finished
+    for i in torch.nonzero(rows).flatten().tolist():
+        out[i].append(int(tokens[i]))
+    emitted = emitted + rows.long()
+    finished = finished | (rows & ((tokens == music.eot_id) | (emitted >= limit)))
+    return finished, emitted
+
+
+def _draw(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator],
+          rows: torch.Tensor) -> torch.Tensor:
+    """A sampled token per row; only ``rows`` draw (and spend their generator), the others get the argmax."""
     if sampling.temperature == 0:
         return scores.argmax(-1)
+    tokens = scores.argmax(-1).cpu()
     probs = torch.softmax(scores, dim=-1).cpu()
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]).to(scores.device)
+    for i in torch.nonzero(rows.cpu()).flatten().tolist():
+        tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
+    return tokens.to(scores.device)

@@ -103,3 +103,30 @@ def test_unmasked_ablation_runs_and_is_not_held_to_the_grammar(model, synthetic_
     assert out.mask_seconds == 0 and out.new_tokens <= 40
     # a random model without the mask does not write a grammatical stream
     assert grammar.validate(music.from_llm(out.tokens[0]), TASK_TARGET[task], plan)
+
+
+def test_jump_forward_feeds_forced_runs_at_once_and_keeps_the_output(model, synthetic_songs):
+    """Half the bars given (infilling): jump-forward decodes the same tokens as the step-by-step loop, for
+    sampled and greedy decoding, with fewer model calls than tokens."""
+    from musicray.encoding import bar_contents, quantized
+
+    model, music, grammar = model
+    song = quantized(synthetic_songs[4], VOCAB)
+    window = Song("w", song.key, song.metre, [Section("A", 4)], chords=[c for c in song.chords if c.bar < 4],
+                  tracks={name: [n for n in song.tracks[name] if n.bar < 4] for name in TRACKS},
+                  tempos=[t for t in song.tempos if t.bar < 4])
+    window.tracks = {name: [window.inside_form(n) for n in notes] for name, notes in window.tracks.items()}
+    example = encode(window, "melody", VOCAB)
+    bars = bar_contents(example.target, VOCAB)
+    plan = Plan.from_prompt(example.prompt, VOCAB)
+    forced = Plan(plan.sections, plan.metre, forced=((1, tuple(bars[0])), (3, tuple(bars[2]))))
+    budget = int(grammar.tokens_to_finish(grammar.start(["melody"], [forced]))[0]) + 60
+    for sampling in (Sampling(1.0), Sampling(0.0)):
+        step_by_step, jumping = (generate(model, music, grammar, [music.prompt_ids(example)] * 2, ["melody"] * 2,
+                                          [forced, plan], [budget] * 2, [5, 6], sampling, jump_forward=jump)
+                                 for jump in (False, True))
+        assert jumping.tokens == step_by_step.tokens
+        assert bar_contents(jumping.tokens[0], VOCAB)[0] == bars[0] and \
+            bar_contents(jumping.tokens[0], VOCAB)[2] == bars[2]
+        assert grammar.validate(jumping.tokens[0], "melody", forced) == []
+        assert jumping.forward_calls < step_by_step.forward_calls

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from musicray.compose import Composer, Request, finish
+from musicray.compose import Composer, Request
 from musicray.data.prepare import load_table
 from musicray.decode import Sampling, generate
 from musicray.encoding import TASK_TARGET, base_tempo, encode, section_windows
@@ -132,22 +132,14 @@ class Composed:
 
 @torch.no_grad()
 def compose_batch(composer: Composer, requests: list[Request]) -> list[Composed]:
-    """Masked composition of a batch: each stage is one decode call over every song (``Composer.run_stage``)."""
+    """Masked composition of a batch: each stage is one decode call over every song (``Composer.run_stages``)."""
     if any(not r.use_mask for r in requests):
         raise ValueError("compose_batch: unmasked songs fail one by one; use compose_each")
     started = time.perf_counter()
     songs = [request.song() for request in requests]
-    results = [Composed(request, song) for request, song in zip(requests, songs)]
-    for task in Composer.stages_for(requests[0]):
-        for song in songs:
-            composer.prepare_stage(song, task)
-        for result, info in zip(results, composer.run_stage(songs, task, requests)):
-            result.stages[task] = info
-    seconds = time.perf_counter() - started
-    for result in results:
-        finish(result.song)
-        result.seconds = seconds / len(results)
-    return results
+    done = composer.run_stages(songs, requests)
+    seconds = (time.perf_counter() - started) / len(requests)
+    return [Composed(request, c.song, c.stages, seconds=seconds) for request, c in zip(requests, done)]
 
 
 @torch.no_grad()
@@ -156,20 +148,12 @@ def compose_each(composer: Composer, requests: list[Request]) -> list[Composed]:
     results = []
     for request in requests:
         started = time.perf_counter()
-        result = Composed(request, None)
-        song = request.song()
-        for task in Composer.stages_for(request):
-            composer.prepare_stage(song, task)
-            try:
-                result.stages[task] = composer.run_stage([song], task, [request])[0]
-            except SongError as err:
-                result.failed_stage, result.error = task, str(err)
-                break
-        if result.failed_stage is None:
-            finish(song)
-            result.song = song
-        result.seconds = time.perf_counter() - started
-        results.append(result)
+        done = composer.run_stages([request.song()], [request], isolate_failures=True)[0]
+        if done.error is not None and not isinstance(done.error, SongError):
+            raise done.error
+        failed = done.failed_stage is not None
+        results.append(Composed(request, None if failed else done.song, done.stages, done.failed_stage,
+                                str(done.error) if failed else None, time.perf_counter() - started))
     return results
 
 

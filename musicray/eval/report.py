@@ -41,6 +41,7 @@ from musicray.eval.generation import (
     split_songs,
     stage_streams,
 )
+from musicray.eval.relations import relation_scores
 from musicray.eval.teacher_forced import Scores, held_out_dataset, teacher_forced
 from musicray.grammar import Grammar, Plan
 from musicray.song import Song, SongError
@@ -198,6 +199,22 @@ def _teacher_forced_all(composer, data_dir: Path, settings: EvalConfig, config: 
     return adapter_scores, alone
 
 
+def _relations(composer, data_dir: Path, settings: EvalConfig, config: Config) -> dict:
+    """Teacher-forced relation scores (``musicray.eval.relations``) of the melody and tempo sub-tasks, each
+    under its adapter where it has one, on the same test examples as the teacher-forced scores."""
+    datasets = {task: held_out_dataset(data_dir, task, composer.music, config.data.max_length, config.data.max_bars,
+                                       settings.max_examples or None) for task in ("melody", "tempo")}
+    with adapter_for(composer, "melody" if "melody" in composer.adapters else None):
+        melody = relation_scores(composer.model, composer.music, datasets["melody"], None, settings.batch_size)
+    with adapter_for(composer, "tempo" if "tempo" in composer.adapters else None):
+        tempo = relation_scores(composer.model, composer.music, None, datasets["tempo"], settings.batch_size)
+    return {"language": composer.music.vocab.config.language,
+            "chord_tone_mass": melody.chord_tone_mass, "real_chord_tone": melody.real_chord_tone,
+            "scale_mass": melody.scale_mass, "real_in_scale": melody.real_in_scale,
+            "tempo_hold": tempo.tempo_hold, "real_tempo_hold": tempo.real_tempo_hold,
+            "pitch_positions": melody.pitch_positions, "tempo_positions": tempo.tempo_positions}
+
+
 def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path, settings: EvalConfig | None = None,
                  device: str | None = None, progress: bool = True) -> dict:
     """Evaluate a run on the test split of ``data_dir``; write the report into ``out_dir``; return report.json's
@@ -228,6 +245,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
                   for use_mask in (True, False)}
     with clock.part("teacher-forced scores (adapters, stage-1 alone)"):
         tf_adapter, tf_alone = _teacher_forced_all(composer, data_dir, settings, config, True)
+    with clock.part("relations (chord tones, key, tempo hold)"):
+        relations = _relations(composer, data_dir, settings, config)
     del composer
 
     plain = Composer(run_dir, device, adapters=())
@@ -273,6 +292,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         "teacher_forced": {task: {"adapter": tf_adapter[task].to_dict() if tf_adapter[task] else None,
                                   "stage1": tf_alone[task].to_dict()} for task in SUBTASKS},
         "ablations": ablations,
+        "relations": relations,
         "plots": plots,
         "seconds": {**clock.seconds, "total": round(time.perf_counter() - clock.started, 2)},
         "sources": list(SOURCES),
@@ -507,6 +527,20 @@ def render_markdown(report: dict) -> str:
                          _fmt(scores["accuracy"]), _fmt(scores["masked_loss"]), _fmt(scores["masked_accuracy"])])
     lines += _table(["sub-task", "model", "examples", "tokens", "loss", "accuracy", "loss (grammar)",
                      "accuracy (grammar)"], rows)
+
+    relations = report["relations"]
+    lines += ["", "## Relations the model learnt (teacher-forced, test split)", "",
+              (f"Language: {relations['language']}. At each MELODY pitch the model predicts (melody sub-task), the "
+               "share of its pitch probability on the sounding chord's tones and on the key's scale; at each bar "
+               "after the first (tempo sub-task), its probability of keeping the previous bar's tempo. 'real': the "
+               "same share for the true next tokens."), ""]
+    lines += _table(["relation", "model", "real", "positions"], [
+        ["on chord tones", _fmt(relations["chord_tone_mass"]), _fmt(relations["real_chord_tone"]),
+         relations["pitch_positions"]],
+        ["in the key's scale", _fmt(relations["scale_mass"]), _fmt(relations["real_in_scale"]),
+         relations["pitch_positions"]],
+        ["tempo held", _fmt(relations["tempo_hold"]), _fmt(relations["real_tempo_hold"]),
+         relations["tempo_positions"]]])
 
     ablations = report["ablations"]
     columns = ["songs_valid", "stages_valid", "structure_adherence", "loss", "accuracy", "masked_loss",

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from musicray.compose import Request, parse_chords
+from musicray.compose import Request, parse_chords, regenerated_bars
 from musicray.decode import Sampling
 from musicray.harmony import canonical_key
 from musicray.midi import midi_to_song
-from musicray.song import SongError, metre, parse_form
+from musicray.song import SongError, metre, parse_form, song_from_dict, song_to_dict
 from musicray.tokens import SUBTASKS
 
 Subtask = Literal["chord", "melody", "secondary", "dynamics", "tempo"]
@@ -54,8 +55,17 @@ class GenerateBody(BaseModel):
     melody_midi: Optional[str] = Field(
         None, description="base64 Standard MIDI File; its MELODY track (or first melodic instrument) replaces the "
                           "melody stage")
+    song_midi: Optional[str] = Field(
+        None, description="base64 Standard MIDI File of a whole song (MELODY, BRIDGE, PIANO tracks; chords and "
+                          "tempo from a musicray file): what it has replaces its stages, like generate --song")
+    regenerate: Optional[str] = Field(
+        None, max_length=64, description="infilling (needs song_midi): rewrite the sections with these labels, "
+                                         "e.g. B or A,B; every other bar stays as uploaded")
+    regenerate_bars: Optional[str] = Field(
+        None, max_length=256, description="infilling (needs song_midi): rewrite these bars, 1-based, e.g. 9-16")
     stages: Optional[list[Subtask]] = Field(None, min_length=1, max_length=5,
-                                            description="sub-tasks to run (default all)")
+                                            description="sub-tasks to run (default all; with regenerate: the parts "
+                                                        "rewritten in the chosen bars)")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, le=100000, description="0 = no top-k cut")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = no nucleus cut")
@@ -70,18 +80,25 @@ def _field(name: str, fn, *args):
         raise InputError(name, str(err)) from None
 
 
-def decode_midi_upload(text: str, max_bytes: int) -> bytes:
+def decode_midi_upload(text: str, max_bytes: int, field: str = "melody_midi") -> bytes:
     """The bytes of a base64 upload; 413 above ``max_bytes`` (checked before decoding), 400 if not base64."""
     if len(text) > 4 * ((max_bytes + 2) // 3) + 4:
-        raise InputError("melody_midi", f"upload of about {len(text) * 3 // 4} bytes exceeds max_midi_bytes "
-                                        f"({max_bytes} bytes)", 413)
+        raise InputError(field, f"upload of about {len(text) * 3 // 4} bytes exceeds max_midi_bytes "
+                                f"({max_bytes} bytes)", 413)
     try:
         data = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise InputError("melody_midi", f"not valid base64 ({err})") from None
+        raise InputError(field, f"not valid base64 ({err})") from None
     if len(data) > max_bytes:
-        raise InputError("melody_midi", f"upload of {len(data)} bytes exceeds max_midi_bytes ({max_bytes} bytes)", 413)
+        raise InputError(field, f"upload of {len(data)} bytes exceeds max_midi_bytes ({max_bytes} bytes)", 413)
     return data
+
+
+def _uploaded_song(text: str, field: str, metre_name: str, max_midi_bytes: int):
+    uploaded = _field(field, midi_to_song, decode_midi_upload(text, max_midi_bytes, field), "upload")
+    if uploaded.metre != metre_name:
+        raise InputError(field, f"the upload is in {uploaded.metre} but metre is {metre_name}")
+    return uploaded
 
 
 def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Request:
@@ -111,17 +128,31 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
         chords = _field("chords", parse_chords, text, body.form, spec.name)
     melody = None
     if body.melody_midi is not None:
-        data = decode_midi_upload(body.melody_midi, max_midi_bytes)
-        uploaded = _field("melody_midi", midi_to_song, data, "upload")
-        if uploaded.metre != spec.name:
-            raise InputError("melody_midi", f"the upload is in {uploaded.metre} but metre is {spec.name}")
+        uploaded = _uploaded_song(body.melody_midi, "melody_midi", spec.name, max_midi_bytes)
         melody = [n for n in uploaded.tracks["MELODY"] if n.bar < bars]
         if not melody:
             raise InputError("melody_midi", f"no MELODY notes in the first {bars} bars of the upload")
+    given = None
+    if body.song_midi is not None:
+        if body.melody_midi is not None:
+            raise InputError("song_midi", "give song_midi or melody_midi, not both")
+        given = _uploaded_song(body.song_midi, "song_midi", spec.name, max_midi_bytes)
+        given.tracks = {name: [n for n in notes if n.bar < bars] for name, notes in given.tracks.items()}
+        if not any(given.tracks.values()):
+            raise InputError("song_midi", f"no MELODY, BRIDGE or PIANO notes in the first {bars} bars of the upload")
+    regenerate = None
+    if body.regenerate is not None or body.regenerate_bars is not None:
+        if given is None:
+            raise InputError("regenerate", "infilling rewrites part of a given song: upload it as song_midi")
+        field = "regenerate" if body.regenerate is not None else "regenerate_bars"
+        regenerate = _field(field, regenerated_bars, body.form, body.regenerate, body.regenerate_bars)
     stages = tuple(body.stages) if body.stages is not None else SUBTASKS
-    request = Request(form=body.form, key=key, metre=spec.name, tempo=body.tempo, seed=body.seed, chords=chords,
-                      melody=melody, stages=stages,
-                      sampling=Sampling(float(body.temperature), int(body.top_k), float(body.top_p)))
+    request = Request(form=body.form, key=key, metre=spec.name, tempo=body.tempo, seed=body.seed,
+                      chords=chords or (given.chords if given else None),
+                      melody=melody or (given.tracks["MELODY"] if given else None), stages=stages,
+                      sampling=Sampling(float(body.temperature), int(body.top_k), float(body.top_p)),
+                      bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
+                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None)
     return request
 
 
@@ -141,6 +172,25 @@ def request_song(request: Request):
 
 
 def sampling_settings(request: Request) -> dict:
-    """What a stage deployment needs besides the song: the seed and the sampling settings (JSON-ready)."""
-    return {"seed": request.seed, "temperature": request.sampling.temperature, "top_k": request.sampling.top_k,
-            "top_p": request.sampling.top_p, "use_mask": request.use_mask}
+    """What a stage deployment needs besides the song: the seed, the sampling settings and, when infilling, the
+    bars to rewrite and the song as given (the kept bars come from it). JSON-ready."""
+    settings = {"seed": request.seed, "temperature": request.sampling.temperature, "top_k": request.sampling.top_k,
+                "top_p": request.sampling.top_p, "use_mask": request.use_mask}
+    if request.regenerate is not None:
+        settings["regenerate"] = list(request.regenerate)
+        settings["given"] = song_to_dict(request.song())
+    return settings
+
+
+def stage_request(song, settings: dict) -> Request:
+    """The composer request a stage deployment runs for a song and the ingress' ``sampling_settings``."""
+    sampling = Sampling(float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"]))
+    request = Request(form=song.form, seed=int(settings["seed"]), use_mask=settings.get("use_mask", True),
+                      sampling=sampling)
+    if settings.get("regenerate") is not None:
+        given = song_from_dict(settings["given"])
+        request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,
+                                      melody=given.tracks["MELODY"], bridge=given.tracks["BRIDGE"],
+                                      piano=given.tracks["PIANO"], tempos=given.tempos,
+                                      regenerate=tuple(settings["regenerate"]))
+    return request

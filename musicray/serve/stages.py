@@ -24,8 +24,8 @@ import time
 
 from ray import serve
 
-from musicray.compose import Composer, Request
-from musicray.decode import Sampling
+from musicray.compose import Composer
+from musicray.serve.schema import stage_request
 from musicray.song import SongError, song_from_dict, song_to_dict
 from musicray.tokens import SUBTASKS
 
@@ -99,60 +99,42 @@ class StageComposer:
         return await asyncio.to_thread(self._compose, songs, settings, stages)
 
     def _compose(self, songs: list[dict], settings: list[dict], stages: list[list[str]]) -> list[dict]:
-        results: list[dict] = [{"song": song, "infos": {}} for song in songs]
-        for task in SUBTASKS:
-            rows = [i for i, row in enumerate(stages) if task in row and "error" not in results[i]]
-            if not rows:
-                continue
-            outcome = self._run(task, [results[i]["song"] for i in rows], [settings[i] for i in rows])
-            for i, out in zip(rows, outcome):
-                if "error" in out:
-                    results[i] = {**out, "stage": task}
-                else:
-                    results[i]["song"] = out["song"]
-                    results[i]["infos"][task] = out["info"]
-        return results
+        return self._run_stages(songs, settings, stages, finish_songs=False)
 
     async def _batch(self, task: str, songs: list[dict], settings: list[dict]) -> list[dict]:
         if task not in self.subtasks:
             return [_error(SongError(f"stages: this deployment serves {self.subtasks}, not {task}"))] * len(songs)
         # The decode runs in a worker thread so that the replica keeps taking requests into the next batch.
-        return await asyncio.to_thread(self._run, task, songs, settings)
+        results = await asyncio.to_thread(self._run_stages, songs, settings, [[task]] * len(songs), False)
+        return [out if "error" in out else {"song": out["song"], "info": out["infos"][task]} for out in results]
 
-    def _run(self, task: str, songs: list[dict], settings: list[dict]) -> list[dict]:
-        results: list[dict | None] = [None] * len(songs)
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(settings):  # a batch shares sampling settings: group the requests by them
-            groups.setdefault((s["temperature"], s["top_k"], s["top_p"], s.get("use_mask", True)), []).append(i)
-        with self.lock:
-            for key, rows in groups.items():
-                self._run_group(task, songs, settings, rows, key, results)
-        return results
-
-    def _run_group(self, task, songs, settings, rows, key, results) -> None:
-        temperature, top_k, top_p, use_mask = key
-        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    def _run_stages(self, songs: list[dict], settings: list[dict], stages: list[list[str]],
+                    finish_songs: bool) -> list[dict]:
+        """``Composer.run_stages`` on the batch (songs that fail stop alone). Answers per song
+        ``{"song", "infos": {task: info}}``, or ``{"error", "stage"}`` for the stage that failed."""
         try:
-            batch = [song_from_dict(songs[i]) for i in rows]
-            requests = [Request(form=song.form, seed=int(settings[i]["seed"]), sampling=sampling, use_mask=use_mask)
-                        for song, i in zip(batch, rows)]
-            for song in batch:
-                self.composer.prepare_stage(song, task)
-            started = time.perf_counter()
-            infos = self.composer.run_stage(batch, task, requests)
-            wall = round(time.perf_counter() - started, 3)
-        except Exception as err:
-            if len(rows) > 1:  # isolate the song that failed; the others still get their stage
-                for i in rows:
-                    self._run_group(task, songs, settings, [i], key, results)
-            else:
-                results[rows[0]] = _error(err)
-            return
-        self.batches[task] += 1
-        self.songs[task] += len(rows)
-        for i, song, info in zip(rows, batch, infos):
-            info = {**info, "batch_seconds": wall, "replica_pid": os.getpid()}
-            results[i] = {"song": song_to_dict(song), "info": info}
+            batch = [song_from_dict(song) for song in songs]
+        except SongError as err:
+            return [_error(err)] * len(songs)
+        requests = [stage_request(song, s) for song, s in zip(batch, settings)]
+        started = time.perf_counter()
+        with self.lock:
+            done = self.composer.run_stages(batch, requests, stages, isolate_failures=True,
+                                            finish_songs=finish_songs)
+        wall = round(time.perf_counter() - started, 3)
+        ran = [task for composition in done for task in composition.stages]
+        for task in set(ran):
+            self.batches[task] += 1
+            self.songs[task] += ran.count(task)
+        results = []
+        for composition in done:
+            if composition.failed_stage is not None:
+                results.append({**_error(composition.error), "stage": composition.failed_stage})
+                continue
+            infos = {task: {**info, "batch_seconds": wall, "replica_pid": os.getpid()}
+                     for task, info in composition.stages.items()}
+            results.append({"song": song_to_dict(composition.song), "infos": infos})
+        return results
 
     # -- introspection ------------------------------------------------------------------------------------------
     async def info(self) -> dict:

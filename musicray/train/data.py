@@ -41,12 +41,14 @@ def resolve_data_dir(config: Config, progress: bool = True) -> Path:
     return out
 
 
-def load_examples(data_dir: str | Path, tasks: list[str], split: str, vocab, max_bars: int | None = DEFAULT_MAX_BARS
-                  ) -> list[Example]:
-    """Examples of ``tasks`` from every section window of every song in ``split``; a task with optional inputs
-    (``OPTIONAL_INPUTS``: chords for a given melody) gets one example without them and one with each."""
+def load_examples(data_dir: str | Path, tasks: list[str], split: str, vocab, max_bars: int | None = DEFAULT_MAX_BARS,
+                  songs: int | None = None) -> list[Example]:
+    """Examples of ``tasks`` from every section window of every song in ``split`` (the first ``songs`` only,
+    if given); a task with optional inputs (``OPTIONAL_INPUTS``: chords for a given melody) gets one example
+    without them and one with each."""
     examples = []
-    for row in load_table(data_dir, "songs", split).itertuples():
+    table = load_table(data_dir, "songs", split)
+    for row in (table.head(songs) if songs else table).itertuples():
         song = song_from_dict(json.loads(row.song_json))
         for window in section_windows(song, max_bars):
             for task in tasks:

@@ -51,6 +51,18 @@ def test_generated_songs_are_compared_with_the_real_windows_and_songs(report):
     assert len(metrics["per_window"]) == 2
 
 
+def test_relations_are_scored_against_the_real_tokens(report, report_dir):
+    relations = report["relations"]
+    assert relations["language"] == "relative" and relations["pitch_positions"] > 0
+    assert relations["tempo_positions"] > 0
+    for key in ("chord_tone_mass", "scale_mass", "tempo_hold", "real_chord_tone", "real_in_scale", "real_tempo_hold"):
+        assert 0 <= relations[key] <= 1, key
+    # Synthetic melodies are written on chord tones and in the key; a random-weight model's are not.
+    assert relations["real_chord_tone"] > relations["chord_tone_mass"]
+    assert relations["real_in_scale"] == 1.0
+    assert "## Relations the model learnt" in (report_dir / "report.md").read_text()
+
+
 def test_teacher_forced_table_has_adapter_and_stage1_scores(report):
     scores = report["teacher_forced"]
     assert list(scores) == list(SUBTASKS)

@@ -334,6 +334,36 @@ def _midi_b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _two_bar_song() -> str:
+    from musicray.midi import song_to_midi
+    from musicray.song import Note, Song, parse_form
+
+    melody = [Note(bar, 0, 64 + bar, 8, 90) for bar in range(2)]
+    buffer = io.BytesIO()
+    song_to_midi(Song("two", "C:maj", "4/4", parse_form("A2"), tracks={"MELODY": melody, "BRIDGE": [], "PIANO": []})
+                 ).dump(file=buffer)
+    return _midi_b64(buffer.getvalue())
+
+
+@pytest.mark.parametrize("url", ["serve_url", "mux_url"])
+def test_regenerate_rewrites_one_section_of_an_uploaded_song(request, url):
+    """Infilling over HTTP: the uploaded song's bars outside section B come back note for note, chord for chord."""
+    from musicray.midi import midi_to_song
+
+    url = request.getfixturevalue(url)
+    first = generate(url, {"form": "A2B2A2", "seed": 21})
+    given = midi_to_song(base64.b64decode(first["midi"]))
+    out = generate(url, {"form": "A2B2A2", "seed": 22, "song_midi": first["midi"], "regenerate": "B"})
+    assert list(out["stages"]) == list(SUBTASKS)
+    song = midi_to_song(base64.b64decode(out["midi"]))
+    kept = {0, 1, 4, 5}
+    for name in ("MELODY", "BRIDGE"):
+        assert [n for n in song.tracks[name] if n.bar in kept] == [n for n in given.tracks[name] if n.bar in kept]
+    assert [t for t in song.tempos if t.bar in kept] == [t for t in given.tempos if t.bar in kept]
+    assert [n for n in song.tracks["MELODY"] if n.bar in (2, 3)] != [n for n in given.tracks["MELODY"]
+                                                                      if n.bar in (2, 3)]
+
+
 BAD_REQUESTS = [
     # (case, JSON body or raw bytes, status, field the message must name)
     ("malformed form", {"form": "A2B"}, 400, "form"),
@@ -375,6 +405,12 @@ BAD_REQUESTS = [
      "melody_midi"),
     ("melody too large", {"form": "A2", "melody_midi": _midi_b64(b"MThd" + bytes(6000))}, 413, "melody_midi"),
     ("body far too large", {"form": "A2", "melody_midi": "A" * 200_000}, 413, "body"),
+    ("regenerate without a song", {"form": "A2", "regenerate": "A"}, 400, "regenerate"),
+    ("regenerate an absent label", {"form": "A2", "song_midi": "SONG", "regenerate": "B"}, 400, "regenerate"),
+    ("regenerate bars outside the form", {"form": "A2", "song_midi": "SONG", "regenerate_bars": "2-5"}, 400,
+     "regenerate_bars"),
+    ("song and melody both", {"form": "A2", "song_midi": "SONG", "melody_midi": "SONG"}, 400, "song_midi"),
+    ("song not MIDI", {"form": "A2", "song_midi": _midi_b64(b"RIFF....WAVEfmt ")}, 400, "song_midi"),
     ("invalid JSON", b'{"form": "A2",', 422, "body"),
     ("JSON not an object", b"[1, 2, 3]", 422, "body"),
     ("empty body", b"", 422, "body"),
@@ -383,6 +419,8 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("case,body,status,field", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
 def test_bad_input_is_a_4xx_naming_the_field(serve_url, case, body, status, field):
+    if isinstance(body, dict):   # "SONG" stands for a valid two-bar song upload
+        body = {k: _two_bar_song() if v == "SONG" else v for k, v in body.items()}
     if isinstance(body, bytes):
         response = requests.post(serve_url + "/v1/generate", data=body, timeout=60,
                                  headers={"Content-Type": "application/json"})
