@@ -110,3 +110,16 @@ def test_voice_piano_follows_the_chords():
     notes = voice_piano(song)
     assert {n.pitch % 12 for n in notes if n.bar == 0} == {0, 4, 7}
     assert min(n.pitch for n in notes if n.bar == 1) % 12 == 11  # the slash bass B under G
+
+
+def test_generate_command_writes_each_track_with_its_instrument(run_dir, tmp_path, capsys):
+    from musicray.cli import main
+    from musicray.instruments import DEFAULT_INSTRUMENTS
+    from musicray.midi import midi_instruments, read_midi
+
+    out = tmp_path / "song.mid"
+    assert main(["generate", "--run", str(run_dir), "--form", "A2", "--seed", "3", "--out", str(out),
+                 "--instrument", "melody=flute", "--instrument", "PIANO=Electric Piano 1"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert midi_instruments(out) == {"MELODY": 73, "BRIDGE": DEFAULT_INSTRUMENTS["BRIDGE"], "PIANO": 4}
+    assert read_midi(out).form == "A2"
