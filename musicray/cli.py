@@ -1,12 +1,20 @@
-"""The ``musicray`` command line: thin shells over the library."""
+"""The ``musicray`` command line: it owns argument parsing, and each command is a thin shell over the library.
+
+Only the standard library and musicray's light modules (errors, song, tokens, instruments) load before the
+arguments are parsed, so ``--help`` and argument errors answer at once: torch, transformers, Ray and the MIDI
+libraries are imported inside the commands that need them. No library module imports this one; the job scripts
+(``jobs/*.py``) call ``main`` with their command's name.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
-from musicray.song import SongError
+from musicray.errors import SongError
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -67,14 +75,21 @@ def _generate(args: argparse.Namespace) -> None:
                       bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
                       regenerate=regenerate, tempos=given.tempos if given and regenerate else None)
     song, report = Composer(args.run, adapters=() if args.no_adapters else SUBTASKS).compose(request)
-    write_midi(song, args.out)
+    write_midi(song, args.out, instruments=dict(args.instrument))
     report_path = args.out.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1))
     stages = ", ".join(f"{task} {info['new_tokens']} tokens {info['seconds']}s" for task, info in report["stages"].items())
     print(f"wrote {args.out} ({song.n_bars} bars, form {song.form}; {stages}) and {report_path}")
 
 
+# Set by Ray's job supervisor for every job driver (it carries the job's runtime_env).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def _pipeline(args: argparse.Namespace) -> None:
+    if os.environ.get(RAY_JOB_ENV) and not Path(args.out).expanduser().is_absolute():
+        raise SongError(f"--out {args.out}: under `ray job submit` give an absolute path on storage every node "
+                        "sees (a relative one lands in the job's temporary copy of the repository)")
     from musicray.pipeline import preset_config, run_pipeline
 
     config = args.config or preset_config(args.preset)
@@ -95,11 +110,59 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _render(args: argparse.Namespace) -> None:
-    from musicray.render import render
+    from musicray.render import RenderError, render
 
-    rendered = render(args.midi, args.out, args.soundfont, args.sample_rate, args.gain)
-    print(f"wrote {rendered.path} ({rendered.seconds:.1f} s at {rendered.sample_rate} Hz, "
-          f"soundfont {rendered.soundfont})")
+    try:
+        rendered = render(args.midi, args.out, args.soundfont, args.sample_rate, args.gain, args.renderer,
+                          dict(args.instrument))
+    except RenderError as error:
+        raise CommandFailed(str(error)) from None
+    print(f"wrote {rendered.path} ({rendered.seconds:.1f} s: the song's {rendered.song_seconds:.1f} s and its release, "
+          f"at {rendered.sample_rate} Hz) with renderer {rendered.renderer}, soundfont {rendered.soundfont}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from musicray.train.config import load_config
+    from musicray.train.finetune import train_stage1
+
+    model_dir = train_stage1(load_config(args.config, args.set), args.out, resume=args.resume,
+                             progress=not args.no_progress)
+    print(f"wrote {model_dir}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from musicray.train.config import load_config
+    from musicray.train.tune import tune_adapters
+
+    adapters = tune_adapters(load_config(args.config, args.set), args.out, progress=not args.quiet)
+    print((Path(args.out).expanduser().resolve() / "tune" / "trials.md").read_text())
+    for subtask, path in adapters.items():
+        print(f"{subtask}: {path}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from musicray.serve.app import serve_forever
+
+    serve_forever(args.run, args.config, host=args.host, port=args.port, multiplexed=args.multiplexed,
+                  num_cpus=args.num_cpus)
+
+
+def _instrument(text: str) -> tuple[str, int]:
+    from musicray.instruments import parse_instrument
+
+    try:
+        return parse_instrument(text)
+    except SongError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--instrument: ")) from None
+
+
+def _add_instrument_option(parser: argparse.ArgumentParser, what: str) -> None:
+    from musicray.instruments import DEFAULT_INSTRUMENTS, GM_PROGRAMS
+
+    defaults = ", ".join(f"{track}={GM_PROGRAMS[program]} ({program})" for track, program in DEFAULT_INSTRUMENTS.items())
+    parser.add_argument("--instrument", action="append", default=[], type=_instrument, metavar="TRACK=INSTRUMENT",
+                        help=f"{what}: a General MIDI program 0-127 or its name, e.g. MELODY=flute (repeatable; "
+                             f"defaults: {defaults})")
 
 
 def _audio_setting(kind, low: float, high: float):
@@ -115,7 +178,7 @@ def _audio_setting(kind, low: float, high: float):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pathlib import Path
+    from musicray.tokens import SUBTASKS
 
     parser = argparse.ArgumentParser(prog="musicray", description="Structured, expressive pop music with an LLM on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,8 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--quiet", action="store_true", help="no progress bars")
     pipe.set_defaults(handler=_pipeline)
 
-    from musicray.tokens import SUBTASKS
-
     gen = commands.add_parser("generate", help="compose a song with the trained model and adapters")
     gen.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
     gen.add_argument("--form", help="sections as label + bars, e.g. i4A8B8A8o4 (default: the --song's form)")
@@ -176,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")
+    _add_instrument_option(gen, "a track's instrument in the MIDI file")
     gen.set_defaults(handler=_generate)
 
     ev = commands.add_parser("eval", help="evaluation report: generated vs real test songs, teacher-forced scores, "
@@ -195,33 +257,64 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress lines")
     ev.set_defaults(handler=_eval)
 
-    from musicray.render import DEFAULT_GAIN, DEFAULT_SAMPLE_RATE, SOUNDFONT_ENV
+    # The render module keeps its top-level imports to the standard library, so its settings are cheap to show.
+    from musicray.render import AUTO, DEFAULT_GAIN, DEFAULT_SAMPLE_RATE, RELEASE_TAIL_S, RENDERERS, SOUNDFONT_ENV
 
-    ren = commands.add_parser("render", help="render a MIDI file to WAV with FluidSynth and a General MIDI soundfont")
+    ren = commands.add_parser("render", help="render a MIDI file to WAV with a General MIDI soundfont (FluidSynth "
+                                             "if installed, else the pip-installed midirenderer)")
     ren.add_argument("midi", type=Path, help="MIDI file (e.g. from musicray generate)")
-    ren.add_argument("--out", type=Path, required=True, help="output WAV path")
+    ren.add_argument("--out", type=Path, required=True,
+                     help=f"output WAV path: 16-bit stereo, as long as the song plus at most {RELEASE_TAIL_S:g} s of "
+                          "release")
     ren.add_argument("--soundfont", type=Path,
-                     help=f"a .sf2 soundfont (default: ${SOUNDFONT_ENV}, else the system's General MIDI soundfont)")
+                     help=f"a .sf2 soundfont (default: ${SOUNDFONT_ENV}, else the system's General MIDI soundfont, "
+                          "else the TimGM6mb.sf2 that the pretty_midi package ships)")
+    ren.add_argument("--renderer", choices=(AUTO, *RENDERERS), default=AUTO,
+                     help="fluidsynth (the program, a system package; the better sound), midirenderer (a pip "
+                          "package, installed with musicray) or auto: fluidsynth when on PATH, else midirenderer")
     ren.add_argument("--sample-rate", type=_audio_setting(int, 8000, 192000), default=DEFAULT_SAMPLE_RATE,
                      help=f"Hz (default {DEFAULT_SAMPLE_RATE})")
     ren.add_argument("--gain", type=_audio_setting(float, 0.01, 10), default=DEFAULT_GAIN,
-                     help=f"FluidSynth master gain (default {DEFAULT_GAIN})")
+                     help=f"master gain (FluidSynth's; midirenderer is scaled to match; default {DEFAULT_GAIN})")
+    _add_instrument_option(ren, "play a track with this instrument instead of the file's")
     ren.set_defaults(handler=_render)
 
-    from musicray.serve import app as serve_app
-    from musicray.train import finetune, tune
+    train = commands.add_parser("train", help="stage 1: full fine-tune on Ray Train under DeepSpeed")
+    train.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
+    train.add_argument("--out", type=Path, required=True, help="run directory (RUN_DIR/stage1/model at the end)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set stage1.max_steps=100 (repeatable)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train)
 
-    finetune.add_arguments(commands.add_parser(
-        "train", help="stage 1: full fine-tune on Ray Train under DeepSpeed")).set_defaults(handler=finetune.run)
+    from musicray.serve.config import DEFAULT_HOST, DEFAULT_PORT
 
-    serve_app.add_arguments(commands.add_parser(
-        "serve", help="serve the composer over HTTP on Ray Serve (POST /v1/generate)")).set_defaults(
-        handler=serve_app.run)
+    srv = commands.add_parser("serve", help="serve the composer over HTTP on Ray Serve (POST /v1/generate)")
+    srv.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
+    srv.add_argument("--config", type=Path,
+                     help="Serve config file (e.g. configs/serve/app.yaml: its args and http_options) or a "
+                          "mapping of settings; default: the built-in defaults")
+    srv.add_argument("--host", help=f"address to bind (default: the config's, else {DEFAULT_HOST})")
+    srv.add_argument("--port", type=int, help=f"HTTP port (default: the config's, else {DEFAULT_PORT})")
+    srv.add_argument("--multiplexed", action="store_true",
+                     help="one deployment holding the base model once with all five adapters")
+    srv.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
+    srv.set_defaults(handler=_serve)
 
-    tune.add_arguments(commands.add_parser(
-        "tune", help="stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run")).set_defaults(
-        handler=tune.run)
+    tune = commands.add_parser("tune", help="stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run")
+    tune.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
+    tune.add_argument("--out", type=Path, required=True, help="run dir holding stage1/model; adapters go here")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
+                      help="override a config value (repeatable), e.g. --set stage2.max_steps=40")
+    tune.add_argument("--quiet", action="store_true", help="no progress output")
+    tune.set_defaults(handler=_tune)
     return parser
+
+
+class CommandFailed(Exception):
+    """A command that could not do its work for a reason outside the user's input (e.g. the synthesizer failed);
+    reported as one line and exit status 1."""
 
 
 def report_errors(handler, args: argparse.Namespace) -> int:
@@ -231,16 +324,14 @@ def report_errors(handler, args: argparse.Namespace) -> int:
     except (SongError, FileNotFoundError) as err:
         print(f"musicray: error: {err}", file=sys.stderr)
         return 2
+    except CommandFailed as err:
+        print(f"musicray: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
-def entrypoint(prog: str, description: str, add_arguments, handler, argv: list[str] | None = None) -> int:
-    """``main`` of a job script (jobs/*.py): the same arguments and error handling as its musicray command."""
-    args = add_arguments(argparse.ArgumentParser(prog=prog, description=description)).parse_args(argv)
-    return report_errors(handler, args)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``musicray ARGS``; a job script passes its command first (``main(["train", *sys.argv[1:]])``)."""
     args = build_parser().parse_args(argv)
     return report_errors(args.handler, args)
 

@@ -1,7 +1,10 @@
 """Song <-> Standard MIDI File, through miditoolkit.
 
-A musicray MIDI has one instrument per track (MELODY, BRIDGE, PIANO, program 0, in that order, empty ones
-included), a time signature, a key signature and tempo events, so any sequencer plays it. What MIDI has no event
+A musicray MIDI has one instrument per track (MELODY, BRIDGE, PIANO, in that order, empty ones included), each
+with its own General MIDI program (``musicray.instruments``: by default a lead synth, strings and a piano; any
+mapping of track to instrument may replace them), a time signature, a key signature and tempo events, so any
+sequencer plays it. The programs are the file's sound only: reading a file back gives the same Song whatever
+they are (``midi_instruments`` reads them). What MIDI has no event
 for travels as markers, so that ``midi_to_song(song_to_midi(song)) == song`` for songs on the grid:
 
 * ``musicray:1`` (format) and ``song:<id>`` at tick 0,
@@ -32,6 +35,7 @@ from pathlib import Path
 import miditoolkit
 
 from musicray.harmony import PITCH_CLASS_NAMES, canonical_chord, canonical_key, parse_key
+from musicray.instruments import instrument_programs
 from musicray.song import (
     MAX_SECTION_BARS, METRES, TRACKS, Chord, Metre, Note, Section, Song, SongError, Tempo, metre, parse_form,
 )
@@ -40,7 +44,6 @@ FORMAT_MARKER = "musicray:1"
 DEFAULT_METRE = "4/4"
 DEFAULT_KEY = "C:maj"
 FALLBACK_SECTION_LABEL = "A"
-PROGRAM = 0
 MIDI_HEADER = b"MThd"
 # Marker text is written as UTF-8 (a song id may be any text); readers decode MIDI text as latin-1, which never
 # fails on foreign files, and musicray markers are re-decoded (ASCII reads the same either way).
@@ -95,7 +98,10 @@ def key_signature_name(key: str) -> str:
     return (_MAJOR_SIGNATURES if mode == "maj" else _MINOR_SIGNATURES)[tonic]
 
 
-def song_to_midi(song: Song, ticks_per_beat: int = 480) -> miditoolkit.MidiFile:
+def song_to_midi(song: Song, ticks_per_beat: int = 480, instruments=None) -> miditoolkit.MidiFile:
+    """The song as a MIDI file; ``instruments`` maps tracks to General MIDI programs or names (the others keep
+    ``DEFAULT_INSTRUMENTS``)."""
+    programs = instrument_programs(instruments)
     song.check()
     spec = song.spec
     step = _grid_ticks(spec, ticks_per_beat)
@@ -116,7 +122,7 @@ def song_to_midi(song: Song, ticks_per_beat: int = 480) -> miditoolkit.MidiFile:
     # A stable sort keeps the tick-0 header markers first and sections before the chords at the same tick.
     midi.markers = sorted(markers, key=lambda marker: marker.time)
     for name in TRACKS:
-        instrument = miditoolkit.Instrument(program=PROGRAM, is_drum=False, name=name)
+        instrument = miditoolkit.Instrument(program=programs[name], is_drum=False, name=name)
         for note in song.tracks.get(name, []):
             start = _tick(spec, step, note.bar, note.position)
             instrument.notes.append(miditoolkit.Note(velocity=int(note.velocity), pitch=int(note.pitch), start=start,
@@ -126,11 +132,24 @@ def song_to_midi(song: Song, ticks_per_beat: int = 480) -> miditoolkit.MidiFile:
     return midi
 
 
-def write_midi(song: Song, path: str | Path, ticks_per_beat: int = 480) -> Path:
+def write_midi(song: Song, path: str | Path, ticks_per_beat: int = 480, instruments=None) -> Path:
     path = Path(path)
+    midi = song_to_midi(song, ticks_per_beat, instruments)
     path.parent.mkdir(parents=True, exist_ok=True)
-    song_to_midi(song, ticks_per_beat).dump(str(path), charset=TEXT_CHARSET)
+    midi.dump(str(path), charset=TEXT_CHARSET)
     return path
+
+
+def set_instruments(midi: miditoolkit.MidiFile, instruments) -> miditoolkit.MidiFile:
+    """Give the instruments named after tracks (MELODY, BRIDGE, PIANO, any case) the programs of ``instruments``
+    (a mapping of track to program or name, only those tracks); other instruments are left as they are."""
+    given = {str(track).strip().upper() for track in instruments}
+    programs = {track: program for track, program in instrument_programs(instruments).items() if track in given}
+    for instrument in midi.instruments:
+        track = _track_of(instrument)
+        if track in programs and not instrument.is_drum:
+            instrument.program = programs[track]
+    return midi
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
@@ -294,3 +313,25 @@ def midi_to_song(midi_or_path, song_id: str | None = None) -> Song:
 
 def read_midi(path: str | Path, song_id: str | None = None) -> Song:
     return midi_to_song(Path(path), song_id)
+
+
+def midi_instruments(source) -> dict[str, int]:
+    """The General MIDI program of each track a file names (MELODY, BRIDGE, PIANO), from the first program change
+    in the track; tracks without notes count too (a MidiFile object has dropped those, so pass a path or bytes)."""
+    import mido
+
+    data = source if isinstance(source, (bytes, bytearray)) else None
+    what = "midi upload" if data is not None else str(source)
+    if data is None:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as error:
+            raise SongError(f"{what}: cannot read MIDI file: {error.strerror or error}") from None
+    _load(bytes(data), what)  # a clear error for a file that is not MIDI
+    programs: dict[str, int] = {}
+    for track in mido.MidiFile(file=io.BytesIO(bytes(data))).tracks:
+        name = (track.name or "").strip().upper()
+        changes = [message.program for message in track if message.type == "program_change"]
+        if name in TRACKS and name not in programs:
+            programs[name] = changes[0] if changes else 0
+    return programs

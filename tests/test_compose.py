@@ -154,3 +154,16 @@ def test_regenerated_bars_are_read_from_labels_and_ranges():
                                 (None, "x", "cannot read"), (None, None, "no bar chosen")):
         with pytest.raises(SongError, match=field):
             regenerated_bars("i2A4B4", labels, bars)
+
+
+def test_generate_command_writes_each_track_with_its_instrument(run_dir, tmp_path, capsys):
+    from musicray.cli import main
+    from musicray.instruments import DEFAULT_INSTRUMENTS
+    from musicray.midi import midi_instruments, read_midi
+
+    out = tmp_path / "song.mid"
+    assert main(["generate", "--run", str(run_dir), "--form", "A2", "--seed", "3", "--out", str(out),
+                 "--instrument", "melody=flute", "--instrument", "PIANO=Electric Piano 1"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert midi_instruments(out) == {"MELODY": 73, "BRIDGE": DEFAULT_INSTRUMENTS["BRIDGE"], "PIANO": 4}
+    assert read_midi(out).form == "A2"

@@ -11,7 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from musicray.data.synth import synth_song
-from musicray.midi import collapse_tempos, midi_to_song, read_midi, song_to_midi, write_midi
+from musicray.instruments import DEFAULT_INSTRUMENTS, GM_PROGRAMS, instrument_programs, parse_instrument
+from musicray.midi import (
+    collapse_tempos, midi_instruments, midi_to_song, read_midi, set_instruments, song_to_midi, write_midi,
+)
 from musicray.song import TRACKS, Chord, Note, Section, Song, SongError, Tempo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +148,11 @@ def test_written_file_read_by_mido(make_song, tmp_path):
     for name, track in named.items():
         note_ons = [msg for msg in track if msg.type == "note_on" and msg.velocity > 0]
         assert len(note_ons) == len(song.tracks[name])
-        assert {msg.program for msg in track if msg.type == "program_change"} == {0}
+        changes = [msg for msg in track if msg.type == "program_change"]
+        assert [(msg.program, msg.time) for msg in changes] == [(DEFAULT_INSTRUMENTS[name], 0)]
+    channels = {name: {msg.channel for msg in track if not msg.is_meta} for name, track in named.items()}
+    assert all(len(used) == 1 for used in channels.values()) and len(set.union(*channels.values())) == 3
+    assert 9 not in set.union(*channels.values()), "channel 10 is General MIDI's drum kit"
 
     meta = [msg for track in parsed.tracks for msg in track if msg.is_meta]
     signatures = [msg for msg in meta if msg.type == "time_signature"]
@@ -159,6 +166,46 @@ def test_written_file_read_by_mido(make_song, tmp_path):
     markers = [msg.text for msg in meta if msg.type == "marker"]
     assert f"metre:{song.metre}" in markers
     assert [m for m in markers if m.startswith("section:")] == [f"section:{s.label}{s.bars}" for s in song.sections]
+
+
+# -- instruments ---------------------------------------------------------------------------------------------------
+def test_each_track_has_its_own_instrument_by_default():
+    assert set(DEFAULT_INSTRUMENTS) == set(TRACKS)
+    assert len(set(DEFAULT_INSTRUMENTS.values())) == len(TRACKS)
+    assert GM_PROGRAMS[DEFAULT_INSTRUMENTS["MELODY"]].startswith("Lead")
+    assert "Piano" in GM_PROGRAMS[DEFAULT_INSTRUMENTS["PIANO"]]
+    assert len(GM_PROGRAMS) == 128 and GM_PROGRAMS[73] == "Flute"
+
+
+@pytest.mark.parametrize("make_song", ROUND_TRIP_SONGS)
+def test_chosen_instruments_are_written_and_the_song_reads_back_the_same(make_song, tmp_path):
+    song = make_song()
+    path = write_midi(song, tmp_path / "song.mid", instruments={"melody": "Flute", "BRIDGE": 24})
+    assert midi_instruments(path) == {"MELODY": 73, "BRIDGE": 24, "PIANO": DEFAULT_INSTRUMENTS["PIANO"]}
+    assert read_midi(path) == expected_after_midi(song)
+    assert midi_to_song(song_to_midi(song, instruments={"PIANO": "electric piano 1"})) == expected_after_midi(song)
+
+
+def test_instruments_by_number_or_name_and_clear_errors():
+    assert instrument_programs({"PIANO": "ACOUSTIC-grand piano", "MELODY": "lead 1 (square)", "BRIDGE": "48"}) == \
+        {"MELODY": 80, "BRIDGE": 48, "PIANO": 0}
+    assert parse_instrument("bridge=Violin") == ("BRIDGE", 40)
+    with pytest.raises(SongError, match="'DRUMS'.*MELODY, BRIDGE, PIANO"):
+        instrument_programs({"DRUMS": 0})
+    with pytest.raises(SongError, match="program 128 is outside 0..127"):
+        instrument_programs({"MELODY": 128})
+    with pytest.raises(SongError, match="'flut' is not a General MIDI instrument.*did you mean: Flute"):
+        parse_instrument("MELODY=flut")
+    with pytest.raises(SongError, match="not TRACK=INSTRUMENT"):
+        parse_instrument("flute")
+
+
+def test_set_instruments_changes_only_the_named_tracks(tmp_path):
+    midi = song_to_midi(hand_built_song())
+    set_instruments(midi, {"bridge": "Oboe"})
+    buffer = io.BytesIO()
+    midi.dump(file=buffer)
+    assert midi_instruments(buffer.getvalue()) == {**DEFAULT_INSTRUMENTS, "BRIDGE": 68}
 
 
 def test_key_signatures_use_names_a_signature_has():

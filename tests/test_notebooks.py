@@ -76,14 +76,14 @@ def check_quickstart(notebook: nbformat.NotebookNode, run: Path) -> None:
     if audio_preview_available():
         assert len(players) == 1 and (run / "quickstart" / "song.wav").is_file()
     else:
-        assert not players and "sudo apt-get install fluidsynth fluid-soundfont-gm" in text
+        assert not players and "pip install midirenderer" in text
 
 
 def audio_preview_available() -> bool:
-    from musicray.render import RendererUnavailable, find_fluidsynth, find_soundfont
+    from musicray.render import RendererUnavailable, choose_renderer, find_soundfont
 
     try:
-        find_fluidsynth(), find_soundfont()
+        choose_renderer(), find_soundfont()
     except RendererUnavailable:
         return False
     return True

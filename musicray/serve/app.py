@@ -10,16 +10,15 @@ The ingress (``Ingress``) validates the request, builds the empty song and calls
 ``song_to_dict`` JSON; each stage deployment batches concurrent songs (``musicray.serve.stages``). In
 multiplexed mode it makes one call per song to the one deployment, which batches whole songs.
 
-Launch: ``musicray serve --run RUN_DIR`` (``main``/``add_arguments``/``run`` here), ``serve run
-configs/serve/app.yaml`` (``app_builder``), or ``serve.run(build_app(run_dir, config))`` from Python.
+Launch: ``musicray serve --run RUN_DIR`` (the command line parses its options and calls ``serve_forever``
+here), ``serve run configs/serve/app.yaml`` (``app_builder``), or ``serve.run(build_app(run_dir, config))`` from
+Python.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the Serve class view.
-import argparse
 import asyncio
 import base64
 import io
-import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -263,41 +262,32 @@ def app_builder(args: dict) -> Application:
     return build_app(args.pop("run_dir", None), args)
 
 
-# -- musicray serve ----------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
-    parser.add_argument("--config", type=Path,
-                        help="Serve config file (e.g. configs/serve/app.yaml: its args and http_options) or a "
-                             "mapping of settings; default: the built-in defaults")
-    parser.add_argument("--host", help=f"address to bind (default: the config's, else {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, help=f"HTTP port (default: the config's, else {DEFAULT_PORT})")
-    parser.add_argument("--multiplexed", action="store_true",
-                        help="one deployment holding the base model once with all five adapters")
-    parser.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
-    return parser
+def serve_forever(run_dir: str | Path, config_file: str | Path | None = None, host: str | None = None,
+                  port: int | None = None, multiplexed: bool = False, num_cpus: int | None = None) -> None:
+    """Start Ray (or join the cluster in RAY_ADDRESS), Serve and the app for ``run_dir``; serve until Ctrl-C,
+    then shut down what this call started.
 
-
-def run(args: argparse.Namespace) -> None:
-    """``musicray serve``: start Ray (or join the cluster in RAY_ADDRESS), Serve and the app; serve until Ctrl-C,
-    then shut down what this call started."""
+    ``config_file`` is a Serve config file or a mapping of settings (``read_config_file``); ``host``/``port``
+    override its ``http_options`` (defaults: DEFAULT_HOST, DEFAULT_PORT); ``multiplexed`` overrides its setting.
+    """
     import ray
 
-    settings, http = read_config_file(args.config) if args.config else ({}, {})
-    if args.multiplexed:
+    settings, http = read_config_file(config_file) if config_file else ({}, {})
+    if multiplexed:
         settings["multiplexed"] = True
     settings.pop("run_dir", None)
-    app = build_app(args.run, settings)  # validates the run dir and the settings before anything starts
-    host = args.host or http.get("host") or DEFAULT_HOST
-    port = args.port if args.port is not None else int(http.get("port") or DEFAULT_PORT)
+    app = build_app(run_dir, settings)  # validates the run dir and the settings before anything starts
+    host = host or http.get("host") or DEFAULT_HOST
+    port = port if port is not None else int(http.get("port") or DEFAULT_PORT)
     started_ray = serving = False
     try:
         if not ray.is_initialized():
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
             started_ray = True
         serve.start(http_options={"host": host, "port": port})
         serving = True
         serve.run(app, name=APP_NAME, route_prefix="/")
-        print(f"musicray: serving {args.run} on http://{host}:{port} (POST /v1/generate, GET /healthz, /docs); "
+        print(f"musicray: serving {run_dir} on http://{host}:{port} (POST /v1/generate, GET /healthz, /docs); "
               "Ctrl-C to stop", flush=True)
         while True:
             time.sleep(1)
@@ -310,13 +300,3 @@ def run(args: argparse.Namespace) -> None:
         finally:
             if started_ray:
                 ray.shutdown()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from musicray.cli import entrypoint
-
-    return entrypoint("musicray serve", "Serve the composer over HTTP with Ray Serve.", add_arguments, run, argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

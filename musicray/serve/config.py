@@ -28,8 +28,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from musicray.song import SongError
 from musicray.tokens import SUBTASKS
 
@@ -135,6 +133,8 @@ def stage_options(config: dict, entry: str) -> dict:
 
 def read_config_file(path: str | Path) -> tuple[dict, dict]:
     """(musicray settings, http options) of a Ray Serve config file or of a plain settings mapping."""
+    import yaml  # here, not at the top: `musicray --help` reads this module's defaults and should not load yaml
+
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}

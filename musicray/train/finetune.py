@@ -37,14 +37,12 @@ The final export consolidates the fp32 weights on the driver (about 32 GB of hos
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -53,7 +51,7 @@ from pathlib import Path
 import yaml
 
 from musicray.song import SongError
-from musicray.train.config import Config, config_to_dict, load_config
+from musicray.train.config import Config, config_to_dict
 
 STAGE = "stage1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -505,36 +503,3 @@ def _train_loop_per_worker(loop: dict) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
     if log is not None:
         log.close()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line (jobs/finetune.py)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
-    parser.add_argument("--out", type=Path, required=True, help="run directory (RUN_DIR/stage1/model at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set stage1.max_steps=100 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def run(args: argparse.Namespace) -> Path:
-    """Run stage 1 from parsed ``add_arguments`` arguments."""
-    model_dir = train_stage1(load_config(args.config, args.set), args.out, resume=args.resume,
-                             progress=not args.no_progress)
-    print(f"wrote {model_dir}")
-    return model_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    from musicray.cli import entrypoint
-
-    return entrypoint("jobs/finetune.py", "Stage 1: full fine-tune on Ray Train + DeepSpeed.", add_arguments, run,
-                      argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,6 @@ stage-1 model and the prepared data by path, and Tune writes checkpoints under `
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -25,7 +24,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -33,7 +31,7 @@ from typing import TYPE_CHECKING, Optional
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from musicray.song import SongError
-from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config, load_config
+from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.tune.experiment import Trial
@@ -458,34 +456,3 @@ def export_adapter(checkpoint, out: Path, hyperparameters: dict) -> Path:
             shutil.copy2(source / name, out / name)
     (out / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=1, default=str))
     return out
-
-
-# -- command line --------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
-    parser.add_argument("--out", type=Path, required=True, help="run dir holding stage1/model; adapters go here")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
-                        help="override a config value (repeatable), e.g. --set stage2.max_steps=40")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    return parser
-
-
-def run(args: argparse.Namespace) -> dict[str, Path]:
-    """Run stage 2 from parsed ``add_arguments`` arguments; prints the trials table and the adapters."""
-    adapters = tune_adapters(load_config(args.config, args.set), args.out, progress=not args.quiet)
-    run_dir = Path(args.out).expanduser().resolve()
-    print((run_dir / "tune" / "trials.md").read_text())
-    for subtask, path in adapters.items():
-        print(f"{subtask}: {path}")
-    return adapters
-
-
-def main(argv: list[str] | None = None) -> int:
-    from musicray.cli import entrypoint
-
-    return entrypoint("musicray tune", "Stage 2: one LoRA adapter per sub-task, all sweeps in one Ray Tune run.",
-                      add_arguments, run, argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

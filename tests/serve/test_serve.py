@@ -505,9 +505,9 @@ def test_config_file_is_a_serve_config_for_the_app_builder():
 
 
 def test_cli_main_reports_a_missing_run_dir(tmp_path, capsys):
-    from musicray.serve import main
+    from musicray.cli import main
 
-    assert main(["--run", str(tmp_path / "nowhere")]) == 2
+    assert main(["serve", "--run", str(tmp_path / "nowhere")]) == 2
     assert "--run" in capsys.readouterr().err
-    assert main(["--run", str(tmp_path / "nowhere"), "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["serve", "--run", str(tmp_path / "nowhere"), "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "--config" in capsys.readouterr().err

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from musicray.cli import main
 from musicray.model import load_music_model
 from musicray.song import SongError
 from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir
-from musicray.train.finetune import deepspeed_config, main, train_stage1
+from musicray.train.finetune import deepspeed_config, train_stage1
 from musicray.train.loss import causal_lm_loss
 
 pytest.importorskip("deepspeed")
@@ -140,7 +141,7 @@ def test_stage1_trains_and_exports(zero, request, cache_dir, tmp_path):
         run_dir, steps = tmp_path / "run", 6
         sets = overrides(cache_dir, stage1__deepspeed="configs/deepspeed/zero3.json", stage1__max_steps=steps,
                          stage1__checkpoint_every=3)
-        assert main(["--config", str(TINY), "--out", str(run_dir), "--no-progress",
+        assert main(["train", "--config", str(TINY), "--out", str(run_dir), "--no-progress",
                      *[arg for value in sets for arg in ("--set", value)]]) == 0
     stage = run_dir / "stage1"
     rows = metrics(run_dir)

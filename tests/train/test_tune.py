@@ -9,7 +9,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from musicray.train.config import Config, DataConfig, Stage2Config
-from musicray.train.tune import PerSubtaskScheduler, main, search_space, tune_adapters
+from musicray.cli import main
+from musicray.train.tune import PerSubtaskScheduler, search_space, tune_adapters
 from musicray.tokens import SUBTASKS
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -106,7 +107,7 @@ def test_search_space():
 def test_missing_stage1_model_says_to_train_first(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="musicray train"):
         tune_adapters(Config(cache_dir=str(tmp_path / "cache")), tmp_path / "run")
-    assert main(["--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert main(["tune", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "musicray train" in capsys.readouterr().err
 
 
