@@ -10,7 +10,10 @@ language) on the melody and tempo tasks of POP909's train split. Then, on the te
 * generated: grammar-masked melodies for test windows (their real chords given) -> chord-tone ratio; generated
   tempo streams (their real melody given) -> share of bar boundaries that change tempo.
 
-    .venv/bin/python benchmarks/language_experiment.py --steps 600 --out runs/language
+    .venv/bin/python benchmarks/language_experiment.py --steps 200 --out runs/language
+    # or one process per language, side by side:
+    .venv/bin/python benchmarks/language_experiment.py --languages absolute --threads 1 --out runs/language-absolute &
+    .venv/bin/python benchmarks/language_experiment.py --languages relative --threads 1 --out runs/language-relative
 
 Writes ``<out>/language_experiment.json`` and prints a Markdown table (docs/results.md keeps the figures).
 """
@@ -149,9 +152,10 @@ def main() -> None:
     parser.add_argument("--generate", type=int, default=32, help="test windows to generate melody and tempo for")
     parser.add_argument("--languages", nargs="+", default=list(LANGUAGES), choices=list(LANGUAGES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (run one process per language with 1)")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     data_dir = resolve_data_dir(load_config(None, ["data.source=pop909"]))
     results = []
     for language in args.languages:

@@ -255,10 +255,10 @@ class Composer:
 
         Songs are changed in place. A stage that fails raises, or with ``isolate_failures`` is run again song by
         song so that only the songs at fault stop (their ``Composition`` says where and why)."""
-        plans = stages if stages is not None else [self.stages_for(request) for request in requests]
+        to_run = stages if stages is not None else [self.stages_for(request) for request in requests]
         results = [Composition(song) for song in songs]
         for task in SUBTASKS:
-            rows = [i for i, plan in enumerate(plans) if task in plan and results[i].failed_stage is None]
+            rows = [i for i, tasks in enumerate(to_run) if task in tasks and results[i].failed_stage is None]
             if not rows:
                 continue
             for group in self._sampling_groups(rows, requests):
