@@ -59,7 +59,7 @@ def test_relations_are_scored_against_the_real_tokens(report, report_dir):
         assert 0 <= relations[key] <= 1, key
     # Synthetic melodies are written on chord tones and in the key; a random-weight model's are not.
     assert relations["real_chord_tone"] > relations["chord_tone_mass"]
-    assert relations["real_in_scale"] == 1.0
+    assert relations["real_in_scale"] > max(0.95, relations["scale_mass"])
     assert "## Relations the model learnt" in (report_dir / "report.md").read_text()
 
 
