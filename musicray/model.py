@@ -137,6 +137,7 @@ class MusicTokenizer:
                             "add them with add_music_tokens on a tokenizer that has none of them")
         self.eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tokenizer.get_vocab() \
             else tokenizer.eos_token_id
+        self._frames: dict[str, tuple[list[int], list[int]]] = {}
 
     @classmethod
     def extend(cls, tokenizer: PreTrainedTokenizerFast, vocab: Vocabulary) -> "MusicTokenizer":
@@ -160,9 +161,27 @@ class MusicTokenizer:
                 {"role": "user", "content": INSTRUCTIONS[example.task] + "\n" + self.vocab.describe(example.prompt)}]
 
     def prompt_ids(self, example: Example) -> list[int]:
-        """The chat-formatted prompt, ending where the assistant's answer begins."""
+        """The chat-formatted prompt, ending where the assistant's answer begins: the chat template's ids around
+        the music tokens, rendered once per task (``chat_prompt_ids`` renders the whole template; the same ids)."""
+        prefix, suffix = self._template_parts(example.task)
+        return prefix + self.to_llm(example.prompt) + suffix
+
+    def chat_prompt_ids(self, example: Example) -> list[int]:
+        """The prompt through the tokenizer's chat template (slow: Jinja and text tokenization per call)."""
         return list(self.tokenizer.apply_chat_template(self.messages(example), add_generation_prompt=True,
                                                        tokenize=True, return_dict=False))
+
+    def _template_parts(self, task: str) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) the music tokens of a ``task`` prompt. Music tokens are added tokens, which the
+        tokenizer splits out before any text merge, so the text around them tokenizes the same whatever they are:
+        rendering the template once around one marker token gives every prompt's frame."""
+        if task not in self._frames:
+            marker = self.vocab.token("End")
+            ids = self.chat_prompt_ids(Example(task, [marker], []))
+            at = ids.index(self.offset + marker)
+            self._frames[task] = (ids[:at], ids[at + 1:])
+        prefix, suffix = self._frames[task]
+        return list(prefix), list(suffix)
 
     def render(self, example: Example) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of a training example: labels are -100 except on the answer and its <|eot_id|>."""

@@ -76,3 +76,24 @@ def test_save_and_load_music_model(tmp_path, base):
 def test_build_tiny_is_deterministic(tmp_path):
     a, b = build_tiny(tmp_path / "a"), build_tiny(tmp_path / "b")
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_prompt_ids_equal_the_chat_template_for_every_task(synthetic_songs):
+    """The cached template frame around the music tokens gives exactly what the tokenizer's chat template gives."""
+    import tempfile
+
+    from musicray.encoding import OPTIONAL_INPUTS, encode, section_windows, quantized
+    from musicray.model import add_music_tokens, load_base
+    from musicray.tokens import TASKS
+
+    model, tokenizer = load_base("tiny", tempfile.mkdtemp())
+    music = add_music_tokens(model, tokenizer, VOCAB)
+    checked = 0
+    for song in synthetic_songs[:3]:
+        for window in section_windows(quantized(song, VOCAB), 4)[:3]:
+            for task in TASKS:
+                for optional in [(), *((name,) for name in OPTIONAL_INPUTS.get(task, ()))]:
+                    example = encode(window, task, VOCAB, optional)
+                    assert music.prompt_ids(example) == music.chat_prompt_ids(example)
+                    checked += 1
+    assert checked >= 40
