@@ -35,7 +35,7 @@ def onset_displacements_ms(root: Path, song_id: str) -> dict[int, np.ndarray]:
     """Per grid, the displacement (ms) of every onset of the song when rounded to that grid."""
     files = SongFiles(root, song_id)
     beat_times = read_beat_times(files)
-    starts = np.array([note.start for notes in read_midi(files).values() for note in notes])
+    starts = np.concatenate([track.starts for track in read_midi(files).values()])
     rows = seconds_to_rows(beat_times, starts)
     return {grid: np.abs(rows_to_seconds(beat_times, np.rint(rows * grid) / grid) - starts) * 1000.0
             for grid in GRIDS}
