@@ -158,11 +158,16 @@ def representable_pitch(pitch: int) -> int:
 def canonical_notes(song: Song, track: str, vocab: Vocabulary) -> list[Note]:
     """A track's notes binned (velocity), moved into the representable pitch range, clipped (duration: to the
     vocabulary's longest and to the form's end), one note per (onset, pitch): the longest, then the loudest."""
+    notes = [song.inside_form(note) for note in song.tracks.get(track, [])]
+    return one_per_onset_and_pitch([Note(n.bar, n.position, representable_pitch(n.pitch),
+                                         vocab.quantize_duration(n.duration), vocab.quantize_velocity(n.velocity))
+                                    for n in notes])
+
+
+def one_per_onset_and_pitch(notes: list[Note]) -> list[Note]:
+    """The notes, sorted, with one note per (onset, pitch): the longest, then the loudest (MIDI cannot hold two)."""
     best: dict[tuple[int, int, int], Note] = {}
-    for note in song.tracks.get(track, []):
-        note = song.inside_form(note)
-        note = Note(note.bar, note.position, representable_pitch(note.pitch), vocab.quantize_duration(note.duration),
-                    vocab.quantize_velocity(note.velocity))
+    for note in notes:
         key = (note.bar, note.position, note.pitch)
         if key not in best or (note.duration, note.velocity) > (best[key].duration, best[key].velocity):
             best[key] = note
@@ -517,7 +522,8 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
                 had = {(n.bar, n.position, n.pitch, n.duration): n.velocity for n in song.tracks.get(name, [])}
                 notes[name] = [dataclasses.replace(n, velocity=had.get((n.bar, n.position, n.pitch, n.duration),
                                                                        n.velocity)) for n in notes[name]]
-            song.tracks[name] = sorted(notes[name])
+            # Two relative pitches moved into range by octaves can meet: keep one, as the canonical song does.
+            song.tracks[name] = one_per_onset_and_pitch(notes[name])
     if stream.velocities_only:
         in_order = sorted((n.bar, n.position, TRACKS.index(name), n.pitch, name, n) for name, n in song.notes())
         if len(in_order) != len(velocities):

@@ -292,7 +292,7 @@ def test_serve_matches_the_in_process_composer(serve_url, run_dir, monkeypatch):
 
     import musicray.compose as compose
     from musicray.compose import Composer, Request
-    from musicray.midi import midi_to_song
+    from musicray.midi import midi_to_song, song_to_midi
 
     for task, cap in CONFIG["tokens_per_bar"].items():
         monkeypatch.setitem(compose.TOKENS_PER_BAR, task, cap)
@@ -304,8 +304,14 @@ def test_serve_matches_the_in_process_composer(serve_url, run_dir, monkeypatch):
         torch.set_num_threads(threads)
     served = midi_to_song(base64.b64decode(generate(serve_url, {"form": "A2B2", "key": "D:min", "tempo": 120,
                                                                 "seed": 9})["midi"]))
+    # The served song is read back from its MIDI file, where a note is cut when the same pitch starts again.
+    buffer = io.BytesIO()
+    song_to_midi(local).dump(file=buffer)
+    local = midi_to_song(buffer.getvalue())
     assert served.chords == local.chords
-    assert served.tracks == local.tracks
+    assert served.tracks == local.tracks, {name: (sorted(set(served.tracks[name]) - set(local.tracks[name]))[:2],
+                                                  sorted(set(local.tracks[name]) - set(served.tracks[name]))[:2])
+                                           for name in local.tracks}
     assert [t.bpm for t in served.tempos] == pytest.approx([t.bpm for t in _collapsed(local.tempos)])
 
 
@@ -357,8 +363,12 @@ def test_regenerate_rewrites_one_section_of_an_uploaded_song(request, url):
     assert list(out["stages"]) == list(SUBTASKS)
     song = midi_to_song(base64.b64decode(out["midi"]))
     kept = {0, 1, 4, 5}
+
+    def onsets(notes):   # a kept note may be cut in the MIDI where a rewritten note of its pitch starts
+        return [(n.bar, n.position, n.pitch, n.velocity) for n in notes if n.bar in kept]
+
     for name in ("MELODY", "BRIDGE"):
-        assert [n for n in song.tracks[name] if n.bar in kept] == [n for n in given.tracks[name] if n.bar in kept]
+        assert onsets(song.tracks[name]) == onsets(given.tracks[name])
     assert [t for t in song.tempos if t.bar in kept] == [t for t in given.tempos if t.bar in kept]
     assert [n for n in song.tracks["MELODY"] if n.bar in (2, 3)] != [n for n in given.tracks["MELODY"]
                                                                       if n.bar in (2, 3)]
