@@ -2,8 +2,10 @@
 
 ``POST /v1/generate`` takes a plan (form, key, metre, tempo, seed; optional chords, a melody as MIDI, the
 stages to run, sampling settings) and answers a three-track MIDI (MELODY, BRIDGE, PIANO), as JSON with the
-MIDI in base64 and a per-stage report, or as ``audio/midi`` bytes (``Accept: audio/midi`` or
-``?format=midi``). ``GET /healthz`` reports the adapters each deployment holds; ``/docs`` is the OpenAPI UI.
+MIDI in base64, its notes (``song``: ``song_to_dict`` of the MIDI, for the page's piano roll) and a per-stage report,
+or as ``audio/midi`` bytes (``Accept: audio/midi`` or ``?format=midi``). ``POST /v1/render`` turns a MIDI file
+into a WAV (``musicray.serve.audio``). ``GET /`` is the web page (``musicray.serve.page``), ``GET /healthz``
+reports the adapters each deployment holds; ``/docs`` is the OpenAPI UI.
 
 The ingress (``Ingress``) validates the request, builds the empty song and calls the stage deployments through
 ``DeploymentHandle``s in stage order (chord, melody, secondary, dynamics, tempo), passing the song as
@@ -33,11 +35,15 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
 from musicray.compose import Composer, finish
-from musicray.midi import TEXT_CHARSET, song_to_midi
+from musicray.midi import TEXT_CHARSET, midi_to_song, song_to_midi
 from musicray.serve.config import (
     APP_NAME, DEFAULT_HOST, DEFAULT_PORT, DEPLOYMENT_KEYS, read_config_file, serve_config, stage_options,
 )
-from musicray.serve.schema import GenerateBody, InputError, request_song, sampling_settings, to_request
+from musicray.serve.audio import AudioUnavailable, Renderer
+from musicray.serve.page import INDEX, static_files
+from musicray.serve.schema import (
+    GenerateBody, InputError, RenderBody, request_song, sampling_settings, to_request,
+)
 from musicray.serve.stages import StageComposer
 from musicray.song import SongError, song_from_dict, song_to_dict
 from musicray.tokens import SUBTASKS
@@ -95,6 +101,11 @@ async def _stage_failed(request: HTTPRequest, exc: StageFailed) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"detail": str(exc), "stage": exc.task})
 
 
+@api.exception_handler(AudioUnavailable)
+async def _audio_unavailable(request: HTTPRequest, exc: AudioUnavailable) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"detail": str(exc), "stage": "render"})
+
+
 # The body limit of this process's ingress. Set through a module-level function: Serve serves a frozen copy of
 # ``api`` and runs a by-value copy of the ingress class, so neither can carry state the middleware would see.
 _BODY_LIMIT: dict[str, int] = {}
@@ -123,6 +134,12 @@ def midi_bytes(song) -> bytes:
     return buffer.getvalue()
 
 
+def song_as_written(data: bytes) -> dict:
+    """``song_to_dict`` of the song as its MIDI file holds it: what the page draws is what the WAV plays and what
+    a regenerated section keeps (MIDI cuts a note where its pitch sounds again, and merges equal tempos)."""
+    return song_to_dict(midi_to_song(data))
+
+
 # -- the ingress -------------------------------------------------------------------------------------------------
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
@@ -131,6 +148,23 @@ class Ingress:
         self.stages, self.config = stages, config
         self.max_bars, self.max_midi_bytes = int(config["max_bars"]), int(config["max_midi_bytes"])
         self.max_body_bytes = _set_body_limit(self.max_midi_bytes)
+        self.renderer = Renderer(self.max_midi_bytes, int(config["render_sample_rate"]),
+                                 float(config["max_render_seconds"]))
+        self.files = static_files()
+
+    # The page names its files and the API relatively, so it works under any route prefix (Starlette redirects
+    # /prefix to /prefix/).
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> Response:
+        content, media_type = self.files[INDEX]
+        return Response(content=content, media_type=media_type)
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static_file(self, name: str) -> Response:
+        if name not in self.files:
+            return JSONResponse(status_code=404, content={"detail": f"no static file {name!r}", "field": "path"})
+        content, media_type = self.files[name]
+        return Response(content=content, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     @api.get("/healthz", summary="liveness, and the adapters each sub-task deployment holds")
     async def healthz(self) -> JSONResponse:
@@ -182,9 +216,27 @@ class Ingress:
             return Response(content=data, media_type="audio/midi", headers={
                 "Content-Disposition": 'attachment; filename="musicray.mid"', "X-Musicray-Form": song.form,
                 "X-Musicray-Bars": str(song.n_bars), "X-Musicray-Seconds": str(seconds)})
+        try:
+            written = await asyncio.to_thread(song_as_written, data)
+        except SongError as err:  # our own MIDI that does not read back: the server's fault
+            raise StageFailed("finish", 500, f"finish: the written song does not read back: {err}") from None
+        spec = song.spec
         return JSONResponse({"midi": base64.b64encode(data).decode("ascii"), "form": song.form, "bars": song.n_bars,
                              "key": song.key, "metre": song.metre, "seed": request.seed, "stages": stages,
-                             "seconds": seconds})
+                             "seconds": seconds, "song": written,
+                             "grid": {"beats_per_bar": spec.beats_per_bar,
+                                      "positions_per_beat": spec.positions_per_beat}})
+
+    @api.post("/v1/render", summary="render a MIDI file (e.g. a composed song) to a WAV",
+              responses={200: {"content": {"audio/wav": {}}, "description": "16-bit stereo WAV"},
+                         400: {"description": "midi is not base64 or not a MIDI file"},
+                         413: {"description": "midi is larger than max_midi_bytes or longer than max_render_seconds"},
+                         503: {"description": "no renderer or soundfont is installed on the server"}})
+    async def render(self, body: RenderBody) -> Response:
+        audio = await self.renderer.render(body.midi)
+        return Response(content=audio.wav, media_type="audio/wav", headers={
+            "Content-Disposition": 'attachment; filename="musicray.wav"', "X-Musicray-Renderer": audio.renderer,
+            "X-Musicray-Seconds": f"{audio.seconds:.3f}"})
 
 
     async def _compose_by_stage(self, song, settings: dict, plan: list[str]) -> tuple:
@@ -287,8 +339,8 @@ def serve_forever(run_dir: str | Path, config_file: str | Path | None = None, ho
         serve.start(http_options={"host": host, "port": port})
         serving = True
         serve.run(app, name=APP_NAME, route_prefix="/")
-        print(f"musicray: serving {run_dir} on http://{host}:{port} (POST /v1/generate, GET /healthz, /docs); "
-              "Ctrl-C to stop", flush=True)
+        print(f"musicray: serving {run_dir} on http://{host}:{port}/ (the web page; POST /v1/generate, "
+              "POST /v1/render, GET /healthz, /docs); Ctrl-C to stop", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

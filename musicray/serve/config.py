@@ -11,6 +11,8 @@ Settings (all optional but ``run_dir``):
   true = one deployment holding the stage-1 model once with all five adapters (``set_adapter`` per batch).
 * ``max_bars`` (a longer form is refused with 400), ``max_midi_bytes`` (a larger ``melody_midi`` upload is
   refused with 413).
+* ``max_render_seconds`` (``POST /v1/render`` refuses a longer song with 413) and ``render_sample_rate`` (of the
+  page's WAV: 22050 Hz keeps a 3-minute song near 16 MB; ``musicray render`` gives full quality).
 * ``max_batch_size`` / ``batch_wait_timeout_s``: ``@serve.batch`` settings of every sub-task; a ``stages``
   entry may override them per sub-task.
 * ``tokens_per_bar``: per sub-task caps on the tokens a stage may emit per bar beyond the form's minimum
@@ -41,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "multiplexed": False,
     "max_bars": 256,
     "max_midi_bytes": 1 << 20,
+    "max_render_seconds": 600.0,
+    "render_sample_rate": 22050,
     "max_batch_size": 8,
     "batch_wait_timeout_s": 0.01,
     "tokens_per_bar": None,
@@ -49,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "ingress": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.1}},
     "stages": {"default": {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.3}}},
 }
+SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)  # what browsers' <audio> plays from a WAV everywhere
 DEPLOYMENT_KEYS = ("num_replicas", "max_ongoing_requests", "ray_actor_options")
 STAGE_KEYS = DEPLOYMENT_KEYS + ("max_batch_size", "batch_wait_timeout_s")
 STAGE_ENTRIES = ("default", "multiplexed", *SUBTASKS)
@@ -100,6 +105,10 @@ def serve_config(config: dict | None = None, **overrides) -> dict:
         raise SongError(f"config: multiplexed must be true or false, got {merged['multiplexed']!r}")
     _positive(merged, "max_bars")
     _positive(merged, "max_midi_bytes")
+    _positive(merged, "max_render_seconds", float)
+    if merged["render_sample_rate"] not in SAMPLE_RATES:
+        raise SongError(f"config: render_sample_rate must be one of {', '.join(map(str, SAMPLE_RATES))}, "
+                        f"got {merged['render_sample_rate']!r}")
     _positive(merged, "max_batch_size")
     _positive(merged, "batch_wait_timeout_s", float, allow_zero=True)
     if merged["torch_threads"] is not None:

@@ -71,6 +71,14 @@ class GenerateBody(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = no nucleus cut")
 
 
+class RenderBody(BaseModel):
+    """``POST /v1/render``: the MIDI file to play."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    midi: str = Field(min_length=1, description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
+
+
 def _field(name: str, fn, *args):
     try:
         return fn(*args)

@@ -1,0 +1,272 @@
+// The page's behaviour: read the form, call the API (POST v1/generate, then v1/render for the audio), show the
+// stages, the piano roll, the player and the downloads; put the API's error message beside the field it names.
+// URLs are relative, so the page works under any route prefix.
+import { drawRoll } from "./roll.js";
+
+const STAGES = ["chord", "melody", "secondary", "dynamics", "tempo"];
+const ROOTS = ["C", "C#", "Db", "D", "Eb", "E", "F", "F#", "Gb", "G", "Ab", "A", "Bb", "B"];
+// Fields an infilling request adds: their errors belong beside the roll, not beside the form.
+const REGENERATE_FIELDS = new Set(["regenerate", "regenerate_bars", "song_midi", "body"]);
+
+const $ = (id) => document.getElementById(id);
+const state = { answer: null, requested: STAGES, roll: null, urls: [] };
+
+// -- reading the form ----------------------------------------------------------------------------------------------
+function integerOrText(value) {
+  // Whole numbers go as numbers; anything else as typed, so the API's message names the field.
+  return /^-?\d+$/.test(value.trim()) ? Number(value.trim()) : value;
+}
+
+async function fileAsBase64(input) {
+  const file = input.files[0];
+  if (!file) return undefined;
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(binary);
+}
+
+function chosenStages() {
+  const checked = [...document.querySelectorAll("input[name=stages]:checked")].map((box) => box.value);
+  return checked.length === STAGES.length ? undefined : checked;  // all: the API's default
+}
+
+async function composeBody() {
+  const body = {
+    form: $("form").value.trim(), key: $("key").value.trim(), metre: $("metre").value,
+    tempo: integerOrText($("tempo").value), seed: integerOrText($("seed").value),
+  };
+  const chords = $("chords").value.trim();
+  if (chords) body.chords = chords;
+  const melody = await fileAsBase64($("melody_midi"));
+  if (melody !== undefined) body.melody_midi = melody;
+  const whole = await fileAsBase64($("song_midi"));
+  if (whole !== undefined) body.song_midi = whole;
+  const stages = chosenStages();
+  if (stages) body.stages = stages;
+  return body;
+}
+
+// -- errors ----------------------------------------------------------------------------------------------------------
+function clearErrors() {
+  document.querySelectorAll(".error").forEach((out) => { out.textContent = ""; });
+  document.querySelectorAll(".invalid").forEach((input) => input.classList.remove("invalid"));
+}
+
+/** The API's answer to bad input: {field, detail} (400, 413) or {field, message, detail: [...]} (422); a failed
+ * stage answers {stage, detail}. */
+function showError(payload, status, regenerating) {
+  const field = payload.field || "body";
+  let message = typeof payload.message === "string" ? payload.message
+    : typeof payload.detail === "string" ? payload.detail : JSON.stringify(payload.detail || payload);
+  if (payload.stage) message = `${message} (HTTP ${status})`;
+  const out = regenerating && REGENERATE_FIELDS.has(field) ? $("regenerate-error")
+    : document.querySelector(`[data-error-for~="${CSS.escape(field)}"]`) || $("general-error");
+  out.textContent = message;
+  const input = $(field);
+  if (input && !regenerating) input.classList.add("invalid");
+  document.body.dataset.state = "error";
+}
+
+async function postJSON(url, body) {
+  try {
+    return await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+                              body: JSON.stringify(body) });
+  } catch (err) {  // no answer at all: shaped like one, so the callers need no second path
+    const payload = { field: "body", detail: `cannot reach the server: ${err.message}` };
+    return { ok: false, status: 0, json: async () => payload };
+  }
+}
+
+async function payloadOf(response) {
+  try {
+    return await response.json();
+  } catch {
+    return { field: "body", detail: `HTTP ${response.status} ${response.statusText}` };
+  }
+}
+
+// -- progress --------------------------------------------------------------------------------------------------------
+function startProgress(what, stages) {
+  $("compose").disabled = true;
+  document.body.dataset.state = "composing";
+  const started = performance.now();
+  const tick = () => {
+    $("progress-text").textContent = `${what} ${((performance.now() - started) / 1000).toFixed(1)} s`;
+  };
+  tick();
+  $("progress").hidden = false;
+  const timer = setInterval(tick, 100);
+  showStages(Object.fromEntries(stages.map((task) => [task, null])), stages);
+  return () => {
+    clearInterval(timer);
+    $("progress").hidden = true;
+    $("compose").disabled = false;
+  };
+}
+
+/** One box per requested stage: its report once the answer is in, "skipped" if a given part replaced it. */
+function showStages(reports, requested) {
+  const list = $("stage-list");
+  list.replaceChildren();
+  for (const task of STAGES.filter((t) => requested.includes(t))) {
+    const item = document.createElement("li");
+    const report = reports[task];
+    const name = document.createElement("b");
+    name.textContent = task;
+    const detail = document.createElement("span");
+    if (report === undefined) {
+      item.className = "skipped";
+      detail.textContent = "skipped: given in the request";
+    } else if (report === null) {
+      item.className = "pending";
+      detail.textContent = "waiting…";
+    } else {
+      item.className = "done";
+      item.dataset.stage = task;
+      detail.textContent = `${report.new_tokens} tokens · ${report.seconds.toFixed(2)} s · batch ${report.batch}`
+        + (report.adapter ? ` · adapter ${report.adapter}` : " · no adapter");
+    }
+    item.append(name, detail);
+    list.appendChild(item);
+  }
+  $("report").hidden = false;
+}
+
+// -- results ---------------------------------------------------------------------------------------------------------
+function objectURL(blob) {
+  const url = URL.createObjectURL(blob);
+  state.urls.push(url);
+  return url;
+}
+
+function base64Blob(text, type) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return new Blob([bytes], { type });
+}
+
+function showResult(answer, requested) {
+  state.urls.forEach((url) => URL.revokeObjectURL(url));
+  state.urls = [];
+  state.answer = answer;
+  state.requested = requested;
+  showStages(answer.stages, requested);
+  $("summary").textContent = `${answer.form} · ${answer.key} · ${answer.metre} · ${answer.bars} bars · seed `
+    + `${answer.seed} · composed in ${answer.seconds.toFixed(1)} s`;
+  $("result").hidden = false;
+  state.roll = drawRoll($("roll"), answer.song, answer.grid, { onSection: regenerate });
+  const name = `musicray-${answer.form}-seed${answer.seed}`;
+  Object.assign($("download-midi"), { href: objectURL(base64Blob(answer.midi, "audio/midi")),
+                                      download: `${name}.mid` });
+  $("download-wav").hidden = true;
+  document.body.dataset.state = "done";
+  renderAudio(answer, name);
+}
+
+async function renderAudio(answer, name) {
+  const player = $("player");
+  player.removeAttribute("src");
+  player.load();
+  document.body.dataset.audio = "rendering";
+  $("audio-status").textContent = "rendering audio…";
+  const response = await postJSON("v1/render", { midi: answer.midi });
+  if (state.answer !== answer) return;  // a newer song arrived meanwhile
+  if (!response.ok) {
+    const payload = await payloadOf(response);
+    $("audio-status").textContent = `no audio: ${payload.detail || payload.message}`;
+    document.body.dataset.audio = "error";
+    return;
+  }
+  const url = objectURL(await response.blob());
+  player.src = url;
+  Object.assign($("download-wav"), { href: url, download: `${name}.wav`, hidden: false });
+  const seconds = Number(response.headers.get("X-Musicray-Seconds") || 0);
+  const renderer = response.headers.get("X-Musicray-Renderer");
+  $("audio-status").textContent = `${seconds.toFixed(1)} s, rendered with ${renderer}`;
+  document.body.dataset.audio = "ready";
+}
+
+function followPlayback() {
+  const player = $("player");
+  const step = () => {
+    if (state.roll) state.roll.setTime(player.currentTime);
+    if (!player.paused) requestAnimationFrame(step);
+  };
+  player.addEventListener("play", step);
+  player.addEventListener("seeked", step);
+  player.addEventListener("ended", () => state.roll && state.roll.setTime(0));
+}
+
+// -- actions ---------------------------------------------------------------------------------------------------------
+async function compose(event) {
+  event.preventDefault();
+  clearErrors();
+  let body;
+  try {
+    body = await composeBody();
+  } catch (err) {
+    showError({ field: "body", detail: `cannot read the upload: ${err.message}` }, 0, false);
+    return;
+  }
+  const requested = body.stages || STAGES;
+  const done = startProgress("composing…", requested);
+  const response = await postJSON("v1/generate", body);
+  done();
+  const payload = await payloadOf(response);
+  if (!response.ok) {
+    restoreStages();
+    return showError(payload, response.status, false);
+  }
+  showResult(payload, requested);
+}
+
+/** After a refused request: the stages of the song on show again, or none. */
+function restoreStages() {
+  if (state.answer) showStages(state.answer.stages, state.requested);
+  else $("report").hidden = true;
+}
+
+/** "Regenerate this section": the song goes back as song_midi with that section's bars to rewrite, and a new
+ * seed (shown in the form) so the bars come out different. */
+async function regenerate(section, index) {
+  const answer = state.answer;
+  if (!answer || $("compose").disabled) return;
+  clearErrors();
+  const seed = (Number(answer.seed) + 1) % 2 ** 31;
+  $("seed").value = seed;
+  const bars = `${section.start + 1}-${section.end}`;
+  const body = { form: answer.song.form, key: answer.song.key, metre: answer.song.metre,
+                 tempo: integerOrText($("tempo").value), seed, song_midi: answer.midi, regenerate_bars: bars };
+  const stages = chosenStages();
+  if (stages) body.stages = stages;
+  const requested = stages || STAGES;
+  state.roll.busy(index);
+  const done = startProgress(`composing section ${section.label} (bars ${bars}) again…`, requested);
+  const response = await postJSON("v1/generate", body);
+  done();
+  const payload = await payloadOf(response);
+  if (!response.ok) {
+    state.roll.busy(null);
+    restoreStages();
+    return showError(payload, response.status, true);
+  }
+  showResult(payload, requested);
+}
+
+function fillKeys() {
+  const list = $("keys");
+  for (const mode of ["maj", "min"]) {
+    for (const root of ROOTS) {
+      const option = document.createElement("option");
+      option.value = `${root}:${mode}`;
+      list.appendChild(option);
+    }
+  }
+}
+
+fillKeys();
+followPlayback();
+$("compose-form").addEventListener("submit", compose);
+document.body.dataset.state = "ready";
