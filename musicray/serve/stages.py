@@ -112,28 +112,33 @@ class StageComposer:
                     finish_songs: bool) -> list[dict]:
         """``Composer.run_stages`` on the batch (songs that fail stop alone). Answers per song
         ``{"song", "infos": {task: info}}``, or ``{"error", "stage"}`` for the stage that failed."""
-        try:
-            batch = [song_from_dict(song) for song in songs]
-        except SongError as err:
-            return [_error(err)] * len(songs)
-        requests = [stage_request(song, s) for song, s in zip(batch, settings)]
+        results: list[dict | None] = [None] * len(songs)
+        rows, batch, requests = [], [], []
+        for i, (song, setting) in enumerate(zip(songs, settings)):
+            try:   # a song that cannot be read stops alone
+                parsed = song_from_dict(song)
+                requests.append(stage_request(parsed, setting))
+            except (SongError, KeyError, TypeError, ValueError) as err:
+                results[i] = {**_error(err), "stage": stages[i][0] if stages[i] else "input"}
+                continue
+            rows.append(i)
+            batch.append(parsed)
         started = time.perf_counter()
         with self.lock:
-            done = self.composer.run_stages(batch, requests, stages, isolate_failures=True,
+            done = self.composer.run_stages(batch, requests, [stages[i] for i in rows], isolate_failures=True,
                                             finish_songs=finish_songs)
         wall = round(time.perf_counter() - started, 3)
         ran = [task for composition in done for task in composition.stages]
         for task in set(ran):
             self.batches[task] += 1
             self.songs[task] += ran.count(task)
-        results = []
-        for composition in done:
+        for i, composition in zip(rows, done):
             if composition.failed_stage is not None:
-                results.append({**_error(composition.error), "stage": composition.failed_stage})
+                results[i] = {**_error(composition.error), "stage": composition.failed_stage}
                 continue
             infos = {task: {**info, "batch_seconds": wall, "replica_pid": os.getpid()}
                      for task, info in composition.stages.items()}
-            results.append({"song": song_to_dict(composition.song), "infos": infos})
+            results[i] = {"song": song_to_dict(composition.song), "infos": infos}
         return results
 
     # -- introspection ------------------------------------------------------------------------------------------
