@@ -240,6 +240,15 @@ class Composer:
             song.tracks = quantized(song, self.music.vocab).tracks
 
     @staticmethod
+    def after_stage(song: Song, task: str, request: Request) -> None:
+        """What follows a stage: when infilling rewrote chords, the given accompaniment of the rewritten bars is
+        voiced anew from them (it was written for the old chords)."""
+        if task == "chord" and request.regenerate is not None and song.tracks["PIANO"]:
+            span = set(request.regenerate)
+            song.tracks["PIANO"] = sorted([n for n in song.tracks["PIANO"] if n.bar not in span] +
+                                          [n for n in voice_piano(song) if n.bar in span])
+
+    @staticmethod
     def stages_for(request: Request) -> list[str]:
         """The stages a request runs, in order; given chords, melody or secondary melody replace their stage."""
         if request.regenerate is not None:   # infilling rewrites the chosen bars of every requested stage
@@ -289,6 +298,8 @@ class Composer:
             for i in rows:
                 self.prepare_stage(songs[i], task)
             infos = self.run_stage([songs[i] for i in rows], task, [requests[i] for i in rows])
+            for i in rows:
+                self.after_stage(songs[i], task, requests[i])
         except Exception as err:
             if not isolate_failures:
                 raise

@@ -143,6 +143,10 @@ def test_infilling_rewrites_the_chosen_bars_and_keeps_the_rest_note_for_note(com
     assert _bars(song, outside) == _bars(given, outside)
     assert song.form == given.form and all(info["grammar_errors"] == 0 for info in report["stages"].values())
     assert _bars(song, {2, 3}) != _bars(given, {2, 3})   # the chosen bars were written anew
+    if "chord" in stages:   # the accompaniment of the rewritten bars follows their new chords
+        voiced = [n for n in voice_piano(song) if n.bar in (2, 3)]
+        assert [(n.bar, n.position, n.pitch) for n in song.tracks["PIANO"] if n.bar in (2, 3)] == \
+            [(n.bar, n.position, n.pitch) for n in voiced]
 
 
 def test_regenerated_bars_are_read_from_labels_and_ranges():
