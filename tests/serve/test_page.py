@@ -8,7 +8,6 @@ import base64
 import io
 import re
 import shutil
-import socket
 import sys
 import wave
 from pathlib import Path
@@ -18,6 +17,8 @@ import pytest
 requests = pytest.importorskip("requests")
 
 from musicray.tokens import SUBTASKS  # noqa: E402
+
+from .conftest import serving  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
 
@@ -39,34 +40,12 @@ CONFIG = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_url(tmp_path_factory, make_random_run):
-    import ray
-    from ray import serve
-
-    from musicray.serve import build_app
-
     root = tmp_path_factory.mktemp("page")
     make_random_run(root / "run", SUBTASKS, root / "cache")
-    port = _free_port()
-    if ray.is_initialized():  # an earlier test's local instance: Serve needs its own resources
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(root / "run", CONFIG), name="musicray", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    with serving(root / "run", CONFIG, num_cpus=2) as url:
+        yield url
 
 
 def generate(url: str, body: dict) -> dict:

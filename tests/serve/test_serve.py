@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 
 import pytest
@@ -15,6 +14,8 @@ mido = pytest.importorskip("mido")
 miditoolkit = pytest.importorskip("miditoolkit")
 
 from musicray.tokens import SUBTASKS  # noqa: E402
+
+from .conftest import serving  # noqa: E402
 
 # Ray Serve's own config models use a pydantic v1-style Field argument; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
@@ -33,10 +34,6 @@ CONFIG = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,24 +62,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serve_url(run_dir):
-    import ray
-    from ray import serve
-
-    from musicray.serve import build_app
-
-    port = _free_port()
-    if ray.is_initialized():  # an earlier test's local instance: Serve needs its own resources
-        ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(run_dir, CONFIG), name="musicray", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    with serving(run_dir, CONFIG, num_cpus=4) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
