@@ -120,7 +120,7 @@ def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[
     limit = torch.tensor(max_new_tokens, device=device)
     emitted = torch.zeros(batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    rows_out: list[list[int]] = [[] for _ in range(batch)]
+    out = torch.full((batch, max(max_new_tokens)), pad, dtype=torch.long, device=device)
     started, mask_seconds, forward_calls = time.perf_counter(), 0.0, 0
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     logits_out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
@@ -141,7 +141,7 @@ def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[
         drawn = _draw(sampling.warp(scores), sampling, generators, ~only & ~finished)
         tokens = torch.where(only, scores.argmax(-1), drawn)
         fed_tokens, fed_rows = [tokens], [~finished]
-        finished, emitted = _emit(tokens, ~finished, finished, emitted, limit, rows_out, music)
+        finished, emitted = _emit(tokens, ~finished, finished, emitted, limit, out, music)
         allowed = None
         if use_mask:
             tick = time.perf_counter()
@@ -155,7 +155,7 @@ def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[
                 forced = torch.where(running, allowed.float().argmax(-1), torch.full_like(tokens, pad))
                 fed_tokens.append(forced)
                 fed_rows.append(running)
-                finished, emitted = _emit(forced, running, finished, emitted, limit, rows_out, music)
+                finished, emitted = _emit(forced, running, finished, emitted, limit, out, music)
                 consume(grammar, state, torch.where(running, forced, torch.full_like(forced, music.eot_id)), music)
                 running = running & ~finished
                 allowed = None
@@ -171,7 +171,7 @@ def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[
         last = real.long().cumsum(1).argmax(1)   # each row's last fed token: its next distribution
         cache = logits_out.past_key_values
         scores = logits_out.logits[torch.arange(batch, device=device), last].float()
-    done = []
+    done, rows_out = [], [out[i, :n].tolist() for i, n in enumerate(emitted.tolist())]
     for i, row in enumerate(rows_out):
         if music.eot_id in row:
             row = row[:row.index(music.eot_id)]
@@ -182,11 +182,12 @@ def generate(model, music: MusicTokenizer, grammar: Grammar, prompts: list[list[
 
 
 def _emit(tokens: torch.Tensor, rows: torch.Tensor, finished: torch.Tensor, emitted: torch.Tensor,
-          limit: torch.Tensor, out: list[list[int]], music: MusicTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append each of ``rows``' token to its output; a row finishes at ``<|eot_id|>`` or its token limit."""
+          limit: torch.Tensor, out: torch.Tensor, music: MusicTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each of ``rows``' token at its next place in ``out``; a row finishes at ``<|eot_id|>`` or its
+    token limit."""
     rows = rows & ~finished
-    for i in torch.nonzero(rows).flatten().tolist():
-        out[i].append(int(tokens[i]))
+    index = rows.nonzero().flatten()
+    out[index, emitted[index]] = tokens[index]
     emitted = emitted + rows.long()
     finished = finished | (rows & ((tokens == music.eot_id) | (emitted >= limit)))
     return finished, emitted
