@@ -187,6 +187,7 @@ class GrammarState:
     in_forced_bar: torch.Tensor   # [batch] bool: the open bar is forced (after its content, it must close)
     # family_mask of the current state, kept from mask() for the step() that follows it (decoding asks both)
     family_cache: torch.Tensor | None = None
+    has_forced: bool = False      # some row's plan forces bars (else the forced-bar bookkeeping is skipped)
 
     @property
     def done(self) -> torch.Tensor:
@@ -285,7 +286,7 @@ class Grammar:
             forced_length=forced_length.to(**to),
             forced_extra_after=forced_extra.flip(1).cumsum(1).flip(1).roll(-1, 1).to(**to),
             forced_next=zeros.clone(), forced_end=zeros.clone(),
-            in_forced_bar=torch.zeros(batch, dtype=torch.bool, **to))
+            in_forced_bar=torch.zeros(batch, dtype=torch.bool, **to), has_forced=any(p.forced for p in plans))
         state.forced_extra_after[:, -1] = 0
         self._expect_section(state, torch.ones(batch, dtype=torch.bool, device=self.device))
         if budgets is not None:
@@ -361,6 +362,9 @@ class Grammar:
         """[batch, families]: which families may come next."""
         if state.family_cache is None:
             allowed = self.allowed[state.stream, state.node] & self._guards(state).gather(1, self.guard[state.stream])
+            if not state.has_forced:
+                state.family_cache = allowed & self._within_budget(state)
+                return state.family_cache
             forcing, given = self._next_forced(state)
             # A forced token's room was set aside in the budget (tokens_to_finish counts forced bars in full).
             allowed = allowed & (self._within_budget(state) | forcing[:, None])
@@ -385,6 +389,8 @@ class Grammar:
         family = self.token_family.expand(state.node.shape[0], -1)
         allowed = self.family_mask(state).gather(1, family) & (self.token_value > state.low.gather(1, family)) \
             & (self.token_value < state.high.gather(1, family))
+        if not state.has_forced:
+            return allowed
         forcing, given = self._next_forced(state)
         if bool(forcing.any()):
             only = torch.zeros_like(allowed).scatter_(1, given[:, None], True)
@@ -395,9 +401,12 @@ class Grammar:
         """[batch] bool: whether each row may emit its token now."""
         family, value = self.token_family[tokens], self.token_value[tokens]
         rows = torch.arange(tokens.shape[0], device=self.device)
+        ok = self.family_mask(state)[rows, family] & (value > state.low[rows, family]) \
+            & (value < state.high[rows, family])
+        if not state.has_forced:
+            return ok
         forcing, given = self._next_forced(state)
-        return self.family_mask(state)[rows, family] & (value > state.low[rows, family]) \
-            & (value < state.high[rows, family]) & (~forcing | (tokens == given))
+        return ok & (~forcing | (tokens == given))
 
     def step(self, state: GrammarState, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Consume one token per row; rows whose token is not accepted (or not ``active``) keep their state.
@@ -419,19 +428,21 @@ class Grammar:
         state.section = state.section + opened.long()
         self._expect_section(state, opened)
 
-        state.forced_next = state.forced_next + (ok & (state.forced_next < state.forced_end)).long()
+        if state.has_forced:
+            state.forced_next = state.forced_next + (ok & (state.forced_next < state.forced_end)).long()
         new_bar = ok & (family == _FAMILY["Bar"])
         state.bars_left = state.bars_left - new_bar.long()
         state.bar = state.bar + new_bar.long()
-        if bool(new_bar.any()):
+        if state.has_forced and bool(new_bar.any()):
             index = state.bar.clamp(max=state.forced_start.shape[1] - 1)[:, None]
             length = state.forced_length.gather(1, index)[:, 0]
             start = state.forced_start.gather(1, index)[:, 0]
             state.in_forced_bar = torch.where(new_bar, length >= 0, state.in_forced_bar)
             state.forced_next = torch.where(new_bar, start, state.forced_next)
             state.forced_end = torch.where(new_bar, start + length.clamp(min=0), state.forced_end)
-        leaves_bar = ok & ((family == _FAMILY["Sec"]) | (family == _FAMILY["End"]))
-        state.in_forced_bar = state.in_forced_bar & ~leaves_bar
+        if state.has_forced:
+            leaves_bar = ok & ((family == _FAMILY["Sec"]) | (family == _FAMILY["End"]))
+            state.in_forced_bar = state.in_forced_bar & ~leaves_bar
         quota = state.quotas.gather(1, state.bar.clamp(max=state.quotas.shape[1] - 1)[:, None])[:, 0]
         state.quota_left = torch.where(new_bar, quota, state.quota_left)
         spent = ok & (family == self.quota_family[state.stream])
