@@ -392,12 +392,6 @@ def encode(song: Song, task: str, vocab: Vocabulary, optional: tuple[str, ...] =
     return encode_quantized(quantized(song, vocab), task, vocab, optional)
 
 
-def encode_all(song: Song, vocab: Vocabulary) -> list[Example]:
-    """The examples of every task, quantizing once."""
-    song = quantized(song, vocab)
-    return [encode_quantized(song, task, vocab) for task in TASKS]
-
-
 def encode_quantized(song: Song, task: str, vocab: Vocabulary, optional: tuple[str, ...] = ()) -> Example:
     if task not in TASKS:
         raise SongError(f"task: unknown task {task!r}; known: {', '.join(TASKS)}")

@@ -75,8 +75,8 @@ def prepare_one(source, song_id: str, vocab: Vocabulary) -> dict:
     try:
         song, stats = source.load(song_id)  # a checked song: both sources call Song.check
         canonical = quantized(song, vocab)
-        # encode_all would quantize the song a second time; quantization is idempotent (docs/tokens.md), so
-        # encoding the canonical song as it is gives the same examples for a tenth less of the song's time.
+        # The song is canonical already: encoding it as it is (not through ``encode``, which quantizes again)
+        # gives the same examples, quantization being idempotent, for a tenth less of the song's time.
         examples = [encode_quantized(canonical, task, vocab) for task in TASKS]
     except SongError as err:
         return {"song_id": song_id, "skipped": getattr(err, "reason", "invalid_song"), "message": str(err)}
