@@ -36,6 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from musicray.compose import Composer, finish
 from musicray.midi import TEXT_CHARSET, midi_to_song, song_to_midi
+from musicray.run import RunDir
 from musicray.serve.config import (
     APP_NAME, DEFAULT_HOST, DEFAULT_PORT, DEPLOYMENT_KEYS, read_config_file, serve_config, stage_options,
 )
@@ -278,10 +279,7 @@ def _failed(task: str, error: dict) -> StageFailed:
 
 # -- building the graph ------------------------------------------------------------------------------------------
 def _check_run_dir(run_dir: str) -> None:
-    model = Path(run_dir) / "stage1" / "model"
-    if not (model / "config.json").exists():
-        raise FileNotFoundError(f"--run: {run_dir} has no stage-1 model ({model}/config.json); "
-                                "train one first (musicray train) or pass the run dir that holds it")
+    RunDir(run_dir).require("stage-1 model")
 
 
 def _deployment(options: dict) -> dict:
