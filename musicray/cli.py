@@ -319,8 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "mapping of settings; default: the built-in defaults")
     srv.add_argument("--host", help=f"address to bind (default: the config's, else {DEFAULT_HOST})")
     srv.add_argument("--port", type=int, help=f"HTTP port (default: the config's, else {DEFAULT_PORT})")
-    srv.add_argument("--multiplexed", action="store_true",
-                     help="one deployment holding the base model once with all five adapters")
+    layout = srv.add_mutually_exclusive_group()
+    layout.add_argument("--multiplexed", action="store_true", default=None,
+                        help="one deployment holding the base model once with all five adapters (the default on a "
+                             "local instance of fewer than 6 CPUs, unless the --config says otherwise)")
+    layout.add_argument("--per-adapter", dest="multiplexed", action="store_false",
+                        help="one deployment per sub-task, each with the model and its adapter")
     srv.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
     srv.set_defaults(handler=_serve)
 

@@ -43,9 +43,17 @@ def is_quiet() -> bool:
     return os.environ.get(QUIET) == "1"
 
 
-def silenced_stdout():
-    """A context that swallows what a library prints to stdout, when quiet; nothing otherwise."""
+def silenced_stdout(stderr: bool = False):
+    """A context that swallows what a library prints to stdout (and with ``stderr``, its progress bars there),
+    when quiet; nothing otherwise. Output written to a stream kept from before (``sys.stdout`` saved earlier)
+    still shows."""
     import contextlib
     import io
 
-    return contextlib.redirect_stdout(io.StringIO()) if is_quiet() else contextlib.nullcontext()
+    if not is_quiet():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    if stderr:
+        stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack

@@ -17,6 +17,7 @@ stage-1 model and the prepared data by path, and Tune writes checkpoints under `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -27,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from musicray.errors import SongError
+from musicray.quiet import silenced_stdout
 from musicray.rerun import SKIP, STAGE1_MODEL, decide, read_saved, stage_keys, write_done
 from musicray.run import RunDir
 from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config, config_to_dict
@@ -281,7 +283,9 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
             if progress and not verbose else None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order=MODE)))
-    results = tuner.fit()
+    # Tune prints its experiment header even at verbose=0; TrialLines keeps the stdout it was made with.
+    with silenced_stdout() if not verbose else contextlib.nullcontext():
+        results = tuner.fit()
 
     table, best = trials_table(results, stage2)
     write_table(table, run.tune)
