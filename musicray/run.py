@@ -149,8 +149,9 @@ class RunDir:
         if present():
             return path
         name = f"{part} of {subtask}" if subtask else part
-        if not self.root.is_dir():
-            raise MissingRunPart(f"{field}: {self.root} does not exist (no run dir there; it needs a {name})")
         made_by = MADE_BY[part].replace("RUN", str(self.root))
+        if not self.root.is_dir():
+            raise MissingRunPart(f"{field}: {self.root} does not exist (it needs a {name}: make one with {made_by}, "
+                                 "or pass the run dir that holds it)")
         raise MissingRunPart(f"{field}: {self.root} has no {name} ({path}: {what} missing); make it with {made_by} "
                              "or pass the run dir that holds it")
