@@ -2,8 +2,10 @@
 on one Ray cluster.
 
 Each stage is the library call its own command makes (``musicray data``, ``train``, ``tune``, ``generate``,
-``eval``); a stage whose output is already in the run dir is skipped, so an interrupted pipeline continues where
-it stopped. With ``eval.mask_loss_ablation`` a second stage-1 model is trained with ``stage1.mask_loss`` flipped
+``eval``). A training stage already in the run dir is skipped when its saved config hash equals the requested
+one, so an interrupted pipeline continues where it stopped; made with other settings, it is refused unless
+``--resume`` or ``--force`` says what to do (``musicray.rerun``). The data dir is resolved once and handed to every
+stage; every path comes from the run dir's owner, ``musicray.run.RunDir``. With ``eval.mask_loss_ablation`` a second stage-1 model is trained with ``stage1.mask_loss`` flipped
 (into ``RUN/ablations/mask_loss_<on|off>``) for the report's loss-mask ablation.
 """
 

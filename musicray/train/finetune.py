@@ -14,6 +14,10 @@ Layout of ``RUN_DIR/stage1``::
                      from its checkpoint step; ``start_step`` says where each group started)
     tensorboard/     the same metrics for TensorBoard
     model/           the final model: fp32 weights consolidated from the last checkpoint (save_music_model)
+    done.json        the hash of the settings the finished model was made with (musicray.rerun)
+
+(``musicray.run.RunDir`` owns these paths.) A finished stage 1 with the same settings is kept; otherwise the run
+is refused unless ``resume`` or ``force`` says what to do (``musicray.rerun.decide``).
 
 and ``RUN_DIR/ray/stage1`` is the Ray Train run (``storage_path`` + ``name``): checkpoints
 ``checkpoint_000010/`` ... (each a DeepSpeed checkpoint: ``latest``, ``global_step10/`` with the per-rank
