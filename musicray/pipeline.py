@@ -4,7 +4,9 @@ on one Ray cluster.
 Each stage is the library call its own command makes (``musicray data``, ``train``, ``tune``, ``generate``,
 ``eval``); a stage whose output is already in the run dir is skipped, so an interrupted pipeline continues where
 it stopped. With ``eval.mask_loss_ablation`` a second stage-1 model is trained with ``stage1.mask_loss`` flipped
-(into ``RUN/ablations/mask_loss_<on|off>``) for the report's loss-mask ablation.
+(into ``RUN/ablations/mask_loss_<on|off>``) for the report's loss-mask ablation; with ``eval.language_ablation``
+one in the contrasting music language (``RUN/ablations/language_absolute`` for the relative language) for its
+relative-vs-absolute row.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def preset_config(preset: str) -> Path:
 def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None = None, progress: bool = True) -> dict:
     from musicray.compose import Composer, Request
     from musicray.data.prepare import ensure_ray
-    from musicray.eval.report import evaluate_run, mask_loss_dir
+    from musicray.eval.report import evaluate_run, language_dir, mask_loss_dir
     from musicray.midi import write_midi
     from musicray.train.config import load_config
     from musicray.train.data import resolve_data_dir
@@ -86,6 +88,13 @@ def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None =
           not config.eval.mask_loss_ablation or (ablation_dir / "stage1" / "model" / "config.json").exists(),
           lambda: train_stage1(ablation, ablation_dir, progress=progress),
           "already done" if config.eval.mask_loss_ablation else "eval.mask_loss_ablation is false")
+    # The language ablation: the same stage 1 with the music written in the contrasting language.
+    contrast = config.vocab.contrast()
+    language_arm = language_dir(run_dir, contrast.language)
+    stage(f"ablation: stage 1 in the {contrast.language} music language",
+          not config.eval.language_ablation or (language_arm / "stage1" / "model" / "config.json").exists(),
+          lambda: train_stage1(dataclasses.replace(config, vocab=contrast), language_arm, progress=progress),
+          "already done" if config.eval.language_ablation else "eval.language_ablation is false")
     stage("evaluate", False, lambda: evaluate_run(run_dir, summary["data_dir"], run_dir / "eval", config.eval,
                                                   progress=progress))
     summary["eval_report"] = str(run_dir / "eval" / "report.md")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from musicray.errors import SongError
@@ -64,6 +64,13 @@ class VocabConfig:
                 raise SongError(f"vocab.{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
         if not 0 <= self.max_tempo_change <= 60:
             raise SongError(f"vocab.max_tempo_change: {self.max_tempo_change} is outside 0..60")
+
+    def contrast(self) -> "VocabConfig":
+        """The language the report's language ablation compares this one with: absolute for a relative or mixed
+        language, relative for the absolute one (sizes and bins kept)."""
+        if self.language == "absolute":
+            return replace(self, **{name: choices[0] for name, choices in LANGUAGE_CHOICES.items()})
+        return replace(self, **LEGACY_LANGUAGE)
 
     @property
     def language(self) -> str:

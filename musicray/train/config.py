@@ -93,6 +93,9 @@ class EvalConfig:
     mask_loss_ablation: bool = _help("musicray pipeline: also train stage 1 with stage1.mask_loss flipped, into "
                                      "RUN/ablations/mask_loss_<on|off> (the loss-mask ablation; as costly as stage 1)",
                                      False)
+    language_ablation: bool = _help("musicray pipeline: also train stage 1 in the contrasting music language (absolute "
+                                    "for the relative one), into RUN/ablations/language_<name>, for the report's "
+                                    "relative-vs-absolute row (as costly as stage 1)", False)
 
 
 @dataclass

@@ -103,7 +103,49 @@ def collate(items: list[Rendered], pad_id: int) -> dict:
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "answer_start": torch.tensor([item.answer_start for item in items]),
-            "streams": [item.stream for item in items], "plans": [item.plan for item in items]}
+            "streams": [item.stream for item in items], "plans": [item.plan for item in items],
+            "tokens": int(attention_mask.sum())}
+
+
+def pack(items: list[Rendered], max_length: int) -> list[list[Rendered]]:
+    """Items in their order, into rows of at most ``max_length`` tokens (a new row when the next does not fit)."""
+    rows: list[list[Rendered]] = []
+    used = max_length
+    for item in items:
+        if used + len(item.input_ids) > max_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(item)
+        used += len(item.input_ids)
+    return rows
+
+
+def collate_packed(rows: list[list[Rendered]], pad_id: int) -> dict:
+    """Packed rows: each row holds several examples back to back, ``position_ids`` restart at 0 for each, and no
+    ``attention_mask`` is given, so the model attends within each example only (transformers reads the segments
+    from the positions). The padding at a row's end is one more segment, unlabelled. ``segment_rows`` and
+    ``answer_start`` (a position in its row) place each example for the grammar-masked loss."""
+    length = max(sum(len(item.input_ids) for item in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    segment_rows, answer_start, streams, plans = [], [], [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for item in row:
+            n = len(item.input_ids)
+            input_ids[r, at:at + n] = torch.tensor(item.input_ids)
+            labels[r, at:at + n] = torch.tensor(item.labels)
+            position_ids[r, at:at + n] = torch.arange(n)
+            segment_rows.append(r)
+            answer_start.append(at + item.answer_start)
+            streams.append(item.stream)
+            plans.append(item.plan)
+            at += n
+        position_ids[r, at:] = torch.arange(length - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+            "segment_rows": torch.tensor(segment_rows), "answer_start": torch.tensor(answer_start),
+            "streams": streams, "plans": plans, "tokens": sum(len(item.input_ids) for row in rows for item in row)}
 
 
 def shuffled_batches(dataset: RenderedDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -115,4 +157,19 @@ def shuffled_batches(dataset: RenderedDataset, batch_size: int, seed: int, rank:
         mine = order[rank::world_size]
         for start in range(0, len(mine) - batch_size + 1, batch_size):
             yield [dataset[i] for i in mine[start:start + batch_size]]
+        epoch += 1
+
+
+def packed_batches(dataset: RenderedDataset, rows_per_batch: int, max_length: int, seed: int, rank: int = 0,
+                   world_size: int = 1):
+    """An endless, seeded stream of batches of packed rows (``pack``): epoch e's permutation (as in
+    ``shuffled_batches``) packed into rows, the rows split by rank. Every row is nearly full, so the ranks' steps
+    cost about the same whatever the examples' lengths."""
+    epoch = 0
+    while True:
+        order = list(range(len(dataset)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        mine = pack([dataset[i] for i in order], max_length)[rank::world_size]
+        for start in range(0, len(mine) - rows_per_batch + 1, rows_per_batch):
+            yield mine[start:start + rows_per_batch]
         epoch += 1
