@@ -47,7 +47,8 @@ from musicray.data.prepare import ensure_ray
 from musicray.model import load_music_model
 from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir, shuffled_batches
-from musicray.train.finetune import build_init_model, train_stage1
+from musicray.train.finetune import train_stage1
+from musicray.train.stage1_models import build_init_model
 from musicray.train.loss import causal_lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]

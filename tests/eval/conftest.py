@@ -27,7 +27,7 @@ def write_data(out, song_ids) -> None:
 
 def write_training_records(run) -> None:
     """stage1/metrics.csv and tune/trials.csv in the columns finetune.py and tune.py write."""
-    from musicray.train.finetune import METRIC_COLUMNS
+    from musicray.train.stage1_metrics import METRIC_COLUMNS
 
     with (run / "stage1" / "metrics.csv").open("w", newline="") as f:
         writer = csv.writer(f)

@@ -25,7 +25,8 @@ from musicray.model import load_music_model
 from musicray.song import SongError
 from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir
-from musicray.train.finetune import deepspeed_config, train_stage1
+from musicray.train.deepspeed_config import deepspeed_config
+from musicray.train.finetune import train_stage1
 from musicray.train.loss import causal_lm_loss
 
 pytest.importorskip("deepspeed")
