@@ -45,7 +45,9 @@ class Stage1Config:
     deepspeed: str = _help("DeepSpeed JSON (relative to the repo root or absolute)", "configs/deepspeed/zero2.json")
     zero_stage: int | None = _help("override the JSON's ZeRO stage (0-3)", None)
     precision: str = _help("fp32 | bf16 | fp16 (bf16/fp16 need GPUs)", "fp32")
-    micro_batch_size: int = _help("examples per worker per step", 2)
+    micro_batch_size: int = _help("examples per worker per step (rows of data.max_length tokens with packing)", 2)
+    packing: bool = _help("pack whole examples into rows of data.max_length tokens (no padding; each attends to "
+                          "itself only): every step processes full rows, and ranks do equal work", False)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
     learning_rate: float = _help("peak learning rate (AdamW)", 1e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)

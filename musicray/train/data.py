@@ -107,16 +107,26 @@ def collate(items: list[Rendered], pad_id: int) -> dict:
             "tokens": int(attention_mask.sum())}
 
 
+# Rows still open to new examples while packing: first-fit over these fills rows to ~95 % where next-fit (one open
+# row) leaves a third empty when examples are long against max_length; bounded, so packing stays linear.
+OPEN_ROWS = 64
+
+
 def pack(items: list[Rendered], max_length: int) -> list[list[Rendered]]:
-    """Items in their order, into rows of at most ``max_length`` tokens (a new row when the next does not fit)."""
+    """Whole items, in their order, into rows of at most ``max_length`` tokens: each goes into the first of the
+    ``OPEN_ROWS`` newest rows with room for it, else starts a row."""
     rows: list[list[Rendered]] = []
-    used = max_length
+    room: list[int] = []
     for item in items:
-        if used + len(item.input_ids) > max_length:
+        n = len(item.input_ids)
+        first_open = max(0, len(rows) - OPEN_ROWS)
+        row = next((r for r in range(first_open, len(rows)) if room[r] >= n), None)
+        if row is None:
             rows.append([])
-            used = 0
-        rows[-1].append(item)
-        used += len(item.input_ids)
+            room.append(max_length)
+            row = len(rows) - 1
+        rows[row].append(item)
+        room[row] -= n
     return rows
 
 
@@ -173,3 +183,15 @@ def packed_batches(dataset: RenderedDataset, rows_per_batch: int, max_length: in
         for start in range(0, len(mine) - rows_per_batch + 1, rows_per_batch):
             yield mine[start:start + rows_per_batch]
         epoch += 1
+
+
+def collated_batches(dataset: RenderedDataset, batch_size: int, seed: int, rank: int, world_size: int, pad_id: int,
+                     packed_length: int | None = None):
+    """The training stream of collated batches: ``batch_size`` padded examples (``shuffled_batches``), or, with
+    ``packed_length``, ``batch_size`` rows of that many tokens packed with whole examples (``packed_batches``)."""
+    if packed_length is None:
+        for items in shuffled_batches(dataset, batch_size, seed, rank, world_size):
+            yield collate(items, pad_id)
+    else:
+        for rows in packed_batches(dataset, batch_size, packed_length, seed, rank, world_size):
+            yield collate_packed(rows, pad_id)
