@@ -68,14 +68,16 @@ class Rendered:
 
 
 class RenderedDataset(torch.utils.data.Dataset):
-    """Chat-rendered examples cut to ``max_length``; examples whose prompt leaves no room are dropped."""
+    """Chat-rendered examples cut to ``max_length``; examples whose prompt leaves no room are dropped. With
+    ``train_on_inputs`` the prompts' music tokens are labelled too (``MusicTokenizer.render``)."""
 
-    def __init__(self, examples: list[Example], music: MusicTokenizer, max_length: int):
+    def __init__(self, examples: list[Example], music: MusicTokenizer, max_length: int,
+                 train_on_inputs: bool = False):
         self.items: list[Rendered] = []
         self.dropped = 0
         for example in examples:
-            input_ids, labels = music.render(example)
-            start = labels.index(next(x for x in labels if x != -100))
+            input_ids, labels = music.render(example, train_on_inputs)
+            start = len(input_ids) - len(example.target) - 1   # the answer's first token
             if start >= max_length - 1:
                 self.dropped += 1
                 continue

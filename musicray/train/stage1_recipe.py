@@ -97,7 +97,7 @@ class Stage1Recipe:
         s, data = self.settings, self.config.data
         vocab = self.music.vocab
         self.train_set = RenderedDataset(load_examples(self.data_dir, s.tasks, "train", vocab, data.max_bars),
-                                         self.music, data.max_length)
+                                         self.music, data.max_length, s.train_on_inputs)
         units = (len(pack(self.train_set.items, data.max_length)), "packed rows") if s.packing else \
             (len(self.train_set), "training examples")
         if units[0] // self.world < s.micro_batch_size:

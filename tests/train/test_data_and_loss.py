@@ -182,3 +182,13 @@ def test_packed_batches_split_the_rows_by_rank(packed):
     first = [next(packed_batches(dataset, 1, 640, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     assert first[0] != first[1]
     assert all(sum(len(i.input_ids) for i in batch[0]) <= 640 for batch in first)
+
+
+def test_train_on_inputs_labels_the_prompt_music_and_keeps_the_answer_start(batch, synthetic_songs):
+    _, music, _ = batch
+    example = encode_quantized(quantized(synthetic_songs[3], VOCAB), "melody", VOCAB)
+    plain, with_inputs = (RenderedDataset([example], music, 4096, train_on_inputs=flag)[0] for flag in (False, True))
+    assert plain.answer_start == with_inputs.answer_start and plain.input_ids == with_inputs.input_ids
+    assert sum(x != -100 for x in with_inputs.labels) == sum(x != -100 for x in plain.labels) + len(example.prompt)
+    with pytest.raises(SongError, match="stage1.train_on_inputs"):
+        load_config(None, ["stage1.train_on_inputs=true", "stage1.mask_loss=true"])
