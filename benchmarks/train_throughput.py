@@ -140,16 +140,17 @@ def balance(config, data_dir: Path, init_dir: Path, steps: int, skip: int, worke
     return mean / worst
 
 
-def data_efficiency(config, data_dir: Path, init_dir: Path, steps: int, workers: int) -> dict[str, dict]:
-    """Per data stream (padded examples, packed rows): tokens processed (rows x row length, padding included),
-    real tokens and labelled tokens over ``steps`` steps of ``workers`` ranks."""
+def data_efficiency(config, data_dir: Path, music, steps: int, workers: int) -> dict[str, dict]:
+    """Per data stream (padded examples, packed rows, packed rows with the prompts' music labelled): tokens
+    processed (rows x row length, padding included), real tokens and labelled tokens over ``steps`` steps of
+    ``workers`` ranks."""
     s = config.stage1
-    music = load_music_model(init_dir)[1]
-    dataset = RenderedDataset(load_examples(data_dir, s.tasks, "train", music.vocab, config.data.max_bars), music,
-                              config.data.max_length)
+    examples = load_examples(data_dir, s.tasks, "train", music.vocab, config.data.max_bars)
     pad = music.tokenizer.pad_token_id
     result = {}
-    for name, packed in (("padded", None), ("packed", config.data.max_length)):
+    for name, packed, inputs in (("padded", None, False), ("packed", config.data.max_length, False),
+                                 ("packed + train_on_inputs", config.data.max_length, True)):
+        dataset = RenderedDataset(examples, music, config.data.max_length, inputs)
         streams = [collated_batches(dataset, s.micro_batch_size, s.seed, rank, workers, pad, packed)
                    for rank in range(workers)]
         counts = {"processed": 0, "real": 0, "labelled": 0, "examples": 0}
@@ -162,6 +163,16 @@ def data_efficiency(config, data_dir: Path, init_dir: Path, steps: int, workers:
                 counts["examples"] += len(batch["streams"])
         result[name] = counts
     return result
+
+
+def print_efficiency(config, efficiency: dict[str, dict], steps: int, ranks: int) -> None:
+    print(f"\nTokens over {steps} steps of {ranks} ranks (micro-batch {config.stage1.micro_batch_size}: examples when "
+          f"padded, rows of {config.data.max_length} when packed; {config.data.source} data):\n")
+    print("| stream | examples | processed | real | labelled | real / processed | labelled / processed |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, c in efficiency.items():
+        print(f"| {name} | {c['examples']} | {c['processed']} | {c['real']} | {c['labelled']} | "
+              f"{c['real'] / c['processed']:.2f} | {c['labelled'] / c['processed']:.2f} |")
 
 
 def load() -> float:
@@ -178,7 +189,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPU cores of the widest loops")
     parser.add_argument("--cache-dir", type=Path, help="cache for the tiny model and data (default: a temp dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--data-only", action="store_true",
+                        help="only the token table of the data streams (no training; seconds)")
     args = parser.parse_args(argv)
+    if args.data_only:
+        config = load_config(args.config, args.set)
+        from musicray.model import add_music_tokens, load_base
+        from musicray.tokens import Vocabulary
+
+        model, tokenizer = load_base(config.base_model, config.cache_dir)
+        music = add_music_tokens(model, tokenizer, Vocabulary(config.vocab))
+        print_efficiency(config, data_efficiency(config, resolve_data_dir(config), music, args.steps, args.cpus),
+                         args.steps, args.cpus)
+        return
 
     # Ray starts its workers at nice 15; against a bare loop at nice 0 on a busy machine that alone would cost
     # them CPU time. Both run at the default priority here (this applies to the local Ray instance started below).
@@ -240,14 +263,8 @@ def main(argv: list[str] | None = None) -> None:
           f"same with medians; loop tokens/s: tokens over the loop's wall time (per-step logging, TensorBoard, "
           f"validation included). Load balance of {args.cpus} data-parallel ranks on these batches (mean / slowest "
           f"rank's padded tokens per step): {balanced:.2f}")
-    efficiency = data_efficiency(config, data_dir, init_dir, args.steps, args.cpus)
-    print(f"\nTokens over {args.steps} steps of {args.cpus} ranks (micro-batch {config.stage1.micro_batch_size}: "
-          f"examples when padded, rows of {config.data.max_length} when packed):\n")
-    print("| stream | examples | processed | real | labelled | real / processed | labelled / processed |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, c in efficiency.items():
-        print(f"| {name} | {c['examples']} | {c['processed']} | {c['real']} | {c['labelled']} | "
-              f"{c['real'] / c['processed']:.2f} | {c['labelled'] / c['processed']:.2f} |")
+    print_efficiency(config, data_efficiency(config, data_dir, load_music_model(init_dir)[1], args.steps, args.cpus),
+                     args.steps, args.cpus)
     shutil.rmtree(work, ignore_errors=True)
 
 
