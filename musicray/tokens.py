@@ -107,6 +107,7 @@ class Vocabulary:
         for i, fam in enumerate(self.family):
             self.ids_of[fam].append(i)
         self.max_positions = max(m.positions_per_bar for m in METRES.values())
+        self._token_ids: dict[tuple[str, object], int] = {}
 
     # -- layout ---------------------------------------------------------------------------------------------
     def _add(self, family: str, text: str, value: int = -1, prefix: str | None = None) -> None:
@@ -190,7 +191,14 @@ class Vocabulary:
 
     def token(self, family: str, text: object = "") -> int:
         """Id of ``<Family_text>`` (``<Family>`` when text is empty)."""
-        return self.id(f"<{family}_{text}>" if text != "" else f"<{family}>")
+        # Encoding asks this once per token (hundreds of thousands of times per dataset): remember the answers
+        # instead of formatting the token's text each time.
+        try:
+            return self._token_ids[family, text]
+        except KeyError:
+            token = self.id(f"<{family}_{text}>" if text != "" else f"<{family}>")
+            self._token_ids[family, text] = token
+            return token
 
     def chord_quality(self, token: int) -> str:
         """The quality of a ``Chord`` token (``<Chord_IV:maj7>`` -> ``maj7``)."""
