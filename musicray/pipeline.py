@@ -5,8 +5,10 @@ Each stage is the library call its own command makes (``musicray data``, ``train
 ``eval``). A training stage already in the run dir is skipped when its saved config hash equals the requested
 one, so an interrupted pipeline continues where it stopped; made with other settings, it is refused unless
 ``--resume`` or ``--force`` says what to do (``musicray.rerun``). The data dir is resolved once and handed to every
-stage; every path comes from the run dir's owner, ``musicray.run.RunDir``. With ``eval.mask_loss_ablation`` a second stage-1 model is trained with ``stage1.mask_loss`` flipped
-(into ``RUN/ablations/mask_loss_<on|off>``) for the report's loss-mask ablation.
+stage; every path comes from the run dir's owner, ``musicray.run.RunDir``. With ``eval.mask_loss_ablation`` a
+second stage-1 model is trained with ``stage1.mask_loss`` flipped (into ``RUN/ablations/mask_loss_<on|off>``) for
+the report's loss-mask ablation; with ``eval.language_ablation`` one in the contrasting music language
+(``RUN/ablations/language_absolute`` for the relative language) for its relative-vs-absolute row.
 """
 
 from __future__ import annotations
@@ -103,6 +105,13 @@ def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None =
         train(ablation, run.ablation(flipped), ablation_name)
     else:
         stage(ablation_name, lambda: None, lambda: SKIP, "eval.mask_loss_ablation is false")
+    # The language ablation: the same stage 1 with the music written in the contrasting language.
+    contrast = config.vocab.contrast()
+    language_name = f"ablation: stage 1 in the {contrast.language} music language"
+    if config.eval.language_ablation:
+        train(dataclasses.replace(config, vocab=contrast), run.language_ablation(contrast.language), language_name)
+    else:
+        stage(language_name, lambda: None, lambda: SKIP, "eval.language_ablation is false")
     stage("evaluate", lambda: evaluate_run(run.root, data_dir, run.eval, config.eval, progress=progress))
     summary["eval_report"] = str(run.eval_report)
     run.pipeline_json.write_text(json.dumps(summary, indent=1))

@@ -12,6 +12,7 @@ Layout of ``RUN/``::
     tune/trials.csv, .md   every trial of the sweeps; tune/done.json the config hash of the finished stage 2
     songs/                 the pipeline's demo songs (MIDI + JSON report)
     ablations/mask_loss_<on|off>/   a run dir of its own: stage 1 with stage1.mask_loss flipped
+    ablations/language_<language>/  a run dir of its own: stage 1 in the contrasting music language
     eval/                  the evaluation report (report.md, report.json, plots/)
     pipeline.json          the pipeline's seconds per stage
     ray/                   Ray Train / Tune experiment state (stage1/ checkpoints, stage2/ trials)
@@ -124,6 +125,10 @@ class RunDir:
     def ablation(self, mask_loss: bool) -> "RunDir":
         """The run dir of the loss-mask ablation arm ``mask_loss`` (stage 1 only)."""
         return RunDir(self.root / ABLATIONS / f"mask_loss_{'on' if mask_loss else 'off'}")
+
+    def language_ablation(self, language: str) -> "RunDir":
+        """The run dir of the language ablation arm in ``language`` (``VocabConfig.language``; stage 1 only)."""
+        return RunDir(self.root / ABLATIONS / f"language_{language.replace(',', '_').replace('=', '-')}")
 
     # -- what is there ---------------------------------------------------------------------------------------------
     def has_model(self) -> bool:

@@ -18,6 +18,7 @@ def test_layout(tmp_path):
         run.pipeline_json: "pipeline.json", run.ray: "ray",
         run.ablation(True).stage1_model: "ablations/mask_loss_on/stage1/model",
         run.ablation(False).root: "ablations/mask_loss_off",
+        run.language_ablation("absolute").stage1_model: "ablations/language_absolute/stage1/model",
     }
     for path, relative in parts.items():
         assert path == tmp_path / "run" / relative

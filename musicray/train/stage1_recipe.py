@@ -37,7 +37,8 @@ def masked_or_plain_loss(mask_loss: bool, music, device):
 
     grammar = Grammar(music.vocab, device)
     return lambda logits, batch, labels: causal_lm_loss(
-        logits, labels, grammar, batch["answer_start"], batch["streams"], batch["plans"], music.offset, music.eot_id)
+        logits, labels, grammar, batch["answer_start"], batch["streams"], batch["plans"], music.offset, music.eot_id,
+        batch.get("segment_rows"))
 
 
 class Stage1Recipe:
@@ -91,15 +92,17 @@ class Stage1Recipe:
         self.log = MetricsLog(self.stage_dir, self.start_step) if self.rank == 0 else None
 
     def _setup_data(self) -> None:
-        from musicray.train.data import RenderedDataset, collate, load_examples, shuffled_batches
+        from musicray.train.data import RenderedDataset, collate, load_examples, pack, shuffled_batches
 
         s, data = self.settings, self.config.data
         vocab = self.music.vocab
         self.train_set = RenderedDataset(load_examples(self.data_dir, s.tasks, "train", vocab, data.max_bars),
-                                         self.music, data.max_length)
-        if len(self.train_set) // self.world < s.micro_batch_size:
-            raise SongError(f"stage 1: {len(self.train_set)} training examples cannot give {self.world} workers a "
-                            f"micro-batch of {s.micro_batch_size}; use more data or fewer workers")
+                                         self.music, data.max_length, s.train_on_inputs)
+        units = (len(pack(self.train_set.items, data.max_length)), "packed rows") if s.packing else \
+            (len(self.train_set), "training examples")
+        if units[0] // self.world < s.micro_batch_size:
+            raise SongError(f"stage 1: {units[0]} {units[1]} cannot give {self.world} workers a micro-batch of "
+                            f"{s.micro_batch_size}; use more data or fewer workers")
         try:
             val_set = RenderedDataset(load_examples(self.data_dir, s.tasks, "validation", vocab, data.max_bars),
                                       self.music, data.max_length)
@@ -134,10 +137,11 @@ class Stage1Recipe:
 
     def _skip_to(self, step: int):
         """This rank's batch stream at the position of ``step`` (the data order of an uninterrupted run)."""
-        from musicray.train.data import shuffled_batches
+        from musicray.train.data import collated_batches
 
         s = self.settings
-        batches = shuffled_batches(self.train_set, s.micro_batch_size, s.seed, self.rank, self.world)
+        batches = collated_batches(self.train_set, s.micro_batch_size, s.seed, self.rank, self.world, self.pad_id,
+                                   self.config.data.max_length if s.packing else None)
         for _ in range(step * s.gradient_accumulation_steps):
             next(batches)
         return batches
@@ -146,8 +150,9 @@ class Stage1Recipe:
     def forward_loss(self, batch):
         device = self.device
         labels = batch["labels"].to(device)
-        out = self.engine(input_ids=batch["input_ids"].to(device),
-                          attention_mask=batch["attention_mask"].to(device))
+        # Padded batches carry an attention mask; packed rows carry position ids that restart per example.
+        inputs = {key: batch[key].to(device) for key in ("attention_mask", "position_ids") if key in batch}
+        out = self.engine(input_ids=batch["input_ids"].to(device), **inputs)
         return self.loss_fn(out.logits, batch, labels)
 
     def train_step(self, step: int) -> dict:
@@ -155,19 +160,17 @@ class Stage1Recipe:
         import torch
         import torch.distributed as dist
 
-        from musicray.train.data import collate
-
         gas = self.settings.gradient_accumulation_steps
         started = time.perf_counter()
         learning_rate = self.engine.get_lr()[0]
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         for _ in range(gas):
-            batch = collate(next(self.batches), self.pad_id)
+            batch = next(self.batches)
             loss = self.forward_loss(batch)
             self.engine.backward(loss)
             self.engine.step()
             stats[0] += loss.detach().double()     # summed on the device: no host sync per micro-batch
-            stats[1] += int(batch["attention_mask"].sum())
+            stats[1] += batch["tokens"]
             stats[2] += int((batch["labels"][:, 1:] != -100).sum())
         dist.all_reduce(stats)
         elapsed = time.perf_counter() - started
