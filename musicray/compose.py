@@ -20,6 +20,7 @@ from musicray.encoding import TASK_TARGET, available_inputs, decode_body, encode
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
 from musicray.model import load_music_model
+from musicray.run import RunDir
 from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, metre, parse_form
 from musicray.tokens import SUBTASKS
 
@@ -154,17 +155,14 @@ class Composer:
                  tokens_per_bar: dict[str, int] | None = None):
         """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a sub-task without
         one runs on the stage-1 model alone); ``tokens_per_bar`` overrides the per-stage token caps."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "stage1" / "model" / "config.json").exists():
-            raise SongError(f"--run: {run_dir} has no stage-1 model (stage1/model/config.json); train one "
-                            "(musicray train / musicray pipeline) or pass the run dir that holds it")
-        model, self.music = load_music_model(run_dir / "stage1" / "model")
+        run = RunDir(run_dir)
+        model, self.music = load_music_model(run.require("stage-1 model"))
         self.tokens_per_bar = {**TOKENS_PER_BAR, **(tokens_per_bar or {})}
         self.adapters: list[str] = []
         for subtask in adapters:
-            path = run_dir / "adapters" / subtask
-            if not (path / "adapter_config.json").exists():
+            if not run.has_adapter(subtask):
                 continue
+            path = run.adapter(subtask)
             from peft import PeftModel
 
             if not self.adapters:

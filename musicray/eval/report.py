@@ -44,11 +44,12 @@ from musicray.eval.generation import (
 from musicray.eval.relations import relation_scores
 from musicray.eval.teacher_forced import Scores, held_out_dataset, teacher_forced
 from musicray.grammar import Grammar, Plan
+from musicray.run import ABLATIONS, RunDir
 from musicray.song import Song, SongError
 from musicray.tokens import SUBTASKS, Vocabulary
 from musicray.train.config import Config, EvalConfig, load_config
 
-ABLATIONS_DIR = "ablations"
+ABLATIONS_DIR = ABLATIONS
 MISSING = "–"
 SOURCES = (
     ("Wu, S.-L. & Yang, Y.-H. (2020). The Jazz Transformer on the Front Line: Exploring the Shortcomings of "
@@ -65,26 +66,23 @@ ABLATION_SONG_METRICS = ("chord_tone_ratio", "pitch_class_entropy_h4", "groove_c
 
 def mask_loss_dir(run_dir: Path, mask_loss: bool) -> Path:
     """Where the pipeline trains the stage-1 model of the loss-mask ablation arm ``mask_loss``."""
-    return Path(run_dir) / ABLATIONS_DIR / f"mask_loss_{'on' if mask_loss else 'off'}"
+    return RunDir(run_dir).ablation(mask_loss).root
 
 
 def language_dir(run_dir: Path, language: str) -> Path:
     """Where the pipeline trains the stage-1 model of the language ablation arm (``VocabConfig.language``)."""
-    return Path(run_dir) / ABLATIONS_DIR / f"language_{language.replace(',', '_').replace('=', '-')}"
+    return RunDir(run_dir).language_ablation(language).root
 
 
 def _has_model(run_dir: Path) -> bool:
-    model = Path(run_dir) / "stage1" / "model"
-    return (model / "config.json").exists() and (model / "vocabulary.json").exists()
+    return RunDir(run_dir).has_model()
 
 
 def check_inputs(run_dir: Path, data_dir: Path) -> None:
     """One-line errors for a run or data dir that cannot be evaluated."""
     if not Path(run_dir).is_dir():
         raise SongError(f"--run: {run_dir} does not exist")
-    if not _has_model(run_dir):
-        raise SongError(f"--run: {run_dir} has no stage-1 model (stage1/model with config.json and "
-                        "vocabulary.json); run `musicray train` or `musicray pipeline` first")
+    RunDir(run_dir).require("stage-1 model")
     if not (Path(data_dir) / "songs.parquet").exists():
         raise SongError(f"--data: {data_dir} is not a prepared data dir (no songs.parquet); run `musicray data "
                         "prepare` or `musicray data synth`, or pass the data dir the run was trained on")
@@ -92,7 +90,7 @@ def check_inputs(run_dir: Path, data_dir: Path) -> None:
 
 def run_config(run_dir: Path) -> Config:
     """The configuration the run's stage 1 was trained with (the defaults where the run has none)."""
-    saved = Path(run_dir) / "stage1" / "config.yaml"
+    saved = RunDir(run_dir).stage1_config
     return load_config(saved if saved.exists() else None)
 
 
@@ -510,8 +508,8 @@ def _plots(run_dir: Path, out_dir: Path, windows: list[Window], generated: list[
         "piano_roll_real": lambda p: plots.piano_roll(real, p, f"real: test song {windows[0].source_id}, form "
                                                               f"{real.form}, {real.key}, {real.metre}"),
         "performance_curves": lambda p: plots.performance_curves(song, real, p),
-        "training_curves": lambda p: plots.training_curves(run_dir / "stage1" / "metrics.csv", p),
-        "sweep_table": lambda p: plots.sweep_table(run_dir / "tune" / "trials.csv", p),
+        "training_curves": lambda p: plots.training_curves(RunDir(run_dir).stage1_metrics, p),
+        "sweep_table": lambda p: plots.sweep_table(RunDir(run_dir).trials_csv, p),
     }
     result = {}
     for name, draw in jobs.items():

@@ -14,6 +14,10 @@ Layout of ``RUN_DIR/stage1``::
                      from its checkpoint step; ``start_step`` says where each group started)
     tensorboard/     the same metrics for TensorBoard
     model/           the final model: fp32 weights consolidated from the last checkpoint (save_music_model)
+    done.json        the hash of the settings the finished model was made with (musicray.rerun)
+
+(``musicray.run.RunDir`` owns these paths.) A finished stage 1 with the same settings is kept; otherwise the run
+is refused unless ``resume`` or ``force`` says what to do (``musicray.rerun.decide``).
 
 and ``RUN_DIR/ray/stage1`` is the Ray Train run (``storage_path`` + ``name``): checkpoints
 ``checkpoint_000010/`` ... (each a DeepSpeed checkpoint: ``latest``, ``global_step10/`` with the per-rank
@@ -37,11 +41,15 @@ The final export consolidates the fp32 weights on the driver (about 32 GB of hos
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import yaml
 
 from musicray.errors import SongError
+from musicray.rerun import RESUME, RUN, SKIP, decide, read_saved, stage_keys, write_done
+from musicray.run import RunDir
 from musicray.train.config import Config, config_to_dict
 from musicray.train.deepspeed_config import deepspeed_config
 from musicray.train.stage1_metrics import ProgressTail
@@ -61,19 +69,28 @@ def _get(config_dict: dict, dotted: str):
     return node
 
 
-def _check_run_dir(stage_dir: Path, config: Config, resume: bool) -> None:
-    exists = stage_dir.is_dir() and any(stage_dir.iterdir())
-    if exists and not resume:
-        raise SongError(f"{stage_dir} already holds a stage-1 run; pass --resume to continue it from its latest "
-                        "checkpoint, or choose a new --out")
-    saved = stage_dir / "config.yaml"
-    if exists and saved.exists():
+def stage1_keys(config: Config) -> dict:
+    """The settings the stage-1 model depends on (its re-run hash is theirs)."""
+    return stage_keys(config_to_dict(config), "stage1")
+
+
+def stage1_plan(config: Config, run: RunDir, resume: bool = False, force: bool = False) -> str:
+    """RUN, SKIP or RESUME for stage 1 in ``run`` (``musicray.rerun.decide``), or a ``StageConflict``."""
+    started = run.stage1.is_dir() and any(run.stage1.iterdir())
+    saved = read_saved(run.stage1_done, started, run.stage1_done.exists() or run.has_model())
+    return decide("stage1", run.stage1, saved, stage1_keys(config), resume, force, resumable=True)
+
+
+def _check_resume(run: RunDir, config: Config) -> None:
+    """A resumed run keeps RESUME_FIXED (its checkpoints and data order depend on them)."""
+    saved = run.stage1_config
+    if saved.exists():
         old, new = yaml.safe_load(saved.read_text()) or {}, config_to_dict(config)
         changed = [key for key in RESUME_FIXED if _get(old, key) != _get(new, key)]
         if changed:
-            raise SongError(f"--resume: {', '.join(changed)} differ from the run in {stage_dir}; a resumed run "
+            raise SongError(f"--resume: {', '.join(changed)} differ from the run in {run.stage1}; a resumed run "
                             "must keep them (its checkpoints and data order depend on them). Start a new --out "
-                            "for a different setup.")
+                            "(or pass --force) for a different setup.")
 
 
 def _write_config(config: Config, path: Path) -> None:
@@ -81,8 +98,13 @@ def _write_config(config: Config, path: Path) -> None:
     path.write_text(header + yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
-def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Full fine-tune on Ray Train + DeepSpeed; returns the final model dir ``run_dir/stage1/model``."""
+def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                 force: bool = False, data_dir: Path | None = None) -> Path:
+    """Full fine-tune on Ray Train + DeepSpeed; returns the final model dir ``run_dir/stage1/model``.
+
+    A finished stage 1 with the same settings is kept; one with other settings, or an unfinished one, is refused
+    unless ``resume`` (continue from its latest checkpoint) or ``force`` (train again from scratch) says what to
+    do (``musicray.rerun``). ``data_dir``: the prepared data, when the caller has resolved it already."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -90,17 +112,26 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
     from musicray.train.data import resolve_data_dir
 
     s = config.stage1
-    run_dir = Path(run_dir).expanduser().resolve()
-    stage_dir = run_dir / STAGE
-    _check_run_dir(stage_dir, config, resume)
+    run = RunDir(run_dir)
+    plan = stage1_plan(config, run, resume, force)
+    if plan == SKIP:
+        return run.stage1_model
+    if plan == RESUME:
+        _check_resume(run, config)
+    elif plan == RUN and force:      # from scratch: the old model, metrics and Ray Train checkpoints go
+        shutil.rmtree(run.stage1, ignore_errors=True)
+        shutil.rmtree(run.ray / STAGE, ignore_errors=True)
     ds_config = deepspeed_config(config)
+    if not s.use_gpu:   # else DeepSpeed warns on every import that it found no GPU and chose the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     ensure_ray()
-    data_dir = resolve_data_dir(config, progress=progress)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    init_dir = stage_dir / "init"
+    data_dir = data_dir or resolve_data_dir(config, progress=progress)
+    run.stage1.mkdir(parents=True, exist_ok=True)
+    run.stage1_done.unlink(missing_ok=True)    # unfinished until the model is exported again
+    stage_dir, init_dir = run.stage1, run.stage1_init
     if not (init_dir / "config.json").exists():
         build_init_model(config, init_dir)
-    _write_config(config, stage_dir / "config.yaml")
+    _write_config(config, run.stage1_config)
 
     env_vars = {} if s.use_gpu else {"DS_ACCELERATOR": "cpu"}
     trainer = TorchTrainer(
@@ -109,13 +140,15 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
                            "stage_dir": str(stage_dir), "ds_config": ds_config},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
-        run_config=RunConfig(name=STAGE, storage_path=str(run_dir / "ray"),
+        run_config=RunConfig(name=STAGE, storage_path=str(run.ray),
                              checkpoint_config=CheckpointConfig(num_to_keep=s.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              worker_runtime_env={"env_vars": env_vars}),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"))
-    with ProgressTail(stage_dir / "metrics.csv", s.max_steps, progress):
+    with ProgressTail(run.stage1_metrics, s.max_steps, progress):
         result = trainer.fit()
     if result.checkpoint is None:
         raise SongError(f"stage 1 reported no checkpoint (max_steps: {s.max_steps})")
-    return export_model(Path(result.checkpoint.path), init_dir, stage_dir / "model", s.precision)
+    model = export_model(Path(result.checkpoint.path), init_dir, run.stage1_model, s.precision)
+    write_done(run.stage1_done, STAGE, stage1_keys(config))
+    return model

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from musicray.errors import SongError
+from musicray.quiet import silenced_stdout
 from musicray.train.config import Config
 
 
@@ -56,7 +57,9 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict:
     if any((checkpoint_dir / tag).glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+        # It prints what it parses (six lines and a progress bar per export): shown only with --verbose.
+        with silenced_stdout(stderr=True):
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     # ZeRO stage 0: the whole module is in rank 0's model states.
     states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}

@@ -17,6 +17,7 @@ stage-1 model and the prepared data by path, and Tune writes checkpoints under `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -27,7 +28,10 @@ import tempfile
 from pathlib import Path
 
 from musicray.errors import SongError
-from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config
+from musicray.quiet import silenced_stdout
+from musicray.rerun import SKIP, STAGE1_MODEL, decide, read_saved, stage_keys, write_done
+from musicray.run import RunDir
+from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config, config_to_dict
 from musicray.train.per_subtask_scheduler import PerSubtaskScheduler
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -202,32 +206,52 @@ def train_adapter(config: dict, settings: dict) -> None:
 
 
 # -- the run -------------------------------------------------------------------------------------------------
-def stage1_model_dir(run_dir: Path) -> Path:
-    path = Path(run_dir) / "stage1" / "model"
-    if not ((path / "config.json").exists() and (path / "vocabulary.json").exists()):
-        raise FileNotFoundError(f"{path}: no stage-1 model (config.json and vocabulary.json); run "
-                                f"`musicray train --out {run_dir}` first: stage 2 trains its adapters on it")
-    return path
+def stage2_keys(config: Config, run: RunDir) -> dict:
+    """The settings the adapters depend on, with the hash of the stage-1 model they are trained on."""
+    keys = stage_keys(config_to_dict(config), "stage2")
+    done = json.loads(run.stage1_done.read_text()) if run.stage1_done.exists() else {}
+    keys[STAGE1_MODEL] = done.get("config_hash", "unknown")
+    return keys
 
 
-def tune_adapters(config: Config, run_dir: Path, progress: bool = True) -> dict[str, Path]:
+def stage2_plan(config: Config, run: RunDir, force: bool = False) -> str:
+    """RUN or SKIP for stage 2 in ``run`` (``musicray.rerun.decide``), or a ``StageConflict``: finished adapters
+    made with other settings are never replaced without ``force``."""
+    subtasks = config.stage2.subtasks
+    started = run.tune.exists() or any(run.has_adapter(t) for t in subtasks)
+    # Finished: done.json, or (a run dir of an older musicray) the sweep table and every adapter.
+    finished = run.tune_done.exists() or (run.trials_csv.exists() and all(run.has_adapter(t) for t in subtasks))
+    saved = read_saved(run.tune_done, started, finished)
+    return decide("stage2", run.adapters, saved, stage2_keys(config, run), force=force, resumable=False)
+
+
+def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: bool = False,
+                  data_dir: Path | None = None, verbose: bool = False) -> dict[str, Path]:
     """Sweep LoRA hyperparameters for every sub-task in one Tune run; export the best adapter of each.
 
     Returns sub-task -> ``RUN_DIR/adapters/<subtask>`` (PEFT ``adapter_config.json`` and
-    ``adapter_model.safetensors``, plus ``hyperparameters.json``).
+    ``adapter_model.safetensors``, plus ``hyperparameters.json``). Finished adapters made with the same settings
+    are kept; made with other settings, they are only replaced with ``force`` (``musicray.rerun``).
+    ``data_dir``: the prepared data, when the caller has resolved it; ``progress``: one line per finished trial;
+    ``verbose``: Ray Tune's own trial tables as well.
     """
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     from musicray.data.prepare import ensure_ray
     from musicray.train.data import resolve_data_dir
+    from musicray.train.tune_progress import TrialLines, chosen_lines
 
-    run_dir = Path(run_dir).expanduser().resolve()
-    stage1 = stage1_model_dir(run_dir)
+    run = RunDir(run_dir)
+    stage1 = run.require("stage-1 model", field="--out")
     stage2 = config.stage2
     _check_stage2(stage2)
     param_space = search_space(stage2)
-    data_dir = resolve_data_dir(config, progress=progress).expanduser().resolve()
+    if stage2_plan(config, run, force) == SKIP:
+        return {subtask: run.adapter(subtask) for subtask in stage2.subtasks}
+    for path in (run.tune, run.ray / "stage2", *(run.adapter(t) for t in stage2.subtasks)):
+        shutil.rmtree(path, ignore_errors=True)     # an unfinished sweep, or --force
+    data_dir = Path(data_dir or resolve_data_dir(config, progress=progress)).expanduser().resolve()
     ensure_ray()
     # Tune warns when its experiment snapshots come faster than every 5 s, which num_to_keep forces on every
     # checkpoint: expected with short trials, and harmless.
@@ -253,25 +277,33 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True) -> dict[
         tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=searcher, reuse_actors=True,
                                     num_samples=stage2.trials_per_subtask),
         run_config=tune.RunConfig(
-            name="stage2", storage_path=str(run_dir / "ray"), verbose=1 if progress else 0,
+            # Tune's trial tables (hundreds of lines) only with --verbose; otherwise one line per finished trial.
+            name="stage2", storage_path=str(run.ray), verbose=1 if verbose else 0,
+            callbacks=[TrialLines(len(stage2.subtasks) * stage2.trials_per_subtask, stage2.max_steps)]
+            if progress and not verbose else None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order=MODE)))
-    results = tuner.fit()
+    # Tune prints its experiment header even at verbose=0; TrialLines keeps the stdout it was made with.
+    with silenced_stdout() if not verbose else contextlib.nullcontext():
+        results = tuner.fit()
 
     table, best = trials_table(results, stage2)
-    write_table(table, run_dir / "tune")
+    write_table(table, run.tune)
+    if progress:
+        print("\n".join(chosen_lines(table)), flush=True)
     missing = [s for s in stage2.subtasks if s not in best]
     if missing:
         errors = {f"{r.config.get('subtask')}: {_last_line(r.error)}" for r in results if r.error is not None}
         raise SongError(f"stage 2: no trial of {', '.join(missing)} reported a validation loss"
-                        + (f" ({'; '.join(sorted(errors))})" if errors else "") + f"; see {run_dir / 'ray' / 'stage2'}")
+                        + (f" ({'; '.join(sorted(errors))})" if errors else "") + f"; see {run.ray / 'stage2'}")
     adapters = {}
     for subtask in stage2.subtasks:
         result, checkpoint, metrics = best[subtask]
-        adapters[subtask] = export_adapter(checkpoint, run_dir / "adapters" / subtask, {
+        adapters[subtask] = export_adapter(checkpoint, run.adapter(subtask), {
             "subtask": subtask, **{k: result.config[k] for k in HYPERPARAMETERS}, "val_loss": metrics[METRIC],
             "step": metrics.get("step"), "trial_id": _trial_id(result), "seed": result.config.get("seed"),
             "stage1_model": str(stage1), "data_dir": str(data_dir)})
+    write_done(run.tune_done, "stage2", stage2_keys(config, run))
     return adapters
 
 
