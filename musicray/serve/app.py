@@ -21,6 +21,7 @@ Python.
 import asyncio
 import base64
 import io
+import json
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -29,7 +30,7 @@ from fastapi import FastAPI, Query
 from fastapi import Request as HTTPRequest
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
@@ -181,6 +182,7 @@ class Ingress:
         ok = not any("error" in info for info in deployments.values())
         return JSONResponse(status_code=200 if ok else 503, content={
             "ok": ok, "mode": "multiplexed" if self.config["multiplexed"] else "per-adapter",
+            "engine": self.config["engine"],
             "adapters": adapters, "deployments": deployments,
             "limits": {"max_bars": self.max_bars, "max_midi_bytes": self.max_midi_bytes}})
 
@@ -202,14 +204,8 @@ class Ingress:
             song, infos = await self._compose_whole(song, settings, plan)
         else:
             song, infos = await self._compose_by_stage(song, settings, plan)
-        stages = {task: {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "inputs": info["inputs"],
-                         "seconds": info["seconds"], "adapter": info["adapter"], "batch": info["batch"],
-                         "wall_seconds": info["wall_seconds"]} for task, info in infos.items()}
-        try:
-            finish(song)
-            data = midi_bytes(song)
-        except SongError as err:  # the composed song, not the request, is at fault
-            raise StageFailed("finish", 500, f"finish: the composed song cannot be written: {err}") from None
+        stages = _stage_reports(infos)
+        data = _finished_midi(song)
         seconds = round(time.perf_counter() - started, 3)
         accept = http.headers.get("accept", "")
         if format == "midi" or (format is None and any(t in accept for t in MIDI_TYPES)):
@@ -226,6 +222,60 @@ class Ingress:
                              "seconds": seconds, "song": written,
                              "grid": {"beats_per_bar": spec.beats_per_bar,
                                       "positions_per_beat": spec.positions_per_beat}})
+
+    @api.post("/v1/generate/stream", summary="compose a song, streamed as Server-Sent Events",
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "events: stage (a stage starts), bar (a bar of it is complete: "
+                                              "engine vllm), stage_done (its report), song (the MIDI in base64), "
+                                              "or error"},
+                         400: {"description": "the music rules refuse a field (named in the message)"},
+                         413: {"description": "melody_midi or the body is larger than allowed"},
+                         422: {"description": "a field has the wrong type or is out of range"}})
+    async def generate_stream(self, body: GenerateBody) -> Response:
+        # The request is checked before the stream starts: bad input is the same 4xx as /v1/generate.
+        request = to_request(body, self.max_bars, self.max_midi_bytes)
+        song = request_song(request)
+        return StreamingResponse(self._stream(song, sampling_settings(request), Composer.stages_for(request),
+                                              request.seed),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _stream(self, song, settings: dict, plan: list[str], seed: int):
+        """The SSE body: each stage's events as its deployment yields them (vLLM: bars as they are generated;
+        native: a stage's start and end), then the song. A client that leaves cancels the stage calls."""
+        started, infos = time.perf_counter(), {}
+        try:
+            for task, tasks in self._stream_calls(plan):
+                handle = self.stages[task]
+                if self.config["engine"] == "vllm":
+                    calls = handle.options(stream=True).compose_stream.remote(song_to_dict(song), settings, tasks)
+                    async for event in calls:
+                        if event["event"] == "result":
+                            song = _stage_result(event["data"], tasks, infos)
+                        else:
+                            yield _sse(event["event"], event["data"])
+                else:   # musicray's own loop decodes a stage in one call: its start and end are the events
+                    yield _sse("stage", {"stage": task, "bars": song.n_bars})
+                    out = await getattr(handle, task).remote(song_to_dict(song), settings)
+                    song = _stage_result({"song": out["song"], "infos": {task: out["info"]}} if "song" in out
+                                         else out, tasks, infos)
+                    yield _sse("stage_done", {"stage": task, **infos[task]})
+            data = _finished_midi(song)
+            yield _sse("song", {"midi": base64.b64encode(data).decode("ascii"), "form": song.form,
+                                "bars": song.n_bars, "key": song.key, "metre": song.metre, "seed": seed,
+                                "stages": _stage_reports({task: {**info, "wall_seconds": info.get("seconds")}
+                                                          for task, info in infos.items()}),
+                                "seconds": round(time.perf_counter() - started, 3)})
+        except StageFailed as err:
+            yield _sse("error", {"detail": str(err), "stage": err.task, "status": err.status})
+        except Exception as err:   # a deployment that died mid-stream: the client hears why
+            yield _sse("error", {"detail": f"{type(err).__name__}: {err}", "stage": "compose", "status": 503})
+
+    def _stream_calls(self, plan: list[str]) -> list[tuple[str, list[str]]]:
+        """(deployment's sub-task, stages it runs) per call: one call for the whole song where one vLLM deployment
+        holds every adapter, else one per stage."""
+        if self.config["engine"] == "vllm" and self.config["multiplexed"] and plan:
+            return [(plan[0], list(plan))]
+        return [(task, [task]) for task in plan]
 
     @api.post("/v1/render", summary="render a MIDI file (e.g. a composed song) to a WAV",
               responses={200: {"content": {"audio/wav": {}}, "description": "16-bit stereo WAV"},
@@ -270,6 +320,33 @@ class Ingress:
                                              for task, info in out["infos"].items()}
 
 
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _stage_result(out: dict, tasks: list[str], infos: dict):
+    """The song a (streamed) stage call answered, its stages' reports added to ``infos``; StageFailed if it failed."""
+    if "error" in out:
+        raise _failed(out.get("stage", tasks[0]), out["error"])
+    infos.update(out["infos"])
+    return song_from_dict(out["song"])
+
+
+def _stage_reports(infos: dict[str, dict]) -> dict[str, dict]:
+    """What the answer says of each stage."""
+    return {task: {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "inputs": info["inputs"],
+                   "seconds": info["seconds"], "adapter": info["adapter"], "batch": info["batch"],
+                   "wall_seconds": info["wall_seconds"]} for task, info in infos.items()}
+
+
+def _finished_midi(song) -> bytes:
+    try:
+        finish(song)
+        return midi_bytes(song)
+    except SongError as err:  # the composed song, not the request, is at fault
+        raise StageFailed("finish", 500, f"finish: the composed song cannot be written: {err}") from None
+
+
 def _failed(task: str, error: dict) -> StageFailed:
     # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model output that
     # does not decode), not the client's: a 500 naming the stage.
@@ -294,16 +371,22 @@ def build_app(run_dir: str | Path | None = None, config: dict | None = None) -> 
     if not config["run_dir"]:
         raise SongError("run_dir: no run dir given (musicray serve --run RUN_DIR, or args.run_dir in the config)")
     _check_run_dir(config["run_dir"])
+    # The model side: musicray's own loop (StageComposer) or a vLLM engine per replica (VllmComposer), either
+    # one deployment with every adapter or one per sub-task. The ingress talks to both the same way.
+    if config["engine"] == "vllm":
+        from musicray.serve.vllm_deployment import VllmComposer as model_side
+    else:
+        model_side = StageComposer
     if config["multiplexed"]:
         options = stage_options(config, "multiplexed")
-        composer = StageComposer.options(name="composer", **_deployment(options)).bind(
+        composer = model_side.options(name="composer", **_deployment(options)).bind(
             config["run_dir"], list(SUBTASKS), options, config)
         stages = {task: composer for task in SUBTASKS}
     else:
         stages = {}
         for task in SUBTASKS:
             options = stage_options(config, task)
-            stages[task] = StageComposer.options(name=f"stage_{task}", **_deployment(options)).bind(
+            stages[task] = model_side.options(name=f"stage_{task}", **_deployment(options)).bind(
                 config["run_dir"], [task], options, config)
     return Ingress.options(**_deployment(config["ingress"])).bind(stages, config)
 
