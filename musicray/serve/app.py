@@ -141,6 +141,42 @@ def song_as_written(data: bytes) -> dict:
     return song_to_dict(midi_to_song(data))
 
 
+# The ingress's helpers come before it: Serve pickles the ingress class by value when it is decorated, and a
+# function defined below the class would be missing from the copy.
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _stage_result(out: dict, tasks: list[str], infos: dict):
+    """The song a (streamed) stage call answered, its stages' reports added to ``infos``; StageFailed if it failed."""
+    if "error" in out:
+        raise _failed(out.get("stage", tasks[0]), out["error"])
+    infos.update(out["infos"])
+    return song_from_dict(out["song"])
+
+
+def _stage_reports(infos: dict[str, dict]) -> dict[str, dict]:
+    """What the answer says of each stage."""
+    return {task: {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "inputs": info["inputs"],
+                   "seconds": info["seconds"], "adapter": info["adapter"], "batch": info["batch"],
+                   "wall_seconds": info["wall_seconds"]} for task, info in infos.items()}
+
+
+def _finished_midi(song) -> bytes:
+    try:
+        finish(song)
+        return midi_bytes(song)
+    except SongError as err:  # the composed song, not the request, is at fault
+        raise StageFailed("finish", 500, f"finish: the composed song cannot be written: {err}") from None
+
+
+def _failed(task: str, error: dict) -> StageFailed:
+    # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model output that
+    # does not decode), not the client's: a 500 naming the stage.
+    return StageFailed(task, 500, f"{task}: the stage failed on this song: {error['type']}: {error['message']}")
+
+
+# -- building the graph ------------------------------------------------------------------------------------------
 # -- the ingress -------------------------------------------------------------------------------------------------
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
@@ -320,40 +356,6 @@ class Ingress:
                                              for task, info in out["infos"].items()}
 
 
-def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def _stage_result(out: dict, tasks: list[str], infos: dict):
-    """The song a (streamed) stage call answered, its stages' reports added to ``infos``; StageFailed if it failed."""
-    if "error" in out:
-        raise _failed(out.get("stage", tasks[0]), out["error"])
-    infos.update(out["infos"])
-    return song_from_dict(out["song"])
-
-
-def _stage_reports(infos: dict[str, dict]) -> dict[str, dict]:
-    """What the answer says of each stage."""
-    return {task: {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "inputs": info["inputs"],
-                   "seconds": info["seconds"], "adapter": info["adapter"], "batch": info["batch"],
-                   "wall_seconds": info["wall_seconds"]} for task, info in infos.items()}
-
-
-def _finished_midi(song) -> bytes:
-    try:
-        finish(song)
-        return midi_bytes(song)
-    except SongError as err:  # the composed song, not the request, is at fault
-        raise StageFailed("finish", 500, f"finish: the composed song cannot be written: {err}") from None
-
-
-def _failed(task: str, error: dict) -> StageFailed:
-    # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model output that
-    # does not decode), not the client's: a 500 naming the stage.
-    return StageFailed(task, 500, f"{task}: the stage failed on this song: {error['type']}: {error['message']}")
-
-
-# -- building the graph ------------------------------------------------------------------------------------------
 def _check_run_dir(run_dir: str) -> None:
     model = Path(run_dir) / "stage1" / "model"
     if not (model / "config.json").exists():
@@ -398,18 +400,22 @@ def app_builder(args: dict) -> Application:
 
 
 def serve_forever(run_dir: str | Path, config_file: str | Path | None = None, host: str | None = None,
-                  port: int | None = None, multiplexed: bool = False, num_cpus: int | None = None) -> None:
+                  port: int | None = None, multiplexed: bool = False, num_cpus: int | None = None,
+                  engine: str | None = None) -> None:
     """Start Ray (or join the cluster in RAY_ADDRESS), Serve and the app for ``run_dir``; serve until Ctrl-C,
     then shut down what this call started.
 
     ``config_file`` is a Serve config file or a mapping of settings (``read_config_file``); ``host``/``port``
-    override its ``http_options`` (defaults: DEFAULT_HOST, DEFAULT_PORT); ``multiplexed`` overrides its setting.
+    override its ``http_options`` (defaults: DEFAULT_HOST, DEFAULT_PORT); ``multiplexed`` and ``engine`` override
+    its settings.
     """
     import ray
 
     settings, http = read_config_file(config_file) if config_file else ({}, {})
     if multiplexed:
         settings["multiplexed"] = True
+    if engine:
+        settings["engine"] = engine
     settings.pop("run_dir", None)
     app = build_app(run_dir, settings)  # validates the run dir and the settings before anything starts
     host = host or http.get("host") or DEFAULT_HOST

@@ -16,6 +16,7 @@ end-of-turn token only after ``<End>``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from musicray.song import Section, SongError
 from musicray.tokens import Vocabulary
 
 EXTRA_ARGS_KEY = "musicray_grammar"
+STATS_ENV = "MUSICRAY_GRAMMAR_STATS"
 FQCN = "musicray.serve.grammar_processor:GrammarLogitsProcessor"
 
 
@@ -80,7 +82,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.state: GrammarState | None = None
         self.changed = False
         self.index: torch.Tensor | None = None    # ``order`` on the device
-        self.mask_seconds = 0.0                   # time spent in update_state and apply (the benchmark reads it)
+        self.stats = _Stats()
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -100,7 +102,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
             self._rebuild()
         if self.state is not None:
             self._consume_new_tokens()
-        self.mask_seconds += time.perf_counter() - tick
+        self.stats.grammar_seconds += time.perf_counter() - tick
 
     def _apply_batch_update(self, update: BatchUpdate) -> None:
         # vLLM's order: removed, then added (which may take a removed row's index), then moved.
@@ -129,6 +131,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         fresh = [(index, row) for index, row in sorted(self.rows.items()) if row.fresh is not None]
         if not self.rows:
             self.state, self.order, self.index = None, [], None
+            self.stats.idle()
             return
         parts, where = [], {}
         if kept:
@@ -176,8 +179,49 @@ class GrammarLogitsProcessor(LogitsProcessor):
         else:   # some rows of the batch did not opt in
             index = self.index.to(logits.device)
             logits[index] = logits[index].masked_fill(~allowed, NEG_INF)
-        self.mask_seconds += time.perf_counter() - tick
+        self.stats.step(tick, time.perf_counter(), logits.shape[0], self.state.stream)
         return logits
+
+
+class _Stats:
+    """What the processor saw, for the benchmark and the tests (which cannot reach into vLLM's worker process):
+    written as JSON to ``$MUSICRAY_GRAMMAR_STATS`` (when set) every 32 steps and whenever the batch empties.
+
+    ``step_seconds`` sums the time from one masked step's ``apply`` to the next (a whole engine step: forward
+    pass, sampling, scheduling) over steps that follow one another; ``grammar_seconds`` is this processor's
+    part of it (``update_state`` and ``apply``)."""
+
+    def __init__(self):
+        self.path = os.environ.get(STATS_ENV)
+        self.steps = self.rows_max = self.streams_max = self.mixed_steps = 0
+        self.grammar_seconds = self.step_seconds = 0.0
+        self.rows_by_step: dict[int, int] = {}
+        self.last_apply: float | None = None
+
+    def step(self, started: float, ended: float, rows: int, streams: torch.Tensor) -> None:
+        self.grammar_seconds += ended - started
+        if self.last_apply is not None:
+            self.step_seconds += ended - self.last_apply
+        self.last_apply = ended
+        self.steps += 1
+        distinct = len(set(streams.tolist()))
+        self.rows_max, self.streams_max = max(self.rows_max, rows), max(self.streams_max, distinct)
+        self.mixed_steps += distinct > 1
+        self.rows_by_step[rows] = self.rows_by_step.get(rows, 0) + 1
+        if self.path and self.steps % 32 == 0:
+            self.write()
+
+    def idle(self) -> None:
+        if self.last_apply is not None:
+            self.last_apply = None
+            if self.path:
+                self.write()
+
+    def write(self) -> None:
+        data = {"steps": self.steps, "rows_max": self.rows_max, "streams_max": self.streams_max,
+                "mixed_steps": self.mixed_steps, "grammar_seconds": self.grammar_seconds,
+                "step_seconds": self.step_seconds, "rows_by_step": self.rows_by_step}
+        Path(self.path).write_text(json.dumps(data))
 
 
 class _MusicIds:

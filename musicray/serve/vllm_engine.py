@@ -81,14 +81,19 @@ class VllmStages:
                  for task in found]
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+        max_model_len = min(int(config.get("max_position_embeddings", 16384)), 16384)
         args = {
             "model": str(model_dir), "tokenizer": str(model_dir), "dtype": "float32" if device == "cpu" else "auto",
-            "max_model_len": min(int(config.get("max_position_embeddings", 16384)), 16384),
+            "max_model_len": max_model_len,
             "logits_processors": [FQCN],
             # The processor reads each request's output tokens as the engine appends them: async scheduling
             # would hand it a step whose previous token is not written yet.
             "async_scheduling": False,
             "enable_prefix_caching": True,   # the five stages' prompts share the chat frame and the song's header
+            # On CPU a prompt is prefilled in one step: vLLM rewinds the seeded generator of a request whose
+            # prefill is split over steps, which a CPU generator cannot do (the engine dies: "CPU Generator does
+            # not use offset"), and every stage request is seeded.
+            **({"enable_chunked_prefill": False, "max_num_batched_tokens": max_model_len} if device == "cpu" else {}),
             **({"enable_lora": True, "max_loras": len(found), "max_lora_rank": _lora_rank(max(ranks))} if found
                else {}),
             **(engine_args or {}),
@@ -101,7 +106,11 @@ class VllmStages:
         self.requests = {task: 0 for task in SUBTASKS}
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        # Dropped here, while the interpreter is whole: vLLM's __del__ shuts down again and fails at exit.
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+        del engine
 
     async def compose(self, song: Song, request: Request, stages: list[str],
                       bar_events: bool = False) -> AsyncIterator[StageEvent]:

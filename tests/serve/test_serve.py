@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on
 TICKS_PER_BAR_44 = 4 * 480
 # Small and quick: short stage caps, a low bar limit and a small upload limit (so the limit tests are cheap).
 CONFIG = {
+    "engine": "native",   # musicray's own loop; the vLLM engine has its own module (test_serve_vllm.py)
     "max_bars": 16,
     "max_midi_bytes": 4096,
     "max_batch_size": 4,
@@ -491,7 +492,9 @@ def test_config_file_is_a_serve_config_for_the_app_builder():
     settings, http = read_config_file(path)
     assert http["host"] == "127.0.0.1"
     config = serve_config(settings)
-    assert config["max_bars"] == 256 and config["multiplexed"] is False
+    assert config["max_bars"] == 256 and config["engine"] in ("vllm", "native")
+    # one engine with every adapter under vLLM, a deployment per sub-task under the native loop
+    assert config["multiplexed"] is (config["engine"] == "vllm")
     json.dumps(config)
 
 
