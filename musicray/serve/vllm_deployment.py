@@ -96,6 +96,12 @@ class VllmComposer:
     async def tempo(self, song: dict, settings: dict) -> dict:
         return await self._stage("tempo", song, settings)
 
+    def check_health(self) -> None:
+        """Serve calls this periodically: a dead engine fails it, and Serve replaces the replica."""
+        engine = self.stages.engine
+        if engine is None or engine.errored:
+            raise RuntimeError("the vLLM engine of this replica is dead")
+
     # -- introspection ------------------------------------------------------------------------------------------
     async def info(self) -> dict:
         engine = self.stages
