@@ -20,6 +20,7 @@ from musicray.tokens import SUBTASKS  # noqa: E402
 
 from .conftest import serving  # noqa: E402
 from .test_serve import BAD_REQUESTS, CONFIG, _two_bar_song, check_midi, post, run_dir  # noqa: E402,F401
+from .test_serve import test_regenerate_rewrites_one_section_of_an_uploaded_song as regenerate_check  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
 
@@ -125,6 +126,11 @@ def test_concurrent_songs_of_mixed_stages_share_engine_steps(vllm_url, stats_fil
         time.sleep(0.5)
     stats = json.loads(stats_file.read_text())
     assert stats["rows_max"] >= 4 and stats["streams_max"] >= 2 and stats["mixed_steps"] > 0, stats
+
+
+def test_regenerate_keeps_every_bar_outside_the_section(request, vllm_url):
+    """Infilling on the engine: the forced bars reach the logits processor with each stage request."""
+    regenerate_check(request, "vllm_url")
 
 
 def test_stream_sends_each_stage_bars_in_order_then_the_midi(vllm_url):
