@@ -72,6 +72,8 @@ class VllmStages:
         model_dir = run_dir / "stage1" / "model"
         music = MusicTokenizer(AutoTokenizer.from_pretrained(model_dir), Vocabulary.load(model_dir / "vocabulary.json"))
         found = adapter_dirs(run_dir, adapters)
+        for task in found:   # before the engine starts: an adapter vLLM cannot load would kill it at first use
+            check_adapter(run_dir / "adapters" / task)
         # Prompts, plans and the answers' checks run here, in the deployment; the mask runs in the engine.
         self.planner = StagePlanner(music, Grammar(music.vocab), found, tokens_per_bar)
         self.loras = {task: LoRARequest(task, k + 1, str(run_dir / "adapters" / task)) for k, task in enumerate(found)}
@@ -182,6 +184,26 @@ class VllmStages:
                     yield new
         finally:
             self.running -= 1
+
+
+def check_adapter(path: Path) -> None:
+    """Refuse (SongError naming the adapter) an adapter that vLLM's multi-LoRA cannot load: one that carries whole
+    modules besides its LoRA matrices (``modules_to_save``, or ``embed_tokens``/``lm_head`` saved by PEFT's
+    ``save_embedding_layers``). vLLM fails on it inside the engine, which then dies for every request."""
+    from safetensors import safe_open
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    extra = list(config.get("modules_to_save") or [])
+    weights = path / "adapter_model.safetensors"
+    if weights.exists():
+        with safe_open(str(weights), "pt") as tensors:
+            extra += sorted({key.rsplit(".weight", 1)[0].rsplit(".", 1)[-1] for key in tensors.keys()
+                             if "lora_" not in key})
+    if extra:
+        raise SongError(f"adapters: {path} carries whole modules besides its LoRA weights ({', '.join(extra)}); "
+                        "vLLM's multi-LoRA loads LoRA matrices of attention/MLP only. Save it with "
+                        "save_embedding_layers=False and no modules_to_save (as musicray tune does), or serve "
+                        "with --engine native")
 
 
 def _until_eot(tokens: list[int], planner: StagePlanner) -> list[int]:

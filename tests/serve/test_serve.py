@@ -463,6 +463,30 @@ def test_multiplexed_deployment_serves_all_adapters_and_the_same_songs(mux_url, 
     assert muxed["midi"] == generate(serve_url, body)["midi"]
 
 
+def test_native_stream_sends_stage_starts_and_ends_then_the_midi(serve_url):
+    """The native loop decodes a stage in one call: its stream has no bar events, the same stage events otherwise."""
+    with requests.post(serve_url + "/v1/generate/stream", json={"form": "A2", "seed": 4}, stream=True,
+                       timeout=300) as response:
+        assert response.status_code == 200
+        events = [line[len("event: "):] for line in response.iter_lines(decode_unicode=True)
+                  if line.startswith("event: ")]
+    assert events == ["stage", "stage_done"] * len(SUBTASKS) + ["song"]
+
+
+def test_engine_setting_is_checked_and_auto_resolves():
+    from musicray.serve.config import serve_config
+    from musicray.serve.engines import vllm_available
+    from musicray.song import SongError
+
+    with pytest.raises(SongError, match="engine"):
+        serve_config({"engine": "tensorrt"})
+    auto = serve_config({})
+    assert auto["engine"] == ("vllm" if vllm_available() else "native")
+    assert serve_config({"engine": "native"})["multiplexed"] is False
+    assert serve_config({"engine": "vllm"})["multiplexed"] is True
+    assert serve_config({"engine": "vllm", "multiplexed": False})["multiplexed"] is False
+
+
 def test_build_app_refuses_a_run_dir_without_a_model(tmp_path):
     from musicray.serve import build_app
     from musicray.song import SongError
