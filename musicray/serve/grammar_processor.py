@@ -27,7 +27,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from musicray.decode import NEG_INF, allowed_tokens, consume
 from musicray.grammar import STREAM_NAMES, Grammar, GrammarState, Plan, concat_states
 from musicray.model import MUSICRAY_JSON
-from musicray.song import Section, SongError
+from musicray.song import MAX_SECTION_BARS, SECTION_LABELS, Section, SongError
 from musicray.tokens import Vocabulary
 
 EXTRA_ARGS_KEY = "musicray_grammar"
@@ -55,6 +55,14 @@ def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
         raise ValueError(f"{EXTRA_ARGS_KEY}: malformed grammar arguments ({type(err).__name__}: {err})") from None
     if stream not in STREAM_NAMES:
         raise ValueError(f"{EXTRA_ARGS_KEY}: unknown stream {stream!r}; known: {', '.join(STREAM_NAMES)}")
+    # What the grammar's start() would refuse inside the engine, where an exception stops it for every request.
+    if not plan.sections or any(s.label not in SECTION_LABELS or not 1 <= s.bars <= MAX_SECTION_BARS
+                                for s in plan.sections):
+        raise ValueError(f"{EXTRA_ARGS_KEY}: sections must be 1-{MAX_SECTION_BARS} bars of {', '.join(SECTION_LABELS)}")
+    if plan.quotas and len(plan.quotas) != plan.n_bars:
+        raise ValueError(f"{EXTRA_ARGS_KEY}: {len(plan.quotas)} bar quotas for a form of {plan.n_bars} bars")
+    if any(not 1 <= bar <= plan.n_bars for bar, _ in plan.forced) or budget < 1:
+        raise ValueError(f"{EXTRA_ARGS_KEY}: forced bars must be bars of the form and the budget positive")
     return stream, plan, budget
 
 
@@ -66,6 +74,7 @@ class _Row:
     consumed: int
     fresh: tuple[str, Plan, int] | None = None   # not yet in the batched state: (stream, plan, budget)
     position: int = -1                            # its row in the batched state
+    refused: bool = False                         # its plan did not start: it may only end
 
 
 class GrammarLogitsProcessor(LogitsProcessor):
@@ -81,6 +90,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.order: list[int] = []                # batch index of each row of ``state``
         self.state: GrammarState | None = None
         self.changed = False
+        self.refusing = False                     # some row's plan did not start
         self.index: torch.Tensor | None = None    # ``order`` on the device
         self.stats = _Stats()
 
@@ -138,11 +148,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
             parts.append(self.state.take([row.position for _, row in kept]))
             where.update({index: k for k, (index, _) in enumerate(kept)})
         if fresh:
-            streams, plans, budgets = zip(*(row.fresh for _, row in fresh))
-            try:
-                parts.append(self.grammar.start(list(streams), list(plans), list(budgets)))
-            except SongError as err:   # checked before the request was sent; here it would stop the engine
-                raise ValueError(f"{EXTRA_ARGS_KEY}: {err}") from None
+            parts.append(self._start([row for _, row in fresh]))
             where.update({index: len(kept) + k for k, (index, _) in enumerate(fresh)})
             for _, row in fresh:
                 row.fresh = None
@@ -152,6 +158,24 @@ class GrammarLogitsProcessor(LogitsProcessor):
         for k, index in enumerate(self.order):
             self.rows[index].position = k
         self.index = torch.tensor(self.order, dtype=torch.long, device=self.grammar.device)
+        self.refusing = any(row.refused for row in self.rows.values())
+
+    def _start(self, rows: list[_Row]) -> GrammarState:
+        """The start states of new rows. A plan the grammar refuses (a budget too small for its form: the checks
+        that need the vocabulary) must not raise here, where it would stop the engine: its row may only end
+        (``<|eot_id|>``), and the caller's check of the answer fails that one request."""
+        streams, plans, budgets = (list(column) for column in zip(*(row.fresh for row in rows)))
+        try:
+            return self.grammar.start(streams, plans, budgets)
+        except (SongError, KeyError, ValueError):
+            states = []
+            for row, stream, plan, budget in zip(rows, streams, plans, budgets):
+                try:
+                    states.append(self.grammar.start([stream], [plan], [budget]))
+                except (SongError, KeyError, ValueError):
+                    row.refused = True
+                    states.append(self.grammar.start([stream], [Plan(plan.sections[:1], plan.metre)]))
+            return concat_states(states)
 
     def _consume_new_tokens(self) -> None:
         """Step every row with the tokens the engine appended since the last step (one per step while decoding;
@@ -174,6 +198,10 @@ class GrammarLogitsProcessor(LogitsProcessor):
         tick = time.perf_counter()
         # (vLLM's CPU worker pins its threads: the grammar's small tensors run on them as they are.)
         allowed = allowed_tokens(self.grammar, self.state, self.music, logits.shape[-1]).to(logits.device)
+        if self.refusing:
+            refused = torch.tensor([self.rows[index].refused for index in self.order], device=allowed.device)
+            allowed[refused] = False
+            allowed[refused, self.music.eot_id] = True
         if len(self.order) == logits.shape[0]:   # every row opted in (``order`` is then 0..n-1)
             logits.masked_fill_(~allowed, NEG_INF)
         else:   # some rows of the batch did not opt in

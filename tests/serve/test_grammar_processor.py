@@ -209,7 +209,23 @@ def test_forced_bars_are_written_as_given(model_dir, music):
     ({"stream": "drums", "sections": [["A", 2]], "metre": "4/4", "budget": 9}, "unknown stream"),
     ({"stream": "chord", "sections": [["A", "two"]], "metre": "4/4", "budget": 9}, "malformed"),
     ({"stream": "chord", "metre": "4/4", "budget": 9}, "malformed"),
+    ({"stream": "chord", "sections": [["A", 2]], "metre": "4/4", "budget": 9, "forced": [[9, [1]]]}, "forced bars"),
+    ({"stream": "chord", "sections": [["Q", 2]], "metre": "4/4", "budget": 9}, "sections"),
+    ({"stream": "dynamics", "sections": [["A", 2]], "metre": "4/4", "budget": 9, "quotas": [3]}, "quotas"),
 ])
 def test_malformed_grammar_arguments_are_refused_before_the_engine_runs(args, message):
     with pytest.raises(ValueError, match=message):
         GrammarLogitsProcessor.validate_params(SamplingParams(extra_args={EXTRA_ARGS_KEY: args}))
+
+
+def test_a_budget_too_small_for_its_form_ends_that_row_and_spares_the_others(model_dir, music):
+    """What only the grammar can check (the budget against the form) is found inside the engine: the row may only
+    end at once, its answer then fails the caller's check, and the other rows go on as if it were not there."""
+    proc = processor(model_dir)
+    grammar = Grammar(music.vocab)
+    batch = Batch(proc, music.offset + len(music.vocab), seed=2)
+    run_until_done(batch, music, {0: [("too small", params("melody", "A8B8", 5)),
+                                      ("fine", params("chord", "A2", 20))]})
+    outputs = {row["name"]: row for row in batch.finished}
+    assert outputs["too small"]["output"] == [music.eot_id]
+    check_rows([outputs["fine"]], music, grammar)
