@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("vllm")
@@ -14,7 +16,7 @@ def test_generate_stream_prints_every_stage_and_its_bars_in_order(tmp_path, make
     from musicray.cli import main
 
     run = tmp_path / "run"
-    make_random_run(run, SUBTASKS, tmp_path / "cache")
+    make_random_run(run, ["chord", "melody", "tempo"], tmp_path / "cache")   # the others run on stage 1 alone
     out = tmp_path / "song.mid"
     assert main(["generate", "--run", str(run), "--form", "A2b1", "--seed", "3", "--stream", "--out", str(out)]) == 0
     # (vLLM's own log lines go to the same stdout: only the command's lines are read)
@@ -28,6 +30,10 @@ def test_generate_stream_prints_every_stage_and_its_bars_in_order(tmp_path, make
         assert "(A2 bar 1)" in bars[0] and "(b1 bar 1)" in bars[2]
     song = read_midi(out)
     assert song.form == "A2b1" and song.n_bars == 3
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert {task: info["adapter"] for task, info in report["stages"].items()} == {
+        "chord": "chord", "melody": "melody", "secondary": None, "dynamics": None, "tempo": "tempo"}
+    assert all(info["grammar_errors"] == 0 for info in report["stages"].values())
 
 
 def test_an_adapter_vllm_cannot_load_is_refused_before_the_engine_starts(tmp_path, make_random_run):
