@@ -137,6 +137,10 @@ class RunDir:
     def has_adapter(self, subtask: str) -> bool:
         return (self.adapter(subtask) / "adapter_config.json").exists()
 
+    def adapters_present(self, subtasks) -> list[str]:
+        """The sub-tasks among ``subtasks`` that have a trained adapter here, in their order."""
+        return [task for task in subtasks if self.has_adapter(task)]
+
     def require(self, part: str, subtask: str | None = None, field: str = "--run") -> Path:
         """The path of ``part`` (``stage-1 model``, ``stage-1 initial model``, ``adapter``, ``sweep table``,
         ``stage-1 metrics``), or ``MissingRunPart`` naming the field, the path and the command that makes it."""
