@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = args.machine or f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU"
     body = {"form": args.form, "key": "C:maj", "tempo": 100, "seed": 7}
-    config = {"torch_threads": args.threads, "max_batch_size": 8, "batch_wait_timeout_s": args.batch_wait,
+    config = {"engine": "native", "torch_threads": args.threads, "max_batch_size": 8, "batch_wait_timeout_s": args.batch_wait,
               "stages": {"default": {"ray_actor_options": {"num_cpus": 0.3}},
                          "multiplexed": {"ray_actor_options": {"num_cpus": 1}}}}
     with tempfile.TemporaryDirectory() as tmp:

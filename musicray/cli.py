@@ -74,7 +74,12 @@ def _generate(args: argparse.Namespace) -> None:
                       tuple(args.stages), Sampling(args.temperature, args.top_k, args.top_p), not args.no_mask,
                       bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
                       regenerate=regenerate, tempos=given.tempos if given and regenerate else None)
-    song, report = Composer(args.run, adapters=() if args.no_adapters else SUBTASKS).compose(request)
+    if args.stream:
+        from musicray.serve.streaming import compose_streaming
+
+        song, report = compose_streaming(args.run, request, adapters=() if args.no_adapters else SUBTASKS)
+    else:
+        song, report = Composer(args.run, adapters=() if args.no_adapters else SUBTASKS).compose(request)
     write_midi(song, args.out, instruments=dict(args.instrument))
     report_path = args.out.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1))
@@ -155,7 +160,7 @@ def _serve(args: argparse.Namespace) -> None:
     from musicray.serve.app import serve_forever
 
     serve_forever(args.run, args.config, host=args.host, port=args.port, multiplexed=args.multiplexed,
-                  num_cpus=args.num_cpus)
+                  engine=args.engine, num_cpus=args.num_cpus)
 
 
 def _instrument(text: str) -> tuple[str, int]:
@@ -257,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
+    gen.add_argument("--stream", action="store_true",
+                     help="compose on the vLLM engine and print each bar as it is generated (needs vllm)")
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")
     _add_instrument_option(gen, "a track's instrument in the MIDI file")
     gen.set_defaults(handler=_generate)
@@ -322,9 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     layout = srv.add_mutually_exclusive_group()
     layout.add_argument("--multiplexed", action="store_true", default=None,
                         help="one deployment holding the base model once with all five adapters (the default on a "
-                             "local instance of fewer than 6 CPUs, unless the --config says otherwise)")
+                             "local instance of fewer than 6 CPUs, unless the --config says otherwise, and under "
+                             "--engine vllm)")
     layout.add_argument("--per-adapter", dest="multiplexed", action="store_false",
                         help="one deployment per sub-task, each with the model and its adapter")
+    srv.add_argument("--engine", choices=("auto", "vllm", "native"),
+                     help="vllm: vLLM's engine (continuous batching, multi-LoRA, streaming bars; pip install -e "
+                          "\".[vllm]\"); native: musicray's own decoding loop; default: the config's, else auto "
+                          "(vllm where installed)")
     srv.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
     srv.set_defaults(handler=_serve)
 

@@ -19,7 +19,7 @@ from musicray.decode import Sampling, generate
 from musicray.encoding import TASK_TARGET, available_inputs, decode_body, encode, given_bars, quantized, task_inputs
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
-from musicray.model import load_music_model
+from musicray.model import MusicTokenizer, load_music_model
 from musicray.run import RunDir
 from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, metre, parse_form
 from musicray.tokens import SUBTASKS
@@ -148,41 +148,30 @@ def voice_piano(song: Song, velocity: int = NEUTRAL_VELOCITY) -> list[Note]:
     return sorted(set(notes))
 
 
-class Composer:
-    """The stage-1 model with every sub-task adapter loaded; one ``compose`` call makes one song."""
+@dataclass
+class StageInput:
+    """What one song's stage decodes from: its prompt (LLM ids), grammar plan, token budget and seed."""
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu", adapters: tuple[str, ...] = SUBTASKS,
+    task: str
+    stream: str
+    optional: tuple[str, ...]   # the task's optional inputs the song gives (e.g. a melody for the chord task)
+    plan: Plan
+    budget: int
+    prompt: list[int]
+    seed: int
+
+
+class StagePlanner:
+    """The model-free half of a stage: prompt, plan and budget before decoding, and after it the check of the
+    answer and its writing into the song. Every engine shares it (``Composer``: musicray's own loop; the vLLM
+    engine of ``musicray.serve``), so they compose from the same prompts under the same grammar."""
+
+    def __init__(self, music: MusicTokenizer, grammar: Grammar, adapters: list[str],
                  tokens_per_bar: dict[str, int] | None = None):
-        """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a sub-task without
-        one runs on the stage-1 model alone); ``tokens_per_bar`` overrides the per-stage token caps."""
-        run = RunDir(run_dir)
-        model, self.music = load_music_model(run.require("stage-1 model"))
+        self.music, self.grammar, self.adapters = music, grammar, list(adapters)
         self.tokens_per_bar = {**TOKENS_PER_BAR, **(tokens_per_bar or {})}
-        self.adapters: list[str] = []
-        for subtask in adapters:
-            if not run.has_adapter(subtask):
-                continue
-            path = run.adapter(subtask)
-            from peft import PeftModel
 
-            if not self.adapters:
-                model = PeftModel.from_pretrained(model, path, adapter_name=subtask)
-            else:
-                model.load_adapter(path, adapter_name=subtask)
-            self.adapters.append(subtask)
-        self.model = model.to(device).eval()
-        self.grammar = Grammar(self.music.vocab, device)
-
-    def _use_adapter(self, subtask: str):
-        if not self.adapters:
-            return _no_adapter()
-        if subtask in self.adapters:
-            self.model.set_adapter(subtask)
-            return _no_adapter()
-        return self.model.disable_adapter()
-
-    def run_stage(self, songs: list[Song], task: str, requests: list[Request]) -> list[dict]:
-        """Generate one sub-task's stream for a batch of songs (one decode call) and write it into each song."""
+    def stage_inputs(self, songs: list[Song], task: str, requests: list[Request]) -> list[StageInput]:
         vocab = self.music.vocab
         stream = TASK_TARGET[task]
         optional = [available_inputs(song, task) for song in songs]
@@ -190,32 +179,26 @@ class Composer:
         plans = [self._plan(example, song, task, request, given)
                  for example, song, request, given in zip(examples, songs, requests, optional)]
         minimum = self.grammar.tokens_to_finish(self.grammar.start([stream] * len(plans), plans)).tolist()
-        budgets = [m + self.tokens_per_bar[task] * (plan.n_bars - len(plan.forced)) for m, plan in zip(minimum, plans)]
-        prompts = [self.music.prompt_ids(example) for example in examples]
-        seeds = [request.seed * 1009 + SUBTASKS.index(task) for request in requests]
-        use_mask = requests[0].use_mask
-        if any(r.use_mask != use_mask or r.sampling != requests[0].sampling for r in requests):
-            raise ValueError("one batch shares its sampling settings and mask switch")
-        with self._use_adapter(task):
-            out = generate(self.model, self.music, self.grammar, prompts, [stream] * len(songs), plans, budgets,
-                           seeds, requests[0].sampling, use_mask=use_mask)
-        infos = []
-        for song, tokens, plan, prompt, given in zip(songs, out.tokens, plans, prompts, optional):
-            if not use_mask:
-                tokens = self.music.from_llm(tokens)
-            errors = self.grammar.validate(tokens, stream, plan)
-            info = {"tokens": vocab.describe(tokens), "new_tokens": len(tokens), "prompt_tokens": len(prompt),
-                    "inputs": list(task_inputs(task, given)),
-                    "seconds": round(out.seconds, 3),
-                    "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs),
-                    "adapter": task if task in self.adapters else None, "grammar_errors": len(errors)}
-            if errors:
-                if use_mask:
-                    raise AssertionError(f"{task}: masked decoding produced {errors[:2]}")
-                raise SongError(f"{task}: the unmasked model produced an ungrammatical stream: {errors[0]}")
-            decode_body(tokens[:-1], stream, song, vocab)
-            infos.append(info)
-        return infos
+        return [StageInput(task, stream, given, plan, m + self.tokens_per_bar[task] * (plan.n_bars - len(plan.forced)),
+                           self.music.prompt_ids(example), request.seed * 1009 + SUBTASKS.index(task))
+                for example, given, plan, m, request in zip(examples, optional, plans, minimum, requests)]
+
+    def write_stage(self, song: Song, stage: StageInput, tokens: list[int], use_mask: bool, report: dict) -> dict:
+        """Check a stage's answer (music ids; LLM ids without the mask) against its plan and write it into the
+        song; the stage's report (``report`` adds the engine's timings)."""
+        vocab = self.music.vocab
+        if not use_mask:
+            tokens = self.music.from_llm(tokens)
+        errors = self.grammar.validate(tokens, stage.stream, stage.plan)
+        info = {"tokens": vocab.describe(tokens), "new_tokens": len(tokens), "prompt_tokens": len(stage.prompt),
+                "inputs": list(task_inputs(stage.task, stage.optional)), **report,
+                "adapter": stage.task if stage.task in self.adapters else None, "grammar_errors": len(errors)}
+        if errors:
+            if use_mask:
+                raise AssertionError(f"{stage.task}: masked decoding produced {errors[:2]}")
+            raise SongError(f"{stage.task}: the unmasked model produced an ungrammatical stream: {errors[0]}")
+        decode_body(tokens[:-1], stage.stream, song, vocab)
+        return info
 
     def _plan(self, example, song: Song, task: str, request: Request, optional: tuple[str, ...]) -> Plan:
         """The grammar plan of a stage: the prompt's form and quotas, and (infilling) the bars it keeps given."""
@@ -253,6 +236,52 @@ class Composer:
             return [task for task in SUBTASKS if task in request.stages]
         given = {"chord": bool(request.chords), "melody": bool(request.melody), "secondary": bool(request.bridge)}
         return [task for task in SUBTASKS if task in request.stages and not given.get(task)]
+
+
+class Composer(StagePlanner):
+    """The stage-1 model with every sub-task adapter loaded, decoding with musicray's own loop
+    (``musicray.decode.generate``); one ``compose`` call makes one song."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu", adapters: tuple[str, ...] = SUBTASKS,
+                 tokens_per_bar: dict[str, int] | None = None):
+        """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a sub-task without
+        one runs on the stage-1 model alone); ``tokens_per_bar`` overrides the per-stage token caps."""
+        run = RunDir(run_dir)
+        model, music = load_music_model(run.require("stage-1 model"))
+        found: list[str] = []
+        for subtask in run.adapters_present(adapters):
+            from peft import PeftModel
+
+            path = run.adapter(subtask)
+            if not found:
+                model = PeftModel.from_pretrained(model, path, adapter_name=subtask)
+            else:
+                model.load_adapter(path, adapter_name=subtask)
+            found.append(subtask)
+        self.model = model.to(device).eval()
+        super().__init__(music, Grammar(music.vocab, device), found, tokens_per_bar)
+
+    def _use_adapter(self, subtask: str):
+        if not self.adapters:
+            return _no_adapter()
+        if subtask in self.adapters:
+            self.model.set_adapter(subtask)
+            return _no_adapter()
+        return self.model.disable_adapter()
+
+    def run_stage(self, songs: list[Song], task: str, requests: list[Request]) -> list[dict]:
+        """Generate one sub-task's stream for a batch of songs (one decode call) and write it into each song."""
+        stages = self.stage_inputs(songs, task, requests)
+        use_mask = requests[0].use_mask
+        if any(r.use_mask != use_mask or r.sampling != requests[0].sampling for r in requests):
+            raise ValueError("one batch shares its sampling settings and mask switch")
+        with self._use_adapter(task):
+            out = generate(self.model, self.music, self.grammar, [s.prompt for s in stages], [s.stream for s in stages],
+                           [s.plan for s in stages], [s.budget for s in stages], [s.seed for s in stages],
+                           requests[0].sampling, use_mask=use_mask)
+        report = {"seconds": round(out.seconds, 3), "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs)}
+        return [self.write_stage(song, stage, tokens, use_mask, report)
+                for song, stage, tokens in zip(songs, stages, out.tokens)]
 
     @torch.no_grad()
     def run_stages(self, songs: list[Song], requests: list[Request], stages: list[list[str]] | None = None,

@@ -197,6 +197,35 @@ class GrammarState:
         return {name: int(getattr(self, name)[i]) for name in
                 ("stream", "node", "section", "n_sections", "bars_left", "bar", "quota_left")}
 
+    def take(self, rows: torch.Tensor | list[int]) -> "GrammarState":
+        """The state of ``rows`` (in that order) as a batch of its own; the rows' tables keep their width."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.node.device)
+        taken = {name: getattr(self, name).index_select(0, index) for name in _ROW_FIELDS}
+        return GrammarState(**taken, has_forced=self.has_forced)
+
+
+# Every per-row tensor of a GrammarState, and for the per-plan tables (whose width depends on the batch's longest
+# form) the value start() leaves beyond a plan's end: concatenating states pads with it.
+_ROW_FIELDS: tuple[str, ...] = tuple(name for name in GrammarState.__dataclass_fields__
+                                     if name not in ("family_cache", "has_forced"))
+_TABLE_PADDING: dict[str, int] = {"section_values": -10, "section_bars": 0, "quotas": 0, "bars_after": 0,
+                                  "quota_after": 0, "forced_tokens": 0, "forced_start": 0, "forced_length": -1,
+                                  "forced_extra_after": 0}
+
+
+def concat_states(states: list[GrammarState]) -> GrammarState:
+    """One batch of the rows of ``states`` in order (each row steps as it did in its own batch): rows come and go
+    in a serving engine's running batch while each keeps its grammar state."""
+    fields = {}
+    for name in _ROW_FIELDS:
+        parts = [getattr(state, name) for state in states]
+        if name in _TABLE_PADDING:
+            width = max(part.shape[1] for part in parts)
+            parts = [torch.nn.functional.pad(part, (0, width - part.shape[1]), value=_TABLE_PADDING[name])
+                     for part in parts]
+        fields[name] = torch.cat(parts)
+    return GrammarState(**fields, has_forced=any(state.has_forced for state in states))
+
 
 class Grammar:
     """The tables compiled against one vocabulary, on one device."""

@@ -12,7 +12,7 @@ Layout of ``RUN/``::
     tune/trials.csv, .md   every trial of the sweeps; tune/done.json the config hash of the finished stage 2
     songs/                 the pipeline's demo songs (MIDI + JSON report)
     ablations/mask_loss_<on|off>/   a run dir of its own: stage 1 with stage1.mask_loss flipped
-    ablations/language_<language>/  a run dir of its own: stage 1 in the contrasting music language
+    ablations/language_<name>/      a run dir of its own: stage 1 in the contrasting music language
     eval/                  the evaluation report (report.md, report.json, plots/)
     pipeline.json          the pipeline's seconds per stage
     ray/                   Ray Train / Tune experiment state (stage1/ checkpoints, stage2/ trials)
@@ -127,7 +127,7 @@ class RunDir:
         return RunDir(self.root / ABLATIONS / f"mask_loss_{'on' if mask_loss else 'off'}")
 
     def language_ablation(self, language: str) -> "RunDir":
-        """The run dir of the language ablation arm in ``language`` (``VocabConfig.language``; stage 1 only)."""
+        """The run dir of the language ablation arm (stage 1 only) in ``language`` (``VocabConfig.language``)."""
         return RunDir(self.root / ABLATIONS / f"language_{language.replace(',', '_').replace('=', '-')}")
 
     # -- what is there ---------------------------------------------------------------------------------------------
@@ -136,6 +136,10 @@ class RunDir:
 
     def has_adapter(self, subtask: str) -> bool:
         return (self.adapter(subtask) / "adapter_config.json").exists()
+
+    def adapters_present(self, subtasks) -> list[str]:
+        """The sub-tasks among ``subtasks`` that have a trained adapter here, in their order."""
+        return [task for task in subtasks if self.has_adapter(task)]
 
     def require(self, part: str, subtask: str | None = None, field: str = "--run") -> Path:
         """The path of ``part`` (``stage-1 model``, ``stage-1 initial model``, ``adapter``, ``sweep table``,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from musicray.errors import SongError
 from musicray.harmony import (CANONICAL_BASS_DEGREES, CHORD_QUALITIES, DEGREE_NAMES, KEY_MODES, NO_CHORD,
-                              PITCH_CLASS_NAMES, chord_label)
+                              PITCH_CLASS_NAMES)
 from musicray.song import MAX_SECTION_BARS, METRES, SECTION_LABELS, TRACKS
 
 SUBTASKS: tuple[str, ...] = ("chord", "melody", "secondary", "dynamics", "tempo")

@@ -25,7 +25,8 @@ def save_random_run(run: Path, subtasks, cache: Path):
     for seed, subtask in enumerate(subtasks):
         torch.manual_seed(seed)
         peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        peft.save_pretrained(run / "adapters" / subtask)
+        # LoRA weights only, as stage 2 saves them (the music rows live in the stage-1 model; vLLM loads no others)
+        peft.save_pretrained(run / "adapters" / subtask, save_embedding_layers=False)
         model = peft.unload()
     return model, music
 

@@ -27,6 +27,16 @@ def test_tiny_preset_is_a_saved_pretrained_llama(tmp_path):
     assert resolve_base("tiny", tmp_path) == path  # built once
 
 
+def test_tiny_preset_has_a_head_dim_vllm_serves(tmp_path):
+    """vLLM's CPU attention refuses head_dim 16 and serves 64; a cached tiny model of an older shape is rebuilt."""
+    path = resolve_base("tiny", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] == 64
+    config["num_attention_heads"] = 4   # the shape before head_dim 64
+    (path / "config.json").write_text(json.dumps(config))
+    assert json.loads((resolve_base("tiny", tmp_path) / "config.json").read_text())["num_attention_heads"] == 1
+
+
 def test_a_missing_base_model_directory_is_named(tmp_path):
     with pytest.raises(SongError, match="base_model"):
         resolve_base(str(tmp_path / "Llama-3.1-8B-Instruct"), tmp_path)

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import signal
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from fastapi import FastAPI, Query
 from fastapi import Request as HTTPRequest
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
@@ -143,6 +144,40 @@ def song_as_written(data: bytes) -> dict:
     return song_to_dict(midi_to_song(data))
 
 
+# The ingress's helpers come before it: Serve pickles the ingress class by value when it is decorated, and a
+# function defined below the class would be missing from the copy.
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _stage_result(out: dict, tasks: list[str], infos: dict):
+    """The song a (streamed) stage call answered, its stages' reports added to ``infos``; StageFailed if it failed."""
+    if "error" in out:
+        raise _failed(out.get("stage", tasks[0]), out["error"])
+    infos.update(out["infos"])
+    return song_from_dict(out["song"])
+
+
+def _stage_reports(infos: dict[str, dict]) -> dict[str, dict]:
+    """Each stage's report as `musicray generate` writes it (the composer's), plus what serving adds."""
+    return {task: {key: value for key, value in info.items() if key != "replica_pid"} for task, info in infos.items()}
+
+
+def _finished_midi(song) -> bytes:
+    try:
+        finish(song)
+        return midi_bytes(song)
+    except SongError as err:  # the composed song, not the request, is at fault
+        raise StageFailed("finish", 500, f"finish: the composed song cannot be written: {err}") from None
+
+
+def _failed(task: str, error: dict) -> StageFailed:
+    # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model output that
+    # does not decode), not the client's: a 500 naming the stage.
+    return StageFailed(task, 500, f"{task}: the stage failed on this song: {error['type']}: {error['message']}")
+
+
+# -- building the graph ------------------------------------------------------------------------------------------
 # -- the ingress -------------------------------------------------------------------------------------------------
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
@@ -184,6 +219,7 @@ class Ingress:
         ok = not any("error" in info for info in deployments.values())
         return JSONResponse(status_code=200 if ok else 503, content={
             "ok": ok, "mode": "multiplexed" if self.config["multiplexed"] else "per-adapter",
+            "engine": self.config["engine"],
             "adapters": adapters, "deployments": deployments,
             "limits": {"max_bars": self.max_bars, "max_midi_bytes": self.max_midi_bytes}})
 
@@ -205,14 +241,8 @@ class Ingress:
             song, infos = await self._compose_whole(song, settings, plan)
         else:
             song, infos = await self._compose_by_stage(song, settings, plan)
-        # Each stage's report as `musicray generate` writes it (the composer's), plus what serving adds.
-        stages = {task: {key: value for key, value in info.items() if key != "replica_pid"}
-                  for task, info in infos.items()}
-        try:
-            finish(song)
-            data = midi_bytes(song)
-        except SongError as err:  # the composed song, not the request, is at fault
-            raise StageFailed("finish", 500, f"finish: the composed song cannot be written: {err}") from None
+        stages = _stage_reports(infos)
+        data = _finished_midi(song)
         seconds = round(time.perf_counter() - started, 3)
         accept = http.headers.get("accept", "")
         if format == "midi" or (format is None and any(t in accept for t in MIDI_TYPES)):
@@ -229,6 +259,60 @@ class Ingress:
                              "seconds": seconds, "song": written,
                              "grid": {"beats_per_bar": spec.beats_per_bar,
                                       "positions_per_beat": spec.positions_per_beat}})
+
+    @api.post("/v1/generate/stream", summary="compose a song, streamed as Server-Sent Events",
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "events: stage (a stage starts), bar (a bar of it is complete: "
+                                              "engine vllm), stage_done (its report), song (the MIDI in base64), "
+                                              "or error"},
+                         400: {"description": "the music rules refuse a field (named in the message)"},
+                         413: {"description": "melody_midi or the body is larger than allowed"},
+                         422: {"description": "a field has the wrong type or is out of range"}})
+    async def generate_stream(self, body: GenerateBody) -> Response:
+        # The request is checked before the stream starts: bad input is the same 4xx as /v1/generate.
+        request = to_request(body, self.max_bars, self.max_midi_bytes)
+        song = request_song(request)
+        return StreamingResponse(self._stream(song, sampling_settings(request), Composer.stages_for(request),
+                                              request.seed),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _stream(self, song, settings: dict, plan: list[str], seed: int):
+        """The SSE body: each stage's events as its deployment yields them (vLLM: bars as they are generated;
+        native: a stage's start and end), then the song. A client that leaves cancels the stage calls."""
+        started, infos = time.perf_counter(), {}
+        try:
+            for task, tasks in self._stream_calls(plan):
+                handle = self.stages[task]
+                if self.config["engine"] == "vllm":
+                    calls = handle.options(stream=True).compose_stream.remote(song_to_dict(song), settings, tasks)
+                    async for event in calls:
+                        if event["event"] == "result":
+                            song = _stage_result(event["data"], tasks, infos)
+                        else:
+                            yield _sse(event["event"], event["data"])
+                else:   # musicray's own loop decodes a stage in one call: its start and end are the events
+                    yield _sse("stage", {"stage": task, "bars": song.n_bars})
+                    out = await getattr(handle, task).remote(song_to_dict(song), settings)
+                    song = _stage_result({"song": out["song"], "infos": {task: out["info"]}} if "song" in out
+                                         else out, tasks, infos)
+                    yield _sse("stage_done", {"stage": task, **infos[task]})
+            data = _finished_midi(song)
+            yield _sse("song", {"midi": base64.b64encode(data).decode("ascii"), "form": song.form,
+                                "bars": song.n_bars, "key": song.key, "metre": song.metre, "seed": seed,
+                                "stages": _stage_reports({task: {**info, "wall_seconds": info.get("seconds")}
+                                                          for task, info in infos.items()}),
+                                "seconds": round(time.perf_counter() - started, 3)})
+        except StageFailed as err:
+            yield _sse("error", {"detail": str(err), "stage": err.task, "status": err.status})
+        except Exception as err:   # a deployment that died mid-stream: the client hears why
+            yield _sse("error", {"detail": f"{type(err).__name__}: {err}", "stage": "compose", "status": 503})
+
+    def _stream_calls(self, plan: list[str]) -> list[tuple[str, list[str]]]:
+        """(deployment's sub-task, stages it runs) per call: one call for the whole song where one vLLM deployment
+        holds every adapter, else one per stage."""
+        if self.config["engine"] == "vllm" and self.config["multiplexed"] and plan:
+            return [(plan[0], list(plan))]
+        return [(task, [task]) for task in plan]
 
     @api.post("/v1/render", summary="render a MIDI file (e.g. a composed song) to a WAV",
               responses={200: {"content": {"audio/wav": {}}, "description": "16-bit stereo WAV"},
@@ -273,13 +357,6 @@ class Ingress:
                                              for task, info in out["infos"].items()}
 
 
-def _failed(task: str, error: dict) -> StageFailed:
-    # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model output that
-    # does not decode), not the client's: a 500 naming the stage.
-    return StageFailed(task, 500, f"{task}: the stage failed on this song: {error['type']}: {error['message']}")
-
-
-# -- building the graph ------------------------------------------------------------------------------------------
 def _check_run_dir(run_dir: str) -> None:
     RunDir(run_dir).require("stage-1 model")
 
@@ -294,16 +371,22 @@ def build_app(run_dir: str | Path | None = None, config: dict | None = None) -> 
     if not config["run_dir"]:
         raise SongError("run_dir: no run dir given (musicray serve --run RUN_DIR, or args.run_dir in the config)")
     _check_run_dir(config["run_dir"])
+    # The model side: musicray's own loop (StageComposer) or a vLLM engine per replica (VllmComposer), either
+    # one deployment with every adapter or one per sub-task. The ingress talks to both the same way.
+    if config["engine"] == "vllm":
+        from musicray.serve.vllm_deployment import VllmComposer as model_side
+    else:
+        model_side = StageComposer
     if config["multiplexed"]:
         options = stage_options(config, "multiplexed")
-        composer = StageComposer.options(name="composer", **_deployment(options)).bind(
+        composer = model_side.options(name="composer", **_deployment(options)).bind(
             config["run_dir"], list(SUBTASKS), options, config)
         stages = {task: composer for task in SUBTASKS}
     else:
         stages = {}
         for task in SUBTASKS:
             options = stage_options(config, task)
-            stages[task] = StageComposer.options(name=f"stage_{task}", **_deployment(options)).bind(
+            stages[task] = model_side.options(name=f"stage_{task}", **_deployment(options)).bind(
                 config["run_dir"], [task], options, config)
     return Ingress.options(**_deployment(config["ingress"])).bind(stages, config)
 
@@ -342,13 +425,14 @@ def _stop_children(timeout: float = 10.0) -> None:
 
 
 def serve_forever(run_dir: str | Path, config_file: str | Path | None = None, host: str | None = None,
-                  port: int | None = None, multiplexed: bool | None = None, num_cpus: int | None = None) -> None:
+                  port: int | None = None, multiplexed: bool | None = None, num_cpus: int | None = None,
+                  engine: str | None = None) -> None:
     """Start Ray (or join the cluster in RAY_ADDRESS), Serve and the app for ``run_dir``; serve until Ctrl-C or
     SIGTERM, then shut down what this call started (every process of a local Ray instance it started).
 
     ``config_file`` is a Serve config file or a mapping of settings (``read_config_file``); ``host``/``port``
-    override its ``http_options`` (defaults: DEFAULT_HOST, DEFAULT_PORT); ``multiplexed`` (True or False)
-    overrides its setting; unset, a local instance of fewer than SMALL_MACHINE_CPUS CPUs is multiplexed.
+    override its ``http_options`` (defaults: DEFAULT_HOST, DEFAULT_PORT); ``engine`` and ``multiplexed`` (True or
+    False) override its settings; unset, a local instance of fewer than SMALL_MACHINE_CPUS CPUs is multiplexed.
     """
     import os
 
@@ -362,6 +446,8 @@ def serve_forever(run_dir: str | Path, config_file: str | Path | None = None, ho
         settings["multiplexed"] = True
         print(f"musicray: {num_cpus or os.cpu_count()} CPUs: one deployment serves all five adapters "
               "(--per-adapter for one deployment per sub-task)", flush=True)
+    if engine:
+        settings["engine"] = engine
     settings.pop("run_dir", None)
     app = build_app(run_dir, settings)  # validates the run dir and the settings before anything starts
     host = host or http.get("host") or DEFAULT_HOST

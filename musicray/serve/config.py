@@ -7,8 +7,15 @@ file's ``http_options`` (host, port). A plain YAML mapping of the settings works
 
 Settings (all optional but ``run_dir``):
 
+* ``engine``: ``vllm`` (``musicray.serve.vllm_engine``: vLLM's async engine, continuous batching, the grammar as
+  its logits processor), ``native`` (musicray's own KV-cached loop behind ``@serve.batch``) or ``auto`` (the
+  default: vllm where it is installed, else native).
 * ``multiplexed``: false = one deployment per sub-task (each holds the stage-1 model and its own adapter);
-  true = one deployment holding the stage-1 model once with all five adapters (``set_adapter`` per batch).
+  true = one deployment holding the stage-1 model once with all five adapters (native: ``set_adapter`` per
+  batch; vllm: a ``LoRARequest`` per request, batches mixing sub-tasks). Default (null): true under vllm, false
+  under native.
+* ``vllm_engine_args``: extra ``vllm.AsyncEngineArgs`` of each vLLM engine (e.g. ``gpu_memory_utilization``,
+  ``max_num_seqs``, ``max_model_len``).
 * ``max_bars`` (a longer form is refused with 400), ``max_midi_bytes`` (a larger ``melody_midi`` upload is
   refused with 413).
 * ``max_render_seconds`` (``POST /v1/render`` refuses a longer song with 413) and ``render_sample_rate`` (of the
@@ -40,7 +47,9 @@ IMPORT_PATH = "musicray.serve.app:app_builder"
 
 DEFAULTS: dict[str, Any] = {
     "run_dir": None,
-    "multiplexed": False,
+    "engine": "auto",
+    "multiplexed": None,
+    "vllm_engine_args": {},
     "max_bars": 256,
     "max_midi_bytes": 1 << 20,
     "max_render_seconds": 600.0,
@@ -53,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "ingress": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.1}},
     "stages": {"default": {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.3}}},
 }
+ENGINES = ("auto", "vllm", "native")
 SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)  # what browsers' <audio> plays from a WAV everywhere
 DEPLOYMENT_KEYS = ("num_replicas", "max_ongoing_requests", "ray_actor_options")
 STAGE_KEYS = DEPLOYMENT_KEYS + ("max_batch_size", "batch_wait_timeout_s")
@@ -101,8 +111,18 @@ def serve_config(config: dict | None = None, **overrides) -> dict:
     merged = _merge(DEFAULTS, config)
     if merged["run_dir"] is not None:
         merged["run_dir"] = str(Path(merged["run_dir"]).expanduser().resolve())
+    if merged["engine"] not in ENGINES:
+        raise SongError(f"config: engine must be one of {', '.join(ENGINES)}, got {merged['engine']!r}")
+    if merged["engine"] == "auto":
+        from musicray.serve.engines import vllm_available
+
+        merged["engine"] = "vllm" if vllm_available() else "native"
+    if merged["multiplexed"] is None:
+        merged["multiplexed"] = merged["engine"] == "vllm"
     if not isinstance(merged["multiplexed"], bool):
         raise SongError(f"config: multiplexed must be true or false, got {merged['multiplexed']!r}")
+    if not isinstance(merged["vllm_engine_args"], dict):
+        raise SongError(f"config: vllm_engine_args must be a mapping, got {merged['vllm_engine_args']!r}")
     _positive(merged, "max_bars")
     _positive(merged, "max_midi_bytes")
     _positive(merged, "max_render_seconds", float)

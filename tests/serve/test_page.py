@@ -27,6 +27,7 @@ STATIC = ROOT / "musicray" / "serve" / "static"
 SCREENSHOT = ROOT / "docs" / "page.png"
 # Small and quick: one multiplexed model replica, short stage caps, a short render limit (the 413 test is cheap).
 CONFIG = {
+    "engine": "native",   # the page's tests; the vLLM engine has its own (test_serve_vllm.py)
     "multiplexed": True,
     "max_bars": 16,
     "max_midi_bytes": 16384,

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on
 TICKS_PER_BAR_44 = 4 * 480
 # Small and quick: short stage caps, a low bar limit and a small upload limit (so the limit tests are cheap).
 CONFIG = {
+    "engine": "native",   # musicray's own loop; the vLLM engine has its own module (test_serve_vllm.py)
     "max_bars": 16,
     "max_midi_bytes": 4096,
     "max_batch_size": 4,
@@ -466,6 +467,30 @@ def test_multiplexed_deployment_serves_all_adapters_and_the_same_songs(mux_url, 
     assert muxed["midi"] == generate(serve_url, body)["midi"]
 
 
+def test_native_stream_sends_stage_starts_and_ends_then_the_midi(serve_url):
+    """The native loop decodes a stage in one call: its stream has no bar events, the same stage events otherwise."""
+    with requests.post(serve_url + "/v1/generate/stream", json={"form": "A2", "seed": 4}, stream=True,
+                       timeout=300) as response:
+        assert response.status_code == 200
+        events = [line[len("event: "):] for line in response.iter_lines(decode_unicode=True)
+                  if line.startswith("event: ")]
+    assert events == ["stage", "stage_done"] * len(SUBTASKS) + ["song"]
+
+
+def test_engine_setting_is_checked_and_auto_resolves():
+    from musicray.serve.config import serve_config
+    from musicray.serve.engines import vllm_available
+    from musicray.song import SongError
+
+    with pytest.raises(SongError, match="engine"):
+        serve_config({"engine": "tensorrt"})
+    auto = serve_config({})
+    assert auto["engine"] == ("vllm" if vllm_available() else "native")
+    assert serve_config({"engine": "native"})["multiplexed"] is False
+    assert serve_config({"engine": "vllm"})["multiplexed"] is True
+    assert serve_config({"engine": "vllm", "multiplexed": False})["multiplexed"] is False
+
+
 def test_build_app_refuses_a_run_dir_without_a_model(tmp_path):
     from musicray.serve import build_app
     from musicray.song import SongError
@@ -495,7 +520,9 @@ def test_config_file_is_a_serve_config_for_the_app_builder():
     settings, http = read_config_file(path)
     assert http["host"] == "127.0.0.1"
     config = serve_config(settings)
-    assert config["max_bars"] == 256 and config["multiplexed"] is False
+    assert config["max_bars"] == 256 and config["engine"] in ("vllm", "native")
+    # one engine with every adapter under vLLM, a deployment per sub-task under the native loop
+    assert config["multiplexed"] is (config["engine"] == "vllm")
     json.dumps(config)
 
 

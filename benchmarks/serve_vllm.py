@@ -1,0 +1,303 @@
+"""Serving on vLLM vs musicray's own loop: songs/s under concurrency, the grammar processor's share of an engine
+step, and time to the first streamed bar.
+
+One run, side by side on one Ray instance and one run dir (same form, same token caps, seeds all different):
+
+    native, per-adapter   the Serve graph with musicray's loop: one deployment per sub-task, @serve.batch
+    native, multiplexed   one deployment with all five adapters, whole songs batched (@serve.batch)
+    vllm                  one deployment holding a vLLM engine with all five adapters (continuous batching)
+    vllm, per-adapter     one deployment per sub-task, each holding a vLLM engine with its own adapter
+
+For each: songs/s with 1, 8 and 32 closed-loop clients (each posts its next song when the last returns). For
+vLLM also: the grammar processor's share of the engine's step time at each level (from the processor's own
+counters, ``$MUSICRAY_GRAMMAR_STATS``: its update_state + apply time over the time from one masked step to the
+next), the mean rows per engine step, and over sequential ``POST /v1/generate/stream`` requests the time to the
+first bar event and to the final MIDI.
+
+    python benchmarks/serve_vllm.py [--run RUN_DIR] [--form A4B4] [--concurrency 1 8 32] [--no-docs]
+
+Without ``--run`` it builds the tiny random-weight model with five random LoRA adapters in a temp dir. Prints a
+table and writes it as the "Serving on vLLM" section of docs/benchmarks.md. Takes ~10 minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_throughput import DOCS, build_tiny_run, free_port  # noqa: E402
+
+SECTION = "## Serving on vLLM"
+LAYOUTS = {"native, per-adapter": {"engine": "native", "multiplexed": False},
+           "native, multiplexed": {"engine": "native", "multiplexed": True},
+           "vllm": {"engine": "vllm", "multiplexed": True},
+           "vllm, per-adapter": {"engine": "vllm", "multiplexed": False}}
+
+
+def read_stats(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"steps": 0, "grammar_seconds": 0.0, "step_seconds": 0.0, "rows_by_step": {}}
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    steps = after["steps"] - before["steps"]
+    step_seconds = after["step_seconds"] - before["step_seconds"]
+    grammar = after["grammar_seconds"] - before["grammar_seconds"]
+    rows = {int(k): v - before["rows_by_step"].get(k, 0) for k, v in after["rows_by_step"].items()}
+    counted = sum(rows.values())
+    return {"steps": steps, "grammar_share": grammar / step_seconds if step_seconds else 0.0,
+            "grammar_ms_per_step": 1000 * grammar / steps if steps else 0.0,
+            "step_ms": 1000 * step_seconds / steps if steps else 0.0,
+            "mean_rows": sum(k * v for k, v in rows.items()) / counted if counted else 0.0}
+
+
+def closed_loop(post, body: dict, clients: int, songs: int, first_seed: int) -> dict:
+    seeds = list(range(first_seed, first_seed + songs))
+    lock, outs, errors = threading.Lock(), [], []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not seeds:
+                    return
+                seed = seeds.pop()
+            try:
+                out = post({**body, "seed": seed})
+                with lock:
+                    outs.append(out)
+            except Exception as err:  # noqa: BLE001 - counted and reported
+                with lock:
+                    errors.append(str(err)[:300])
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    tick = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - tick
+    return {"songs": len(outs), "errors": errors, "wall_s": wall, "songs_per_s": len(outs) / wall}
+
+
+def stream_times(base: str, body: dict, repeats: int) -> dict:
+    import requests
+
+    first, whole = [], []
+    for k in range(repeats):
+        tick, first_bar = time.perf_counter(), None
+        with requests.post(base + "/v1/generate/stream", json={**body, "seed": 5000 + k}, stream=True,
+                           timeout=600) as response:
+            for line in response.iter_lines(decode_unicode=True):
+                if line == "event: bar" and first_bar is None:
+                    first_bar = time.perf_counter() - tick
+                if line == "event: song":
+                    whole.append(time.perf_counter() - tick)
+                    break
+        first.append(first_bar)
+    return {"first_bar_s": statistics.median(first), "song_s": statistics.median(whole), "first": first,
+            "whole": whole}
+
+
+def measure(run: Path, name: str, url: str, config: dict, body: dict, levels: list[int], min_songs: int,
+            stats_file: Path) -> dict:
+    import requests
+    from ray import serve
+
+    from musicray.serve import build_app
+
+    started = time.perf_counter()
+    serve.run(build_app(run, config), name=name.replace(", ", "-"), route_prefix=f"/{name.replace(', ', '-')}")
+    result = {"startup_s": time.perf_counter() - started, "levels": {}}
+    base = f"{url}/{name.replace(', ', '-')}"
+
+    def post(payload: dict) -> dict:
+        response = requests.post(base + "/v1/generate", json=payload, timeout=900)
+        if response.status_code != 200:
+            raise RuntimeError(f"seed {payload['seed']}: {response.status_code} {response.text[:300]}")
+        return response.json()
+
+    for seed in (1000, 1001):   # warm-up
+        post({**body, "seed": seed})
+    seed = 0
+    for clients in levels:
+        songs = max(min_songs, clients)
+        before = read_stats(stats_file)
+        result["levels"][clients] = closed_loop(post, body, clients, songs, seed)
+        time.sleep(1)   # the processor writes its counters when the batch empties
+        if config["engine"] == "vllm" and config["multiplexed"]:   # (five engines would share the stats file)
+            result["levels"][clients]["grammar"] = stats_delta(before, read_stats(stats_file))
+        seed += songs
+        print(f"  {name} @{clients}: {result['levels'][clients]['songs_per_s']:.2f} songs/s", flush=True)
+    if config["engine"] == "vllm" and config["multiplexed"]:
+        result["stream"] = stream_times(base, body, 5)
+    serve.delete(name.replace(", ", "-"))
+    return result
+
+
+def markdown(results: dict, args, machine: str, date: str, load: tuple) -> str:
+    levels = args.concurrency
+    model = (f"the run dir `{args.run}` (its stage-1 model and five adapters)" if args.run else
+             "tiny random-weight model (head_dim 64) with five random LoRA adapters")
+    command = "python benchmarks/serve_vllm.py" + (f" --run {args.run}" if args.run else "")
+    lines = [
+        SECTION, "",
+        f"`{command}` ({date}; {machine}; load average {load[0]:.2f} before, "
+        f"{load[1]:.2f} after; {model}; form "
+        f"`{args.form}`, composer default token caps; each level runs max({args.min_songs}, clients) songs, every "
+        "client posting its next song when the last returns; all layouts in one Ray instance, one after "
+        "the other).", "",
+        "| layout | " + " | ".join(f"songs/s @{c}" for c in levels) + f" | @{levels[-1]} vs @{levels[0]} | errors |",
+        "| --- | " + " | ".join("---:" for _ in levels) + " | ---: | ---: |",
+    ]
+    for name in LAYOUTS:
+        r = results[name]
+        rates = [r["levels"][c]["songs_per_s"] for c in levels]
+        errors = sum(len(level["errors"]) for level in r["levels"].values())
+        lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in rates)
+                     + f" | {rates[-1] / rates[0]:.2f}x | {errors} |")
+    vllm = results["vllm"]
+    lines += ["", "The grammar as vLLM's logits processor, per engine step (its update_state + apply against the "
+              "time from one masked step to the next):", "",
+              "| clients | engine steps | mean rows per step | step (ms) | grammar (ms) | grammar share |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for clients in levels:
+        g = vllm["levels"][clients]["grammar"]
+        lines.append(f"| {clients} | {g['steps']} | {g['mean_rows']:.1f} | {g['step_ms']:.1f} | "
+                     f"{g['grammar_ms_per_step']:.2f} | {100 * g['grammar_share']:.1f} % |")
+    stream = vllm["stream"]
+    best_native_any = max(level["songs_per_s"] for name in LAYOUTS if name.startswith("native")
+                          for level in results[name]["levels"].values())
+    top = vllm["levels"][levels[-1]]["songs_per_s"]
+    scale = top / vllm["levels"][levels[0]]["songs_per_s"]
+    share = vllm["levels"][levels[-1]]["grammar"]["grammar_share"]
+    lines += [
+        "",
+        f"Streaming (`POST /v1/generate/stream`, one client, median of 5): first bar after "
+        f"{stream['first_bar_s']:.2f} s, the whole song (five stages and the MIDI) after {stream['song_s']:.2f} s. "
+        f"Start-up (serve.run until the app answers): vLLM {vllm['startup_s']:.0f} s, five vLLM engines "
+        f"(per-adapter) {results['vllm, per-adapter']['startup_s']:.0f} s, native multiplexed "
+        f"{results['native, multiplexed']['startup_s']:.0f} s.",
+        "",
+        f"Goals: vLLM at {levels[-1]} clients >= 2x the native graph's best ({top:.2f} vs {best_native_any:.2f} "
+        f"songs/s, {top / best_native_any:.2f}x: {'met' if top >= 2 * best_native_any else 'missed'}); vLLM "
+        f"{levels[-1]} vs {levels[0]} clients >= 6x ({scale:.2f}x: {'met' if scale >= 6 else 'missed'}); "
+        f"grammar share <= 5 % at {levels[-1]} ({100 * share:.1f} %: {'met' if share <= 0.05 else 'missed'}).",
+        "",
+        f"Why a lone song is slower on vLLM and 32 clients reach {top / best_native_any:.1f}x the native best "
+        "rather than more: the model is tiny (hidden 64, two layers) and runs on two shared CPU cores, so a step "
+        "costs per-step overhead, not arithmetic. One vLLM engine step with one song takes "
+        f"{vllm['levels'][levels[0]]['grammar']['step_ms']:.1f} ms (scheduling, input preparation, LoRA "
+        "bookkeeping and the sampler around a forward pass of a few hundred thousand weights), where musicray's "
+        "loop takes one forward call per step and feeds a forced run (a given bar, the closing <End>) in one "
+        "pass (jump-forward, which vLLM does not do). With more clients vLLM's continuous batching scales "
+        f"({scale:.1f}x from {levels[0]} to {levels[-1]} clients, "
+        f"{vllm['levels'][levels[-1]]['grammar']['mean_rows']:.0f} rows per step at {levels[-1]}) where "
+        "@serve.batch's static batches stop at the batch size and wait for their slowest song; all of it shares "
+        "two cores with the clients, the HTTP proxy, the ingress and other jobs (see the load average). vLLM's "
+        "own advantages (paged attention, CUDA graphs, multi-LoRA kernels, no padding) are GPU ones at 1B-8B "
+        "parameters, where the forward pass dominates a step; the GPU run of this benchmark is still to be made "
+        "(no GPU was lent to this task). The grammar's share is of a step of the tiny model, whose forward pass "
+        "costs next to nothing: its per-step cost (a few tensor operations over the batch) grows slowly with "
+        "the batch, and next to an 8B forward pass it should be much smaller (to be measured on a GPU).",
+        "",
+        "The per-adapter vLLM layout runs five engines (each an engine-core and a worker process with its own KV "
+        "cache) on the same two cores: each stage decodes only its own sub-task's rows, a song crosses five "
+        "engines, and the engines take turns on the cores; one engine with all five adapters batches across "
+        "sub-tasks instead.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(text: str) -> None:
+    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if SECTION + "\n" in existing:
+        start = existing.index(SECTION + "\n")
+        rest = existing[start + len(SECTION):]
+        nxt = rest.find("\n## ")
+        end = start + len(SECTION) + (nxt + 1 if nxt >= 0 else len(rest))
+        updated = existing[:start] + text.rstrip("\n") + "\n" + ("\n" + existing[end:] if nxt >= 0 else "")
+    else:
+        updated = existing.rstrip("\n") + "\n\n" + text
+    DOCS.write_text(updated)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, help="run dir (default: a tiny random one in a temp dir)")
+    parser.add_argument("--form", default="A4B4")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--min-songs", type=int, default=8, help="songs at least, at each concurrency level")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--from-json", type=Path, help="write the docs from an earlier run's --json (and its load "
+                                                        "averages, --load BEFORE AFTER) instead of measuring")
+    parser.add_argument("--load", type=float, nargs=2, default=None)
+    args = parser.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        results = {name: {**r, "levels": {int(k): v for k, v in r["levels"].items()}} for name, r in results.items()}
+        text = markdown(results, args, f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU", args.date,
+                        tuple(args.load or (0.0, 0.0)))
+        print(text)
+        if not args.no_docs:
+            write_docs(text)
+        return 0
+
+    import ray
+    from ray import serve
+
+    machine = f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU"
+    body = {"form": args.form, "key": "C:maj", "tempo": 100, "seed": 7}
+    base_config = {"torch_threads": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.01,
+                   "stages": {"default": {"ray_actor_options": {"num_cpus": 0.3}},
+                              "multiplexed": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64}}}
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.run or build_tiny_run(Path(tmp))
+        stats_file = Path(tmp) / "grammar_stats.json"
+        os.environ["MUSICRAY_GRAMMAR_STATS"] = str(stats_file)   # inherited by the engine's processes
+        results: dict = {}
+        port = free_port()
+        ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            for name in args.layouts:
+                print(f"{name} ...", flush=True)
+                results[name] = measure(run, name, f"http://127.0.0.1:{port}", {**base_config, **LAYOUTS[name]},
+                                        body, args.concurrency, args.min_songs, stats_file)
+        finally:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    if set(args.layouts) != set(LAYOUTS):
+        print(json.dumps(results, indent=1, default=str))
+        return 0
+    text = markdown(results, args, machine, args.date, (load_before, os.getloadavg()[0]))
+    print()
+    print(text)
+    if not args.no_docs:
+        write_docs(text)
+        print(f"wrote the {SECTION!r} section of {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
