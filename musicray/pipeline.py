@@ -6,15 +6,9 @@ Each stage is the library call its own command makes (``musicray data``, ``train
 one, so an interrupted pipeline continues where it stopped; made with other settings, it is refused unless
 ``--resume`` or ``--force`` says what to do (``musicray.rerun``). The data dir is resolved once and handed to every
 stage; every path comes from the run dir's owner, ``musicray.run.RunDir``. With ``eval.mask_loss_ablation`` a
-<<<<<<< HEAD
 second stage-1 model is trained with ``stage1.mask_loss`` flipped (into ``RUN/ablations/mask_loss_<on|off>``) for
 the report's loss-mask ablation; with ``eval.language_ablation`` one in the contrasting music language
 (``RUN/ablations/language_absolute`` for the relative language) for its relative-vs-absolute row.
-=======
-second stage-1 model is trained with ``stage1.mask_loss`` flipped (into ``RUN/ablations/mask_loss_<on|off>``) for the report's loss-mask ablation; with ``eval.language_ablation``
-one in the contrasting music language (``RUN/ablations/language_absolute`` for the relative language) for its
-relative-vs-absolute row.
->>>>>>> main
 """
 
 from __future__ import annotations
