@@ -111,3 +111,12 @@ def test_prompt_ids_equal_the_chat_template_for_every_task(synthetic_songs):
                     assert music.prompt_ids(example) == music.chat_prompt_ids(example)
                     checked += 1
     assert checked >= 40
+
+
+def test_the_cache_dir_of_a_built_in_model_expands_home(tmp_path, monkeypatch):
+    from musicray.model import resolve_base
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    path = resolve_base("tiny", "~/cache")
+    assert path == tmp_path / "cache" / "tiny-llama" and not (tmp_path / "~").exists()

@@ -3,8 +3,9 @@
 The stage-1 model (``RUN_DIR/stage1/model``) is the frozen base. One ``Tuner`` holds all sweeps at once: the
 sub-task is a grid axis of the search space and the LoRA hyperparameters are sampled per trial, so
 ``len(subtasks) x trials_per_subtask`` trials share the cluster. Early stopping is ASHA, but one ASHA per
-sub-task (``PerSubtaskScheduler``, in ``per_subtask_scheduler``): the sub-tasks' losses live on different scales (a dynamics answer is long
-and hard, a chord answer short and easy), so a trial is only ever compared with trials of its own sub-task.
+sub-task (``PerSubtaskScheduler``, in ``per_subtask_scheduler``): the sub-tasks' losses live on different scales
+(a dynamics answer is long and hard, a chord answer short and easy), so a trial is only ever compared with trials
+of its own sub-task.
 
 Each trial trains a LoRA adapter on its sub-task's train split, reports ``val_loss`` on the validation split
 every ``eval_every`` steps with the adapter as checkpoint, and Tune keeps each trial's best checkpoint. The

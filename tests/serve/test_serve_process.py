@@ -54,7 +54,8 @@ def test_serve_is_ready_and_stops_everything_it_started(run_dir, stop):
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        assert ready is not None, f"not ready within {READY_LIMIT_S} s:\n{server.stdout.read() if server.poll() is not None else ''}"
+        early = server.stdout.read() if server.poll() is not None else ""
+        assert ready is not None, f"not ready within {READY_LIMIT_S} s:\n{early}"
         print(f"musicray serve ready in {ready:.1f} s (load average {os.getloadavg()[0]:.1f})")
         out = requests.post(f"http://127.0.0.1:{port}/v1/generate", json={"form": "A2", "seed": 1}, timeout=120).json()
         assert list(out["stages"]) == list(SUBTASKS)

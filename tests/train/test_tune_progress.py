@@ -18,7 +18,8 @@ def trial(trial_id, subtask, step, loss):
 def test_one_line_per_finished_trial():
     out = io.StringIO()
     lines = TrialLines(total=3, max_steps=80, stream=out)
-    done, early, failed = trial("a_0", "melody", 80, 2.5), trial("a_1", "melody", 20, 3.0), trial("a_2", "tempo", 0, None)
+    done, early = trial("a_0", "melody", 80, 2.5), trial("a_1", "melody", 20, 3.0)
+    failed = trial("a_2", "tempo", 0, None)
     lines.on_trial_result(0, [], done, {"val_loss": 2.4})
     lines.on_trial_result(0, [], done, {"val_loss": 2.5})
     lines.on_trial_result(0, [], early, {"val_loss": 3.0})
