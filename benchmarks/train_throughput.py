@@ -10,6 +10,12 @@ for the same number of steps, in these loops (processes x threads, C = --cpus):
                           framework's overhead
     ray+ds Cx1            ``train_stage1`` with C workers of 1 CPU each (ZeRO-2 over gloo): data parallel on the
                           same C cores, C micro-batches per step
+    ray+ds Cx1 packed     the same with ``stage1.packing``: each micro-batch holds micro_batch_size rows of
+                          max_length tokens packed with whole examples (no padding)
+
+A second table counts, over the same steps of both data streams (padded examples, packed rows): the tokens
+processed (padding included), the real tokens and the labelled ones; labelled / processed is how much of the
+compute a step spends on tokens that carry the loss.
 
 Throughput is tokens (all, and labelled answer tokens) per second of step time (batch, forward, backward,
 optimizer step; for the Ray loops also the per-step all-reduce of the logged statistics), summed over the steps
@@ -46,8 +52,16 @@ import torch
 from musicray.data.prepare import ensure_ray
 from musicray.model import load_music_model
 from musicray.train.config import load_config
-from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir, shuffled_batches
-from musicray.train.finetune import build_init_model, train_stage1
+from musicray.train.data import (
+    RenderedDataset,
+    collate,
+    collated_batches,
+    load_examples,
+    resolve_data_dir,
+    shuffled_batches,
+)
+from musicray.train.finetune import train_stage1
+from musicray.train.stage1_models import build_init_model
 from musicray.train.loss import causal_lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +140,41 @@ def balance(config, data_dir: Path, init_dir: Path, steps: int, skip: int, worke
     return mean / worst
 
 
+def data_efficiency(config, data_dir: Path, music, steps: int, workers: int) -> dict[str, dict]:
+    """Per data stream (padded examples, packed rows, packed rows with the prompts' music labelled): tokens
+    processed (rows x row length, padding included), real tokens and labelled tokens over ``steps`` steps of
+    ``workers`` ranks."""
+    s = config.stage1
+    examples = load_examples(data_dir, s.tasks, "train", music.vocab, config.data.max_bars)
+    pad = music.tokenizer.pad_token_id
+    result = {}
+    for name, packed, inputs in (("padded", None, False), ("packed", config.data.max_length, False),
+                                 ("packed + train_on_inputs", config.data.max_length, True)):
+        dataset = RenderedDataset(examples, music, config.data.max_length, inputs)
+        streams = [collated_batches(dataset, s.micro_batch_size, s.seed, rank, workers, pad, packed)
+                   for rank in range(workers)]
+        counts = {"processed": 0, "real": 0, "labelled": 0, "examples": 0}
+        for _ in range(steps):
+            for stream in streams:
+                batch = next(stream)
+                counts["processed"] += batch["input_ids"].numel()
+                counts["real"] += batch["tokens"]
+                counts["labelled"] += int((batch["labels"][:, 1:] != -100).sum())
+                counts["examples"] += len(batch["streams"])
+        result[name] = counts
+    return result
+
+
+def print_efficiency(config, efficiency: dict[str, dict], steps: int, ranks: int) -> None:
+    print(f"\nTokens over {steps} steps of {ranks} ranks (micro-batch {config.stage1.micro_batch_size}: examples when "
+          f"padded, rows of {config.data.max_length} when packed; {config.data.source} data):\n")
+    print("| stream | examples | processed | real | labelled | real / processed | labelled / processed |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, c in efficiency.items():
+        print(f"| {name} | {c['examples']} | {c['processed']} | {c['real']} | {c['labelled']} | "
+              f"{c['real'] / c['processed']:.2f} | {c['labelled'] / c['processed']:.2f} |")
+
+
 def load() -> float:
     return os.getloadavg()[0]
 
@@ -140,7 +189,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPU cores of the widest loops")
     parser.add_argument("--cache-dir", type=Path, help="cache for the tiny model and data (default: a temp dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--data-only", action="store_true",
+                        help="only the token table of the data streams (no training; seconds)")
     args = parser.parse_args(argv)
+    if args.data_only:
+        config = load_config(args.config, args.set)
+        from musicray.model import add_music_tokens, load_base
+        from musicray.tokens import Vocabulary
+
+        model, tokenizer = load_base(config.base_model, config.cache_dir)
+        music = add_music_tokens(model, tokenizer, Vocabulary(config.vocab))
+        print_efficiency(config, data_efficiency(config, resolve_data_dir(config), music, args.steps, args.cpus),
+                         args.steps, args.cpus)
+        return
 
     # Ray starts its workers at nice 15; against a bare loop at nice 0 on a busy machine that alone would cost
     # them CPU time. Both run at the default priority here (this applies to the local Ray instance started below).
@@ -153,22 +214,23 @@ def main(argv: list[str] | None = None) -> None:
     ensure_ray(args.cpus)
     data_dir = resolve_data_dir(config, progress=False)
     init_dir = build_init_model(config, work / "init")
-    # name -> (Ray?, processes, threads/CPUs per process)
-    loops: dict[str, tuple[bool, int, int]] = {}
+    # name -> (Ray?, processes, threads/CPUs per process, extra config overrides)
+    loops: dict[str, tuple[bool, int, int, list[str]]] = {}
     for cpus in sorted({1, args.cpus}):
-        loops[f"bare torch 1x{cpus}"] = (False, 1, cpus)
-        loops[f"ray+ds 1x{cpus}"] = (True, 1, cpus)
+        loops[f"bare torch 1x{cpus}"] = (False, 1, cpus, [])
+        loops[f"ray+ds 1x{cpus}"] = (True, 1, cpus, [])
     if args.cpus > 1:
-        loops[f"ray+ds {args.cpus}x1"] = (True, args.cpus, 1)
+        loops[f"ray+ds {args.cpus}x1"] = (True, args.cpus, 1, [])
+    loops[f"ray+ds {args.cpus}x1 packed"] = (True, args.cpus, 1, ["stage1.packing=true"])
     results: dict[str, list[tuple]] = {name: [] for name in loops}
     loads = [load()]
     for repeat in range(args.repeat):
-        for name, (ray_loop_, workers, cpus) in loops.items():
+        for name, (ray_loop_, workers, cpus, extra) in loops.items():
             if not ray_loop_:
                 rows, wall = bare_loop(config, init_dir, data_dir, args.steps, cpus)
             else:
                 run_dir = work / f"run-{name.replace(' ', '-').replace('+', '')}-{repeat}"
-                rows, wall = ray_loop(args.config, sets, workers, cpus, run_dir)
+                rows, wall = ray_loop(args.config, [*sets, *extra], workers, cpus, run_dir)
                 shutil.rmtree(run_dir, ignore_errors=True)
             results[name].append((*throughput(rows, args.skip), wall, rows[-1]["loss"]))
             loads.append(load())
@@ -187,10 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| loop | processes x threads | tokens/s | labelled tokens/s | s/step | ratio | median ratio | "
           "loop tokens/s | loop ratio | wall s | final loss |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, (ray_loop_, workers, cpus) in loops.items():
+    for name, (ray_loop_, workers, cpus, _) in loops.items():
         tok, lab, _, loop_tok, wall, loss = best_of[name]
         # against the best bare loop that uses no more cores
-        bare = [n for n, (r, w, c) in loops.items() if not r and w * c <= workers * cpus]
+        bare = [n for n, (r, w, c, _) in loops.items() if not r and w * c <= workers * cpus]
         best, best_median, best_loop = (max(best_of[n][0] for n in bare), max(median[n] for n in bare),
                                         max(best_of[n][3] for n in bare))
         per_step = min(run[2] for run in results[name])
@@ -201,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
           f"same with medians; loop tokens/s: tokens over the loop's wall time (per-step logging, TensorBoard, "
           f"validation included). Load balance of {args.cpus} data-parallel ranks on these batches (mean / slowest "
           f"rank's padded tokens per step): {balanced:.2f}")
+    print_efficiency(config, data_efficiency(config, data_dir, load_music_model(init_dir)[1], args.steps, args.cpus),
+                     args.steps, args.cpus)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -98,7 +98,8 @@ def _pipeline(args: argparse.Namespace) -> None:
     from musicray.pipeline import preset_config, run_pipeline
 
     config = args.config or preset_config(args.preset)
-    summary = run_pipeline(config, args.out, args.set, progress=not args.quiet)
+    summary = run_pipeline(config, args.out, args.set, progress=not args.quiet, resume=args.resume, force=args.force,
+                           verbose=args.verbose)
     for name, info in summary["stages"].items():
         print(f"{name}: {info['seconds']} s{' (skipped)' if info['skipped'] else ''}")
     print(f"run dir: {summary['run_dir']}")
@@ -127,30 +128,39 @@ def _render(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from musicray.rerun import SKIP
+    from musicray.run import RunDir
     from musicray.train.config import load_config
-    from musicray.train.finetune import train_stage1
+    from musicray.train.finetune import stage1_plan, train_stage1
 
-    model_dir = train_stage1(load_config(args.config, args.set), args.out, resume=args.resume,
-                             progress=not args.no_progress)
+    config = load_config(args.config, args.set)
+    if stage1_plan(config, RunDir(args.out), args.resume, args.force) == SKIP:
+        print(f"kept {RunDir(args.out).stage1_model}: stage 1 finished there with the same config (--force trains it "
+              "again)")
+        return
+    model_dir = train_stage1(config, args.out, resume=args.resume, progress=not args.no_progress, force=args.force)
     print(f"wrote {model_dir}")
 
 
 def _tune(args: argparse.Namespace) -> None:
+    from musicray.rerun import SKIP
+    from musicray.run import RunDir
     from musicray.train.config import load_config
-    from musicray.train.tune import tune_adapters
+    from musicray.train.tune import stage2_plan, tune_adapters
 
-    adapters = tune_adapters(load_config(args.config, args.set), args.out, progress=not args.quiet)
-    print((Path(args.out).expanduser().resolve() / "tune" / "trials.md").read_text())
-    for subtask, path in adapters.items():
-        print(f"{subtask}: {path}")
+    config, run = load_config(args.config, args.set), RunDir(args.out)
+    if run.has_model() and stage2_plan(config, run, args.force) == SKIP:
+        print(f"kept {run.adapters}: stage 2 finished there with the same config (--force sweeps again)")
+        return
+    adapters = tune_adapters(config, args.out, progress=not args.quiet, force=args.force, verbose=args.verbose)
+    print(f"wrote {len(adapters)} adapters to {run.adapters}; every trial: {run.trials_md}")
 
 
 def _serve(args: argparse.Namespace) -> None:
     from musicray.serve.app import serve_forever
 
     serve_forever(args.run, args.config, host=args.host, port=args.port, multiplexed=args.multiplexed,
-                  engine=args.engine,
-                  num_cpus=args.num_cpus)
+                  engine=args.engine, num_cpus=args.num_cpus)
 
 
 def _instrument(text: str) -> tuple[str, int]:
@@ -181,6 +191,13 @@ def _audio_setting(kind, low: float, high: float):
             raise argparse.ArgumentTypeError(f"{value} is outside {low:g}..{high:g}")
         return value
     return parse
+
+
+def _add_rerun_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue stage 1 in --out from its latest checkpoint (also with changed settings)")
+    parser.add_argument("--force", action="store_true",
+                        help="train again from scratch what --out holds with another config (it is replaced)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run dir (default runs/tiny)")
     pipe.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a config value")
     pipe.add_argument("--quiet", action="store_true", help="no progress bars")
+    pipe.add_argument("--verbose", action="store_true", help="Ray Tune's trial tables and the libraries' start-up "
+                                                             "messages as well")
+    _add_rerun_options(pipe)
     pipe.set_defaults(handler=_pipeline)
 
     gen = commands.add_parser("generate", help="compose a song with the trained model and adapters")
@@ -290,10 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="stage 1: full fine-tune on Ray Train under DeepSpeed")
     train.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
     train.add_argument("--out", type=Path, required=True, help="run directory (RUN_DIR/stage1/model at the end)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set stage1.max_steps=100 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--verbose", action="store_true", help="the libraries' start-up messages as well")
+    _add_rerun_options(train)
     train.set_defaults(handler=_train)
 
     from musicray.serve.config import DEFAULT_HOST, DEFAULT_PORT
@@ -305,9 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "mapping of settings; default: the built-in defaults")
     srv.add_argument("--host", help=f"address to bind (default: the config's, else {DEFAULT_HOST})")
     srv.add_argument("--port", type=int, help=f"HTTP port (default: the config's, else {DEFAULT_PORT})")
-    srv.add_argument("--multiplexed", action="store_true",
-                     help="one deployment holding the base model once with all five adapters (the default under "
-                          "--engine vllm)")
+    layout = srv.add_mutually_exclusive_group()
+    layout.add_argument("--multiplexed", action="store_true", default=None,
+                        help="one deployment holding the base model once with all five adapters (the default on a "
+                             "local instance of fewer than 6 CPUs, unless the --config says otherwise, and under "
+                             "--engine vllm)")
+    layout.add_argument("--per-adapter", dest="multiplexed", action="store_false",
+                        help="one deployment per sub-task, each with the model and its adapter")
     srv.add_argument("--engine", choices=("auto", "vllm", "native"),
                      help="vllm: vLLM's engine (continuous batching, multi-LoRA, streaming bars; pip install -e "
                           "\".[vllm]\"); native: musicray's own decoding loop; default: the config's, else auto "
@@ -321,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
                       help="override a config value (repeatable), e.g. --set stage2.max_steps=40")
     tune.add_argument("--quiet", action="store_true", help="no progress output")
+    tune.add_argument("--verbose", action="store_true", help="Ray Tune's trial tables as well")
+    tune.add_argument("--force", action="store_true",
+                      help="sweep again even when adapters made with another config are in --out (they are replaced)")
     tune.set_defaults(handler=_tune)
     return parser
 
@@ -346,6 +374,9 @@ def report_errors(handler, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``musicray ARGS``; a job script passes its command first (``main(["train", *sys.argv[1:]])``)."""
     args = build_parser().parse_args(argv)
+    from musicray.quiet import quiet_libraries
+
+    quiet_libraries(getattr(args, "verbose", False))   # before the command loads torch, transformers or Ray
     return report_errors(args.handler, args)
 
 

@@ -20,6 +20,7 @@ from musicray.encoding import TASK_TARGET, available_inputs, decode_body, encode
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
 from musicray.model import MusicTokenizer, load_music_model
+from musicray.run import RunDir
 from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, metre, parse_form
 from musicray.tokens import SUBTASKS
 
@@ -147,17 +148,6 @@ def voice_piano(song: Song, velocity: int = NEUTRAL_VELOCITY) -> list[Note]:
     return sorted(set(notes))
 
 
-def check_run_dir(run_dir: Path) -> None:
-    if not (run_dir / "stage1" / "model" / "config.json").exists():
-        raise SongError(f"--run: {run_dir} has no stage-1 model (stage1/model/config.json); train one "
-                        "(musicray train / musicray pipeline) or pass the run dir that holds it")
-
-
-def adapter_dirs(run_dir: Path, adapters: tuple[str, ...] = SUBTASKS) -> list[str]:
-    """The sub-tasks among ``adapters`` that have a trained adapter under ``run_dir/adapters``."""
-    return [task for task in adapters if (run_dir / "adapters" / task / "adapter_config.json").exists()]
-
-
 @dataclass
 class StageInput:
     """What one song's stage decodes from: its prompt (LLM ids), grammar plan, token budget and seed."""
@@ -256,14 +246,13 @@ class Composer(StagePlanner):
                  tokens_per_bar: dict[str, int] | None = None):
         """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a sub-task without
         one runs on the stage-1 model alone); ``tokens_per_bar`` overrides the per-stage token caps."""
-        run_dir = Path(run_dir)
-        check_run_dir(run_dir)
-        model, music = load_music_model(run_dir / "stage1" / "model")
+        run = RunDir(run_dir)
+        model, music = load_music_model(run.require("stage-1 model"))
         found: list[str] = []
-        for subtask in adapter_dirs(run_dir, adapters):
+        for subtask in run.adapters_present(adapters):
             from peft import PeftModel
 
-            path = run_dir / "adapters" / subtask
+            path = run.adapter(subtask)
             if not found:
                 model = PeftModel.from_pretrained(model, path, adapter_name=subtask)
             else:

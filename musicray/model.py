@@ -199,11 +199,15 @@ class MusicTokenizer:
         prefix, suffix = self._frames[task]
         return list(prefix), list(suffix)
 
-    def render(self, example: Example) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of a training example: labels are -100 except on the answer and its <|eot_id|>."""
-        prompt = self.prompt_ids(example)
+    def render(self, example: Example, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of a training example: labels are -100 except on the answer and its <|eot_id|>,
+        and, with ``train_on_inputs``, on the prompt's music tokens (the plan and the given parts; the chat
+        template's text around them stays unlabelled)."""
+        prefix, suffix = self._template_parts(example.task)
+        inputs = self.to_llm(example.prompt)
         answer = self.to_llm(example.target) + [self.eot_id]
-        return prompt + answer, [-100] * len(prompt) + answer
+        labels = [-100] * len(prefix) + (inputs if train_on_inputs else [-100] * len(inputs)) + [-100] * len(suffix)
+        return prefix + inputs + suffix + answer, labels + answer
 
 
 def add_music_tokens(model, tokenizer: PreTrainedTokenizerFast, vocab: Vocabulary) -> MusicTokenizer:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from musicray.errors import SongError
 from musicray.harmony import (CANONICAL_BASS_DEGREES, CHORD_QUALITIES, DEGREE_NAMES, KEY_MODES, NO_CHORD,
-                              PITCH_CLASS_NAMES, chord_label)
+                              PITCH_CLASS_NAMES)
 from musicray.song import MAX_SECTION_BARS, METRES, SECTION_LABELS, TRACKS
 
 SUBTASKS: tuple[str, ...] = ("chord", "melody", "secondary", "dynamics", "tempo")
@@ -65,6 +65,13 @@ class VocabConfig:
         if not 0 <= self.max_tempo_change <= 60:
             raise SongError(f"vocab.max_tempo_change: {self.max_tempo_change} is outside 0..60")
 
+    def contrast(self) -> "VocabConfig":
+        """The language the report's language ablation compares this one with: absolute for a relative or mixed
+        language, relative for the absolute one (sizes and bins kept)."""
+        if self.language == "absolute":
+            return replace(self, **{name: choices[0] for name, choices in LANGUAGE_CHOICES.items()})
+        return replace(self, **LEGACY_LANGUAGE)
+
     @property
     def language(self) -> str:
         """One word for the language: relative, absolute, or the mix (e.g. chords=degree,pitch=absolute,..)."""
@@ -100,6 +107,7 @@ class Vocabulary:
         for i, fam in enumerate(self.family):
             self.ids_of[fam].append(i)
         self.max_positions = max(m.positions_per_bar for m in METRES.values())
+        self._token_ids: dict[tuple[str, object], int] = {}
 
     # -- layout ---------------------------------------------------------------------------------------------
     def _add(self, family: str, text: str, value: int = -1, prefix: str | None = None) -> None:
@@ -183,7 +191,14 @@ class Vocabulary:
 
     def token(self, family: str, text: object = "") -> int:
         """Id of ``<Family_text>`` (``<Family>`` when text is empty)."""
-        return self.id(f"<{family}_{text}>" if text != "" else f"<{family}>")
+        # Encoding asks this once per token (hundreds of thousands of times per dataset): remember the answers
+        # instead of formatting the token's text each time.
+        try:
+            return self._token_ids[family, text]
+        except KeyError:
+            token = self.id(f"<{family}_{text}>" if text != "" else f"<{family}>")
+            self._token_ids[family, text] = token
+            return token
 
     def chord_quality(self, token: int) -> str:
         """The quality of a ``Chord`` token (``<Chord_IV:maj7>`` -> ``maj7``)."""

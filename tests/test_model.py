@@ -70,6 +70,10 @@ def test_render_labels_only_the_answer(base, synthetic_songs):
         assert input_ids[len(input_ids) - len(answer):] == answer
         prompt_text = tokenizer.decode(input_ids[:len(input_ids) - len(answer)])
         assert INSTRUCTIONS[task] in prompt_text and "<|start_header_id|>assistant<|end_header_id|>" in prompt_text
+        # train_on_inputs: the same ids; the prompt's music tokens are labelled too, the chat text is not
+        same_ids, with_inputs = music.render(example, train_on_inputs=True)
+        assert same_ids == input_ids
+        assert [x for x in with_inputs if x != -100] == music.to_llm(example.prompt + example.target) + [music.eot_id]
 
 
 def test_save_and_load_music_model(tmp_path, base):

@@ -186,7 +186,7 @@ def _numeric(table, column: str, path, what: str):
 
 def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
     """Stage-1 training loss (and validation loss where logged) against the optimizer step, from the
-    ``metrics.csv`` that musicray.train.finetune writes."""
+    ``metrics.csv`` that musicray.train.stage1_metrics writes."""
     what = "training_curves"
     table = _read_csv(metrics_csv, METRIC_COLUMNS_REQUIRED, what)
     for column in ("step", "loss", "val_loss", "start_step"):

@@ -44,11 +44,12 @@ from musicray.eval.generation import (
 from musicray.eval.relations import relation_scores
 from musicray.eval.teacher_forced import Scores, held_out_dataset, teacher_forced
 from musicray.grammar import Grammar, Plan
+from musicray.run import ABLATIONS, RunDir
 from musicray.song import Song, SongError
 from musicray.tokens import SUBTASKS, Vocabulary
 from musicray.train.config import Config, EvalConfig, load_config
 
-ABLATIONS_DIR = "ablations"
+ABLATIONS_DIR = ABLATIONS
 MISSING = "–"
 SOURCES = (
     ("Wu, S.-L. & Yang, Y.-H. (2020). The Jazz Transformer on the Front Line: Exploring the Shortcomings of "
@@ -65,21 +66,23 @@ ABLATION_SONG_METRICS = ("chord_tone_ratio", "pitch_class_entropy_h4", "groove_c
 
 def mask_loss_dir(run_dir: Path, mask_loss: bool) -> Path:
     """Where the pipeline trains the stage-1 model of the loss-mask ablation arm ``mask_loss``."""
-    return Path(run_dir) / ABLATIONS_DIR / f"mask_loss_{'on' if mask_loss else 'off'}"
+    return RunDir(run_dir).ablation(mask_loss).root
+
+
+def language_dir(run_dir: Path, language: str) -> Path:
+    """Where the pipeline trains the stage-1 model of the language ablation arm (``VocabConfig.language``)."""
+    return RunDir(run_dir).language_ablation(language).root
 
 
 def _has_model(run_dir: Path) -> bool:
-    model = Path(run_dir) / "stage1" / "model"
-    return (model / "config.json").exists() and (model / "vocabulary.json").exists()
+    return RunDir(run_dir).has_model()
 
 
 def check_inputs(run_dir: Path, data_dir: Path) -> None:
     """One-line errors for a run or data dir that cannot be evaluated."""
     if not Path(run_dir).is_dir():
         raise SongError(f"--run: {run_dir} does not exist")
-    if not _has_model(run_dir):
-        raise SongError(f"--run: {run_dir} has no stage-1 model (stage1/model with config.json and "
-                        "vocabulary.json); run `musicray train` or `musicray pipeline` first")
+    RunDir(run_dir).require("stage-1 model")
     if not (Path(data_dir) / "songs.parquet").exists():
         raise SongError(f"--data: {data_dir} is not a prepared data dir (no songs.parquet); run `musicray data "
                         "prepare` or `musicray data synth`, or pass the data dir the run was trained on")
@@ -87,7 +90,7 @@ def check_inputs(run_dir: Path, data_dir: Path) -> None:
 
 def run_config(run_dir: Path) -> Config:
     """The configuration the run's stage 1 was trained with (the defaults where the run has none)."""
-    saved = Path(run_dir) / "stage1" / "config.yaml"
+    saved = RunDir(run_dir).stage1_config
     return load_config(saved if saved.exists() else None)
 
 
@@ -254,6 +257,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         generated_plain = compose_batch(plain, [w.request for w in windows])
     with clock.part("single stages, mask off, stage-1 alone"):
         stages_plain = [s for task in SUBTASKS for s in stage_streams(plain, windows, task, use_mask=False)]
+    with clock.part("relations, stage-1 alone (the language ablation's row)"):
+        relations_plain = _relations(plain, data_dir, settings, config)
     del plain
 
     main_mask_loss = config.stage1.mask_loss
@@ -270,6 +275,20 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         notes.append(f"loss-mask ablation not run: no stage-1 model in {other_dir} (the pipeline trains it when "
                      "eval.mask_loss_ablation is true)")
 
+    contrast = config.vocab.contrast().language
+    arm_dir = language_dir(run_dir, contrast)
+    language_arm: dict | None = None
+    if _has_model(arm_dir):
+        arm = Composer(arm_dir, device, adapters=())
+        with clock.part(f"language ablation (stage 1 in the {contrast} language)"):
+            language_arm = {"dir": str(arm_dir), "language": contrast,
+                            "generated": compose_batch(arm, [w.request for w in windows]),
+                            "relations": _relations(arm, data_dir, settings, config)}
+        del arm
+    else:
+        notes.append(f"language ablation not run: no stage-1 model in {arm_dir} (the pipeline trains it when "
+                     "eval.language_ablation is true)")
+
     songs_out = out_dir / "songs"
     songs_out.mkdir(exist_ok=True)
     _write_songs(windows, generated, songs_out)
@@ -281,6 +300,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         metrics = _generated_vs_real(generated, windows, test_songs, grammar)
         ablations = _ablations(generated, unmasked, generated_plain, stages, stages_plain, tf_adapter, tf_alone,
                                main_mask_loss, loss_arm, [w.song for w in windows], vocab)
+        _add_language_ablation(ablations, generated_plain, relations_plain, contrast, language_arm)
     report = {
         "run_dir": str(run_dir), "data_dir": str(data_dir), "device": device,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -350,6 +370,41 @@ def _as_means(figures: dict) -> dict:
     """Stream figures in the shape of summarize_songs' entries (one value over all streams)."""
     n = figures["streams"]
     return {key: {"mean": figures[key], "std": None, "n": n} for key in ("structure_adherence", "grammar_validity")}
+
+
+# The relation figures (``musicray.eval.relations``) shown in the language ablation's rows.
+RELATION_COLUMNS = ("chord_tone_mass", "scale_mass", "tempo_hold")
+
+
+def _add_language_ablation(ablations: dict, generated_plain: list[Composed], relations: dict, contrast: str,
+                           arm: dict | None) -> None:
+    """The relative-vs-absolute rows: the run's stage 1 alone against the same stage 1 trained in the contrasting
+    language (both composing the same windows with the mask on, no adapters), put before the reference row, and
+    the ``language`` entry of the ablations."""
+
+    def row(variant: str, composed: list[Composed], figures: dict) -> dict:
+        valid = [c.song for c in composed if c.song is not None]
+        chord_tone = summarize_songs(valid)["chord_tone_ratio"]["mean"] if valid else None
+        return {"ablation": "music language", "variant": variant,
+                "songs_valid": sum(c.song is not None for c in composed) / len(composed),
+                "chord_tone_ratio": chord_tone, **{key: figures.get(key) for key in RELATION_COLUMNS}}
+
+    rows = [row(f"{relations['language']} (the run's stage 1 alone)", generated_plain, relations)]
+    rows.append({"ablation": "music language", "variant": f"{contrast}: not run"} if arm is None else
+                row(f"{contrast} ({ABLATIONS_DIR}/{Path(arm['dir']).name})", arm["generated"], arm["relations"]))
+    table = ablations["table"]
+    at = next(i for i, r in enumerate(table) if r["ablation"] == "reference")
+    table[at:at] = rows
+    table[-1].update({"chord_tone_mass": relations.get("real_chord_tone"), "scale_mass": relations.get("real_in_scale"),
+                      "tempo_hold": relations.get("real_tempo_hold")})
+    ablations["language"] = {"run": rows[0], "other": "not run" if arm is None else {
+        "dir": arm["dir"], "language": arm["language"], "songs": _composed_summary(arm["generated"]),
+        "relations": arm["relations"]}}
+    ablations["columns"].update({
+        "chord_tone_mass": "teacher-forced probability mass on the sounding chord's tones at melody pitch positions "
+                           "(reference row: the real notes' share)",
+        "scale_mass": "teacher-forced probability mass on the key's scale at melody pitch positions",
+        "tempo_hold": "teacher-forced probability of keeping the previous bar's tempo at tempo positions"})
 
 
 def _ablations(generated, unmasked, generated_plain, stages, stages_plain, tf_adapter, tf_alone, main_mask_loss,
@@ -453,8 +508,8 @@ def _plots(run_dir: Path, out_dir: Path, windows: list[Window], generated: list[
         "piano_roll_real": lambda p: plots.piano_roll(real, p, f"real: test song {windows[0].source_id}, form "
                                                               f"{real.form}, {real.key}, {real.metre}"),
         "performance_curves": lambda p: plots.performance_curves(song, real, p),
-        "training_curves": lambda p: plots.training_curves(run_dir / "stage1" / "metrics.csv", p),
-        "sweep_table": lambda p: plots.sweep_table(run_dir / "tune" / "trials.csv", p),
+        "training_curves": lambda p: plots.training_curves(RunDir(run_dir).stage1_metrics, p),
+        "sweep_table": lambda p: plots.sweep_table(RunDir(run_dir).trials_csv, p),
     }
     result = {}
     for name, draw in jobs.items():
@@ -544,7 +599,7 @@ def render_markdown(report: dict) -> str:
 
     ablations = report["ablations"]
     columns = ["songs_valid", "stages_valid", "structure_adherence", "loss", "accuracy", "masked_loss",
-               "masked_accuracy", *ABLATION_SONG_METRICS]
+               "masked_accuracy", *ABLATION_SONG_METRICS, *RELATION_COLUMNS]
     lines += ["", "## Ablations", ""]
     lines += _table(["ablation", "variant", *[c.replace("masked_", "") + (" (grammar)" if c.startswith("masked_")
                                                                             else "") for c in columns]],

@@ -20,8 +20,10 @@ Python.
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the Serve class view.
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -37,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 
 from musicray.compose import Composer, finish
 from musicray.midi import TEXT_CHARSET, midi_to_song, song_to_midi
+from musicray.run import RunDir
 from musicray.serve.config import (
     APP_NAME, DEFAULT_HOST, DEFAULT_PORT, DEPLOYMENT_KEYS, read_config_file, serve_config, stage_options,
 )
@@ -156,10 +159,8 @@ def _stage_result(out: dict, tasks: list[str], infos: dict):
 
 
 def _stage_reports(infos: dict[str, dict]) -> dict[str, dict]:
-    """What the answer says of each stage."""
-    return {task: {"tokens": info["tokens"], "new_tokens": info["new_tokens"], "inputs": info["inputs"],
-                   "seconds": info["seconds"], "adapter": info["adapter"], "batch": info["batch"],
-                   "wall_seconds": info["wall_seconds"]} for task, info in infos.items()}
+    """Each stage's report as `musicray generate` writes it (the composer's), plus what serving adds."""
+    return {task: {key: value for key, value in info.items() if key != "replica_pid"} for task, info in infos.items()}
 
 
 def _finished_midi(song) -> bytes:
@@ -357,10 +358,7 @@ class Ingress:
 
 
 def _check_run_dir(run_dir: str) -> None:
-    model = Path(run_dir) / "stage1" / "model"
-    if not (model / "config.json").exists():
-        raise FileNotFoundError(f"--run: {run_dir} has no stage-1 model ({model}/config.json); "
-                                "train one first (musicray train) or pass the run dir that holds it")
+    RunDir(run_dir).require("stage-1 model")
 
 
 def _deployment(options: dict) -> dict:
@@ -399,21 +397,55 @@ def app_builder(args: dict) -> Application:
     return build_app(args.pop("run_dir", None), args)
 
 
+# Below this many CPUs, a local instance serves all adapters from one multiplexed deployment unless told otherwise:
+# five replicas each importing torch and loading the model take minutes to start on two cores (and Serve warns
+# that they wait to be scheduled), one takes seconds.
+SMALL_MACHINE_CPUS = 6
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill PID``) stops the server as Ctrl-C does, so the cleanup below runs."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _stop_children(timeout: float = 10.0) -> None:
+    """End what is left of the processes this one started (Ray's agents outliving ``ray.shutdown``)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
 def serve_forever(run_dir: str | Path, config_file: str | Path | None = None, host: str | None = None,
-                  port: int | None = None, multiplexed: bool = False, num_cpus: int | None = None,
+                  port: int | None = None, multiplexed: bool | None = None, num_cpus: int | None = None,
                   engine: str | None = None) -> None:
-    """Start Ray (or join the cluster in RAY_ADDRESS), Serve and the app for ``run_dir``; serve until Ctrl-C,
-    then shut down what this call started.
+    """Start Ray (or join the cluster in RAY_ADDRESS), Serve and the app for ``run_dir``; serve until Ctrl-C or
+    SIGTERM, then shut down what this call started (every process of a local Ray instance it started).
 
     ``config_file`` is a Serve config file or a mapping of settings (``read_config_file``); ``host``/``port``
-    override its ``http_options`` (defaults: DEFAULT_HOST, DEFAULT_PORT); ``multiplexed`` and ``engine`` override
-    its settings.
+    override its ``http_options`` (defaults: DEFAULT_HOST, DEFAULT_PORT); ``engine`` and ``multiplexed`` (True or
+    False) override its settings; unset, a local instance of fewer than SMALL_MACHINE_CPUS CPUs is multiplexed.
     """
+    import os
+
     import ray
 
     settings, http = read_config_file(config_file) if config_file else ({}, {})
-    if multiplexed:
+    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if multiplexed is not None:
+        settings["multiplexed"] = multiplexed
+    elif "multiplexed" not in settings and local and (num_cpus or os.cpu_count() or 1) < SMALL_MACHINE_CPUS:
         settings["multiplexed"] = True
+        print(f"musicray: {num_cpus or os.cpu_count()} CPUs: one deployment serves all five adapters "
+              "(--per-adapter for one deployment per sub-task)", flush=True)
     if engine:
         settings["engine"] = engine
     settings.pop("run_dir", None)
@@ -421,10 +453,12 @@ def serve_forever(run_dir: str | Path, config_file: str | Path | None = None, ho
     host = host or http.get("host") or DEFAULT_HOST
     port = port if port is not None else int(http.get("port") or DEFAULT_PORT)
     started_ray = serving = False
+    _stop_on_sigterm()
     try:
         if not ray.is_initialized():
             ray.init(num_cpus=num_cpus, include_dashboard=False)
             started_ray = True
+            _stop_on_sigterm()      # again: ray.init installs its own handler, which skips the cleanup below
         serve.start(http_options={"host": host, "port": port})
         serving = True
         serve.run(app, name=APP_NAME, route_prefix="/")
@@ -441,3 +475,4 @@ def serve_forever(run_dir: str | Path, config_file: str | Path | None = None, ho
         finally:
             if started_ray:
                 ray.shutdown()
+                _stop_children()

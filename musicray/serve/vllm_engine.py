@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from musicray.compose import Request, StageInput, StagePlanner, adapter_dirs, check_run_dir
+from musicray.compose import Request, StageInput, StagePlanner
 from musicray.grammar import Grammar
+from musicray.run import RunDir
 from musicray.serve.bar_events import BarEvents
 from musicray.song import Song, SongError
 from musicray.tokens import SUBTASKS
@@ -67,20 +68,18 @@ class VllmStages:
         from musicray.serve.grammar_processor import FQCN
         from musicray.tokens import Vocabulary
 
-        run_dir = Path(run_dir)
-        check_run_dir(run_dir)
-        model_dir = run_dir / "stage1" / "model"
+        run = RunDir(run_dir)
+        model_dir = run.require("stage-1 model")
         music = MusicTokenizer(AutoTokenizer.from_pretrained(model_dir), Vocabulary.load(model_dir / "vocabulary.json"))
-        found = adapter_dirs(run_dir, adapters)
+        found = run.adapters_present(adapters)
         for task in found:   # before the engine starts: an adapter vLLM cannot load would kill it at first use
-            check_adapter(run_dir / "adapters" / task)
+            check_adapter(run.adapter(task))
         # Prompts, plans and the answers' checks run here, in the deployment; the mask runs in the engine.
         self.planner = StagePlanner(music, Grammar(music.vocab), found, tokens_per_bar)
-        self.loras = {task: LoRARequest(task, k + 1, str(run_dir / "adapters" / task)) for k, task in enumerate(found)}
+        self.loras = {task: LoRARequest(task, k + 1, str(run.adapter(task))) for k, task in enumerate(found)}
         self.subtasks = list(adapters)
         config = json.loads((model_dir / "config.json").read_text())
-        ranks = [json.loads((run_dir / "adapters" / task / "adapter_config.json").read_text()).get("r", 8)
-                 for task in found]
+        ranks = [json.loads((run.adapter(task) / "adapter_config.json").read_text()).get("r", 8) for task in found]
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
         max_model_len = min(int(config.get("max_position_embeddings", 16384)), 16384)

@@ -45,7 +45,12 @@ class Stage1Config:
     deepspeed: str = _help("DeepSpeed JSON (relative to the repo root or absolute)", "configs/deepspeed/zero2.json")
     zero_stage: int | None = _help("override the JSON's ZeRO stage (0-3)", None)
     precision: str = _help("fp32 | bf16 | fp16 (bf16/fp16 need GPUs)", "fp32")
-    micro_batch_size: int = _help("examples per worker per step", 2)
+    micro_batch_size: int = _help("examples per worker per step (rows of data.max_length tokens with packing)", 2)
+    packing: bool = _help("pack whole examples into rows of data.max_length tokens (no padding; each attends to "
+                          "itself only): every step processes full rows, and ranks do equal work", False)
+    train_on_inputs: bool = _help("also put the loss on the prompts' music tokens (plan and given parts: real music "
+                                  "the model learns from too); the chat text stays unlabelled. Validation loss stays "
+                                  "on the answers. Not with mask_loss (the grammar reads answers only)", False)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
     learning_rate: float = _help("peak learning rate (AdamW)", 1e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)
@@ -93,6 +98,9 @@ class EvalConfig:
     mask_loss_ablation: bool = _help("musicray pipeline: also train stage 1 with stage1.mask_loss flipped, into "
                                      "RUN/ablations/mask_loss_<on|off> (the loss-mask ablation; as costly as stage 1)",
                                      False)
+    language_ablation: bool = _help("musicray pipeline: also train stage 1 in the contrasting music language (absolute "
+                                    "for the relative one), into RUN/ablations/language_<name>, for the report's "
+                                    "relative-vs-absolute row (as costly as stage 1)", False)
 
 
 @dataclass
@@ -117,6 +125,9 @@ class Config:
             raise SongError(f"stage1.precision: {self.stage1.precision!r}; expected fp32, bf16 or fp16")
         if self.stage1.precision != "fp32" and not self.stage1.use_gpu:
             raise SongError("stage1.precision: bf16/fp16 need use_gpu: true (DeepSpeed on CPU trains in fp32)")
+        if self.stage1.train_on_inputs and self.stage1.mask_loss:
+            raise SongError("stage1.train_on_inputs: not with stage1.mask_loss (the grammar-masked loss reads the "
+                            "answers only); set one of them to false")
         if self.stage1.lr_schedule not in ("constant", "linear", "cosine"):
             raise SongError(f"stage1.lr_schedule: {self.stage1.lr_schedule!r}; expected constant, linear or cosine")
         for name in ("songs", "max_bars", "batch_size"):

@@ -68,14 +68,16 @@ class Rendered:
 
 
 class RenderedDataset(torch.utils.data.Dataset):
-    """Chat-rendered examples cut to ``max_length``; examples whose prompt leaves no room are dropped."""
+    """Chat-rendered examples cut to ``max_length``; examples whose prompt leaves no room are dropped. With
+    ``train_on_inputs`` the prompts' music tokens are labelled too (``MusicTokenizer.render``)."""
 
-    def __init__(self, examples: list[Example], music: MusicTokenizer, max_length: int):
+    def __init__(self, examples: list[Example], music: MusicTokenizer, max_length: int,
+                 train_on_inputs: bool = False):
         self.items: list[Rendered] = []
         self.dropped = 0
         for example in examples:
-            input_ids, labels = music.render(example)
-            start = labels.index(next(x for x in labels if x != -100))
+            input_ids, labels = music.render(example, train_on_inputs)
+            start = len(input_ids) - len(example.target) - 1   # the answer's first token
             if start >= max_length - 1:
                 self.dropped += 1
                 continue
@@ -103,7 +105,59 @@ def collate(items: list[Rendered], pad_id: int) -> dict:
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "answer_start": torch.tensor([item.answer_start for item in items]),
-            "streams": [item.stream for item in items], "plans": [item.plan for item in items]}
+            "streams": [item.stream for item in items], "plans": [item.plan for item in items],
+            "tokens": int(attention_mask.sum())}
+
+
+# Rows still open to new examples while packing: first-fit over these fills rows to ~95 % where next-fit (one open
+# row) leaves a third empty when examples are long against max_length; bounded, so packing stays linear.
+OPEN_ROWS = 64
+
+
+def pack(items: list[Rendered], max_length: int) -> list[list[Rendered]]:
+    """Whole items, in their order, into rows of at most ``max_length`` tokens: each goes into the first of the
+    ``OPEN_ROWS`` newest rows with room for it, else starts a row."""
+    rows: list[list[Rendered]] = []
+    room: list[int] = []
+    for item in items:
+        n = len(item.input_ids)
+        first_open = max(0, len(rows) - OPEN_ROWS)
+        row = next((r for r in range(first_open, len(rows)) if room[r] >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(max_length)
+            row = len(rows) - 1
+        rows[row].append(item)
+        room[row] -= n
+    return rows
+
+
+def collate_packed(rows: list[list[Rendered]], pad_id: int) -> dict:
+    """Packed rows: each row holds several examples back to back, ``position_ids`` restart at 0 for each, and no
+    ``attention_mask`` is given, so the model attends within each example only (transformers reads the segments
+    from the positions). The padding at a row's end is one more segment, unlabelled. ``segment_rows`` and
+    ``answer_start`` (a position in its row) place each example for the grammar-masked loss."""
+    length = max(sum(len(item.input_ids) for item in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    segment_rows, answer_start, streams, plans = [], [], [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for item in row:
+            n = len(item.input_ids)
+            input_ids[r, at:at + n] = torch.tensor(item.input_ids)
+            labels[r, at:at + n] = torch.tensor(item.labels)
+            position_ids[r, at:at + n] = torch.arange(n)
+            segment_rows.append(r)
+            answer_start.append(at + item.answer_start)
+            streams.append(item.stream)
+            plans.append(item.plan)
+            at += n
+        position_ids[r, at:] = torch.arange(length - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+            "segment_rows": torch.tensor(segment_rows), "answer_start": torch.tensor(answer_start),
+            "streams": streams, "plans": plans, "tokens": sum(len(item.input_ids) for row in rows for item in row)}
 
 
 def shuffled_batches(dataset: RenderedDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -116,3 +170,30 @@ def shuffled_batches(dataset: RenderedDataset, batch_size: int, seed: int, rank:
         for start in range(0, len(mine) - batch_size + 1, batch_size):
             yield [dataset[i] for i in mine[start:start + batch_size]]
         epoch += 1
+
+
+def packed_batches(dataset: RenderedDataset, rows_per_batch: int, max_length: int, seed: int, rank: int = 0,
+                   world_size: int = 1):
+    """An endless, seeded stream of batches of packed rows (``pack``): epoch e's permutation (as in
+    ``shuffled_batches``) packed into rows, the rows split by rank. Every row is nearly full, so the ranks' steps
+    cost about the same whatever the examples' lengths."""
+    epoch = 0
+    while True:
+        order = list(range(len(dataset)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        mine = pack([dataset[i] for i in order], max_length)[rank::world_size]
+        for start in range(0, len(mine) - rows_per_batch + 1, rows_per_batch):
+            yield mine[start:start + rows_per_batch]
+        epoch += 1
+
+
+def collated_batches(dataset: RenderedDataset, batch_size: int, seed: int, rank: int, world_size: int, pad_id: int,
+                     packed_length: int | None = None):
+    """The training stream of collated batches: ``batch_size`` padded examples (``shuffled_batches``), or, with
+    ``packed_length``, ``batch_size`` rows of that many tokens packed with whole examples (``packed_batches``)."""
+    if packed_length is None:
+        for items in shuffled_batches(dataset, batch_size, seed, rank, world_size):
+            yield collate(items, pad_id)
+    else:
+        for rows in packed_batches(dataset, batch_size, packed_length, seed, rank, world_size):
+            yield collate_packed(rows, pad_id)

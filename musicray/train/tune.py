@@ -3,7 +3,7 @@
 The stage-1 model (``RUN_DIR/stage1/model``) is the frozen base. One ``Tuner`` holds all sweeps at once: the
 sub-task is a grid axis of the search space and the LoRA hyperparameters are sampled per trial, so
 ``len(subtasks) x trials_per_subtask`` trials share the cluster. Early stopping is ASHA, but one ASHA per
-sub-task (``PerSubtaskScheduler``): the sub-tasks' losses live on different scales (a dynamics answer is long
+sub-task (``PerSubtaskScheduler``, in ``per_subtask_scheduler``): the sub-tasks' losses live on different scales (a dynamics answer is long
 and hard, a chord answer short and easy), so a trial is only ever compared with trials of its own sub-task.
 
 Each trial trains a LoRA adapter on its sub-task's train split, reports ``val_loss`` on the validation split
@@ -17,121 +17,27 @@ stage-1 model and the prepared data by path, and Tune writes checkpoints under `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
 
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-from musicray.song import SongError
-from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ray.tune.experiment import Trial
+from musicray.errors import SongError
+from musicray.quiet import silenced_stdout
+from musicray.rerun import SKIP, STAGE1_MODEL, decide, read_saved, stage_keys, write_done
+from musicray.run import RunDir
+from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config, config_to_dict
+from musicray.train.per_subtask_scheduler import PerSubtaskScheduler
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "learning_rate", "target_modules")
 SEARCH_KEYS = HYPERPARAMETERS
 METRIC, MODE = "val_loss", "min"
-
-
-# -- the scheduler -------------------------------------------------------------------------------------------
-class PerSubtaskScheduler(FIFOScheduler):
-    """ASHA run separately for each sub-task: trials are only ever compared with trials of their own sub-task.
-
-    Every trial callback is routed to the ``ASHAScheduler`` of ``trial.config[key]`` (created on the first
-    trial of that sub-task, all with the same settings), so each sub-task has its own rungs and cutoffs. Trial
-    choice stays FIFO (one queue for all sub-tasks; the search generator interleaves them).
-    """
-
-    def __init__(self, metric: Optional[str] = None, mode: Optional[str] = None, key: str = "subtask",
-                 time_attr: str = "training_iteration", max_t: int = 100, grace_period: int = 1,
-                 reduction_factor: float = 2, stop_last_trials: bool = True):
-        super().__init__()
-        if mode is not None and mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        self._metric, self._mode, self._key = metric, mode, key
-        self._asha_kwargs = {"time_attr": time_attr, "max_t": max_t, "grace_period": grace_period,
-                             "reduction_factor": reduction_factor, "stop_last_trials": stop_last_trials}
-        # Fail now, not on the first trial, if the ASHA settings are invalid.
-        ASHAScheduler(metric="_", mode="min", **self._asha_kwargs)
-        self._schedulers: dict[str, ASHAScheduler] = {}
-        self._group_of: dict[str, str] = {}     # trial id -> sub-task
-
-    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
-        if (self._metric and metric) or (self._mode and mode):
-            return False
-        self._metric = metric or self._metric
-        self._mode = mode or self._mode
-        for scheduler in self._schedulers.values():
-            scheduler.set_search_properties(metric, mode, **spec)
-        return True
-
-    @property
-    def schedulers(self) -> dict[str, ASHAScheduler]:
-        """The ASHA of each sub-task seen so far."""
-        return dict(self._schedulers)
-
-    def group(self, trial: "Trial") -> str:
-        config = trial.config or {}
-        if self._key not in config:
-            raise ValueError(f"{type(self).__name__}: trial {trial.trial_id} has no {self._key!r} in its config; "
-                             f"every trial must name its {self._key}")
-        return str(config[self._key])
-
-    def _asha(self, trial: "Trial", controller=None) -> ASHAScheduler:
-        group = self._group_of.get(trial.trial_id)
-        if group is None:            # a trial we have not seen (e.g. after a restore): add it first
-            self.on_trial_add(controller, trial)
-            group = self._group_of[trial.trial_id]
-        return self._schedulers[group]
-
-    def on_trial_add(self, tune_controller, trial: "Trial") -> None:
-        if not self._metric or not self._mode:
-            raise ValueError(f"{type(self).__name__} needs a metric and a mode (pass them to it or to TuneConfig)")
-        group = self.group(trial)
-        if group not in self._schedulers:
-            self._schedulers[group] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._asha_kwargs)
-        self._group_of[trial.trial_id] = group
-        self._schedulers[group].on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial: "Trial", result: dict) -> str:
-        return self._asha(trial, tune_controller).on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller, trial: "Trial", result: dict) -> None:
-        self._asha(trial, tune_controller).on_trial_complete(tune_controller, trial, result)
-        self._group_of.pop(trial.trial_id, None)
-
-    def on_trial_error(self, tune_controller, trial: "Trial") -> None:
-        group = self._group_of.pop(trial.trial_id, None)
-        if group is not None:
-            self._schedulers[group]._trial_info.pop(trial.trial_id, None)
-
-    def on_trial_remove(self, tune_controller, trial: "Trial") -> None:
-        group = self._group_of.pop(trial.trial_id, None)
-        if group is not None:
-            self._schedulers[group].on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        lines = [f"Using ASHA per {self._key} ({len(self._schedulers)} groups):"]
-        for group, scheduler in sorted(self._schedulers.items()):
-            lines.append(f"[{group}] " + scheduler.debug_string().replace("\n", f"\n[{group}] "))
-        return "\n".join(lines)
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as file:
-            pickle.dump(self.__dict__, file)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as file:
-            self.__dict__.update(pickle.load(file))
 
 
 # -- search space --------------------------------------------------------------------------------------------
@@ -300,32 +206,52 @@ def train_adapter(config: dict, settings: dict) -> None:
 
 
 # -- the run -------------------------------------------------------------------------------------------------
-def stage1_model_dir(run_dir: Path) -> Path:
-    path = Path(run_dir) / "stage1" / "model"
-    if not ((path / "config.json").exists() and (path / "vocabulary.json").exists()):
-        raise FileNotFoundError(f"{path}: no stage-1 model (config.json and vocabulary.json); run "
-                                f"`musicray train --out {run_dir}` first: stage 2 trains its adapters on it")
-    return path
+def stage2_keys(config: Config, run: RunDir) -> dict:
+    """The settings the adapters depend on, with the hash of the stage-1 model they are trained on."""
+    keys = stage_keys(config_to_dict(config), "stage2")
+    done = json.loads(run.stage1_done.read_text()) if run.stage1_done.exists() else {}
+    keys[STAGE1_MODEL] = done.get("config_hash", "unknown")
+    return keys
 
 
-def tune_adapters(config: Config, run_dir: Path, progress: bool = True) -> dict[str, Path]:
+def stage2_plan(config: Config, run: RunDir, force: bool = False) -> str:
+    """RUN or SKIP for stage 2 in ``run`` (``musicray.rerun.decide``), or a ``StageConflict``: finished adapters
+    made with other settings are never replaced without ``force``."""
+    subtasks = config.stage2.subtasks
+    started = run.tune.exists() or any(run.has_adapter(t) for t in subtasks)
+    # Finished: done.json, or (a run dir of an older musicray) the sweep table and every adapter.
+    finished = run.tune_done.exists() or (run.trials_csv.exists() and all(run.has_adapter(t) for t in subtasks))
+    saved = read_saved(run.tune_done, started, finished)
+    return decide("stage2", run.adapters, saved, stage2_keys(config, run), force=force, resumable=False)
+
+
+def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: bool = False,
+                  data_dir: Path | None = None, verbose: bool = False) -> dict[str, Path]:
     """Sweep LoRA hyperparameters for every sub-task in one Tune run; export the best adapter of each.
 
     Returns sub-task -> ``RUN_DIR/adapters/<subtask>`` (PEFT ``adapter_config.json`` and
-    ``adapter_model.safetensors``, plus ``hyperparameters.json``).
+    ``adapter_model.safetensors``, plus ``hyperparameters.json``). Finished adapters made with the same settings
+    are kept; made with other settings, they are only replaced with ``force`` (``musicray.rerun``).
+    ``data_dir``: the prepared data, when the caller has resolved it; ``progress``: one line per finished trial;
+    ``verbose``: Ray Tune's own trial tables as well.
     """
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     from musicray.data.prepare import ensure_ray
     from musicray.train.data import resolve_data_dir
+    from musicray.train.tune_progress import TrialLines, chosen_lines
 
-    run_dir = Path(run_dir).expanduser().resolve()
-    stage1 = stage1_model_dir(run_dir)
+    run = RunDir(run_dir)
+    stage1 = run.require("stage-1 model", field="--out")
     stage2 = config.stage2
     _check_stage2(stage2)
     param_space = search_space(stage2)
-    data_dir = resolve_data_dir(config, progress=progress).expanduser().resolve()
+    if stage2_plan(config, run, force) == SKIP:
+        return {subtask: run.adapter(subtask) for subtask in stage2.subtasks}
+    for path in (run.tune, run.ray / "stage2", *(run.adapter(t) for t in stage2.subtasks)):
+        shutil.rmtree(path, ignore_errors=True)     # an unfinished sweep, or --force
+    data_dir = Path(data_dir or resolve_data_dir(config, progress=progress)).expanduser().resolve()
     ensure_ray()
     # Tune warns when its experiment snapshots come faster than every 5 s, which num_to_keep forces on every
     # checkpoint: expected with short trials, and harmless.
@@ -351,25 +277,33 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True) -> dict[
         tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=searcher, reuse_actors=True,
                                     num_samples=stage2.trials_per_subtask),
         run_config=tune.RunConfig(
-            name="stage2", storage_path=str(run_dir / "ray"), verbose=1 if progress else 0,
+            # Tune's trial tables (hundreds of lines) only with --verbose; otherwise one line per finished trial.
+            name="stage2", storage_path=str(run.ray), verbose=1 if verbose else 0,
+            callbacks=[TrialLines(len(stage2.subtasks) * stage2.trials_per_subtask, stage2.max_steps)]
+            if progress and not verbose else None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order=MODE)))
-    results = tuner.fit()
+    # Tune prints its experiment header even at verbose=0; TrialLines keeps the stdout it was made with.
+    with silenced_stdout() if not verbose else contextlib.nullcontext():
+        results = tuner.fit()
 
     table, best = trials_table(results, stage2)
-    write_table(table, run_dir / "tune")
+    write_table(table, run.tune)
+    if progress:
+        print("\n".join(chosen_lines(table)), flush=True)
     missing = [s for s in stage2.subtasks if s not in best]
     if missing:
         errors = {f"{r.config.get('subtask')}: {_last_line(r.error)}" for r in results if r.error is not None}
         raise SongError(f"stage 2: no trial of {', '.join(missing)} reported a validation loss"
-                        + (f" ({'; '.join(sorted(errors))})" if errors else "") + f"; see {run_dir / 'ray' / 'stage2'}")
+                        + (f" ({'; '.join(sorted(errors))})" if errors else "") + f"; see {run.ray / 'stage2'}")
     adapters = {}
     for subtask in stage2.subtasks:
         result, checkpoint, metrics = best[subtask]
-        adapters[subtask] = export_adapter(checkpoint, run_dir / "adapters" / subtask, {
+        adapters[subtask] = export_adapter(checkpoint, run.adapter(subtask), {
             "subtask": subtask, **{k: result.config[k] for k in HYPERPARAMETERS}, "val_loss": metrics[METRIC],
             "step": metrics.get("step"), "trial_id": _trial_id(result), "seed": result.config.get("seed"),
             "stage1_model": str(stage1), "data_dir": str(data_dir)})
+    write_done(run.tune_done, "stage2", stage2_keys(config, run))
     return adapters
 
 

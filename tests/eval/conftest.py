@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from musicray.model import save_music_model
-from musicray.tokens import SUBTASKS, Vocabulary
+from musicray.model import add_music_tokens, load_base, save_music_model
+from musicray.tokens import LEGACY_LANGUAGE, SUBTASKS, VocabConfig, Vocabulary
 
 # Synthetic songs whose id hashes into the test split (split_of), and one train song.
 TEST_SONGS = ("synth-0000", "synth-0034", "synth-0050")
@@ -27,7 +27,7 @@ def write_data(out, song_ids) -> None:
 
 def write_training_records(run) -> None:
     """stage1/metrics.csv and tune/trials.csv in the columns finetune.py and tune.py write."""
-    from musicray.train.finetune import METRIC_COLUMNS
+    from musicray.train.stage1_metrics import METRIC_COLUMNS
 
     with (run / "stage1" / "metrics.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -56,7 +56,8 @@ def eval_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def eval_run(tmp_path_factory, make_random_run):
     """stage1/model + LoRA adapters of three sub-tasks (random, non-zero), training records, and a second stage-1
-    model in ablations/mask_loss_on (the loss-mask arm; the run's own config says mask_loss: false)."""
+    model in ablations/mask_loss_on (the loss-mask arm; the run's own config says mask_loss: false) and one in the
+    absolute music language in ablations/language_absolute (the language arm)."""
     run = tmp_path_factory.mktemp("eval-run")
     model, music = make_random_run(run, ADAPTED, run / "cache")
     write_training_records(run)
@@ -65,5 +66,8 @@ def eval_run(tmp_path_factory, make_random_run):
         embeddings = model.get_input_embeddings().weight
         embeddings.add_(0.5 * embeddings.std() * torch.randn_like(embeddings))
     save_music_model(model, music, run / "ablations" / "mask_loss_on" / "stage1" / "model")
+    base, tokenizer = load_base("tiny", run / "cache")
+    absolute = add_music_tokens(base, tokenizer, Vocabulary(VocabConfig(**LEGACY_LANGUAGE)))
+    save_music_model(base, absolute, run / "ablations" / "language_absolute" / "stage1" / "model")
     shutil.rmtree(run / "cache")
     return run

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from musicray.data.synth import synth_song
 from musicray.eval import plots
 from musicray.song import Note, Song, Tempo, parse_form
-from musicray.train.finetune import METRIC_COLUMNS
+from musicray.train.stage1_metrics import METRIC_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRIAL_COLUMNS = ("trial_id", "subtask", "rank", "alpha", "dropout", "learning_rate", "target_modules",

@@ -78,13 +78,14 @@ def test_teacher_forced_table_has_adapter_and_stage1_scores(report):
             assert scores[task]["adapter"] is None
 
 
-def test_ablation_table_has_the_three_ablations_and_the_reference(report):
+def test_ablation_table_has_the_four_ablations_and_the_reference(report):
     rows = report["ablations"]["table"]
     assert [(row["ablation"], row["variant"].split(" ")[0]) for row in rows] == [
         ("generation mask", "on"), ("generation mask", "off"),
         ("mask in the stage-1 loss", "off"), ("mask in the stage-1 loss", "on"),
-        ("LoRA adapters", "adapters"), ("LoRA adapters", "stage-1"), ("reference", "real")]
-    mask_on, mask_off, loss_off, loss_on, adapters, alone, _ = rows
+        ("LoRA adapters", "adapters"), ("LoRA adapters", "stage-1"),
+        ("music language", "relative"), ("music language", "absolute"), ("reference", "real")]
+    mask_on, mask_off, loss_off, loss_on, adapters, alone, relative, absolute, real = rows
     assert mask_on["songs_valid"] == mask_on["stages_valid"] == mask_on["structure_adherence"] == 1.0
     # Random weights without the mask do not write grammatical streams.
     assert mask_off["songs_valid"] == 0.0 and mask_off["stages_valid"] < 1.0
@@ -92,6 +93,13 @@ def test_ablation_table_has_the_three_ablations_and_the_reference(report):
     assert loss_on["loss"] != pytest.approx(loss_off["loss"])
     assert adapters["loss"] != pytest.approx(alone["loss"])
     assert alone["songs_valid"] == 1.0
+    # Both languages compose grammatical songs and are scored on the same relations, each in its own tokens.
+    assert relative["songs_valid"] == absolute["songs_valid"] == 1.0
+    assert "ablations/language_absolute" in absolute["variant"]
+    for key in ("chord_tone_ratio", "chord_tone_mass", "scale_mass", "tempo_hold"):
+        assert 0 <= relative[key] <= 1 and 0 <= absolute[key] <= 1, key
+    assert real["chord_tone_mass"] == report["relations"]["real_chord_tone"]
+    assert report["ablations"]["language"]["other"]["relations"]["language"] == "absolute"
     failed = report["ablations"]["generation_mask"]["off"]["songs"]
     assert failed["valid"] == 0 and sum(failed["failed_at"].values()) == 2 and len(failed["errors"]) == 2
 
@@ -109,12 +117,13 @@ def test_report_md_shows_the_tables_and_links_the_plots(report_dir, report):
     for heading in ("## Generated vs real", "## Teacher-forced scores", "## Ablations", "## Plots", "## Sources"):
         assert heading in text
     assert "| chord_tone_ratio |" in text and "| generation mask | off (adapters) |" in text
+    assert "| music language | absolute (ablations/language_absolute) |" in text
     for name in PLOTS:
         assert f"]({report['plots'][name]})" in text
     assert "Wu & Yang 2020" in text and "Yeh et al. 2021" in text
 
 
-def test_a_run_without_the_loss_mask_arm_says_not_run(eval_run, eval_data, tmp_path):
+def test_a_run_without_the_ablation_arms_says_not_run(eval_run, eval_data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(eval_run, run, ignore=shutil.ignore_patterns("ablations"))
     report = evaluate_run(run, eval_data, tmp_path / "out", EvalConfig(songs=1, max_bars=1, max_examples=2),
@@ -122,6 +131,8 @@ def test_a_run_without_the_loss_mask_arm_says_not_run(eval_run, eval_data, tmp_p
     assert report["ablations"]["loss_mask"]["other"] == "not run"
     assert report["ablations"]["table"][3]["variant"] == "on: not run"
     assert any("loss-mask ablation not run" in note for note in report["notes"])
+    assert report["ablations"]["language"]["other"] == "not run"
+    assert report["ablations"]["table"][7]["variant"] == "absolute: not run"
     (tmp_path / "run" / "stage1" / "metrics.csv").unlink()
     report = evaluate_run(run, eval_data, tmp_path / "out2", EvalConfig(songs=1, max_bars=1, max_examples=2),
                           progress=False)

@@ -281,11 +281,15 @@ def test_serve_matches_the_in_process_composer(serve_url, run_dir, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local, _ = Composer(run_dir).compose(Request("A2B2", key="D:min", tempo=120, seed=9))
+        local, report = Composer(run_dir).compose(Request("A2B2", key="D:min", tempo=120, seed=9))
     finally:
         torch.set_num_threads(threads)
-    served = midi_to_song(base64.b64decode(generate(serve_url, {"form": "A2B2", "key": "D:min", "tempo": 120,
-                                                                "seed": 9})["midi"]))
+    answer = generate(serve_url, {"form": "A2B2", "key": "D:min", "tempo": 120, "seed": 9})
+    served = midi_to_song(base64.b64decode(answer["midi"]))
+    # The answer carries each stage's report as `musicray generate` writes it (and what serving adds).
+    for task, info in report["stages"].items():
+        assert set(info) <= set(answer["stages"][task]), set(info) - set(answer["stages"][task])
+        assert answer["stages"][task]["tokens"] == info["tokens"]
     # The served song is read back from its MIDI file, where a note is cut when the same pitch starts again.
     buffer = io.BytesIO()
     song_to_midi(local).dump(file=buffer)

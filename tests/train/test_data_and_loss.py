@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from musicray.encoding import encode_quantized, quantized, round_trip_song, section_windows
 from musicray.grammar import Grammar, validate_examples
@@ -10,7 +11,7 @@ from musicray.model import add_music_tokens, load_base
 from musicray.song import SongError
 from musicray.tokens import TASKS, Vocabulary
 from musicray.train.config import Config, load_config
-from musicray.train.data import RenderedDataset, collate, load_examples
+from musicray.train.data import RenderedDataset, collate, collate_packed, load_examples, pack, packed_batches
 from musicray.train.loss import answer_masks, causal_lm_loss
 
 VOCAB = Vocabulary()
@@ -119,3 +120,75 @@ def test_rendered_dataset_cuts_long_answers_and_drops_prompts_that_do_not_fit(ba
     assert len(cut) == 1 and len(cut[0].input_ids) == full - 10
     none = RenderedDataset([example], music, max_length=20)
     assert len(none) == 0 and none.dropped == 1
+
+
+@pytest.fixture(scope="module")
+def packed(batch, synthetic_songs):
+    """The batch fixture's examples (and two more) packed into rows of 640 tokens."""
+    model, music, _ = batch
+    windows = [w for s in synthetic_songs[:2] for w in section_windows(quantized(s, VOCAB), 4)]
+    examples = [encode_quantized(w, task, VOCAB) for w in windows[:3] for task in TASKS]
+    dataset = RenderedDataset(examples, music, max_length=640)
+    return model, music, dataset, pack(dataset.items, 640)
+
+
+def test_pack_fills_rows_without_splitting_or_losing_an_example(packed):
+    _, _, dataset, rows = packed
+    assert sorted(id(item) for row in rows for item in row) == sorted(id(item) for item in dataset.items)
+    assert all(sum(len(i.input_ids) for i in row) <= 640 for row in rows)
+    # first-fit: no example of a later row would have fitted into an earlier row when it was placed; in the end
+    # only the last rows may be far from full
+    used = [sum(len(i.input_ids) for i in row) for row in rows]
+    assert sum(used[:-2]) > 0.85 * 640 * len(used[:-2])
+    assert len(rows) < len(dataset.items)
+
+
+def test_packed_rows_give_each_example_its_own_logits_and_the_same_loss(packed):
+    """Attention stays inside each example (positions restart), so packed logits equal the example's own, and the
+    plain and grammar-masked losses equal those of the padded batch of the same examples."""
+    model, music, dataset, rows = packed
+    pad = music.tokenizer.pad_token_id
+    b = collate_packed(rows[:2], pad)
+    assert b["tokens"] == sum(len(i.input_ids) for row in rows[:2] for i in row)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+        first_row = rows[0]
+        at = 0
+        for item in first_row:
+            alone = model(input_ids=torch.tensor([item.input_ids])).logits[0]
+            assert torch.allclose(logits[0, at:at + len(item.input_ids)], alone, atol=1e-4)
+            at += len(item.input_ids)
+        items = [i for row in rows[:2] for i in row]
+        padded = collate(items, pad)
+        padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    assert float(causal_lm_loss(logits, b["labels"])) == pytest.approx(
+        float(causal_lm_loss(padded_logits, padded["labels"])), rel=5e-4)
+    masked = causal_lm_loss(logits, b["labels"], GRAMMAR, b["answer_start"], b["streams"], b["plans"], music.offset,
+                            music.eot_id, b["segment_rows"])
+    masked_padded = causal_lm_loss(padded_logits, padded["labels"], GRAMMAR, padded["answer_start"],
+                                   padded["streams"], padded["plans"], music.offset, music.eot_id)
+    assert float(masked) == pytest.approx(float(masked_padded), rel=5e-4)
+    # every music label of every packed answer is allowed by its own answer's grammar state
+    masks = answer_masks(GRAMMAR, b["labels"], b["answer_start"], b["streams"], b["plans"], music.offset,
+                         b["segment_rows"])
+    labels = b["labels"]
+    music_positions = (labels >= music.offset) & (labels < music.offset + len(VOCAB))
+    assert bool(masks[music_positions].gather(1, (labels[music_positions] - music.offset)[:, None]).all())
+    assert not bool(masks[~music_positions].any())
+
+
+def test_packed_batches_split_the_rows_by_rank(packed):
+    _, _, dataset, _ = packed
+    first = [next(packed_batches(dataset, 1, 640, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert first[0] != first[1]
+    assert all(sum(len(i.input_ids) for i in batch[0]) <= 640 for batch in first)
+
+
+def test_train_on_inputs_labels_the_prompt_music_and_keeps_the_answer_start(batch, synthetic_songs):
+    _, music, _ = batch
+    example = encode_quantized(quantized(synthetic_songs[3], VOCAB), "melody", VOCAB)
+    plain, with_inputs = (RenderedDataset([example], music, 4096, train_on_inputs=flag)[0] for flag in (False, True))
+    assert plain.answer_start == with_inputs.answer_start and plain.input_ids == with_inputs.input_ids
+    assert sum(x != -100 for x in with_inputs.labels) == sum(x != -100 for x in plain.labels) + len(example.prompt)
+    with pytest.raises(SongError, match="stage1.train_on_inputs"):
+        load_config(None, ["stage1.train_on_inputs=true", "stage1.mask_loss=true"])

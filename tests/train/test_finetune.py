@@ -25,7 +25,8 @@ from musicray.model import load_music_model
 from musicray.song import SongError
 from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir
-from musicray.train.finetune import deepspeed_config, train_stage1
+from musicray.train.deepspeed_config import deepspeed_config
+from musicray.train.finetune import train_stage1
 from musicray.train.loss import causal_lm_loss
 
 pytest.importorskip("deepspeed")
@@ -169,15 +170,18 @@ def test_stage1_trains_and_exports(zero, request, cache_dir, tmp_path):
     assert "lm_head.weight" in changed and "model.embed_tokens.weight" in changed
 
 
-@pytest.mark.parametrize("mask_loss", [False, True])
+@pytest.mark.parametrize("mask_loss", [False, True], ids=["plain-padded", "masked-packed"])
 def test_loss_falls(mask_loss, request, cache_dir, tmp_path):
+    """The plain loss on padded batches (the reference run), and the grammar-masked loss on packed rows."""
     if not mask_loss:
         run_dir = request.getfixturevalue("reference")
     else:
         request.getfixturevalue("ray_cluster")
         run_dir = tmp_path / "run"
-        train_stage1(tiny_config(cache_dir, stage1__mask_loss=True, stage1__max_steps=12,
+        train_stage1(tiny_config(cache_dir, stage1__mask_loss=True, stage1__packing=True, stage1__max_steps=12,
                                  stage1__checkpoint_every=12), run_dir, progress=False)
+        # packed rows are nearly full: 2 workers x 2 rows of up to 256 tokens
+        assert all(r["tokens"] > 0.8 * 2 * 2 * 256 for r in metrics(run_dir))
     data_dir = resolve_data_dir(tiny_config(cache_dir), progress=False)
     before = fixed_batch_loss(run_dir / "stage1" / "init", data_dir, masked=mask_loss)
     after = fixed_batch_loss(run_dir / "stage1" / "model", data_dir, masked=mask_loss)

@@ -10,7 +10,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from musicray.train.config import Config, DataConfig, Stage2Config
 from musicray.cli import main
-from musicray.train.tune import PerSubtaskScheduler, search_space, tune_adapters
+from musicray.train.per_subtask_scheduler import PerSubtaskScheduler
+from musicray.train.tune import search_space, tune_adapters
 from musicray.tokens import SUBTASKS
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP

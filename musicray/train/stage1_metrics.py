@@ -1,0 +1,97 @@
+"""Stage 1's metrics: rank 0 appends a row per logged step to ``stage1/metrics.csv`` (and TensorBoard), and the
+driver tails that file into a progress bar (worker output is not shown on the driver)."""
+
+from __future__ import annotations
+
+import csv
+import threading
+from pathlib import Path
+
+METRIC_COLUMNS = ("step", "loss", "learning_rate", "tokens_per_s", "labelled_tokens_per_s", "tokens",
+                  "labelled_tokens", "step_s", "val_loss", "start_step", "time")
+
+
+class MetricsLog:
+    """metrics.csv and TensorBoard, on rank 0."""
+
+    def __init__(self, stage_dir: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = stage_dir / "metrics.csv"
+        new = not path.exists() or path.stat().st_size == 0
+        self.file = path.open("a", newline="")
+        self.csv = csv.writer(self.file, lineterminator="\n")
+        if new:
+            self.csv.writerow(METRIC_COLUMNS)
+            self.file.flush()
+        # purge_step hides events a failed attempt logged after the checkpoint it restarts from.
+        self.tb = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, row: dict) -> None:
+        self.csv.writerow(["" if row.get(c) is None else row[c] for c in METRIC_COLUMNS])
+        self.file.flush()
+        step = row["step"]
+        for key in ("loss", "learning_rate", "tokens_per_s", "labelled_tokens_per_s"):
+            self.tb.add_scalar(f"train/{key}", row[key], step)
+        if row.get("val_loss") is not None:
+            self.tb.add_scalar("val/loss", row["val_loss"], step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+class ProgressTail(threading.Thread):
+    """A tqdm bar on the driver, fed by the rows rank 0 appends to metrics.csv (worker output is not shown)."""
+
+    def __init__(self, path: Path, total: int, enabled: bool, desc: str = "stage1"):
+        super().__init__(daemon=True)
+        self.path, self.total, self.enabled, self.desc = path, total, enabled, desc
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.done = threading.Event()
+
+    def __enter__(self):
+        if self.enabled:
+            self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        if self.enabled:
+            self.join(timeout=5)
+
+    def _rows(self):
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [line.split(",") for line in complete.decode().splitlines() if line and not line.startswith("step")]
+
+    def run(self):
+        from tqdm import tqdm
+
+        bar = None   # opened at the first row, so its rate is the training rate, not the start-up time
+        try:
+            while True:
+                finished = self.done.wait(0.5)
+                for row in self._rows():
+                    values = dict(zip(METRIC_COLUMNS, row))
+                    step = int(values["step"])
+                    if bar is None:
+                        bar = tqdm(total=self.total, initial=step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
+                    bar.n = step
+                    postfix = {"loss": f"{float(values['loss']):.3f}",
+                               "tok/s": f"{float(values['tokens_per_s']):.0f}"}
+                    if values.get("val_loss"):
+                        postfix["val"] = f"{float(values['val_loss']):.3f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.refresh()
+                if finished:
+                    return
+        finally:
+            if bar is not None:
+                bar.close()
