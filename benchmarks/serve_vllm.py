@@ -217,6 +217,12 @@ def markdown(results: dict, args, machine: str, date: str, load: tuple) -> str:
         "engines, and the engines take turns on the cores; one engine with all five adapters batches across "
         "sub-tasks instead.",
         "",
+        "On a GPU: `python benchmarks/gpu_vllm.py --shapes 1b 8b --out gpu_vllm.json` (prepared for a lent GPU, "
+        "meant to finish in under 8 minutes on an H100/H200: random-weight 1B- and 8B-shaped models in bf16 with "
+        "five random adapters, songs/s and decode tokens/s of the vLLM engine and of musicray's loop at 1, 8 and 32 "
+        "songs, and the HBM-bandwidth bound of a decode step). No GPU was lent to this task; the script has only "
+        "been dry-run on the CPU (`--shapes tiny --device cpu`).",
+        "",
     ]
     return "\n".join(lines)
 

@@ -130,7 +130,7 @@ def resolve_base(base_model: str, cache_dir: str | Path) -> Path:
     """The directory of ``base_model``; a built-in shape (``BUILT_IN``) is built into ``cache_dir`` on first use
     (and again when the cached one has another shape)."""
     if base_model in BUILT_IN:
-        path = Path(cache_dir).expanduser() / f"{base_model}-llama"   # a config's "~/.cache/musicray" as given
+        path = Path(cache_dir).expanduser() / f"{base_model}-llama"   # configs write ~/.cache/musicray
         if not _built_as(path, BUILT_IN[base_model]):
             build_tiny(path, BUILT_IN[base_model])
         return path
