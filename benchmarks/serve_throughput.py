@@ -153,31 +153,8 @@ def serve_layout(run: Path, app: str, url: str, config: dict, body: dict, local:
     seed = 0
     for clients in levels:
         songs = max(min_songs, clients * per_client)
-        seeds = list(range(seed, seed + songs))
+        outs, errors, wall = closed_loop(post, body, clients, list(range(seed, seed + songs)))
         seed += songs
-        lock, outs, errors = threading.Lock(), [], []
-
-        def client() -> None:
-            while True:
-                with lock:
-                    if not seeds:
-                        return
-                    s = seeds.pop()
-                try:
-                    o = post({**body, "seed": s})
-                    with lock:
-                        outs.append(o)
-                except Exception as err:  # noqa: BLE001 - counted and reported
-                    with lock:
-                        errors.append(str(err))
-
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        tick = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - tick
         batches = [info["batch"] for o in outs for info in o["stages"].values()]
         result["levels"][clients] = {"songs": len(outs), "errors": len(errors), "wall_s": wall,
                                      "songs_per_s": len(outs) / wall,
@@ -186,6 +163,35 @@ def serve_layout(run: Path, app: str, url: str, config: dict, body: dict, local:
     result["memory"] = replica_memory(app)
     serve.delete(app)
     return result
+
+
+def closed_loop(post, body: dict, clients: int, seeds: list[int]) -> tuple[list, list[str], float]:
+    """``clients`` threads post ``body`` once with each of ``seeds``, each sending its next song as soon as its
+    last one is answered: (answers, error messages, wall seconds)."""
+    seeds = list(seeds)
+    lock, outs, errors = threading.Lock(), [], []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not seeds:
+                    return
+                seed = seeds.pop()
+            try:
+                out = post({**body, "seed": seed})
+                with lock:
+                    outs.append(out)
+            except Exception as err:  # noqa: BLE001 - counted and reported
+                with lock:
+                    errors.append(str(err)[:300])
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    tick = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outs, errors, time.perf_counter() - tick
 
 
 def markdown(results: dict, args, machine: str, date: str) -> str:
@@ -257,14 +263,14 @@ def markdown(results: dict, args, machine: str, date: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    """Put ``text`` in as the Serving section: replace an earlier Serving section, else append at the end."""
+def write_docs(text: str, section: str = SECTION) -> None:
+    """Put ``text`` in as the ``section`` of docs/benchmarks.md: replace an earlier one, else append at the end."""
     existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if SECTION + "\n" in existing:
-        start = existing.index(SECTION + "\n")
-        rest = existing[start + len(SECTION):]
+    if section + "\n" in existing:
+        start = existing.index(section + "\n")
+        rest = existing[start + len(section):]
         nxt = rest.find("\n## ")
-        end = start + len(SECTION) + (nxt + 1 if nxt >= 0 else len(rest))
+        end = start + len(section) + (nxt + 1 if nxt >= 0 else len(rest))
         updated = existing[:start] + text.rstrip("\n") + "\n" + ("\n" + existing[end:] if nxt >= 0 else "")
     else:
         updated = existing.rstrip("\n") + "\n\n" + text

@@ -30,12 +30,11 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import DOCS, build_tiny_run, free_port  # noqa: E402
+from serve_throughput import DOCS, build_tiny_run, closed_loop, free_port, write_docs  # noqa: E402
 
 SECTION = "## Serving on vLLM"
 LAYOUTS = {"native, per-adapter": {"engine": "native", "multiplexed": False},
@@ -63,31 +62,8 @@ def stats_delta(before: dict, after: dict) -> dict:
             "mean_rows": sum(k * v for k, v in rows.items()) / counted if counted else 0.0}
 
 
-def closed_loop(post, body: dict, clients: int, songs: int, first_seed: int) -> dict:
-    seeds = list(range(first_seed, first_seed + songs))
-    lock, outs, errors = threading.Lock(), [], []
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not seeds:
-                    return
-                seed = seeds.pop()
-            try:
-                out = post({**body, "seed": seed})
-                with lock:
-                    outs.append(out)
-            except Exception as err:  # noqa: BLE001 - counted and reported
-                with lock:
-                    errors.append(str(err)[:300])
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    tick = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - tick
+def closed_loop_rate(post, body: dict, clients: int, songs: int, first_seed: int) -> dict:
+    outs, errors, wall = closed_loop(post, body, clients, range(first_seed, first_seed + songs))
     return {"songs": len(outs), "errors": errors, "wall_s": wall, "songs_per_s": len(outs) / wall}
 
 
@@ -134,7 +110,7 @@ def measure(run: Path, name: str, url: str, config: dict, body: dict, levels: li
     for clients in levels:
         songs = max(min_songs, clients)
         before = read_stats(stats_file)
-        result["levels"][clients] = closed_loop(post, body, clients, songs, seed)
+        result["levels"][clients] = closed_loop_rate(post, body, clients, songs, seed)
         time.sleep(1)   # the processor writes its counters when the batch empties
         if config["engine"] == "vllm" and config["multiplexed"]:   # (five engines would share the stats file)
             result["levels"][clients]["grammar"] = stats_delta(before, read_stats(stats_file))
@@ -227,19 +203,6 @@ def markdown(results: dict, args, machine: str, date: str, load: tuple) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if SECTION + "\n" in existing:
-        start = existing.index(SECTION + "\n")
-        rest = existing[start + len(SECTION):]
-        nxt = rest.find("\n## ")
-        end = start + len(SECTION) + (nxt + 1 if nxt >= 0 else len(rest))
-        updated = existing[:start] + text.rstrip("\n") + "\n" + ("\n" + existing[end:] if nxt >= 0 else "")
-    else:
-        updated = existing.rstrip("\n") + "\n\n" + text
-    DOCS.write_text(updated)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="run dir (default: a tiny random one in a temp dir)")
@@ -261,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         tuple(args.load or (0.0, 0.0)))
         print(text)
         if not args.no_docs:
-            write_docs(text)
+            write_docs(text, SECTION)
         return 0
 
     import ray
@@ -300,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if not args.no_docs:
-        write_docs(text)
+        write_docs(text, SECTION)
         print(f"wrote the {SECTION!r} section of {DOCS}")
     return 0
 

@@ -413,15 +413,17 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("case,body,status,field", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_input_is_a_4xx_naming_the_field(serve_url, case, body, status, field):
-    if isinstance(body, dict):   # "SONG" stands for a valid two-bar song upload
-        body = {k: _two_bar_song() if v == "SONG" else v for k, v in body.items()}
+def post_bad_request(url: str, body, path: str = "/v1/generate"):
+    """POST one row's body of ``BAD_REQUESTS``: raw bytes as they are, a dict as JSON ("SONG" stands for a valid
+    two-bar song upload)."""
     if isinstance(body, bytes):
-        response = requests.post(serve_url + "/v1/generate", data=body, timeout=60,
-                                 headers={"Content-Type": "application/json"})
-    else:
-        response = post(serve_url, body)
+        return requests.post(url + path, data=body, timeout=60, headers={"Content-Type": "application/json"})
+    body = {k: _two_bar_song() if v == "SONG" else v for k, v in body.items()}
+    return requests.post(url + path, json=body, timeout=60)
+
+
+def assert_refused(response, case: str, status: int, field: str) -> None:
+    """The answer is ``status`` and names ``field`` (as ``field`` and at the start of the message)."""
     assert response.status_code == status, (case, response.status_code, response.text)
     assert field in response.text, (case, response.text)
     payload = response.json()
@@ -430,6 +432,11 @@ def test_bad_input_is_a_4xx_naming_the_field(serve_url, case, body, status, fiel
     elif status != 422:
         assert payload["field"] == ("form" if field == "max_bars" else field)
         assert payload["detail"].startswith(payload["field"] + ":")
+
+
+@pytest.mark.parametrize("case,body,status,field", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_input_is_a_4xx_naming_the_field(serve_url, case, body, status, field):
+    assert_refused(post_bad_request(serve_url, body), case, status, field)
 
 
 def test_midi_upload_without_a_melody_is_refused(serve_url):

@@ -19,7 +19,8 @@ from musicray.song import parse_form  # noqa: E402
 from musicray.tokens import SUBTASKS  # noqa: E402
 
 from .conftest import serving  # noqa: E402
-from .test_serve import BAD_REQUESTS, CONFIG, _two_bar_song, check_midi, post, run_dir  # noqa: E402,F401
+from .test_serve import (  # noqa: E402,F401
+    BAD_REQUESTS, CONFIG, assert_refused, check_midi, post, post_bad_request, run_dir)
 from .test_serve import test_regenerate_rewrites_one_section_of_an_uploaded_song as regenerate_check  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
@@ -178,30 +179,12 @@ def test_a_client_that_leaves_mid_stream_cancels_its_song(vllm_url):
     check_midi(base64.b64decode(generate(vllm_url, {"form": "A1b1", "seed": 1})["midi"]), "A1b1")
 
 
-def _bad_body(case: str, body):
-    if case == "longer than max_bars":   # the native table's form fits this app's larger limit
-        return {"form": "A32B32A32x4"}   # 100 bars
-    if isinstance(body, dict):   # "SONG" stands for a valid two-bar song upload
-        return {k: _two_bar_song() if v == "SONG" else v for k, v in body.items()}
-    return body
-
-
 @pytest.mark.parametrize("path", ["/v1/generate", "/v1/generate/stream"])
 @pytest.mark.parametrize("case,body,status,field", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
 def test_bad_input_is_the_same_4xx_as_the_native_engine(vllm_url, path, case, body, status, field):
-    body = _bad_body(case, body)
-    if isinstance(body, bytes):
-        response = requests.post(vllm_url + path, data=body, timeout=60, headers={"Content-Type": "application/json"})
-    else:
-        response = requests.post(vllm_url + path, json=body, timeout=60)
-    assert response.status_code == status, (case, response.status_code, response.text)
-    assert field in response.text, (case, response.text)
-    payload = response.json()
-    if status == 422 and field != "body":
-        assert payload["field"] == field and payload["message"].startswith(field)
-    elif status != 422:
-        assert payload["field"] == ("form" if field == "max_bars" else field)
-        assert payload["detail"].startswith(payload["field"] + ":")
+    if case == "longer than max_bars":   # the native table's form fits this app's larger limit
+        body = {"form": "A32B32A32x4"}   # 100 bars
+    assert_refused(post_bad_request(vllm_url, body, path), case, status, field)
 
 
 def test_the_engine_keeps_serving_after_bad_input(vllm_url):
