@@ -64,20 +64,6 @@ SOURCES = (
 ABLATION_SONG_METRICS = ("chord_tone_ratio", "pitch_class_entropy_h4", "groove_consistency")
 
 
-def mask_loss_dir(run_dir: Path, mask_loss: bool) -> Path:
-    """Where the pipeline trains the stage-1 model of the loss-mask ablation arm ``mask_loss``."""
-    return RunDir(run_dir).ablation(mask_loss).root
-
-
-def language_dir(run_dir: Path, language: str) -> Path:
-    """Where the pipeline trains the stage-1 model of the language ablation arm (``VocabConfig.language``)."""
-    return RunDir(run_dir).language_ablation(language).root
-
-
-def _has_model(run_dir: Path) -> bool:
-    return RunDir(run_dir).has_model()
-
-
 def check_inputs(run_dir: Path, data_dir: Path) -> None:
     """One-line errors for a run or data dir that cannot be evaluated."""
     if not Path(run_dir).is_dir():
@@ -262,9 +248,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     del plain
 
     main_mask_loss = config.stage1.mask_loss
-    other_dir = mask_loss_dir(run_dir, not main_mask_loss)
+    other_arm = RunDir(run_dir).ablation(not main_mask_loss)
+    other_dir = other_arm.root
     loss_arm: dict | None = None
-    if _has_model(other_dir):
+    if other_arm.has_model():
         arm = Composer(other_dir, device, adapters=())
         with clock.part(f"loss-mask ablation (stage1.mask_loss={str(not main_mask_loss).lower()})"):
             _, arm_tf = _teacher_forced_all(arm, data_dir, settings, config, False)
@@ -276,9 +263,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
                      "eval.mask_loss_ablation is true)")
 
     contrast = config.vocab.contrast().language
-    arm_dir = language_dir(run_dir, contrast)
+    language_run = RunDir(run_dir).language_ablation(contrast)
+    arm_dir = language_run.root
     language_arm: dict | None = None
-    if _has_model(arm_dir):
+    if language_run.has_model():
         arm = Composer(arm_dir, device, adapters=())
         with clock.part(f"language ablation (stage 1 in the {contrast} language)"):
             language_arm = {"dir": str(arm_dir), "language": contrast,
