@@ -160,13 +160,18 @@ def collate_packed(rows: list[list[Rendered]], pad_id: int) -> dict:
             "streams": streams, "plans": plans, "tokens": sum(len(item.input_ids) for row in rows for item in row)}
 
 
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """Epoch ``epoch``'s permutation of ``size`` examples, the same on every rank."""
+    order = list(range(size))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
 def shuffled_batches(dataset: RenderedDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
     """An endless, seeded stream of batches; epoch e is a permutation shared by all ranks, split by rank."""
     epoch = 0
     while True:
-        order = list(range(len(dataset)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        mine = order[rank::world_size]
+        mine = epoch_order(len(dataset), seed, epoch)[rank::world_size]
         for start in range(0, len(mine) - batch_size + 1, batch_size):
             yield [dataset[i] for i in mine[start:start + batch_size]]
         epoch += 1
@@ -179,9 +184,7 @@ def packed_batches(dataset: RenderedDataset, rows_per_batch: int, max_length: in
     cost about the same whatever the examples' lengths."""
     epoch = 0
     while True:
-        order = list(range(len(dataset)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        mine = pack([dataset[i] for i in order], max_length)[rank::world_size]
+        mine = pack([dataset[i] for i in epoch_order(len(dataset), seed, epoch)], max_length)[rank::world_size]
         for start in range(0, len(mine) - rows_per_batch + 1, rows_per_batch):
             yield mine[start:start + rows_per_batch]
         epoch += 1
