@@ -13,19 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import psutil
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from musicray.serve.launch import start_server, wait_until_ready
 
 
 def main() -> None:
@@ -36,22 +30,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("extra", nargs="*", help="more `musicray serve` arguments (after --)")
     args = parser.parse_args()
-    port = free_port()
     load = os.getloadavg()[0]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "musicray", "serve", "--run", args.run, "--port", str(port),
-                               "--num-cpus", str(args.num_cpus), *args.extra], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env)
-    ready = None
-    while time.perf_counter() - started < args.timeout and server.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                ready = time.perf_counter() - started
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.25)
+    server, port = start_server(args.run, args.num_cpus, args.extra)
+    ready = wait_until_ready(server, port, args.timeout)
     song = None
     if ready is not None:
         tick = time.perf_counter()

@@ -29,13 +29,14 @@ import argparse
 import datetime
 import json
 import platform
-import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from musicray.serve.launch import free_port  # noqa: F401  (serve_vllm.py imports it from here too)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -59,12 +60,6 @@ def build_tiny_run(root: Path) -> Path:
         get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                                         init_lora_weights=False)).save_pretrained(run / "adapters" / subtask)
     return run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class InProcess:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from musicray.errors import SongError
+from musicray.pipeline import PRESETS
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_data_inspect)
 
     pipe = commands.add_parser("pipeline", help="data -> stage 1 -> stage 2 -> generated songs, in one run dir")
-    pipe.add_argument("--preset", default="tiny", help="tiny (synthetic songs) or pop909-tiny (real POP909)")
+    pipe.add_argument("--preset", default="tiny",
+                      help=f"a config of configs/: {', '.join(PRESETS)} (tiny: synthetic songs; pop909-*: real POP909)")
     pipe.add_argument("--config", type=Path, help="a YAML config instead of a preset")
     pipe.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run dir (default runs/tiny)")
     pipe.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a config value")

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from musicray.song import SongError
+from musicray.errors import SongError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESETS: dict[str, str] = {"tiny": "configs/tiny.yaml", "pop909-tiny": "configs/pop909_tiny.yaml",

@@ -1,13 +1,8 @@
 """One Ray Serve instance per test module: started on a free loopback port, shut down with Ray afterwards."""
 
 import contextlib
-import socket
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from musicray.serve.launch import free_port
 
 
 @contextlib.contextmanager

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
+from musicray.serve.launch import start_server, wait_until_ready
 from musicray.tokens import SUBTASKS
-
-from .conftest import free_port
 
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
@@ -38,22 +35,9 @@ def _alive(process: psutil.Process) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_serve_is_ready_and_stops_everything_it_started(run_dir, stop):
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}   # a local instance of its own
-    started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "musicray", "serve", "--run", str(run_dir), "--port", str(port),
-                               "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env)
+    server, port = start_server(run_dir, num_cpus=2)
     try:
-        ready = None
-        while time.perf_counter() - started < READY_LIMIT_S and server.poll() is None:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                    ready = time.perf_counter() - started
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        ready = wait_until_ready(server, port, READY_LIMIT_S, poll_s=0.5)
         early = server.stdout.read() if server.poll() is not None else ""
         assert ready is not None, f"not ready within {READY_LIMIT_S} s:\n{early}"
         print(f"musicray serve ready in {ready:.1f} s (load average {os.getloadavg()[0]:.1f})")
