@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from docs_section import write_section
 from musicray.data.synth import synth_song
 from musicray.decode import Sampling, generate
 from musicray.encoding import bar_contents, encode, quantized
@@ -52,7 +53,6 @@ from musicray.model import TinyConfig, add_music_tokens, build_tiny
 from musicray.song import Section
 from musicray.tokens import Vocabulary
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES: dict[str, TinyConfig] = {
     "tiny": TinyConfig(),
     # Big enough that the weights, not per-op overhead, dominate a decode step on CPU (~30 M parameters).
@@ -236,18 +236,6 @@ def markdown(args, rows, alone, context, env, jump=None) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(section.splitlines()[0] + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section.rstrip() + "\n" + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model shape (random weights)")
@@ -280,7 +268,7 @@ def main() -> None:
     print(section)
     print({"sampling": asdict(Sampling())})
     if not args.no_docs:
-        write_docs(section)
+        write_section(section)
 
 
 if __name__ == "__main__":

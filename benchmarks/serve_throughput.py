@@ -36,10 +36,9 @@ import threading
 import time
 from pathlib import Path
 
+from docs_section import DOCS, write_section
 from musicray.serve.launch import free_port  # noqa: F401  (serve_vllm.py imports it from here too)
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Serving"
 
 
@@ -258,21 +257,6 @@ def markdown(results: dict, args, machine: str, date: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str, section: str = SECTION) -> None:
-    """Put ``text`` in as the ``section`` of docs/benchmarks.md: replace an earlier one, else append at the end."""
-    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if section + "\n" in existing:
-        start = existing.index(section + "\n")
-        rest = existing[start + len(section):]
-        nxt = rest.find("\n## ")
-        end = start + len(section) + (nxt + 1 if nxt >= 0 else len(rest))
-        updated = existing[:start] + text.rstrip("\n") + "\n" + ("\n" + existing[end:] if nxt >= 0 else "")
-    else:
-        updated = existing.rstrip("\n") + "\n\n" + text
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(updated)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="run dir (default: a tiny random one in a temp dir)")
@@ -326,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     if not args.no_docs:
-        write_docs(text)
+        write_section(text, SECTION)
         print(f"wrote the {SECTION!r} section of {DOCS}")
     return 0
 

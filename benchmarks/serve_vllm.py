@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import DOCS, build_tiny_run, closed_loop, free_port, write_docs  # noqa: E402
+from docs_section import DOCS, write_section  # noqa: E402
+from serve_throughput import build_tiny_run, closed_loop, free_port  # noqa: E402
 
 SECTION = "## Serving on vLLM"
 LAYOUTS = {"native, per-adapter": {"engine": "native", "multiplexed": False},
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         tuple(args.load or (0.0, 0.0)))
         print(text)
         if not args.no_docs:
-            write_docs(text, SECTION)
+            write_section(text, SECTION)
         return 0
 
     import ray
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if not args.no_docs:
-        write_docs(text, SECTION)
+        write_section(text, SECTION)
         print(f"wrote the {SECTION!r} section of {DOCS}")
     return 0
 
