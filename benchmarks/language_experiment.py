@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from musicray.decode import Sampling, generate
+from musicray.decode import generate
+from musicray.sampling import Sampling
 from musicray.encoding import decode_body, encode_quantized, section_windows
 from musicray.eval.metrics import chord_tone_ratio, tempo_change_stats
 from musicray.eval.relations import relation_scores

@@ -50,12 +50,10 @@ def _data_inspect(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from musicray.compose import Composer, Request, parse_chords, regenerated_bars
-    from musicray.tokens import SUBTASKS
-    from musicray.decode import Sampling
     from musicray.midi import read_midi, write_midi
+    from musicray.sampling import Sampling, stage_sampling
+    from musicray.tokens import SUBTASKS
 
-    chords = parse_chords(args.chords.read_text() if args.chords.exists() else str(args.chords), args.form,
-                          args.metre) if args.chords else None
     melody = read_midi(args.melody).tracks["MELODY"] if args.melody else None
     given = read_midi(args.song) if args.song else None
     if given and not any(given.tracks.values()):
@@ -68,13 +66,18 @@ def _generate(args: argparse.Namespace) -> None:
         raise SongError("--form: required (or give a --song, whose form is used)")
     key, metre_name = args.key or (given.key if given else "C:maj"), args.metre or (given.metre if given else "4/4")
     tempo = args.tempo or (round(given.tempos[0].bpm) if given and given.tempos else 100)
+    chords = parse_chords(args.chords.read_text() if args.chords.exists() else str(args.chords), form,
+                          metre_name) if args.chords else None
     regenerate = regenerated_bars(form, args.regenerate, args.regenerate_bars) \
         if args.regenerate or args.regenerate_bars else None
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    per_stage = stage_sampling(_stage_settings(args.stage_sampling), sampling, "--stage-sampling")
     request = Request(form, key, metre_name, tempo, args.seed,
                       chords or (given.chords if given else None), melody or (given.tracks["MELODY"] if given else None),
-                      tuple(args.stages), Sampling(args.temperature, args.top_k, args.top_p), not args.no_mask,
+                      tuple(args.stages), sampling, not args.no_mask,
                       bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
-                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None)
+                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None,
+                      stage_sampling=per_stage or None)
     if args.stream:
         from musicray.serve.streaming import compose_streaming
 
@@ -173,6 +176,20 @@ def _instrument(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(error).removeprefix("--instrument: ")) from None
 
 
+def _stage_settings(entries: list[str]) -> dict[str, dict[str, str]]:
+    """``--stage-sampling melody:temperature=0.8,top_p=0.9`` (repeatable) as {stage: {setting: value}}; the values
+    are checked by ``musicray.compose.stage_sampling``."""
+    settings: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        stage, sep, assignments = entry.partition(":")
+        pairs = [pair.partition("=") for pair in assignments.split(",")]
+        if not sep or not all(name and eq and value for name, eq, value in pairs):
+            raise SongError(f"--stage-sampling: {entry!r} is not STAGE:SETTING=VALUE[,SETTING=VALUE], "
+                            "e.g. melody:temperature=0.8")
+        settings.setdefault(stage.strip(), {}).update({name.strip(): value.strip() for name, _, value in pairs})
+    return settings
+
+
 def _add_instrument_option(parser: argparse.ArgumentParser, what: str) -> None:
     from musicray.instruments import DEFAULT_INSTRUMENTS, GM_PROGRAMS
 
@@ -262,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--stage-sampling", action="append", default=[], metavar="STAGE:SETTING=VALUE[,...]",
+                     help="one stage's own sampling instead of --temperature/--top-k/--top-p, e.g. "
+                          "melody:temperature=0.8 (repeatable)")
     gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
     gen.add_argument("--stream", action="store_true",

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from musicray.decode import Sampling, generate
+from musicray.decode import generate
 from musicray.encoding import TASK_TARGET, available_inputs, decode_body, encode, given_bars, quantized, task_inputs
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
 from musicray.model import MusicTokenizer, load_music_model
 from musicray.run import RunDir
+from musicray.sampling import Sampling
 from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, metre, parse_form
 from musicray.tokens import SUBTASKS
 
@@ -48,6 +49,12 @@ class Request:
     # request gives (chords, melody, bridge, piano, tempo), token for token. None: compose as usual.
     regenerate: tuple[int, ...] | None = None
     tempos: list[Tempo] | None = None  # a given tempo map (kept outside the regenerated bars)
+    # Sampling settings of single stages instead of ``sampling`` (e.g. a cooler melody over livelier dynamics).
+    stage_sampling: dict[str, Sampling] | None = None
+
+    def sampling_for(self, stage: str) -> Sampling:
+        """How ``stage``'s tokens are drawn: its own settings where ``stage_sampling`` has them, else ``sampling``."""
+        return (self.stage_sampling or {}).get(stage, self.sampling)
 
     def song(self) -> Song:
         """The song the request describes, empty but for what it gives (validated: form, key, metre, tempo)."""
@@ -66,9 +73,10 @@ class Request:
         for name, notes in (("MELODY", self.melody), ("BRIDGE", self.bridge), ("PIANO", self.piano)):
             if notes:
                 song.tracks[name] = [song.inside_form(n) for n in sorted(notes) if n.bar < song.n_bars]
-        unknown = set(self.stages) - set(SUBTASKS)
-        if unknown:
-            raise SongError(f"stages: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
+        for field_name, names in (("stages", self.stages), ("stage_sampling", self.stage_sampling or {})):
+            unknown = set(names) - set(SUBTASKS)
+            if unknown:
+                raise SongError(f"{field_name}: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
         if self.regenerate is not None:
             outside = sorted(b for b in self.regenerate if not 0 <= b < song.n_bars)
             if outside or not self.regenerate:
@@ -272,13 +280,13 @@ class Composer(StagePlanner):
     def run_stage(self, songs: list[Song], task: str, requests: list[Request]) -> list[dict]:
         """Generate one sub-task's stream for a batch of songs (one decode call) and write it into each song."""
         stages = self.stage_inputs(songs, task, requests)
-        use_mask = requests[0].use_mask
-        if any(r.use_mask != use_mask or r.sampling != requests[0].sampling for r in requests):
+        use_mask, sampling = requests[0].use_mask, requests[0].sampling_for(task)
+        if any(r.use_mask != use_mask or r.sampling_for(task) != sampling for r in requests):
             raise ValueError("one batch shares its sampling settings and mask switch")
         with self._use_adapter(task):
             out = generate(self.model, self.music, self.grammar, [s.prompt for s in stages], [s.stream for s in stages],
                            [s.plan for s in stages], [s.budget for s in stages], [s.seed for s in stages],
-                           requests[0].sampling, use_mask=use_mask)
+                           sampling, use_mask=use_mask)
         report = {"seconds": round(out.seconds, 3), "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs)}
         return [self.write_stage(song, stage, tokens, use_mask, report)
                 for song, stage, tokens in zip(songs, stages, out.tokens)]
@@ -297,7 +305,7 @@ class Composer(StagePlanner):
             rows = [i for i, tasks in enumerate(to_run) if task in tasks and results[i].failed_stage is None]
             if not rows:
                 continue
-            for group in self._sampling_groups(rows, requests):
+            for group in self._sampling_groups(task, rows, requests):
                 self._run_group(task, group, songs, requests, results, isolate_failures)
         if finish_songs:
             for result in results:
@@ -312,11 +320,11 @@ class Composer(StagePlanner):
         return results
 
     @staticmethod
-    def _sampling_groups(rows: list[int], requests: list[Request]) -> list[list[int]]:
-        """Rows that can share a decode call (same sampling settings and mask switch)."""
+    def _sampling_groups(task: str, rows: list[int], requests: list[Request]) -> list[list[int]]:
+        """Rows that can share ``task``'s decode call (same sampling settings for it and mask switch)."""
         groups: dict[tuple, list[int]] = {}
         for i in rows:
-            groups.setdefault((requests[i].sampling, requests[i].use_mask), []).append(i)
+            groups.setdefault((requests[i].sampling_for(task), requests[i].use_mask), []).append(i)
         return list(groups.values())
 
     def _run_group(self, task: str, rows: list[int], songs: list[Song], requests: list[Request],

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessor
 
 from musicray.grammar import Grammar, GrammarState, Plan
 from musicray.model import MusicTokenizer
+from musicray.sampling import Sampling
 
 NEG_INF = float("-inf")
 # A jump-forward iteration steps the whole batch's grammar (a fixed ~150 small ops), so it continues only while at
@@ -24,24 +25,6 @@ NEG_INF = float("-inf")
 # a short forced run at any step (jumping them all cost 6x the grammar steps for 25 % fewer model calls at batch 32);
 # in infilling the given bars line up across rows and the whole batch jumps.
 JUMP_QUORUM = 0.5
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is drawn from the (masked) distribution."""
-
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int = 0            # 0 means no top-k cut
-    top_p: float = 1.0        # 1 means no nucleus cut
-
-    def warp(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.temperature > 0 and self.temperature != 1.0:
-            scores = TemperatureLogitsWarper(self.temperature)(None, scores)
-        if self.top_k > 0:
-            scores = TopKLogitsWarper(self.top_k)(None, scores)
-        if self.top_p < 1.0:
-            scores = TopPLogitsWarper(self.top_p)(None, scores)
-        return scores
 
 
 def allowed_music(grammar: Grammar, state: GrammarState) -> torch.Tensor:

@@ -4,6 +4,7 @@ import pytest
 
 from musicray.compose import Composer, Request, parse_chords, voice_piano
 from musicray.midi import midi_to_song, song_to_midi
+from musicray.sampling import Sampling
 from musicray.song import Note, SongError
 from musicray.tokens import SUBTASKS, Vocabulary
 
@@ -91,10 +92,31 @@ def test_a_given_secondary_melody_replaces_its_stage(composer):
     ({"form": "A4B?"}, "form"), ({"form": "A0"}, "form"), ({"form": "A4", "key": "H:maj"}, "key: pitch name"),
     ({"form": "A4", "metre": "5/4"}, "metre"), ({"form": "A4", "tempo": 1000}, "tempo"),
     ({"form": "A4", "stages": ("lyrics",)}, "stages"),
+    ({"form": "A4", "stage_sampling": {"lyrics": Sampling(0.5)}}, "stage_sampling"),
 ])
 def test_bad_requests_name_the_field(composer, request_kwargs, field):
     with pytest.raises(SongError, match=field):
         composer.compose(Request(**request_kwargs))
+
+
+def _notes(song, track: str) -> list[tuple[int, int, int, int]]:
+    return [(n.bar, n.position, n.pitch, n.duration) for n in song.tracks[track]]
+
+
+def test_stage_sampling_draws_only_its_stage_differently(composer):
+    """A greedy melody over given chords is the same whatever the seed; the other stages still sample by seed, and
+    songs of different per-stage settings batched together come out as each does alone."""
+    chords = parse_chords("C:maj A:min F:maj G:maj", "A2B2", "4/4")
+    greedy_melody = {"melody": Sampling(temperature=0)}
+    requests = [Request("A2B2", chords=chords, seed=seed, stage_sampling=greedy_melody) for seed in (1, 2)]
+    songs = [composer.compose(request)[0] for request in requests]
+    assert _notes(songs[0], "MELODY") == _notes(songs[1], "MELODY")   # velocities: the sampled dynamics stage
+    assert _notes(songs[0], "BRIDGE") != _notes(songs[1], "BRIDGE")
+    sampled = composer.compose(Request("A2B2", chords=chords, seed=1))[0]
+    assert _notes(sampled, "MELODY") != _notes(songs[0], "MELODY")
+    mixed = [Request("A2B2", chords=chords, seed=1), requests[1]]
+    batched = composer.run_stages([r.song() for r in mixed], mixed)
+    assert [c.song for c in batched] == [sampled, songs[1]]
 
 
 def test_parse_chords_errors_name_the_bar():
@@ -171,3 +193,31 @@ def test_generate_command_writes_each_track_with_its_instrument(run_dir, tmp_pat
     assert f"wrote {out}" in capsys.readouterr().out
     assert midi_instruments(out) == {"MELODY": 73, "BRIDGE": DEFAULT_INSTRUMENTS["BRIDGE"], "PIANO": 4}
     assert read_midi(out).form == "A2"
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("melody", "is not STAGE:SETTING=VALUE"), ("melody:temperature", "is not STAGE:SETTING=VALUE"),
+    ("melody:temperature=0.8,", "is not STAGE:SETTING=VALUE"), ("drums:temperature=1", "unknown stage 'drums'"),
+    ("melody:temperature=hot", "melody.temperature: 'hot' is not a number"),
+])
+def test_generate_command_refuses_wrong_stage_sampling(run_dir, tmp_path, capsys, entry, message):
+    from musicray.cli import main
+
+    assert main(["generate", "--run", str(run_dir), "--form", "A2", "--out", str(tmp_path / "song.mid"),
+                 "--stage-sampling", entry]) != 0
+    error = capsys.readouterr().err
+    assert "--stage-sampling" in error and message in error
+    assert not (tmp_path / "song.mid").exists()
+
+
+def test_generate_command_samples_one_stage_greedily(run_dir, tmp_path):
+    from musicray.cli import main
+    from musicray.midi import read_midi
+
+    melodies = []
+    for seed in (1, 2):
+        out = tmp_path / f"song{seed}.mid"
+        assert main(["generate", "--run", str(run_dir), "--form", "A2", "--chords", "C:maj G:maj", "--seed", str(seed),
+                     "--stage-sampling", "melody:temperature=0", "--out", str(out)]) == 0
+        melodies.append(_notes(read_midi(out), "MELODY"))
+    assert melodies[0] == melodies[1]

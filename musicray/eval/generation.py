@@ -27,7 +27,8 @@ import torch
 
 from musicray.compose import Composer, Request
 from musicray.data.prepare import load_table
-from musicray.decode import Sampling, generate
+from musicray.decode import generate
+from musicray.sampling import Sampling
 from musicray.encoding import TASK_TARGET, base_tempo, encode, section_windows
 from musicray.grammar import GrammarError, Plan
 from musicray.song import Section, Song, SongError, song_from_dict
@@ -85,8 +86,10 @@ def eval_window(song: Song, max_bars: int) -> tuple[Song, bool] | None:
     return first_bars(windows[0], max_bars), True
 
 
-def eval_windows(songs: list[Song], count: int, max_bars: int, vocab: Vocabulary, seed: int = 0) -> list[Window]:
-    """Windows of the first ``count`` test songs that have a melody, each with its request (seed + i)."""
+def eval_windows(songs: list[Song], count: int, max_bars: int, vocab: Vocabulary, seed: int = 0,
+                 stage_sampling: dict[str, Sampling] | None = None) -> list[Window]:
+    """Windows of the first ``count`` test songs that have a melody, each with its request (seed + i; the stages
+    in ``stage_sampling`` sample with those settings)."""
     if max_bars < 1:
         raise SongError(f"max_bars: {max_bars}; expected at least 1")
     windows = []
@@ -97,7 +100,8 @@ def eval_windows(songs: list[Song], count: int, max_bars: int, vocab: Vocabulary
         if found is None:
             continue
         window, cut = found
-        request = Request(window.form, window.key, window.metre, base_tempo(window, vocab), seed=seed + len(windows))
+        request = Request(window.form, window.key, window.metre, base_tempo(window, vocab), seed=seed + len(windows),
+                          stage_sampling=stage_sampling or None)
         windows.append(Window(window, request, song.song_id, cut))
     if not windows:
         raise SongError("test split: no test song has a melody to compare generated songs with")
@@ -172,7 +176,8 @@ class StageStream:
 def stage_streams(composer: Composer, windows: list[Window], task: str, use_mask: bool, adapters: bool = True,
                   sampling: Sampling | None = None) -> list[StageStream]:
     """One stage for every window in one decode call, its prompt built from the real window (``encode``), the
-    raw output kept and validated. Budgets and seeds are the composer's (``Composer.run_stage``)."""
+    raw output kept and validated. Budgets and seeds are the composer's (``Composer.run_stage``); ``sampling``
+    defaults to the windows' requests' setting for ``task``."""
     music, grammar = composer.music, composer.grammar
     stream = TASK_TARGET[task]
     examples = [encode(w.song, task, music.vocab) for w in windows]
@@ -182,7 +187,7 @@ def stage_streams(composer: Composer, windows: list[Window], task: str, use_mask
     seeds = [w.request.seed * 1009 + SUBTASKS.index(task) for w in windows]
     with adapter_for(composer, task if adapters else None):
         out = generate(composer.model, music, grammar, [music.prompt_ids(e) for e in examples], [stream] * len(plans),
-                       plans, budgets, seeds, sampling or Sampling(), use_mask=use_mask)
+                       plans, budgets, seeds, sampling or windows[0].request.sampling_for(task), use_mask=use_mask)
     tokens = out.tokens if use_mask else [music.from_llm(row) for row in out.tokens]
     errors = grammar.validate_batch(tokens, [stream] * len(plans), plans)
     return [StageStream(task, row, plan, found, bool(row) and music.vocab.family[row[-1]] == "End")

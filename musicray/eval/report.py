@@ -45,6 +45,7 @@ from musicray.eval.relations import relation_scores
 from musicray.eval.teacher_forced import Scores, held_out_dataset, teacher_forced
 from musicray.grammar import Grammar, Plan
 from musicray.run import ABLATIONS, RunDir
+from musicray.sampling import Sampling, stage_sampling
 from musicray.song import Song, SongError
 from musicray.tokens import SUBTASKS, Vocabulary
 from musicray.train.config import Config, EvalConfig, load_config
@@ -223,7 +224,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     test_songs = split_songs(data_dir)
     composer = Composer(run_dir, device)
     vocab, grammar = composer.music.vocab, composer.grammar
-    windows = eval_windows(test_songs, settings.songs, settings.max_bars, vocab, settings.seed)
+    windows = eval_windows(test_songs, settings.songs, settings.max_bars, vocab, settings.seed,
+                           stage_sampling(settings.sampling, Sampling(), "eval.sampling"))
     notes = _setup_notes(settings, config, windows, composer.adapters)
     with clock.part(f"compose {len(windows)} windows (mask on, adapters, batched)"):
         generated = compose_batch(composer, [w.request for w in windows])
@@ -323,8 +325,12 @@ def _setup_notes(settings: EvalConfig, config: Config, windows: list[Window], ad
                  "of a longer section), composed from the real window's form, key, metre and base tempo, to keep "
                  "composing fast on a CPU; the comparison is with the same real windows and with the whole real "
                  "test songs")
-    notes.append("sampling: temperature 1, no top-k or top-p cut, the composer's per-stage seeds and token caps; "
-                 "single-stage generations take their prompt's inputs from the real window")
+    own = stage_sampling(settings.sampling, Sampling(), "eval.sampling")
+    sampled = "; ".join(f"{stage} at temperature {s.temperature:g}" + (f", top-k {s.top_k}" if s.top_k else "")
+                        + (f", top-p {s.top_p:g}" if s.top_p < 1 else "") for stage, s in own.items())
+    notes.append(f"sampling: {sampled + '; the other stages ' if own else ''}temperature 1, no top-k or top-p cut, "
+                 "the composer's per-stage seeds and token caps; single-stage generations take their prompt's inputs "
+                 "from the real window")
     examples = f"the first {settings.max_examples} test examples" if settings.max_examples else "all test examples"
     notes.append(f"teacher-forced scores: {examples} per sub-task in song order, windowed "
                  f"(data.max_bars={config.data.max_bars}) and cut (data.max_length={config.data.max_length}) as the "

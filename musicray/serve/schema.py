@@ -15,7 +15,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from musicray.compose import Request, parse_chords, regenerated_bars
-from musicray.decode import Sampling
+from musicray.sampling import Sampling, stage_sampling
 from musicray.harmony import canonical_key
 from musicray.midi import midi_to_song
 from musicray.song import SongError, metre, parse_form, song_from_dict, song_to_dict
@@ -35,6 +35,16 @@ class InputError(SongError):
         text = message if message.startswith(f"{field}:") else f"{field}: {message}"
         super().__init__(text)
         self.field, self.status = field, status
+
+
+class StageSamplingBody(BaseModel):
+    """One stage's sampling settings in ``stage_sampling``; a setting left out is the request's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    temperature: Optional[float] = Field(None, ge=0.0, le=10.0, description="0 = greedy")
+    top_k: Optional[int] = Field(None, ge=0, le=100000, description="0 = no top-k cut")
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="1 = no nucleus cut")
 
 
 class GenerateBody(BaseModel):
@@ -69,6 +79,9 @@ class GenerateBody(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, le=100000, description="0 = no top-k cut")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = no nucleus cut")
+    stage_sampling: Optional[dict[Subtask, StageSamplingBody]] = Field(
+        None, description="sampling settings of single stages instead of temperature, top_k and top_p, e.g. "
+                          "{\"melody\": {\"temperature\": 0.8}} for a melody closer to what the model finds likeliest")
 
 
 class RenderBody(BaseModel):
@@ -155,10 +168,13 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
         field = "regenerate" if body.regenerate is not None else "regenerate_bars"
         regenerate = _field(field, regenerated_bars, body.form, body.regenerate, body.regenerate_bars)
     stages = tuple(body.stages) if body.stages is not None else SUBTASKS
+    sampling = Sampling(float(body.temperature), int(body.top_k), float(body.top_p))
+    per_stage = stage_sampling({stage: given.model_dump(exclude_none=True)
+                                for stage, given in (body.stage_sampling or {}).items()}, sampling, "stage_sampling")
     request = Request(form=body.form, key=key, metre=spec.name, tempo=body.tempo, seed=body.seed,
                       chords=chords or (given.chords if given else None),
                       melody=melody or (given.tracks["MELODY"] if given else None), stages=stages,
-                      sampling=Sampling(float(body.temperature), int(body.top_k), float(body.top_p)),
+                      sampling=sampling, stage_sampling=per_stage or None,
                       bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
                       regenerate=regenerate, tempos=given.tempos if given and regenerate else None)
     return request
@@ -182,8 +198,10 @@ def request_song(request: Request):
 def sampling_settings(request: Request) -> dict:
     """What a stage deployment needs besides the song: the seed, the sampling settings and, when infilling, the
     bars to rewrite and the song as given (the kept bars come from it). JSON-ready."""
-    settings = {"seed": request.seed, "temperature": request.sampling.temperature, "top_k": request.sampling.top_k,
-                "top_p": request.sampling.top_p, "use_mask": request.use_mask}
+    settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask}
+    if request.stage_sampling:
+        settings["stage_sampling"] = {stage: dataclasses.asdict(sampling)
+                                      for stage, sampling in request.stage_sampling.items()}
     if request.regenerate is not None:
         settings["regenerate"] = list(request.regenerate)
         settings["given"] = song_to_dict(request.song())
@@ -193,8 +211,9 @@ def sampling_settings(request: Request) -> dict:
 def stage_request(song, settings: dict) -> Request:
     """The composer request a stage deployment runs for a song and the ingress' ``sampling_settings``."""
     sampling = Sampling(float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"]))
+    per_stage = {stage: Sampling(**values) for stage, values in settings.get("stage_sampling", {}).items()}
     request = Request(form=song.form, seed=int(settings["seed"]), use_mask=settings.get("use_mask", True),
-                      sampling=sampling)
+                      sampling=sampling, stage_sampling=per_stage or None)
     if settings.get("regenerate") is not None:
         given = song_from_dict(settings["given"])
         request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,

@@ -166,7 +166,7 @@ class VllmStages:
         if len(stage.prompt) + stage.budget + 1 > self.max_model_len:
             raise SongError(f"form: the {stage.task} stage needs up to {len(stage.prompt) + stage.budget + 1} tokens, "
                             f"more than the engine's max_model_len {self.max_model_len}")
-        sampling = request.sampling
+        sampling = request.sampling_for(stage.task)
         params = SamplingParams(
             max_tokens=stage.budget + 1,   # the budget holds <End>; <|eot_id|> follows it
             temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p, seed=stage.seed,

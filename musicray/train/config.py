@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from musicray.sampling import Sampling, stage_sampling
 from musicray.song import SongError
 from musicray.tokens import SUBTASKS, TASKS, VocabConfig
 
@@ -95,6 +96,9 @@ class EvalConfig:
     max_examples: int = _help("test examples per sub-task for the teacher-forced scores, in song order (0: all)", 64)
     batch_size: int = _help("examples per forward pass for the teacher-forced scores", 4)
     seed: int = _help("seed of the first composed window (window i uses seed + i)", 0)
+    sampling: dict = _help("per-stage sampling of the composed windows, {stage: {temperature | top_k | top_p: value}}, "
+                           "e.g. {melody: {temperature: 0.8}}; stages left out sample at temperature 1, no cut",
+                           factory=dict)
     mask_loss_ablation: bool = _help("musicray pipeline: also train stage 1 with stage1.mask_loss flipped, into "
                                      "RUN/ablations/mask_loss_<on|off> (the loss-mask ablation; as costly as stage 1)",
                                      False)
@@ -133,6 +137,7 @@ class Config:
         for name in ("songs", "max_bars", "batch_size"):
             if getattr(self.eval, name) < 1:
                 raise SongError(f"eval.{name}: {getattr(self.eval, name)}; expected at least 1")
+        stage_sampling(self.eval.sampling, Sampling(), "eval.sampling")   # raises on a wrong stage or value
         if self.eval.max_examples < 0:
             raise SongError(f"eval.max_examples: {self.eval.max_examples}; expected 0 (all) or more")
         return self

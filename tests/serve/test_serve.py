@@ -269,6 +269,21 @@ def test_mixed_sampling_settings_are_decoded_in_separate_groups(serve_url):
     assert generate(serve_url, {"form": "A2B2", "seed": 99, "temperature": 0})["midi"] == outs[40]["midi"]
 
 
+def test_stage_sampling_sets_single_stages(serve_url):
+    """Greedy in every stage through ``stage_sampling`` is the greedy song; greedy in the chord stage alone keeps
+    the chords of another seed and not its melody."""
+    from musicray.midi import midi_to_song
+
+    greedy = generate(serve_url, {"form": "A2B2", "seed": 1, "temperature": 0})
+    per_stage = generate(serve_url, {"form": "A2B2", "seed": 2,
+                                     "stage_sampling": {stage: {"temperature": 0} for stage in SUBTASKS}})
+    assert per_stage["midi"] == greedy["midi"]
+    songs = [midi_to_song(base64.b64decode(generate(serve_url, {
+        "form": "A2B2", "seed": seed, "stage_sampling": {"chord": {"temperature": 0}}})["midi"])) for seed in (3, 4)]
+    assert songs[0].chords == songs[1].chords
+    assert songs[0].tracks["MELODY"] != songs[1].tracks["MELODY"]
+
+
 def test_serve_matches_the_in_process_composer(serve_url, run_dir, monkeypatch):
     import torch
 
@@ -390,6 +405,13 @@ BAD_REQUESTS = [
     ("top_p zero", {"form": "A2", "top_p": 0}, 422, "top_p"),
     ("top_k negative", {"form": "A2", "top_k": -3}, 422, "top_k"),
     ("unknown stage", {"form": "A2", "stages": ["drums"]}, 422, "stages"),
+    ("unknown stage to sample", {"form": "A2", "stage_sampling": {"drums": {"temperature": 0.5}}}, 422,
+     "stage_sampling"),
+    ("stage temperature negative", {"form": "A2", "stage_sampling": {"melody": {"temperature": -1}}}, 422,
+     "stage_sampling"),
+    ("unknown stage sampling setting", {"form": "A2", "stage_sampling": {"melody": {"heat": 1}}}, 422,
+     "stage_sampling"),
+    ("stage sampling not a mapping", {"form": "A2", "stage_sampling": ["melody"]}, 422, "stage_sampling"),
     ("no stages", {"form": "A2", "stages": []}, 422, "stages"),
     ("unknown field", {"form": "A2", "tempoo": 90}, 422, "tempoo"),
     ("melody not base64", {"form": "A2", "melody_midi": "not base64!"}, 400, "melody_midi"),

@@ -43,6 +43,9 @@ def test_overrides_and_unknown_keys():
         load_config(None, ["stage1.zero=3"])
     with pytest.raises(ValueError, match="precision"):
         load_config(None, ["stage1.precision=bf16"])
+    assert load_config(None, ["eval.sampling.melody.temperature=0.8"]).eval.sampling == {"melody": {"temperature": 0.8}}
+    with pytest.raises(SongError, match="eval.sampling: melody.temperature: -1 is not"):
+        load_config(None, ["eval.sampling.melody.temperature=-1"])
 
 
 def test_section_windows_keep_the_grammar_and_round_trip(synthetic_songs):

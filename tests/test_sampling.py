@@ -1,0 +1,37 @@
+"""Per-stage sampling settings: read over a base, checked, every error naming the field."""
+
+import pytest
+
+from musicray.sampling import Sampling, stage_sampling
+from musicray.song import SongError
+
+BASE = Sampling(temperature=1.0, top_k=0, top_p=0.95)
+
+
+@pytest.mark.parametrize("settings,expected", [
+    ({}, {}),
+    ({"melody": {"temperature": 0.8}}, {"melody": Sampling(0.8, 0, 0.95)}),
+    ({"melody": {"temperature": "0"}, "dynamics": {"top_k": 5, "top_p": 1}},
+     {"melody": Sampling(0.0, 0, 0.95), "dynamics": Sampling(1.0, 5, 1.0)}),
+    ({"chord": {"top_k": 3.0}}, {"chord": Sampling(1.0, 3, 0.95)}),
+    ({"tempo": {}}, {"tempo": BASE}),
+])
+def test_settings_replace_the_base_per_stage(settings, expected):
+    assert stage_sampling(settings, BASE, "eval.sampling") == expected
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"lyrics": {"temperature": 1}}, "unknown stage 'lyrics'"),
+    ({"melody": 0.8}, "melody: give settings"),
+    ({"melody": {"heat": 1}}, "unknown setting 'heat'"),
+    ({"melody": {"temperature": -0.1}}, "melody.temperature: -0.1 is not 0..10"),
+    ({"melody": {"temperature": "warm"}}, "melody.temperature: 'warm' is not a number"),
+    ({"melody": {"temperature": float("nan")}}, "melody.temperature"),
+    ({"melody": {"top_k": 2.5}}, "melody.top_k: 2.5 is not a whole number"),
+    ({"melody": {"top_k": float("inf")}}, "melody.top_k: inf is not a number"),
+    ({"melody": {"top_p": 0}}, "melody.top_p: 0 is not above 0"),
+    ({"melody": {"top_p": 1.5}}, "melody.top_p"),
+])
+def test_wrong_settings_name_the_field(settings, message):
+    with pytest.raises(SongError, match=r"^--stage-sampling: .*" + message.replace(".", r"\.").replace("(", r"\(")):
+        stage_sampling(settings, BASE, "--stage-sampling")
