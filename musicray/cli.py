@@ -111,9 +111,11 @@ def _pipeline(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from musicray.eval.report import evaluate_run, settings_for
+    from musicray.sampling import checked_settings
 
+    sampling = checked_settings(_stage_settings(args.stage_sampling), "--stage-sampling")
     settings = settings_for(args.run, songs=args.songs, max_bars=args.max_bars, max_examples=args.max_examples,
-                            batch_size=args.batch_size, seed=args.seed)
+                            batch_size=args.batch_size, seed=args.seed, sampling=sampling or None)
     report = evaluate_run(args.run, args.data, args.out, settings, args.device, progress=not args.quiet)
     drawn = [path for path in report["plots"].values() if not path.startswith("skipped")]
     print(f"wrote {args.out / 'report.md'}, report.json and {len(drawn)} plots ({report['seconds']['total']} s)")
@@ -188,6 +190,11 @@ def _stage_settings(entries: list[str]) -> dict[str, dict[str, str]]:
                             "e.g. melody:temperature=0.8")
         settings.setdefault(stage.strip(), {}).update({name.strip(): value.strip() for name, _, value in pairs})
     return settings
+
+
+def _add_stage_sampling_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--stage-sampling", action="append", default=[], metavar="STAGE:SETTING=VALUE[,...]",
+                        help=f"one stage's own sampling {what}, e.g. melody:temperature=0.8 (repeatable)")
 
 
 def _add_instrument_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -279,9 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--stage-sampling", action="append", default=[], metavar="STAGE:SETTING=VALUE[,...]",
-                     help="one stage's own sampling instead of --temperature/--top-k/--top-p, e.g. "
-                          "melody:temperature=0.8 (repeatable)")
+    _add_stage_sampling_option(gen, "instead of --temperature/--top-k/--top-p")
     gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
     gen.add_argument("--stream", action="store_true",
@@ -303,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "0 = all (default: eval.max_examples)")
     ev.add_argument("--batch-size", type=int, help="examples per forward pass (default: eval.batch_size)")
     ev.add_argument("--seed", type=int, help="seed of the first composed window (default: eval.seed)")
+    _add_stage_sampling_option(ev, "for the composed windows (default: eval.sampling; other stages at temperature 1)")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--quiet", action="store_true", help="no progress lines")
     ev.set_defaults(handler=_eval)

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from musicray.decode import generate
-from musicray.encoding import TASK_TARGET, available_inputs, decode_body, encode, given_bars, quantized, task_inputs
+from musicray.encoding import (
+    TASK_TARGET, available_inputs, base_tempo, decode_body, encode, given_bars, quantized, task_inputs,
+)
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
 from musicray.model import MusicTokenizer, load_music_model
@@ -209,9 +211,13 @@ class StagePlanner:
         return info
 
     def _plan(self, example, song: Song, task: str, request: Request, optional: tuple[str, ...]) -> Plan:
-        """The grammar plan of a stage: the prompt's form and quotas, and (infilling) the bars it keeps given."""
+        """The grammar plan of a stage: the prompt's form and quotas, and the bars it keeps given (infilling; the
+        tempo stage's first bar)."""
         plan = Plan.from_prompt(example.prompt, self.music.vocab)
         if request.regenerate is None:
+            if task == "tempo":   # the requested tempo is where the song starts; the model writes how it moves on
+                start = self.music.vocab.token("Tempo", base_tempo(song, self.music.vocab))
+                plan = dataclasses.replace(plan, forced=((1, (start,)),))
             return plan
         keep = [bar for bar in range(song.n_bars) if bar not in set(request.regenerate)]
         # The kept bars come from the request as given: earlier stages may have changed what they did not write

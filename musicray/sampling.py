@@ -41,16 +41,16 @@ SAMPLING_RANGES: dict[str, tuple[type, object, str]] = {
     "top_p": (float, lambda v: 0.0 < v <= 1.0, "above 0, at most 1 (1 = no cut)")}
 
 
-def stage_sampling(settings: dict, base: Sampling, field: str) -> dict[str, Sampling]:
-    """Per-stage sampling from ``{stage: {temperature | top_k | top_p: value}}`` over ``base`` (what a stage leaves
-    out is ``base``'s), checked: a wrong stage, setting or value raises ``SongError`` naming ``field``."""
-    chosen: dict[str, Sampling] = {}
+def checked_settings(settings: dict, field: str) -> dict[str, dict[str, float | int]]:
+    """``{stage: {temperature | top_k | top_p: value}}`` checked and typed (values may be text, as from a command
+    line); a wrong stage, setting or value raises ``SongError`` naming ``field``."""
+    checked: dict[str, dict[str, float | int]] = {}
     for stage, values in settings.items():
         if stage not in SUBTASKS:
             raise SongError(f"{field}: unknown stage {stage!r}; known: {', '.join(SUBTASKS)}")
         if not isinstance(values, dict):
             raise SongError(f"{field}: {stage}: give settings as temperature, top_k or top_p = value")
-        checked = {}
+        checked[stage] = {}
         for name, value in values.items():
             if name not in SAMPLING_RANGES:
                 raise SongError(f"{field}: {stage}: unknown setting {name!r}; known: {', '.join(SAMPLING_RANGES)}")
@@ -61,6 +61,11 @@ def stage_sampling(settings: dict, base: Sampling, field: str) -> dict[str, Samp
                 raise SongError(f"{field}: {stage}.{name}: {value!r} is not a number") from None
             if number != float(value) or not in_range(number):
                 raise SongError(f"{field}: {stage}.{name}: {value!r} is not {text}")
-            checked[name] = number
-        chosen[stage] = dataclasses.replace(base, **checked)
-    return chosen
+            checked[stage][name] = number
+    return checked
+
+
+def stage_sampling(settings: dict, base: Sampling, field: str) -> dict[str, Sampling]:
+    """Per-stage sampling from ``{stage: {temperature | top_k | top_p: value}}`` over ``base`` (what a stage leaves
+    out is ``base``'s), checked by ``checked_settings``."""
+    return {stage: dataclasses.replace(base, **values) for stage, values in checked_settings(settings, field).items()}

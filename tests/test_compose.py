@@ -99,6 +99,15 @@ def test_bad_requests_name_the_field(composer, request_kwargs, field):
         composer.compose(Request(**request_kwargs))
 
 
+def test_the_song_starts_at_the_requested_tempo(composer):
+    """The tempo stage writes how the tempo moves; where it starts is the request's (a random model would pick
+    any of the 211 tempi for the first bar)."""
+    for seed, tempo in ((1, 96), (2, 61), (3, 140)):
+        song, _ = composer.compose(Request("A2B2", tempo=tempo, seed=seed, stages=("chord", "tempo")))
+        assert song.tempos[0].bar == 0 and song.tempos[0].bpm == tempo
+        assert len(song.tempos) == song.n_bars
+
+
 def _notes(song, track: str) -> list[tuple[int, int, int, int]]:
     return [(n.bar, n.position, n.pitch, n.duration) for n in song.tracks[track]]
 

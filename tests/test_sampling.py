@@ -2,7 +2,7 @@
 
 import pytest
 
-from musicray.sampling import Sampling, stage_sampling
+from musicray.sampling import Sampling, checked_settings, stage_sampling
 from musicray.song import SongError
 
 BASE = Sampling(temperature=1.0, top_k=0, top_p=0.95)
@@ -18,6 +18,12 @@ BASE = Sampling(temperature=1.0, top_k=0, top_p=0.95)
 ])
 def test_settings_replace_the_base_per_stage(settings, expected):
     assert stage_sampling(settings, BASE, "eval.sampling") == expected
+
+
+def test_settings_from_text_are_typed():
+    checked = checked_settings({"melody": {"temperature": "0.8", "top_k": "3"}}, "--stage-sampling")
+    assert checked == {"melody": {"temperature": 0.8, "top_k": 3}}
+    assert isinstance(checked["melody"]["top_k"], int)
 
 
 @pytest.mark.parametrize("settings,message", [

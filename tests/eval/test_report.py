@@ -143,9 +143,14 @@ def test_a_run_without_the_ablation_arms_says_not_run(eval_run, eval_data, tmp_p
 def test_cli_eval_writes_the_report(eval_run, eval_data, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(out), "--songs", "1",
-                 "--max-bars", "1", "--max-examples", "2", "--quiet"]) == 0
+                 "--max-bars", "1", "--max-examples", "2", "--stage-sampling", "melody:temperature=0.8",
+                 "--quiet"]) == 0
     assert "report.md" in capsys.readouterr().out
-    assert json.loads((out / "report.json").read_text())["settings"]["max_examples"] == 2
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["max_examples"] == 2
+    assert report["settings"]["sampling"] == {"melody": {"temperature": 0.8}}
+    assert any(note.startswith("sampling: melody at temperature 0.8; the other stages temperature 1")
+               for note in report["notes"])
 
 
 def test_settings_come_from_the_run_config_and_flags(eval_run, tmp_path):
@@ -200,3 +205,6 @@ def test_bad_settings_name_the_setting(eval_run, eval_data, tmp_path, capsys):
     assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path), "--songs",
                  "0"]) == 2
     assert "eval.songs" in capsys.readouterr().err
+    assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path),
+                 "--stage-sampling", "melody:temperature=-1"]) == 2
+    assert "--stage-sampling: melody.temperature: '-1' is not 0..10" in capsys.readouterr().err
