@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from musicray.errors import SongError
 
 TRACKS: tuple[str, ...] = ("MELODY", "BRIDGE", "PIANO")
@@ -110,6 +112,29 @@ class Note:
     velocity: int
 
 
+def note_rows(notes: list[Note]) -> np.ndarray:
+    """The notes as an int64 array of rows (bar, position, pitch, duration, velocity), for work on whole tracks."""
+    return np.array([(n.bar, n.position, n.pitch, n.duration, n.velocity) for n in notes],
+                    dtype=np.int64).reshape(-1, 5)
+
+
+def notes_from_rows(rows: np.ndarray) -> list[Note]:
+    return [Note(*row) for row in rows.tolist()]
+
+
+def one_per_onset_and_pitch_rows(rows: np.ndarray) -> np.ndarray:
+    """Note rows (onset columns.., pitch, duration, velocity) with one row per (onset, pitch), the longest, then
+    the loudest (two notes of one pitch cannot sound at once in MIDI), sorted by onset and pitch. The onset is
+    any leading columns: (bar, position), or a grid step."""
+    key_columns = rows.shape[1] - 2
+    # Sorted by onset and pitch, then longest and loudest first, so the first row of each (onset, pitch) is kept.
+    order = np.lexsort((-rows[:, -1], -rows[:, -2], *(rows[:, i] for i in reversed(range(key_columns)))))
+    rows = rows[order]
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = np.any(rows[1:, :key_columns] != rows[:-1, :key_columns], axis=1)
+    return rows[first]
+
+
 @dataclass(frozen=True, order=True)
 class Chord:
     """A chord change on the beat grid; it sounds until the next change. ``label`` is canonical Harte."""
@@ -181,9 +206,12 @@ class Song:
         unknown = set(self.tracks) - set(TRACKS)
         if unknown:
             raise SongError(f"{self.song_id}: tracks: unknown track(s) {sorted(unknown)}; known: {TRACKS}")
+        positions = spec.positions_per_bar
         for name, note in self.notes():
-            check_time(f"{name} note", note.bar, note.position)
-            if not (0 <= note.pitch <= 127 and note.duration >= 1 and 1 <= note.velocity <= 127):
+            # One test for the whole note (a song has thousands); on a failure, check_time names a bad time first.
+            if not (0 <= note.bar < n_bars and 0 <= note.position < positions and 0 <= note.pitch <= 127
+                    and note.duration >= 1 and 1 <= note.velocity <= 127):
+                check_time(f"{name} note", note.bar, note.position)
                 raise SongError(f"{self.song_id}: {name} note: pitch/duration/velocity out of range in {note}")
 
     def inside_form(self, note: Note) -> Note:

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import symusic
 
 from musicray.harmony import NO_CHORD, canonical_chord, canonical_key
-from musicray.song import METRES, TRACKS, Chord, Metre, Note, Section, Song, SongError, Tempo, parse_form
+from musicray.song import (METRES, TRACKS, Chord, Metre, Note, Section, Song, SongError, Tempo,
+                           one_per_onset_and_pitch_rows, parse_form)
 
 POP909_DIR_ENV = "POP909_DIR"
 
@@ -125,8 +125,10 @@ def index_metre(beats_per_measure: int, quavers_per_beat: int) -> str | None:
     return INDEX_METRES.get((int(beats_per_measure), int(quavers_per_beat)))
 
 
-def read_index(root: Path) -> pd.DataFrame:
+def read_index(root: Path) -> "pandas.DataFrame":
     """index.xlsx with song_id as a 3-character string and a ``metre`` column (None where unsupported)."""
+    import pandas as pd   # here, not at the top: Ray workers load songs without pandas (0.4 CPU-s to import)
+
     path = Path(root) / INDEX_FILE
     if not path.is_file():
         raise IngestError("index", "missing_file", INDEX_FILE, "index", "file not found")
@@ -141,8 +143,15 @@ def _index_rows(root: str) -> dict[str, dict]:
     return {row["song_id"]: row for row in read_index(Path(root)).to_dict("records")}
 
 
+def metre_rows(root: Path) -> dict[str, dict]:
+    """What ``load_song`` reads of each song's index row (its ``index_row``), by song id: small enough to send
+    to the Ray workers, so that none reads index.xlsx itself (pandas and openpyxl: about 0.8 CPU-s a worker)."""
+    fields = ("metre", "num_beats_per_measure", "num_quavers_per_beat")
+    return {song_id: {name: row[name] for name in fields} for song_id, row in _index_rows(str(root)).items()}
+
+
 def song_ids(root: Path) -> list[str]:
-    return sorted(read_index(root)["song_id"])
+    return sorted(_index_rows(str(root)))
 
 
 # -- reading one song's files --------------------------------------------------------------------------------------
@@ -491,29 +500,16 @@ def place_notes(grid: BarGrid, notes: PerformedTrack) -> PlacedTrack:
     end_rows = seconds_to_rows(grid.beat_times, notes.ends)
     durations = np.maximum(1, np.rint(end_rows * ppb) - np.rint(start_rows * ppb)).astype(int)
     displacement = np.abs(rows_to_seconds(grid.beat_times, grid.steps_to_rows(steps)) - notes.starts)
-    kept = one_note_per_onset(steps[inside], notes.pitches[inside], durations[inside], notes.velocities[inside])
+    # Two notes of one pitch on one grid step cannot both sound (the MIDI itself has exact duplicates, and
+    # quantization joins fast repeats): the longest, then loudest, is kept.
+    kept = one_per_onset_and_pitch_rows(np.stack([steps[inside], notes.pitches[inside], durations[inside],
+                                                  notes.velocities[inside]], axis=1).astype(np.int64))
     ppbar = grid.spec.positions_per_bar
     placed = [Note(step // ppbar, step % ppbar, pitch, duration, velocity)
               for step, pitch, duration, velocity in kept.tolist()]
     inside_count = int(np.count_nonzero(inside))
     return PlacedTrack(placed, len(notes), len(notes) - inside_count, inside_count - len(placed),
                        displacement[inside])
-
-
-def one_note_per_onset(steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray,
-                       velocities: np.ndarray) -> np.ndarray:
-    """Rows (step, pitch, duration, velocity), one per (step, pitch), in (step, pitch) order.
-
-    Two notes of one pitch on one grid step cannot both sound (the MIDI itself has exact duplicates, and
-    quantization joins fast repeats): the longest, then loudest, is kept.
-    """
-    notes = np.stack([steps, pitches, durations, velocities], axis=1).astype(np.int64)
-    # Sorted by step, pitch, then longest and loudest first, so the first row of each (step, pitch) is the keeper.
-    order = np.lexsort((-notes[:, 3], -notes[:, 2], notes[:, 1], notes[:, 0]))
-    notes = notes[order]
-    first = np.ones(len(notes), dtype=bool)
-    first[1:] = (notes[1:, 0] != notes[:-1, 0]) | (notes[1:, 1] != notes[:-1, 1])
-    return notes[first]
 
 
 def place_chords(grid: BarGrid, starts: np.ndarray, labels: list[str]) -> list[Chord]:
