@@ -31,7 +31,7 @@ import symusic
 
 from musicray.harmony import NO_CHORD, canonical_chord, canonical_key
 from musicray.song import (METRES, TRACKS, Chord, Metre, Note, Section, Song, SongError, Tempo,
-                           one_per_onset_and_pitch_rows, parse_form)
+                           notes_from_rows, one_per_onset_and_pitch_rows, parse_form)
 
 POP909_DIR_ENV = "POP909_DIR"
 
@@ -179,10 +179,11 @@ class SongFiles:
         rows = [line.split(sep) for line in self.text(kind, field).splitlines() if line.strip()]
         if not rows:
             raise self.error("unreadable_file", kind, field, "cannot read table: no rows")
-        for number, row in enumerate(rows, start=1):
-            if len(row) != len(names):
-                raise self.error("unreadable_file", kind, field,
-                                 f"expected {len(names)} columns, found {len(row)} in row {number}")
+        if set(map(len, rows)) != {len(names)}:   # one pass in C; the loop only to name the first bad row
+            for number, row in enumerate(rows, start=1):
+                if len(row) != len(names):
+                    raise self.error("unreadable_file", kind, field,
+                                     f"expected {len(names)} columns, found {len(row)} in row {number}")
         return {name: list(column) for name, column in zip(names, zip(*rows))}
 
     def numbers(self, kind: str, field: str, values: list[str], dtype: type, detail: str) -> np.ndarray:
@@ -504,9 +505,8 @@ def place_notes(grid: BarGrid, notes: PerformedTrack) -> PlacedTrack:
     # quantization joins fast repeats): the longest, then loudest, is kept.
     kept = one_per_onset_and_pitch_rows(np.stack([steps[inside], notes.pitches[inside], durations[inside],
                                                   notes.velocities[inside]], axis=1).astype(np.int64))
-    ppbar = grid.spec.positions_per_bar
-    placed = [Note(step // ppbar, step % ppbar, pitch, duration, velocity)
-              for step, pitch, duration, velocity in kept.tolist()]
+    bars, positions = np.divmod(kept[:, 0], grid.spec.positions_per_bar)
+    placed = notes_from_rows(np.column_stack([bars, positions, kept[:, 1:]]))
     inside_count = int(np.count_nonzero(inside))
     return PlacedTrack(placed, len(notes), len(notes) - inside_count, inside_count - len(placed),
                        displacement[inside])
@@ -531,11 +531,9 @@ def place_tempos(grid: BarGrid) -> list[Tempo]:
     """One tempo per labelled beat: 60 / the length of its beat row (the last row repeats the one before)."""
     intervals = np.diff(grid.beat_times)
     rows = np.clip(grid.beat_rows(), 0, len(intervals) - 1)
-    tempos = []
-    for beat, row in enumerate(rows):
-        bar, beat_in_bar = divmod(beat, grid.spec.beats_per_bar)
-        tempos.append(Tempo(bar, beat_in_bar * grid.spec.positions_per_beat, round(60.0 / float(intervals[row]), 3)))
-    return tempos
+    beats, positions_per_beat = grid.spec.beats_per_bar, grid.spec.positions_per_beat
+    return [Tempo(beat // beats, beat % beats * positions_per_beat, round(bpm, 3))
+            for beat, bpm in enumerate((60.0 / intervals[rows]).tolist())]
 
 
 # -- one song ------------------------------------------------------------------------------------------------------
