@@ -313,6 +313,13 @@ def _value_ids(vocab: Vocabulary, family: str, values: np.ndarray) -> np.ndarray
     return ids
 
 
+def _distinct(ordered: np.ndarray) -> np.ndarray:
+    """The distinct values of a sorted array (np.unique sorts, and hashes, again)."""
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return ordered[first]
+
+
 class SongTokens:
     """A quantized song's tokens, worked out once and shared by every body and example written from it.
 
@@ -416,11 +423,11 @@ class SongTokens:
                 keys.append(self.chord_keys)
                 ids.append(self.chord_token_ids)
                 event_times.append(self.chord_times)
-            positions = np.unique(np.concatenate(event_times))
+            positions = _distinct(np.sort(np.concatenate(event_times)))
             keys.append(positions * SLOTS + POSITION_SLOTS["Pos"])
             ids.append(_value_ids(vocab, "Pos", positions % self.times_per_bar - 1))
             if stream.track_markers:
-                marked = np.unique(times * len(TRACKS) + track)
+                marked = _distinct(times * len(TRACKS) + track)   # sorted: the notes are in body order
                 marked_times, marked_tracks = np.divmod(marked, len(TRACKS))
                 keys.append(marked_times * SLOTS + _marker_slot(marked_tracks))
                 ids.append(np.array([vocab.token("Track", name) for name in TRACKS], dtype=np.int64)[marked_tracks])
