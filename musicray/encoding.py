@@ -339,7 +339,8 @@ class SongTokens:
         track = np.repeat(np.arange(len(TRACKS)), [len(r) for r in rows])
         if np.any((bar < 0) | (bar >= n_bars)):
             raise SongError(f"{song.song_id}: notes: a note lies outside the form's {n_bars} bars")
-        latest = max([song.spec.positions_per_bar - 1, *position.tolist(), *(c.position for c in song.chords)])
+        latest = max(song.spec.positions_per_bar - 1, int(position.max(initial=0)),
+                     max((c.position for c in song.chords), default=0))
         self.times_per_bar = latest + 2   # the bar's own tokens, then its positions
 
         # Chord events: the chord sounding at each downbeat restated, then the bar's changes (one per position).
@@ -361,8 +362,8 @@ class SongTokens:
 
         starts = song.section_starts()
         self.bar_keys = np.concatenate([
-            np.array([self.time(b, -1) * SLOTS + BAR_SLOTS["Sec"] for b in starts], dtype=np.int64),
-            np.arange(n_bars, dtype=np.int64) * self.times_per_bar * SLOTS + BAR_SLOTS["Bar"]])
+            self.time(np.array(starts, dtype=np.int64), -1) * SLOTS + BAR_SLOTS["Sec"],
+            self.time(np.arange(n_bars, dtype=np.int64), -1) * SLOTS + BAR_SLOTS["Bar"]])
         self.bar_ids = np.array([vocab.token("Sec", f"{s.label}{s.bars}") for s in song.sections]
                                 + [vocab.token("Bar")] * n_bars, dtype=np.int64)
 
@@ -381,6 +382,7 @@ class SongTokens:
             references = np.array([reference_pitch_class(c.label, song.key) for c in changes] + [tonic],
                                   dtype=np.int64)
             sounding_change = np.searchsorted(change_times, self.note_times, side="right") - 1  # -1: the tonic
+            # Pitch ids by whether the chords are known (given earlier in the example) when the body is read.
             self.pitch_ids = {True: pitch_ids[pitch - references[sounding_change]], False: pitch_ids[pitch - tonic]}
         else:
             self.pitch_ids = {True: pitch_ids[pitch], False: pitch_ids[pitch]}
@@ -404,7 +406,7 @@ class SongTokens:
         keys, ids = [self.bar_keys], [self.bar_ids]
         if stream.tempo:
             n_bars = self.song.n_bars
-            keys.append(np.arange(n_bars, dtype=np.int64) * self.times_per_bar * SLOTS + BAR_SLOTS["Tempo"])
+            keys.append(self.time(np.arange(n_bars, dtype=np.int64), -1) * SLOTS + BAR_SLOTS["Tempo"])
             ids.append(np.asarray(_bar_tempo_ids([int(t.bpm) for t in self.song.tempos], vocab),
                                   dtype=np.int64)[np.arange(n_bars)])
         tracks = [TRACKS.index(name) for name in stream.tracks]
