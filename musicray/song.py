@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from musicray.errors import SongError
 
 TRACKS: tuple[str, ...] = ("MELODY", "BRIDGE", "PIANO")
@@ -112,13 +110,16 @@ class Note:
     velocity: int
 
 
-def note_rows(notes: list[Note]) -> np.ndarray:
+# The array helpers import numpy where they run: the CLI's --help imports this module and loads no heavy library.
+def note_rows(notes: list[Note]) -> "numpy.ndarray":
     """The notes as an int64 array of rows (bar, position, pitch, duration, velocity), for work on whole tracks."""
+    import numpy as np
+
     return np.array([(n.bar, n.position, n.pitch, n.duration, n.velocity) for n in notes],
                     dtype=np.int64).reshape(-1, 5)
 
 
-def notes_from_rows(rows: np.ndarray) -> list[Note]:
+def notes_from_rows(rows: "numpy.ndarray") -> list[Note]:
     """The Notes of ``note_rows``-shaped rows. Built as unpickling builds them, fields straight into the new
     object's __dict__: a frozen dataclass's __init__ sets each field through object.__setattr__, which made
     building Notes a tenth of preparing a POP909 song (twice 2,000 Notes: ingest, then quantization)."""
@@ -131,10 +132,12 @@ def notes_from_rows(rows: np.ndarray) -> list[Note]:
     return notes
 
 
-def one_per_onset_and_pitch_rows(rows: np.ndarray) -> np.ndarray:
+def one_per_onset_and_pitch_rows(rows: "numpy.ndarray") -> "numpy.ndarray":
     """Note rows (onset columns.., pitch, duration, velocity) with one row per (onset, pitch), the longest, then
     the loudest (two notes of one pitch cannot sound at once in MIDI), sorted by onset and pitch. The onset is
     any leading columns: (bar, position), or a grid step."""
+    import numpy as np
+
     key_columns = rows.shape[1] - 2
     # Sorted by onset and pitch, then longest and loudest first, so the first row of each (onset, pitch) is kept.
     order = np.lexsort((-rows[:, -1], -rows[:, -2], *(rows[:, i] for i in reversed(range(key_columns)))))
