@@ -34,9 +34,12 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from musicray.harmony import (CHORD_QUALITIES, NO_CHORD, canonical_key, chord_label, key_tonic, parse_chord,
                               reference_pitch_class)
-from musicray.song import TRACKS, Chord, Note, Section, Song, SongError, Tempo
+from musicray.song import (TRACKS, Chord, Note, Section, Song, SongError, Tempo, note_rows, notes_from_rows,
+                           one_per_onset_and_pitch_rows)
 from musicray.tokens import REPRESENTABLE_PITCHES, TASKS, Vocabulary
 
 
@@ -145,33 +148,29 @@ def canonical_chords(chords: list[Chord]) -> list[Chord]:
     return merged
 
 
-def representable_pitch(pitch: int) -> int:
-    """The pitch moved by octaves into the range every language can write (MIDI 11..116)."""
+def representable_pitch(pitch):
+    """The pitch moved by octaves into the range every language can write (MIDI 11..116); an int or an array."""
     low, high = REPRESENTABLE_PITCHES
-    while pitch < low:
-        pitch += 12
-    while pitch > high:
-        pitch -= 12
-    return pitch
+    octaves_up = (low - pitch + 11) // 12      # > 0 only below the range
+    octaves_down = (pitch - high + 11) // 12   # > 0 only above it
+    return pitch + 12 * (octaves_up * (octaves_up > 0) - octaves_down * (octaves_down > 0))
 
 
 def canonical_notes(song: Song, track: str, vocab: Vocabulary) -> list[Note]:
     """A track's notes binned (velocity), moved into the representable pitch range, clipped (duration: to the
-    vocabulary's longest and to the form's end), one note per (onset, pitch): the longest, then the loudest."""
-    notes = [song.inside_form(note) for note in song.tracks.get(track, [])]
-    return one_per_onset_and_pitch([Note(n.bar, n.position, representable_pitch(n.pitch),
-                                         vocab.quantize_duration(n.duration), vocab.quantize_velocity(n.velocity))
-                                    for n in notes])
+    vocabulary's longest and to the form's end), one note per (onset, pitch): the longest, then the loudest.
+    Computed on arrays: one Python call per note and step was most of the time quantizing took."""
+    bar, position, pitch, duration, velocity = note_rows(song.tracks.get(track, [])).T
+    steps_to_form_end = (song.n_bars - bar) * song.spec.positions_per_bar - position   # as Song.inside_form
+    rows = np.stack([bar, position, representable_pitch(pitch),
+                     vocab.quantize_durations(np.minimum(duration, steps_to_form_end)),
+                     vocab.quantize_velocities(velocity)], axis=1)
+    return notes_from_rows(one_per_onset_and_pitch_rows(rows))
 
 
 def one_per_onset_and_pitch(notes: list[Note]) -> list[Note]:
     """The notes, sorted, with one note per (onset, pitch): the longest, then the loudest (MIDI cannot hold two)."""
-    best: dict[tuple[int, int, int], Note] = {}
-    for note in notes:
-        key = (note.bar, note.position, note.pitch)
-        if key not in best or (note.duration, note.velocity) > (best[key].duration, best[key].velocity):
-            best[key] = note
-    return sorted(best.values())
+    return notes_from_rows(one_per_onset_and_pitch_rows(note_rows(notes)))
 
 
 def quantized(song: Song, vocab: Vocabulary) -> Song:
@@ -286,64 +285,178 @@ def _bar_tempo_ids(bpm_by_bar: list[int], vocab: Vocabulary) -> list[int]:
     return ids
 
 
-def _bar_events(song: Song, stream: Stream) -> list[dict[int, dict]]:
-    """Per bar: position -> {"chord": label, "notes": {track: [notes]}}, with the downbeat chord restated."""
-    bars: list[dict[int, dict]] = [dict() for _ in range(song.n_bars)]
+# Where a token sorts in a body. A body lists its tokens in (time, slot) order, time counting the positions of
+# every bar from bar 0 with one more before each bar's first position for the bar's own tokens: its section's
+# <Sec> (on the section's first bar), <Bar>, the bar's tempo. At a position come <Pos>, the chord and its bass,
+# then each track in TRACKS order: its marker, then its notes' tokens in the order the track lists them.
+BAR_SLOTS = {"Sec": 0, "Bar": 1, "Tempo": 2}
+POSITION_SLOTS = {"Pos": 0, "Chord": 1, "Bass": 2}
+SLOTS = len(POSITION_SLOTS) + 2 * len(TRACKS)
 
-    def at(bar: int, position: int) -> dict:
-        return bars[bar].setdefault(position, {"chord": None, "notes": {}})
 
-    if stream.chords:
+def _marker_slot(track):
+    """Slot of a track's marker (an int or an array of them); its notes come right after."""
+    return len(POSITION_SLOTS) + 2 * track
+
+
+def _note_slot(track):
+    return len(POSITION_SLOTS) + 2 * track + 1
+
+
+def _value_ids(vocab: Vocabulary, family: str, values: np.ndarray) -> np.ndarray:
+    """Ids of ``<Family_value>`` for many values at once; SongError (as ``Vocabulary.token``) for one it lacks."""
+    table = vocab.ids_by_value(family)
+    known = (values >= 0) & (values < len(table))
+    ids = np.where(known, table[np.where(known, values, 0)], -1)
+    if np.any(ids < 0):
+        vocab.token(family, int(values[ids < 0][0]))   # raises, naming the token
+    return ids
+
+
+def _distinct(ordered: np.ndarray) -> np.ndarray:
+    """The distinct values of a sorted array (np.unique sorts, and hashes, again)."""
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return ordered[first]
+
+
+class SongTokens:
+    """A quantized song's tokens, worked out once and shared by every body and example written from it.
+
+    A song's six task examples write twelve bodies (eight distinct ones) from the same bars, chords and notes;
+    encoding each one token at a time from the song cost more CPU than reading and aligning the song. Here
+    each token of the song gets its id and its sort key once, as arrays, and a body is its stream's tokens
+    sorted by key (a stable sort: tokens with one key keep their order).
+    """
+
+    def __init__(self, song: Song, vocab: Vocabulary):
+        self.song, self.vocab = song, vocab
+        self.bpm = base_tempo(song, vocab)
+        self._bodies: dict[tuple[str, bool], np.ndarray] = {}
+        n_bars, tonic = song.n_bars, key_tonic(song.key)
+        rows = [note_rows(song.tracks.get(name, [])) for name in TRACKS]
+        bar, position, pitch, duration, velocity = np.concatenate(rows).T
+        track = np.repeat(np.arange(len(TRACKS)), [len(r) for r in rows])
+        if np.any((bar < 0) | (bar >= n_bars)):
+            raise SongError(f"{song.song_id}: notes: a note lies outside the form's {n_bars} bars")
+        latest = max(song.spec.positions_per_bar - 1, int(position.max(initial=0)),
+                     max((c.position for c in song.chords), default=0))
+        self.times_per_bar = latest + 2   # the bar's own tokens, then its positions
+
+        # Chord events: the chord sounding at each downbeat restated, then the bar's changes (one per position).
+        chord_events: dict[tuple[int, int], str] = {}
         chords = iter(song.chords)
         sounding, upcoming = NO_CHORD, next(chords, None)
-        for bar in range(song.n_bars):
-            at(bar, 0)["chord"] = sounding
-            while upcoming is not None and upcoming.bar == bar:
-                at(bar, upcoming.position)["chord"] = upcoming.label
+        for bar_index in range(n_bars):
+            chord_events[bar_index, 0] = sounding
+            while upcoming is not None and upcoming.bar == bar_index:
+                chord_events[bar_index, upcoming.position] = upcoming.label
                 sounding, upcoming = upcoming.label, next(chords, None)
-    for name in stream.tracks:
-        for note in song.tracks[name]:
-            at(note.bar, note.position)["notes"].setdefault(name, []).append(note)
-    return bars
+        chord_ids = {label: _chord_ids(label, vocab, tonic) for label in set(chord_events.values())}
+        self.chord_times = np.array([self.time(b, p) for b, p in chord_events], dtype=np.int64)
+        self.chord_keys = np.array([self.time(b, p) * SLOTS + POSITION_SLOTS[family]   # a chord, and its bass
+                                    for (b, p), label in chord_events.items()
+                                    for family in ("Chord", "Bass")[:len(chord_ids[label])]], dtype=np.int64)
+        self.chord_token_ids = np.array([i for label in chord_events.values() for i in chord_ids[label]],
+                                        dtype=np.int64)
+
+        starts = song.section_starts()
+        self.bar_keys = np.concatenate([
+            self.time(np.array(starts, dtype=np.int64), -1) * SLOTS + BAR_SLOTS["Sec"],
+            self.time(np.arange(n_bars, dtype=np.int64), -1) * SLOTS + BAR_SLOTS["Bar"]])
+        self.bar_ids = np.array([vocab.token("Sec", f"{s.label}{s.bars}") for s in song.sections]
+                                + [vocab.token("Bar")] * n_bars, dtype=np.int64)
+
+        # Notes in body order (time, then track, then as listed), each with its tokens' ids.
+        order = np.lexsort((track, position, bar))
+        self.note_times = self.time(bar, position)[order]
+        self.note_tracks = track[order]
+        self.duration_ids = _value_ids(vocab, "Dur", duration[order])
+        self.velocity_ids = _value_ids(vocab, "Vel", velocity[order])
+        pitch = pitch[order]
+        pitch_ids = np.asarray(vocab.ids_of["Pitch"], dtype=np.int64)
+        if vocab.config.pitch == "chord":
+            # Against the chord sounding at the onset (SoundingChords), or the tonic: no chord, or none known yet.
+            changes = sorted(song.chords)
+            change_times = np.array([self.time(c.bar, c.position) for c in changes], dtype=np.int64)
+            references = np.array([reference_pitch_class(c.label, song.key) for c in changes] + [tonic],
+                                  dtype=np.int64)
+            sounding_change = np.searchsorted(change_times, self.note_times, side="right") - 1  # -1: the tonic
+            # Pitch ids by whether the chords are known (given earlier in the example) when the body is read.
+            self.pitch_ids = {True: pitch_ids[pitch - references[sounding_change]], False: pitch_ids[pitch - tonic]}
+        else:
+            self.pitch_ids = {True: pitch_ids[pitch], False: pitch_ids[pitch]}
+
+    def time(self, bar, position):
+        """Sort time of a (bar, position); position -1 is the bar's own tokens, before its first position."""
+        return bar * self.times_per_bar + position + 1
+
+    def body(self, stream_name: str, chords_known: bool = True) -> np.ndarray:
+        """The token ids of one stream, without the closing ``<End>``. Relative pitches count from the song's
+        chords when ``chords_known``, else from the key's tonic (a body read before the chords are given)."""
+        stream = STREAMS[stream_name]
+        writes_pitches = bool(stream.tracks) and not stream.velocities_only
+        cache_key = (stream_name, chords_known and writes_pitches)
+        if cache_key not in self._bodies:
+            self._bodies[cache_key] = self._encode_body(stream, chords_known)
+        return self._bodies[cache_key]
+
+    def _encode_body(self, stream: Stream, chords_known: bool) -> np.ndarray:
+        vocab = self.vocab
+        keys, ids = [self.bar_keys], [self.bar_ids]
+        if stream.tempo:
+            n_bars = self.song.n_bars
+            keys.append(self.time(np.arange(n_bars, dtype=np.int64), -1) * SLOTS + BAR_SLOTS["Tempo"])
+            ids.append(np.asarray(_bar_tempo_ids([int(t.bpm) for t in self.song.tempos], vocab),
+                                  dtype=np.int64)[np.arange(n_bars)])
+        tracks = [TRACKS.index(name) for name in stream.tracks]
+        selected = np.isin(self.note_tracks, tracks)
+        times, track = self.note_times[selected], self.note_tracks[selected]
+        note_keys = times * SLOTS + _note_slot(track)
+        if stream.velocities_only:
+            keys.append(note_keys)
+            ids.append(self.velocity_ids[selected])
+        else:
+            columns = [self.pitch_ids[chords_known], self.duration_ids] + ([self.velocity_ids] if stream.velocity else [])
+            keys.append(np.repeat(note_keys, len(columns)))
+            ids.append(np.stack([column[selected] for column in columns], axis=1).ravel())
+            event_times = [times]
+            if stream.chords:
+                keys.append(self.chord_keys)
+                ids.append(self.chord_token_ids)
+                event_times.append(self.chord_times)
+            positions = _distinct(np.sort(np.concatenate(event_times)))
+            keys.append(positions * SLOTS + POSITION_SLOTS["Pos"])
+            ids.append(_value_ids(vocab, "Pos", positions % self.times_per_bar - 1))
+            if stream.track_markers:
+                marked = _distinct(times * len(TRACKS) + track)   # sorted: the notes are in body order
+                marked_times, marked_tracks = np.divmod(marked, len(TRACKS))
+                keys.append(marked_times * SLOTS + _marker_slot(marked_tracks))
+                ids.append(np.array([vocab.token("Track", name) for name in TRACKS], dtype=np.int64)[marked_tracks])
+        order = np.argsort(np.concatenate(keys), kind="stable")
+        return np.concatenate(ids)[order]
+
+    def example(self, task: str, optional: tuple[str, ...] = ()) -> Example:
+        """The example of ``task``, as ``encode_quantized``."""
+        if task not in TASKS:
+            raise SongError(f"task: unknown task {task!r}; known: {', '.join(TASKS)}")
+        vocab = self.vocab
+        prompt = encode_header(self.song, task, vocab, self.bpm)
+        # A body's pitches may count from the chords only once the example has given them (an earlier input, or
+        # the body's own chords): the chord task's melody input is read before the chords it is for.
+        chords_known = False
+        for name in task_inputs(task, optional):
+            chords_known = chords_known or STREAMS[name].chords
+            prompt += [vocab.token("Input", name)] + self.body(name, chords_known).tolist()
+        target_stream = TASK_TARGET[task]
+        target = self.body(target_stream, chords_known or STREAMS[target_stream].chords).tolist()
+        return Example(task, prompt, target + [vocab.token("End")], self.song.song_id)
 
 
 def encode_body(song: Song, stream_name: str, vocab: Vocabulary) -> list[int]:
     """One stream of a quantized song, without the closing ``<End>``. Relative pitches count from
     ``song.chords``: pass the song without chords for a body read before the chords are known."""
-    stream = STREAMS[stream_name]
-    bar_events = _bar_events(song, stream)
-    tempo_ids = _bar_tempo_ids([int(t.bpm) for t in song.tempos], vocab) if stream.tempo else []
-    tonic = key_tonic(song.key)
-    sounding = SoundingChords(song.chords)
-    ids: list[int] = []
-    bar = 0
-    for section in song.sections:
-        ids.append(vocab.token("Sec", f"{section.label}{section.bars}"))
-        for _ in range(section.bars):
-            ids.append(vocab.token("Bar"))
-            if stream.tempo:
-                ids.append(tempo_ids[bar])
-            for position, events in sorted(bar_events[bar].items()):
-                if stream.velocities_only:
-                    for name in TRACKS:
-                        ids += [vocab.token("Vel", n.velocity) for n in events["notes"].get(name, [])]
-                    continue
-                ids.append(vocab.token("Pos", position))
-                if events["chord"] is not None:
-                    ids += _chord_ids(events["chord"], vocab, tonic)
-                reference = reference_pitch_class(sounding.at(bar, position), song.key)
-                for name in TRACKS:
-                    notes = events["notes"].get(name)
-                    if not notes:
-                        continue
-                    if stream.track_markers:
-                        ids.append(vocab.token("Track", name))
-                    for note in notes:
-                        ids += [_pitch_id(note.pitch, reference, vocab), vocab.token("Dur", note.duration)]
-                        if stream.velocity:
-                            ids.append(vocab.token("Vel", note.velocity))
-            bar += 1
-    return ids
+    return SongTokens(song, vocab).body(stream_name).tolist()
 
 
 def bar_contents(body: list[int], vocab: Vocabulary) -> list[list[int]]:
@@ -393,20 +506,11 @@ def encode(song: Song, task: str, vocab: Vocabulary, optional: tuple[str, ...] =
 
 
 def encode_quantized(song: Song, task: str, vocab: Vocabulary, optional: tuple[str, ...] = ()) -> Example:
+    """The example of ``task`` for a quantized song. To encode several tasks of one song, ask one
+    ``SongTokens(song, vocab)`` for each ``example``: they share the work."""
     if task not in TASKS:
         raise SongError(f"task: unknown task {task!r}; known: {', '.join(TASKS)}")
-    bpm = base_tempo(song, vocab)
-    prompt = encode_header(song, task, vocab, bpm)
-    # A body's pitches may count from the chords only once the example has given them (an earlier input, or
-    # the body's own chords): the chord task's melody input is read before the chords it is for.
-    known = song.replace(chords=[])
-    for name in task_inputs(task, optional):
-        if STREAMS[name].chords:
-            known = song
-        prompt += [vocab.token("Input", name)] + encode_body(known, name, vocab)
-    target_stream = TASK_TARGET[task]
-    target = encode_body(song if STREAMS[target_stream].chords else known, target_stream, vocab) + [vocab.token("End")]
-    return Example(task, prompt, target, song.song_id)
+    return SongTokens(song, vocab).example(task, optional)
 
 
 # -- decoding -------------------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ class Vocabulary:
             self.ids_of[fam].append(i)
         self.max_positions = max(m.positions_per_bar for m in METRES.values())
         self._token_ids: dict[tuple[str, object], int] = {}
+        self._ids_by_value: dict[str, "numpy.ndarray"] = {}
 
     # -- layout ---------------------------------------------------------------------------------------------
     def _add(self, family: str, text: str, value: int = -1, prefix: str | None = None) -> None:
@@ -168,16 +169,27 @@ class Vocabulary:
         width = 127 / n
         return tuple(min(127, max(1, round(1 + width * (i + 0.5) - 0.5))) for i in range(n))
 
+    # The array forms import numpy where they run: the CLI's --help imports this module and loads no heavy library.
     def quantize_velocity(self, velocity: int) -> int:
+        return int(self.quantize_velocities(velocity))
+
+    def quantize_velocities(self, velocities: "numpy.ndarray") -> "numpy.ndarray":
+        import numpy as np
+
         n = self.config.velocity_bins
-        bin_index = min(n - 1, max(0, int((velocity - 1) * n / 127)))
-        return self.velocity_values[bin_index]
+        bin_index = np.clip(((np.asarray(velocities) - 1) * n / 127).astype(np.int64), 0, n - 1)   # astype truncates, as int()
+        return np.asarray(self.velocity_values, dtype=np.int64)[bin_index]
 
     def quantize_tempo(self, bpm: float) -> int:
         return int(min(self.config.tempo_max, max(self.config.tempo_min, round(bpm))))
 
     def quantize_duration(self, duration: int) -> int:
-        return int(min(self.config.max_duration, max(1, duration)))
+        return int(self.quantize_durations(duration))
+
+    def quantize_durations(self, durations: "numpy.ndarray") -> "numpy.ndarray":
+        import numpy as np
+
+        return np.clip(durations, 1, self.config.max_duration)
 
     # -- lookups --------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -199,6 +211,18 @@ class Vocabulary:
             token = self.id(f"<{family}_{text}>" if text != "" else f"<{family}>")
             self._token_ids[family, text] = token
             return token
+
+    def ids_by_value(self, family: str) -> "numpy.ndarray":
+        """The ids of a family with values >= 0 (Pos, Dur, Vel, Tempo, ..) indexed by value, -1 for a value it
+        lacks: the encoder looks up a song's tokens of one family at once."""
+        import numpy as np
+
+        if family not in self._ids_by_value:
+            ids = self.ids_of[family]
+            table = np.full(max(self.value[i] for i in ids) + 1, -1, dtype=np.int64)
+            table[[self.value[i] for i in ids]] = ids
+            self._ids_by_value[family] = table
+        return self._ids_by_value[family]
 
     def chord_quality(self, token: int) -> str:
         """The quality of a ``Chord`` token (``<Chord_IV:maj7>`` -> ``maj7``)."""

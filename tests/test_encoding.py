@@ -3,12 +3,13 @@ synthetic, hypothesis-generated and real songs."""
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from musicray.encoding import OPTIONAL_INPUTS, TASK_INPUTS, Example, base_tempo, decode, encode, project, quantized, \
-    round_trip_song, section_windows
+from musicray.encoding import OPTIONAL_INPUTS, TASK_INPUTS, Example, SongTokens, base_tempo, decode, encode, \
+    encode_quantized, project, quantized, representable_pitch, round_trip_song, section_windows
 from musicray.harmony import CHORD_QUALITIES, CANONICAL_BASS_DEGREES, PITCH_CLASS_NAMES, chord_label
 from musicray.song import METRES, SECTION_LABELS, TRACKS, Chord, Note, Section, Song, SongError, Tempo, song_from_dict
 from musicray.tokens import LEGACY_LANGUAGE, TASKS, VocabConfig, Vocabulary
@@ -157,3 +158,68 @@ def test_every_pop909_song_round_trips(pop909_prepared):
             song = songs[row.song_id]
             example = Example(task, list(row.prompt), list(row.target), row.song_id)
             assert decode(example, VOCAB) == project(song, task, base_tempo(song, VOCAB)), (row.song_id, task)
+
+
+# -- SongTokens: the six examples of a song from one shared encoding ---------------------------------------------
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_song_tokens_examples_are_each_tasks_example_and_share_bodies(language, synthetic_songs):
+    vocab = LANGUAGES[language]
+    song = quantized(synthetic_songs[5], vocab)
+    tokens = SongTokens(song, vocab)
+    for task in TASKS:
+        for optional in [()] + [(name,) for name in OPTIONAL_INPUTS.get(task, ())]:
+            shared, alone = tokens.example(task, optional), encode_quantized(song, task, vocab, optional)
+            assert (shared.prompt, shared.target) == (alone.prompt, alone.target)
+    # chord x3, melody and secondary with the chords given, notes, dynamics, tempo, melody before the chords
+    assert len(tokens._bodies) == 8
+    assert tokens.body("melody") is tokens.body("melody", chords_known=True)
+
+
+def test_song_tokens_body_orders_a_position_as_the_grammar_reads_it():
+    """A bar's section, <Bar> and tempo; at a position <Pos>, chord and bass, then each track's marker and notes
+    (in the track's order); the downbeat's chord restated in the next bar."""
+    loud, soft = (ABSOLUTE.quantize_velocity(v) for v in (90, 60))
+    song = Song("order", "C:maj", "4/4", [Section("A", 2)], chords=[Chord(0, 0, "G:maj/3")],
+                tracks={"MELODY": [Note(0, 4, 72, 2, loud)], "BRIDGE": [],
+                        "PIANO": [Note(0, 4, 48, 4, soft), Note(0, 4, 55, 4, loud), Note(1, 8, 50, 1, soft)]},
+                tempos=[Tempo(0, 0, 100.0), Tempo(1, 0, 101.0)])
+    tokens = SongTokens(song, ABSOLUTE)
+    assert ABSOLUTE.describe(tokens.body("song")) == (
+        f"<Sec_A2><Bar><Tempo_100><Pos_0><Chord_G:maj><Bass_3>"
+        f"<Pos_4><Track_MELODY><Pitch_72><Dur_2><Vel_{loud}><Track_PIANO><Pitch_48><Dur_4><Vel_{soft}>"
+        f"<Pitch_55><Dur_4><Vel_{loud}>"
+        f"<Bar><Tempo_101><Pos_0><Chord_G:maj><Bass_3><Pos_8><Track_PIANO><Pitch_50><Dur_1><Vel_{soft}>")
+    assert ABSOLUTE.describe(tokens.body("dynamics")) == (
+        f"<Sec_A2><Bar><Vel_{loud}><Vel_{soft}><Vel_{loud}><Bar><Vel_{soft}>")
+
+
+def test_song_tokens_reject_what_the_vocabulary_cannot_write():
+    song = Song("long", "C:maj", "4/4", [Section("A", 1)], tracks={"MELODY": [Note(0, 0, 60, 99, 80)]},
+                tempos=[Tempo(0, 0, 120.0)])
+    with pytest.raises(SongError, match="Dur_99"):
+        SongTokens(song, VOCAB)
+    outside = song.replace(tracks={"MELODY": [Note(3, 0, 60, 4, 82)]})
+    with pytest.raises(SongError, match="outside the form"):
+        SongTokens(outside, VOCAB)
+
+
+def test_array_quantizers_match_the_scalar_rules():
+    old_representable = [p + 12 * max(0, -(-(11 - p) // 12)) - 12 * max(0, -(-(p - 116) // 12)) for p in range(-40, 200)]
+    assert [representable_pitch(p) for p in range(-40, 200)] == old_representable
+    assert representable_pitch(np.arange(-40, 200)).tolist() == old_representable
+    velocities = np.arange(0, 128)
+    n = VOCAB.config.velocity_bins
+    assert VOCAB.quantize_velocities(velocities).tolist() == [
+        VOCAB.velocity_values[min(n - 1, max(0, int((v - 1) * n / 127)))] for v in range(0, 128)]
+    assert VOCAB.quantize_durations(np.array([-3, 0, 1, 64, 65])).tolist() == [1, 1, 1, 64, 64]
+
+
+@pytest.mark.parametrize("family", ["Pos", "Dur", "Vel", "Tempo"])
+def test_ids_by_value_is_token_of_each_value(family):
+    table = VOCAB.ids_by_value(family)
+    for value, token in enumerate(table.tolist()):
+        if token >= 0:
+            assert token == VOCAB.token(family, value)
+        else:
+            with pytest.raises(SongError):
+                VOCAB.token(family, value)

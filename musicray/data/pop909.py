@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import symusic
 
 from musicray.harmony import NO_CHORD, canonical_chord, canonical_key
-from musicray.song import METRES, TRACKS, Chord, Metre, Note, Section, Song, SongError, Tempo, parse_form
+from musicray.song import (METRES, TRACKS, Chord, Metre, Note, Section, Song, SongError, Tempo,
+                           notes_from_rows, one_per_onset_and_pitch_rows, parse_form)
 
 POP909_DIR_ENV = "POP909_DIR"
 
@@ -125,8 +125,10 @@ def index_metre(beats_per_measure: int, quavers_per_beat: int) -> str | None:
     return INDEX_METRES.get((int(beats_per_measure), int(quavers_per_beat)))
 
 
-def read_index(root: Path) -> pd.DataFrame:
+def read_index(root: Path) -> "pandas.DataFrame":
     """index.xlsx with song_id as a 3-character string and a ``metre`` column (None where unsupported)."""
+    import pandas as pd   # here, not at the top: Ray workers load songs without pandas (0.4 CPU-s to import)
+
     path = Path(root) / INDEX_FILE
     if not path.is_file():
         raise IngestError("index", "missing_file", INDEX_FILE, "index", "file not found")
@@ -141,8 +143,15 @@ def _index_rows(root: str) -> dict[str, dict]:
     return {row["song_id"]: row for row in read_index(Path(root)).to_dict("records")}
 
 
+def metre_rows(root: Path) -> dict[str, dict]:
+    """What ``load_song`` reads of each song's index row (its ``index_row``), by song id: small enough to send
+    to the Ray workers, so that none reads index.xlsx itself (pandas and openpyxl: about 0.8 CPU-s a worker)."""
+    fields = ("metre", "num_beats_per_measure", "num_quavers_per_beat")
+    return {song_id: {name: row[name] for name in fields} for song_id, row in _index_rows(str(root)).items()}
+
+
 def song_ids(root: Path) -> list[str]:
-    return sorted(read_index(root)["song_id"])
+    return sorted(_index_rows(str(root)))
 
 
 # -- reading one song's files --------------------------------------------------------------------------------------
@@ -170,10 +179,11 @@ class SongFiles:
         rows = [line.split(sep) for line in self.text(kind, field).splitlines() if line.strip()]
         if not rows:
             raise self.error("unreadable_file", kind, field, "cannot read table: no rows")
-        for number, row in enumerate(rows, start=1):
-            if len(row) != len(names):
-                raise self.error("unreadable_file", kind, field,
-                                 f"expected {len(names)} columns, found {len(row)} in row {number}")
+        if set(map(len, rows)) != {len(names)}:   # one pass in C; the loop only to name the first bad row
+            for number, row in enumerate(rows, start=1):
+                if len(row) != len(names):
+                    raise self.error("unreadable_file", kind, field,
+                                     f"expected {len(names)} columns, found {len(row)} in row {number}")
         return {name: list(column) for name, column in zip(names, zip(*rows))}
 
     def numbers(self, kind: str, field: str, values: list[str], dtype: type, detail: str) -> np.ndarray:
@@ -491,29 +501,15 @@ def place_notes(grid: BarGrid, notes: PerformedTrack) -> PlacedTrack:
     end_rows = seconds_to_rows(grid.beat_times, notes.ends)
     durations = np.maximum(1, np.rint(end_rows * ppb) - np.rint(start_rows * ppb)).astype(int)
     displacement = np.abs(rows_to_seconds(grid.beat_times, grid.steps_to_rows(steps)) - notes.starts)
-    kept = one_note_per_onset(steps[inside], notes.pitches[inside], durations[inside], notes.velocities[inside])
-    ppbar = grid.spec.positions_per_bar
-    placed = [Note(step // ppbar, step % ppbar, pitch, duration, velocity)
-              for step, pitch, duration, velocity in kept.tolist()]
+    # Two notes of one pitch on one grid step cannot both sound (the MIDI itself has exact duplicates, and
+    # quantization joins fast repeats): the longest, then loudest, is kept.
+    kept = one_per_onset_and_pitch_rows(np.stack([steps[inside], notes.pitches[inside], durations[inside],
+                                                  notes.velocities[inside]], axis=1).astype(np.int64))
+    bars, positions = np.divmod(kept[:, 0], grid.spec.positions_per_bar)
+    placed = notes_from_rows(np.column_stack([bars, positions, kept[:, 1:]]))
     inside_count = int(np.count_nonzero(inside))
     return PlacedTrack(placed, len(notes), len(notes) - inside_count, inside_count - len(placed),
                        displacement[inside])
-
-
-def one_note_per_onset(steps: np.ndarray, pitches: np.ndarray, durations: np.ndarray,
-                       velocities: np.ndarray) -> np.ndarray:
-    """Rows (step, pitch, duration, velocity), one per (step, pitch), in (step, pitch) order.
-
-    Two notes of one pitch on one grid step cannot both sound (the MIDI itself has exact duplicates, and
-    quantization joins fast repeats): the longest, then loudest, is kept.
-    """
-    notes = np.stack([steps, pitches, durations, velocities], axis=1).astype(np.int64)
-    # Sorted by step, pitch, then longest and loudest first, so the first row of each (step, pitch) is the keeper.
-    order = np.lexsort((-notes[:, 3], -notes[:, 2], notes[:, 1], notes[:, 0]))
-    notes = notes[order]
-    first = np.ones(len(notes), dtype=bool)
-    first[1:] = (notes[1:, 0] != notes[:-1, 0]) | (notes[1:, 1] != notes[:-1, 1])
-    return notes[first]
 
 
 def place_chords(grid: BarGrid, starts: np.ndarray, labels: list[str]) -> list[Chord]:
@@ -535,11 +531,9 @@ def place_tempos(grid: BarGrid) -> list[Tempo]:
     """One tempo per labelled beat: 60 / the length of its beat row (the last row repeats the one before)."""
     intervals = np.diff(grid.beat_times)
     rows = np.clip(grid.beat_rows(), 0, len(intervals) - 1)
-    tempos = []
-    for beat, row in enumerate(rows):
-        bar, beat_in_bar = divmod(beat, grid.spec.beats_per_bar)
-        tempos.append(Tempo(bar, beat_in_bar * grid.spec.positions_per_beat, round(60.0 / float(intervals[row]), 3)))
-    return tempos
+    beats, positions_per_beat = grid.spec.beats_per_bar, grid.spec.positions_per_beat
+    return [Tempo(beat // beats, beat % beats * positions_per_beat, round(bpm, 3))
+            for beat, bpm in enumerate((60.0 / intervals[rows]).tolist())]
 
 
 # -- one song ------------------------------------------------------------------------------------------------------

@@ -11,19 +11,20 @@ Output directory::
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import ray
 from tqdm import tqdm
 
-from musicray.encoding import CANONICAL_FORMAT, base_tempo, encode_quantized, quantized
+from musicray.encoding import CANONICAL_FORMAT, SongTokens, quantized
 from musicray.song import Song, SongError, song_to_dict
 from musicray.tokens import TASKS, Vocabulary
 
@@ -41,19 +42,28 @@ def split_of(song_id: str) -> str:
     return SPLITS[-1][0]
 
 
+# A source of songs: ``ids()``, ``load(song_id)`` (a checked Song and its stats, or SongError), and
+# ``for_workers()``: the source as the Ray tasks get it (with what the driver has read once for all songs).
 @dataclass(frozen=True)
 class Pop909Source:
     root: str
+    # index.xlsx's metre fields by song id (``pop909.metre_rows``); None: each process reads the index itself.
+    metres: dict[str, dict] | None = field(default=None, repr=False, compare=False)
 
     def ids(self) -> list[str]:
         from musicray.data.pop909 import song_ids
 
         return song_ids(Path(self.root))
 
+    def for_workers(self) -> "Pop909Source":
+        from musicray.data.pop909 import metre_rows
+
+        return replace(self, metres=metre_rows(Path(self.root)))
+
     def load(self, song_id: str) -> tuple[Song, dict]:
         from musicray.data.pop909 import load_song
 
-        return load_song(Path(self.root), song_id)
+        return load_song(Path(self.root), song_id, self.metres.get(song_id) if self.metres else None)
 
 
 @dataclass(frozen=True)
@@ -64,26 +74,49 @@ class SynthSource:
     def ids(self) -> list[str]:
         return [f"synth-{self.seed + i:04d}" for i in range(self.songs)]
 
+    def for_workers(self) -> "SynthSource":
+        return self
+
     def load(self, song_id: str) -> tuple[Song, dict]:
         from musicray.data.synth import synth_song
 
         return synth_song(int(song_id.split("-")[1]), song_id), {}
 
 
+@contextlib.contextmanager
+def cyclic_gc_paused():
+    """Python's cyclic garbage collector off for a while. Preparing a song allocates tens of thousands of
+    objects (Notes, their dicts, lists) that reference counting frees; with the collector on, those allocations
+    trigger collections that scan everything alive, which was a quarter of the CPU per POP909 song."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def prepare_one(source, song_id: str, vocab: Vocabulary) -> dict:
     """Everything the tables need from one song, or the reason it was skipped. Never raises SongError."""
+    with cyclic_gc_paused():
+        return _prepare_one(source, song_id, vocab)
+
+
+def _prepare_one(source, song_id: str, vocab: Vocabulary) -> dict:
     try:
         song, stats = source.load(song_id)  # a checked song: both sources call Song.check
         canonical = quantized(song, vocab)
         # The song is canonical already: encoding it as it is (not through ``encode``, which quantizes again)
-        # gives the same examples, quantization being idempotent, for a tenth less of the song's time.
-        examples = [encode_quantized(canonical, task, vocab) for task in TASKS]
+        # gives the same examples, quantization being idempotent. One SongTokens shares the work of the six.
+        tokens = SongTokens(canonical, vocab)
+        examples = [tokens.example(task) for task in TASKS]
     except SongError as err:
         return {"song_id": song_id, "skipped": getattr(err, "reason", "invalid_song"), "message": str(err)}
     split = split_of(song_id)
     song_row = {
         "song_id": song_id, "split": split, "key": canonical.key, "metre": canonical.metre,
-        "form": canonical.form, "bars": canonical.n_bars, "base_tempo": base_tempo(canonical, vocab),
+        "form": canonical.form, "bars": canonical.n_bars, "base_tempo": tokens.bpm,
         **{f"{name.lower()}_notes": len(notes) for name, notes in canonical.tracks.items()},
         "chords": len(canonical.chords), "song_json": json.dumps(song_to_dict(canonical)),
         "stats_json": json.dumps(stats, default=float),
@@ -125,6 +158,7 @@ def prepare(source, out: str | Path, vocab: Vocabulary | None = None, limit: int
     started = time.perf_counter()
     ensure_ray(num_cpus)
     vocab_json = vocab.to_json()
+    source = ray.put(source.for_workers())   # once in the object store, not pickled into every task
     pending = [_prepare_chunk.remote(source, ids[i:i + chunk_size], vocab_json) for i in range(0, len(ids), chunk_size)]
     results: list[dict] = []
     with tqdm(total=len(ids), desc="prepare", unit="song", disable=not progress) as bar:
@@ -141,6 +175,8 @@ def prepare(source, out: str | Path, vocab: Vocabulary | None = None, limit: int
 
 
 def write_tables(results: list[dict], out: Path, vocab: Vocabulary) -> dict:
+    import pandas as pd   # here and in load_table only: the Ray workers, which import this module, never need it
+
     kept = [r for r in results if "song" in r]
     skipped = [r for r in results if "skipped" in r]
     pd.DataFrame([r["song"] for r in kept]).to_parquet(out / "songs.parquet", index=False)
@@ -163,8 +199,10 @@ def load_report(data_dir: str | Path) -> dict:
     return json.loads((Path(data_dir) / "report.json").read_text())
 
 
-def load_table(data_dir: str | Path, name: str, split: str | None = None) -> pd.DataFrame:
+def load_table(data_dir: str | Path, name: str, split: str | None = None) -> "pandas.DataFrame":
     """A prepared table ("songs" or a task), optionally one split only."""
+    import pandas as pd
+
     path = Path(data_dir) / f"{name}.parquet"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such table; run `musicray data prepare` or `musicray data synth` first")

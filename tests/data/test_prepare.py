@@ -1,5 +1,7 @@
 """The preparation job: deterministic splits, tables per sub-task, broken songs counted not fatal."""
 
+import gc
+import hashlib
 import json
 import shutil
 
@@ -7,9 +9,10 @@ import pandas as pd
 import pytest
 
 from musicray.data import pop909
-from musicray.data.prepare import Pop909Source, SynthSource, load_report, load_table, prepare, split_of
+from musicray.data.prepare import Pop909Source, SynthSource, cyclic_gc_paused, load_report, load_table, prepare, \
+    prepare_one, split_of
 from musicray.song import song_from_dict
-from musicray.tokens import SUBTASKS, TASKS, Vocabulary
+from musicray.tokens import LEGACY_LANGUAGE, SUBTASKS, TASKS, VocabConfig, Vocabulary
 
 
 def test_split_is_a_function_of_the_song_id():
@@ -66,3 +69,51 @@ def test_pop909_keeps_at_least_90_percent(pop909_prepared):
     report = pop909_prepared[1]["report"]
     assert report["total"] == 909 and report["kept"] / report["total"] >= 0.90
     assert sum(report["skipped"].values()) == report["total"] - report["kept"]
+
+
+# What prepare_one gives for six real songs (001, 005 left-out beats, 034 3/4, 092 12/8, 225 178 tempo changes,
+# 471 960 ticks per beat), recorded with the job before SongTokens and the array quantization (commit a80697b):
+# the song row (song_json, stats_json, counts) and the six examples, bit for bit, in both languages.
+PREPARED_FINGERPRINTS = {
+    "relative": {"001": "9f12297135287a54", "005": "31d38e1f340f9929", "034": "84e328a11f3fdf8b",
+                 "092": "220ab2ad267100c3", "225": "cbda8b53b45afe89", "471": "5ab7405b69317a2c"},
+    "absolute": {"001": "c3d8180460a26aa0", "005": "5ca519bec3f6d4fa", "034": "db6e03e5e6186df8",
+                 "092": "e8dd06b9782d64c4", "225": "3715ded684dd1b8f", "471": "3484cb3ff0360429"},
+}
+
+
+def prepared_fingerprint(result: dict) -> str:
+    examples = {task: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+                for task, row in result["examples"].items()}
+    data = {"song": result["song"], "examples": examples}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=float).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("language", PREPARED_FINGERPRINTS)
+def test_prepare_one_gives_the_reference_rows(pop909_root, language):
+    vocab = Vocabulary() if language == "relative" else Vocabulary(VocabConfig(**LEGACY_LANGUAGE))
+    source = Pop909Source(str(pop909_root)).for_workers()
+    assert {song_id: prepared_fingerprint(prepare_one(source, song_id, vocab))
+            for song_id in PREPARED_FINGERPRINTS[language]} == PREPARED_FINGERPRINTS[language]
+
+
+def test_workers_source_carries_the_metres_and_loads_the_same(pop909_root):
+    source = Pop909Source(str(pop909_root))
+    shipped = source.for_workers()
+    assert set(shipped.metres) == set(source.ids()) and shipped.metres["034"]["metre"] == "3/4"
+    assert shipped == source and shipped.load("092") == source.load("092")
+    assert prepare_one(shipped, "624", Vocabulary())["skipped"] == "unsupported_metre"
+
+
+def test_cyclic_gc_paused_restores_the_collector():
+    assert gc.isenabled()
+    with cyclic_gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
