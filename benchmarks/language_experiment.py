@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 from musicray.decode import generate
-from musicray.sampling import Sampling
 from musicray.encoding import decode_body, encode_quantized, section_windows
 from musicray.eval.metrics import chord_tone_ratio, tempo_change_stats
 from musicray.eval.relations import relation_scores
 from musicray.grammar import Grammar, Plan
 from musicray.model import TinyConfig, add_music_tokens, build_tiny, load_base
+from musicray.sampling import Sampling
 from musicray.song import TRACKS, Song, Tempo
 from musicray.tokens import LEGACY_LANGUAGE, VocabConfig, Vocabulary
 from musicray.train.config import load_config

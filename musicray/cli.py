@@ -180,7 +180,7 @@ def _instrument(text: str) -> tuple[str, int]:
 
 def _stage_settings(entries: list[str]) -> dict[str, dict[str, str]]:
     """``--stage-sampling melody:temperature=0.8,top_p=0.9`` (repeatable) as {stage: {setting: value}}; the values
-    are checked by ``musicray.compose.stage_sampling``."""
+    are checked by ``musicray.sampling.checked_settings``."""
     settings: dict[str, dict[str, str]] = {}
     for entry in entries:
         stage, sep, assignments = entry.partition(":")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from musicray.decode import GrammarLogitsProcessor, generate
-from musicray.sampling import Sampling
 from musicray.encoding import TASK_TARGET, encode
 from musicray.grammar import Grammar, Plan, small_tensor_threads
 from musicray.model import add_music_tokens, load_base
+from musicray.sampling import Sampling
 from musicray.song import METRES, SECTION_LABELS, Section, Song, TRACKS, Tempo
 from musicray.tokens import SUBTASKS, Vocabulary
 

@@ -28,9 +28,9 @@ import torch
 from musicray.compose import Composer, Request
 from musicray.data.prepare import load_table
 from musicray.decode import generate
-from musicray.sampling import Sampling
 from musicray.encoding import TASK_TARGET, base_tempo, encode, section_windows
 from musicray.grammar import GrammarError, Plan
+from musicray.sampling import Sampling
 from musicray.song import Section, Song, SongError, song_from_dict
 from musicray.tokens import SUBTASKS, Vocabulary
 

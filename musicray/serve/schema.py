@@ -15,9 +15,9 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from musicray.compose import Request, parse_chords, regenerated_bars
-from musicray.sampling import Sampling, stage_sampling
 from musicray.harmony import canonical_key
 from musicray.midi import midi_to_song
+from musicray.sampling import Sampling, stage_sampling
 from musicray.song import SongError, metre, parse_form, song_from_dict, song_to_dict
 from musicray.tokens import SUBTASKS
 
