@@ -2,8 +2,9 @@
 
 The tables say, per stream (see ``musicray.encoding.STREAMS``), which token family may follow which
 (``GRAPH``), which counter must allow a family (``GUARDS``), which families must rise within a scope
-(``RISING``/``RESETS``: positions within a bar, tracks within a position, pitches within a track), and which
-family spends a per-bar quota (``QUOTA``: one velocity per given note in the dynamics stream). A *plan* gives
+(``RISING``/``RESETS``: positions within a bar, tracks within a position, pitches within a track), which
+family spends a per-bar quota (``QUOTA``: one velocity per given note in the dynamics stream), and how many
+tokens of a family one position may hold (``PER_POSITION``: the melody's pitches at an onset). A *plan* gives
 the counters' targets: the form (section tokens in order, bars each), the metre (positions per bar) and the
 quotas, and it may *force* bars: a forced bar's content (the tokens after its ``<Bar>``) is given, the mask
 allows exactly the next given token there and the bar closes after the last one (infilling regenerates the
@@ -62,12 +63,17 @@ GRAPH: dict[str, dict[str, tuple[str, ...]]] = {
 STREAM_NAMES: tuple[str, ...] = tuple(GRAPH)
 
 # Counter conditions a family needs (families not listed need none).
-GUARD_NAMES: tuple[str, ...] = ("always", "bar_left", "section_next", "form_done", "quota_left", "after_first_bar")
+GUARD_NAMES: tuple[str, ...] = ("always", "bar_left", "section_next", "form_done", "quota_left", "after_first_bar",
+                                "position_room")
 # A tempo change needs a bar before it in the body (the first bar's tempo is absolute).
 GUARDS: dict[str, str] = {"Bar": "bar_left", "Sec": "section_next", "End": "form_done",
                           "TempoChange": "after_first_bar"}
 # Per stream: the family that spends the bar's quota (it then needs "quota_left").
 QUOTA: dict[str, str] = {"dynamics": "Vel"}
+# Per stream: a family and how many of its tokens one position may hold (it then needs "position_room"). POP909's
+# MELODY sounds at most 2 pitches at an onset (one at 99.9 % of its 292,695 onsets); without the cap a small model
+# can stack notes on one position up to the top of the pitch range.
+PER_POSITION: dict[str, tuple[str, int]] = {"melody": ("Pitch", 2)}
 # Families whose values must strictly rise until a family that opens a new scope resets them.
 RISING: tuple[str, ...] = ("Pos", "Track", "Pitch")
 RESETS: dict[str, tuple[str, ...]] = {"Bar": ("Pos", "Track", "Pitch"), "Pos": ("Track", "Pitch"), "Track": ("Pitch",)}
@@ -170,6 +176,7 @@ class GrammarState:
     bars_left: torch.Tensor   # in the open section
     bar: torch.Tensor         # bars opened so far
     quota_left: torch.Tensor  # tokens of the quota family still owed in this bar
+    at_position: torch.Tensor  # tokens of the stream's PER_POSITION family since the last <Pos>
     low: torch.Tensor         # [batch, families]: a token's value must be > low[family]
     high: torch.Tensor        # [batch, families]: ... and < high[family]
     section_values: torch.Tensor  # [batch, max sections]: Sec rank of each section of the form
@@ -195,7 +202,7 @@ class GrammarState:
 
     def row(self, i: int) -> dict:
         return {name: int(getattr(self, name)[i]) for name in
-                ("stream", "node", "section", "n_sections", "bars_left", "bar", "quota_left")}
+                ("stream", "node", "section", "n_sections", "bars_left", "bar", "quota_left", "at_position")}
 
     def take(self, rows: torch.Tensor | list[int]) -> "GrammarState":
         """The state of ``rows`` (in that order) as a batch of its own; the rows' tables keep their width."""
@@ -246,7 +253,13 @@ class Grammar:
                 guard[s, _FAMILY[fam]] = GUARD_NAMES.index(name)
             if stream in QUOTA:
                 guard[s, _FAMILY[QUOTA[stream]]] = GUARD_NAMES.index("quota_left")
+            if stream in PER_POSITION:
+                guard[s, _FAMILY[PER_POSITION[stream][0]]] = GUARD_NAMES.index("position_room")
         self.quota_family = torch.tensor([_FAMILY[QUOTA[s]] if s in QUOTA else -1 for s in STREAM_NAMES])
+        self.position_family = torch.tensor([_FAMILY[PER_POSITION[s][0]] if s in PER_POSITION else -1
+                                             for s in STREAM_NAMES])
+        self.position_limit = torch.tensor([PER_POSITION[s][1] if s in PER_POSITION else _NO_LIMIT
+                                            for s in STREAM_NAMES])
         close_cost, finish_drop = _budget_tables()
         resets = torch.zeros(n_fam, n_fam, dtype=torch.bool)
         for fam, reset in RESETS.items():
@@ -268,6 +281,7 @@ class Grammar:
         self.until_form_end = until_form_end.to(**to)
         self.bar_close = bar_close.to(**to)
         self.quota_family = self.quota_family.to(**to)
+        self.position_family, self.position_limit = self.position_family.to(**to), self.position_limit.to(**to)
         self.close_cost, self.finish_drop = close_cost.to(**to), finish_drop.to(**to)
         self.bar_cost = (1 + close_cost[:, _FAMILY["Bar"]]).to(**to)
         self.token_family, self.token_value = family.to(**to), value.to(**to)
@@ -307,7 +321,7 @@ class Grammar:
             stream=torch.tensor([STREAM_NAMES.index(s) for s in streams], **to),
             node=torch.full((batch,), _START, dtype=torch.long, **to),
             section=zeros.clone(), n_sections=torch.tensor([len(p.sections) for p in plans], **to),
-            bars_left=zeros.clone(), bar=zeros.clone(), quota_left=zeros.clone(),
+            bars_left=zeros.clone(), bar=zeros.clone(), quota_left=zeros.clone(), at_position=zeros.clone(),
             low=low, high=high.to(**to), section_values=section_values.to(**to),
             section_bars=section_bars.to(**to), quotas=quotas.to(**to), bars_after=bars_after.to(**to),
             quota_after=quota_after.to(**to), budget=budget.to(**to),
@@ -385,6 +399,7 @@ class Grammar:
             closed & (state.section == state.n_sections),
             state.quota_left > 0,
             state.bar > 1,
+            state.at_position < self.position_limit[state.stream],
         ], dim=1)
 
     def family_mask(self, state: GrammarState) -> torch.Tensor:
@@ -478,6 +493,9 @@ class Grammar:
         state.quota_left = state.quota_left - spent.long()
 
         read_pos = ok & (family == _FAMILY["Pos"])
+        counted = ok & (family == self.position_family[state.stream])
+        state.at_position = torch.where(read_pos, torch.zeros_like(state.at_position),
+                                        state.at_position + counted.long())
         if bool(read_pos.any()):
             steps_per_bar = state.high[:, _FAMILY["Pos"]]
             steps_left = (state.bars_left + self._later_bars(state)) * steps_per_bar + steps_per_bar - value
@@ -554,7 +572,7 @@ class Grammar:
             return f"a {fam} token cannot follow {prev} in a {stream} body (expected {' or '.join(allowed)})"
         guard = GUARD_NAMES[int(self.guard[row["stream"], _FAMILY[fam]])]
         if not bool(self._guards(state)[i, GUARD_NAMES.index(guard)]):
-            return self._guard_reason(guard, row)
+            return self._guard_reason(guard, row, stream, fam)
         if not bool(self._within_budget(state)[i, _FAMILY[fam]]):
             return f"only {int(state.budget[i])} token(s) of budget left: the form must close"
         value, low, high = self.vocab.value[token], int(state.low[i, _FAMILY[fam]]), int(state.high[i, _FAMILY[fam]])
@@ -571,7 +589,7 @@ class Grammar:
         return f"value {value} outside ({low}, {high})"
 
     @staticmethod
-    def _guard_reason(guard: str, row: dict) -> str:
+    def _guard_reason(guard: str, row: dict, stream: str, fam: str) -> str:
         if row["quota_left"] > 0 and guard != "quota_left":
             return f"{row['quota_left']} more velocity token(s) are owed in bar {row['bar']}"
         if guard == "bar_left":
@@ -582,6 +600,8 @@ class Grammar:
             return f"the form has only {row['n_sections']} sections"
         if guard == "after_first_bar":
             return "a body's first bar takes an absolute <Tempo_..>, not a change"
+        if guard == "position_room":
+            return f"a position of a {stream} body holds at most {PER_POSITION[stream][1]} {fam} tokens"
         if guard == "form_done":
             if row["bars_left"] > 0:
                 return f"cannot end: section {row['section']} still needs {row['bars_left']} bar(s)"

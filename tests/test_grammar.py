@@ -58,6 +58,15 @@ def test_ten_thousand_masked_samples_are_grammatical_and_end():
     for seq, plan in zip(sequences, plans):
         assert [VOCAB.tokens[t] for t in seq if t in sec] == [f"<Sec_{s.label}{s.bars}>" for s in plan.sections]
         assert seq.count(bar) == plan.n_bars
+    # The melody holds at most two pitches at an onset (PER_POSITION), counted here apart from the grammar.
+    pos, pitch = set(VOCAB.ids_of["Pos"]), set(VOCAB.ids_of["Pitch"])
+    for seq, stream in zip(sequences, streams):
+        if stream == "melody":
+            per_onset, most = 0, 0
+            for token in seq:
+                per_onset = 0 if token in pos or token == bar else per_onset + (token in pitch)
+                most = max(most, per_onset)
+            assert most <= 2, [VOCAB.tokens[t] for t in seq]
     # Grammatical means decodable: every body (but dynamics, which needs its notes) becomes a valid song.
     for seq, stream, plan in zip(sequences, streams, plans):
         if stream != "dynamics":
@@ -124,6 +133,7 @@ INVALID = [
     ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Rel_60><Pos_2>", 4, "cannot follow <Pitch..>"),
     ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Rel_64><Dur_1><Rel_60>", 5, "must rise"),
     ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Vel_10>", 3, "cannot follow <Pos..>"),
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Rel_60><Dur_1><Rel_64><Dur_1><Rel_67>", 7, "holds at most 2 Pitch"),
     ("melody", Plan(PLAN.sections, "3/4"), "<Sec_A2><Bar><Pos_12>", 2, "before 12"),
     ("song", PLAN, "<Sec_A2><Bar><Pos_0>", 2, "cannot follow <Bar..>"),
     ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_0><Track_MELODY><Rel_60><Dur_2><Pos_4>", 7, "cannot follow <Dur..>"),
@@ -163,6 +173,8 @@ def test_unfinished_sequence_is_reported(text):
 @pytest.mark.parametrize("stream,plan,text", [
     ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Vel_58><Sec_B1><Bar><Vel_70><End>"),
     ("melody", PLAN, "<Sec_A2><Bar><Bar><Sec_B1><Bar><Pos_4><Rel_60><Dur_12><End>"),   # ends exactly at the end
+    ("melody", PLAN, "<Sec_A2><Bar><Pos_0><Rel_60><Dur_1><Rel_64><Dur_1><Pos_2><Rel_60><Dur_1><Rel_62><Dur_1>"
+                     "<Bar><Pos_0><Rel_60><Dur_1><Rel_64><Dur_1><Sec_B1><Bar><End>"),   # two pitches at each onset
     ("song", PLAN, "<Sec_A2><Bar><Tempo_90><Pos_15><Track_MELODY><Rel_60><Dur_33><Vel_50><Bar><TempoChange_-2>"
                    "<Sec_B1><Bar><Tempo_120><End>"),
 ])
