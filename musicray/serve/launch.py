@@ -7,12 +7,12 @@ until it answers. For scripts, notebooks, benchmarks and tests that need a serve
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -46,7 +46,7 @@ def wait_until_ready(process: subprocess.Popen, port: int, timeout: float, poll_
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
                 if answer.status == 200:
                     return time.perf_counter() - started
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass   # not listening yet, or Serve still deploying (503)
+        except (OSError, http.client.HTTPException):
+            pass   # not listening yet, Serve still deploying (503), or a connection cut while it starts
         time.sleep(poll_s)
     return None
