@@ -51,7 +51,9 @@ def test_serve_is_ready_and_stops_everything_it_started(run_dir, stop):
         if server.poll() is None:
             server.kill()
     assert "stopping" in output
-    assert "taken more than 30s to be scheduled" not in output, output
+    # On 2 CPUs every replica fits: the layout is the multiplexed one. (Ray's "taken more than 30s to be scheduled"
+    # warning also comes from slow worker start-up on a loaded machine, so benchmarks/serve_ready.py counts it.)
+    assert "2 CPUs: one deployment serves all five adapters" in output, output[:2000]
     deadline = time.time() + 15
     while time.time() < deadline and any(_alive(c) for c in children):
         time.sleep(0.5)
