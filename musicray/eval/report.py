@@ -325,7 +325,7 @@ def _setup_notes(settings: EvalConfig, config: Config, windows: list[Window], ad
                  "of a longer section), composed from the real window's form, key, metre and base tempo, to keep "
                  "composing fast on a CPU; the comparison is with the same real windows and with the whole real "
                  "test songs")
-    own = stage_sampling(settings.sampling, Sampling(), "eval.sampling")
+    own = windows[0].request.stage_sampling or {}   # what eval_windows gave every window's request
     sampled = "; ".join(f"{stage} at temperature {s.temperature:g}" + (f", top-k {s.top_k}" if s.top_k else "")
                         + (f", top-p {s.top_p:g}" if s.top_p < 1 else "") for stage, s in own.items())
     notes.append(f"sampling: {sampled + '; the other stages ' if own else ''}temperature 1, no top-k or top-p cut, "
