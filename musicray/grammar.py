@@ -8,7 +8,10 @@ tokens of a family one position may hold (``PER_POSITION``: the melody's pitches
 the counters' targets: the form (section tokens in order, bars each), the metre (positions per bar) and the
 quotas, and it may *force* bars: a forced bar's content (the tokens after its ``<Bar>``) is given, the mask
 allows exactly the next given token there and the bar closes after the last one (infilling regenerates the
-other bars).
+other bars). It may also *copy* bars: a copied bar's content is whatever the same row wrote in an earlier bar
+(a returning section repeats its first occurrence), forced token by token like a given bar once that bar is
+written; a copied token that the counters no longer allow (a note that would sound past the form's end) ends
+the copy there and the bar goes on freely.
 
 An optional token *budget* per row (generation's ``max_new_tokens``) makes the mask close the form in time:
 a family is allowed only if, after it, the tokens it commits to (shortest path in ``GRAPH`` back to a point
@@ -137,6 +140,8 @@ class Plan:
     quotas: tuple[int, ...] = ()
     # (bar number from 1, the bar's tokens after its <Bar>) for every bar whose content is given
     forced: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    # (bar, earlier bar), numbered from 1: the bar repeats what the row wrote in the earlier bar
+    copies: tuple[tuple[int, int], ...] = ()
 
     @property
     def n_bars(self) -> int:
@@ -192,9 +197,18 @@ class GrammarState:
     forced_next: torch.Tensor     # [batch]: index of the next forced token in forced_tokens
     forced_end: torch.Tensor      # [batch]: end of the open bar's forced content (== forced_next: none left)
     in_forced_bar: torch.Tensor   # [batch] bool: the open bar is forced (after its content, it must close)
+    # Copied bars: the rows' own bar contents are written into forced_tokens after the given bars' contents (from
+    # history_base on), so that a copied bar is forced from there like a given one.
+    copy_source: torch.Tensor     # [batch, max bars + 1]: the bar that bar k copies (0: none)
+    history_base: torch.Tensor    # [batch]: where the row's written bar contents start in forced_tokens
+    written: torch.Tensor         # [batch]: bar-content tokens written so far
+    bar_offset: torch.Tensor      # [batch, max bars + 1]: where bar k's written content starts (from history_base)
+    bar_length: torch.Tensor      # [batch, max bars + 1]: its length so far
+    in_copied_bar: torch.Tensor   # [batch] bool: the open bar copies an earlier one (and has not left the copy)
     # family_mask of the current state, kept from mask() for the step() that follows it (decoding asks both)
     family_cache: torch.Tensor | None = None
     has_forced: bool = False      # some row's plan forces bars (else the forced-bar bookkeeping is skipped)
+    has_copies: bool = False      # some row's plan copies bars (else the history is not written)
 
     @property
     def done(self) -> torch.Tensor:
@@ -208,16 +222,16 @@ class GrammarState:
         """The state of ``rows`` (in that order) as a batch of its own; the rows' tables keep their width."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.node.device)
         taken = {name: getattr(self, name).index_select(0, index) for name in _ROW_FIELDS}
-        return GrammarState(**taken, has_forced=self.has_forced)
+        return GrammarState(**taken, has_forced=self.has_forced, has_copies=self.has_copies)
 
 
 # Every per-row tensor of a GrammarState, and for the per-plan tables (whose width depends on the batch's longest
 # form) the value start() leaves beyond a plan's end: concatenating states pads with it.
 _ROW_FIELDS: tuple[str, ...] = tuple(name for name in GrammarState.__dataclass_fields__
-                                     if name not in ("family_cache", "has_forced"))
+                                     if name not in ("family_cache", "has_forced", "has_copies"))
 _TABLE_PADDING: dict[str, int] = {"section_values": -10, "section_bars": 0, "quotas": 0, "bars_after": 0,
                                   "quota_after": 0, "forced_tokens": 0, "forced_start": 0, "forced_length": -1,
-                                  "forced_extra_after": 0}
+                                  "forced_extra_after": 0, "copy_source": 0, "bar_offset": 0, "bar_length": 0}
 
 
 def concat_states(states: list[GrammarState]) -> GrammarState:
@@ -231,7 +245,8 @@ def concat_states(states: list[GrammarState]) -> GrammarState:
             parts = [torch.nn.functional.pad(part, (0, width - part.shape[1]), value=_TABLE_PADDING[name])
                      for part in parts]
         fields[name] = torch.cat(parts)
-    return GrammarState(**fields, has_forced=any(state.has_forced for state in states))
+    return GrammarState(**fields, has_forced=any(state.has_forced for state in states),
+                        has_copies=any(state.has_copies for state in states))
 
 
 class Grammar:
@@ -310,6 +325,13 @@ class Grammar:
                 quotas[i, 1:plan.n_bars + 1] = torch.tensor(plan.quotas)
             high[i, _FAMILY["Pos"]] = metre(plan.metre).positions_per_bar
         forced_tokens, forced_start, forced_length, forced_extra = self._forced_tables(streams, plans, max_bars)
+        copy_source = self._copy_table(plans, max_bars)
+        has_copies = any(p.copies for p in plans)
+        if has_copies:   # room for the rows' own bar contents after the given ones (grown in step() when full)
+            history_base = torch.full((batch,), forced_tokens.shape[1], dtype=torch.long)
+            forced_tokens = torch.cat([forced_tokens, torch.zeros((batch, 256), dtype=torch.long)], dim=1)
+        else:
+            history_base = torch.zeros(batch, dtype=torch.long)
         to = dict(device=self.device)
         bars_after = section_bars.flip(1).cumsum(1).flip(1)
         quota_after = quotas.flip(1).cumsum(1).flip(1).roll(-1, 1)
@@ -329,7 +351,12 @@ class Grammar:
             forced_length=forced_length.to(**to),
             forced_extra_after=forced_extra.flip(1).cumsum(1).flip(1).roll(-1, 1).to(**to),
             forced_next=zeros.clone(), forced_end=zeros.clone(),
-            in_forced_bar=torch.zeros(batch, dtype=torch.bool, **to), has_forced=any(p.forced for p in plans))
+            in_forced_bar=torch.zeros(batch, dtype=torch.bool, **to),
+            copy_source=copy_source.to(**to), history_base=history_base.to(**to), written=zeros.clone(),
+            bar_offset=torch.zeros((batch, max_bars), dtype=torch.long, **to),
+            bar_length=torch.zeros((batch, max_bars), dtype=torch.long, **to),
+            in_copied_bar=torch.zeros(batch, dtype=torch.bool, **to),
+            has_forced=any(p.forced for p in plans) or has_copies, has_copies=has_copies)
         state.forced_extra_after[:, -1] = 0
         self._expect_section(state, torch.ones(batch, dtype=torch.bool, device=self.device))
         if budgets is not None:
@@ -359,6 +386,23 @@ class Grammar:
                 extra[i, bar] = max(0, len(content) - minimum)
                 offset += len(content)
         return tokens, start, length, extra
+
+    @staticmethod
+    def _copy_table(plans: list[Plan], max_bars: int) -> torch.Tensor:
+        """[batch, max bars]: the bar each bar copies (0: none), checked against the form and the given bars. A
+        copy of a copy copies the first bar of the chain, so that the room its tokens take is set aside while
+        that bar is written."""
+        table = torch.zeros((len(plans), max_bars), dtype=torch.long)
+        for i, plan in enumerate(plans):
+            given = {bar for bar, _ in plan.forced}
+            for bar, source in sorted(plan.copies):
+                if not 1 <= source < bar <= plan.n_bars:
+                    raise SongError(f"plan: bar {bar} cannot copy bar {source} (an earlier bar of the form's "
+                                    f"{plan.n_bars} bars)")
+                if bar in given:
+                    raise SongError(f"plan: bar {bar} is both given and copied")
+                table[i, bar] = table[i, source] if table[i, source] > 0 else source
+        return table
 
     @staticmethod
     def _next_forced(state: GrammarState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,6 +453,8 @@ class Grammar:
             if not state.has_forced:
                 state.family_cache = allowed & self._within_budget(state)
                 return state.family_cache
+            if state.has_copies:
+                self._leave_impossible_copies(state, allowed)
             forcing, given = self._next_forced(state)
             # A forced token's room was set aside in the budget (tokens_to_finish counts forced bars in full).
             allowed = allowed & (self._within_budget(state) | forcing[:, None])
@@ -421,9 +467,32 @@ class Grammar:
             state.family_cache = allowed
         return state.family_cache
 
+    def _leave_impossible_copies(self, state: GrammarState, allowed: torch.Tensor) -> None:
+        """End the copy of a copied bar whose next token the counters no longer allow (``allowed``: the families
+        the graph and guards allow): a note of the earlier bar would sound past the form's end, say. The bar then
+        goes on freely, in generation and validation alike."""
+        forcing, given = self._next_forced(state)
+        stuck = forcing & state.in_copied_bar
+        if not bool(stuck.any()):
+            return
+        rows = torch.arange(given.shape[0], device=self.device)
+        family, value = self.token_family[given], self.token_value[given]
+        possible = allowed[rows, family] & (value > state.low[rows, family]) & (value < state.high[rows, family])
+        stuck = stuck & ~possible
+        state.forced_end = torch.where(stuck, state.forced_next, state.forced_end)
+        state.in_forced_bar = state.in_forced_bar & ~stuck
+        state.in_copied_bar = state.in_copied_bar & ~stuck
+
     def _within_budget(self, state: GrammarState) -> torch.Tensor:
         """[batch, families]: emitting the family still leaves room to finish the form."""
         after = state.budget[:, None] - 1 - self.close_cost[state.stream]
+        if state.has_copies:   # a token of a bar that later bars copy commits its copies to it as well
+            copies = (state.copy_source == state.bar[:, None]).sum(1)
+            length = state.bar_length.gather(1, state.bar.clamp(max=state.bar_length.shape[1] - 1)[:, None])
+            minimum = (self.bar_cost[state.stream] - 1)[:, None]
+            extra = (length + 1 + self.close_cost[state.stream] - minimum).clamp(min=0) \
+                - (length - minimum).clamp(min=0)
+            after = after - extra * copies[:, None] * ~self.bar_close
         # a finished row pads with <End> whatever its budget
         return (after >= self.tokens_to_finish(state)[:, None] - self.finish_drop[state.stream]) | state.done[:, None]
 
@@ -472,6 +541,8 @@ class Grammar:
         state.section = state.section + opened.long()
         self._expect_section(state, opened)
 
+        if state.has_copies:
+            self._write_history(state, tokens, ok, family)
         if state.has_forced:
             state.forced_next = state.forced_next + (ok & (state.forced_next < state.forced_end)).long()
         new_bar = ok & (family == _FAMILY["Bar"])
@@ -484,9 +555,12 @@ class Grammar:
             state.in_forced_bar = torch.where(new_bar, length >= 0, state.in_forced_bar)
             state.forced_next = torch.where(new_bar, start, state.forced_next)
             state.forced_end = torch.where(new_bar, start + length.clamp(min=0), state.forced_end)
+            if state.has_copies:
+                self._open_copied_bars(state, new_bar, index)
         if state.has_forced:
             leaves_bar = ok & ((family == _FAMILY["Sec"]) | (family == _FAMILY["End"]))
             state.in_forced_bar = state.in_forced_bar & ~leaves_bar
+            state.in_copied_bar = state.in_copied_bar & ~leaves_bar
         quota = state.quotas.gather(1, state.bar.clamp(max=state.quotas.shape[1] - 1)[:, None])[:, 0]
         state.quota_left = torch.where(new_bar, quota, state.quota_left)
         spent = ok & (family == self.quota_family[state.stream])
@@ -508,6 +582,43 @@ class Grammar:
         state.low = torch.where(reset, torch.full_like(state.low, -1), state.low)
         state.family_cache = None
         return ok
+
+    def _write_history(self, state: GrammarState, tokens: torch.Tensor, ok: torch.Tensor,
+                       family: torch.Tensor) -> None:
+        """Keep each row's bar contents (for the bars that copy them) and set aside the room their copies take."""
+        content = ok & ~self.bar_close[family] & (state.bar > 0)
+        if not bool(content.any()):
+            return
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        where = state.history_base + state.written
+        width = state.forced_tokens.shape[1]
+        if int(where.max()) >= width:
+            state.forced_tokens = torch.nn.functional.pad(state.forced_tokens, (0, width))
+        index = content.nonzero().flatten()
+        state.forced_tokens[index, where[index]] = tokens[index]
+        state.written = state.written + content.long()
+        bar = state.bar.clamp(max=state.bar_length.shape[1] - 1)
+        state.bar_length[rows, bar] += content.long()
+        # Beyond a bar's minimum content, each token of a copied bar is a token its copies must find room for.
+        beyond = content & (state.bar_length[rows, bar] > self.bar_cost[state.stream] - 1)
+        targets = (state.copy_source == state.bar[:, None]).long()
+        later = targets.flip(1).cumsum(1).flip(1).roll(-1, 1)
+        later[:, -1] = 0
+        state.forced_extra_after = state.forced_extra_after + later * beyond[:, None].long()
+
+    @staticmethod
+    def _open_copied_bars(state: GrammarState, new_bar: torch.Tensor, index: torch.Tensor) -> None:
+        """At a new bar: note where its content starts, and force a copied bar's content from its source."""
+        state.bar_offset.scatter_(1, index, torch.where(new_bar[:, None], state.written[:, None],
+                                                        state.bar_offset.gather(1, index)))
+        source = state.copy_source.gather(1, index)
+        copied = new_bar & (source[:, 0] > 0)
+        start = state.history_base + state.bar_offset.gather(1, source)[:, 0]
+        length = state.bar_length.gather(1, source)[:, 0]
+        state.forced_next = torch.where(copied, start, state.forced_next)
+        state.forced_end = torch.where(copied, start + length, state.forced_end)
+        state.in_forced_bar = torch.where(copied, True, state.in_forced_bar)
+        state.in_copied_bar = torch.where(new_bar, copied, state.in_copied_bar)
 
     # -- validation --------------------------------------------------------------------------------------------
     def validate(self, ids: list[int], stream: str, plan: Plan) -> list[GrammarError]:

@@ -245,3 +245,65 @@ def test_a_forced_bar_refuses_other_tokens_and_more_content():
     assert more[0].index == 6 and "given and complete" in more[0].reason
     right = "<Sec_A2><Bar><Pos_2><Rel_50><Dur_1><Bar><Pos_0><Rel_60><Dur_4><Sec_B1><Bar><End>"
     assert GRAMMAR.validate(VOCAB.parse(right), "melody", forced) == []
+
+
+def random_copies(rng: random.Random, plan: Plan, share: float) -> tuple[tuple[int, int], ...]:
+    """Some bars of the plan copying a random earlier bar."""
+    return tuple((bar, rng.randint(1, bar - 1)) for bar in range(2, plan.n_bars + 1) if rng.random() < share)
+
+
+COPYING_STREAMS = ("chord", "melody", "secondary", "notes", "tempo")
+
+
+def test_copied_bars_repeat_their_source_and_budgets_still_close_the_form():
+    """Random logits through the mask with bars copying earlier bars of the same row: each copied bar equals its
+    source token for token (unless a copied note would pass the form's end), budgets count the copies, and every
+    row validates against its plan."""
+    rng = random.Random(21)
+    streams = [COPYING_STREAMS[i % len(COPYING_STREAMS)] for i in range(400)]
+    plans = []
+    for stream in streams:
+        plan = random_plan(rng, stream)
+        plans.append(Plan(plan.sections, plan.metre, plan.quotas, copies=random_copies(rng, plan, 0.6)))
+    minimum = GRAMMAR.tokens_to_finish(GRAMMAR.start(streams, plans)).tolist()
+    budgets = [m + rng.choice([0, 2, 10, 60]) for m in minimum]
+    with small_tensor_threads("cpu"):
+        sequences = sample_through_mask(streams, plans, seed=7, budgets=budgets)
+    assert sum(map(len, GRAMMAR.validate_batch(sequences, streams, plans))) == 0
+    copied = equal = 0
+    for seq, plan, budget in zip(sequences, plans, budgets):
+        assert len(seq) <= budget
+        bars = bar_contents(seq)
+        for bar, source in plan.copies:
+            copied += 1
+            if bars[bar] == bars[source]:
+                equal += 1
+            else:   # a copy ends early only where the source's next token cannot come (a note past the end)
+                assert bars[source][:len(bars[bar])] != bars[bar] or len(bars[bar]) < len(bars[source])
+    assert copied > 300 and equal / copied > 0.9, (equal, copied)
+
+
+def test_a_copied_bar_refuses_other_tokens():
+    plan = Plan((Section("A", 2), Section("B", 1)), "4/4", copies=((3, 1),))
+    source = "<Sec_A2><Bar><Pos_0><Rel_60><Dur_4><Pos_8><Rel_64><Dur_2><Bar><Pos_2><Rel_50><Dur_1><Sec_B1><Bar>"
+    assert GRAMMAR.validate(VOCAB.parse(source + "<Pos_0><Rel_60><Dur_4><Pos_8><Rel_64><Dur_2><End>"), "melody",
+                            plan) == []
+    wrong = GRAMMAR.validate(VOCAB.parse(source + "<Pos_0><Rel_62>"), "melody", plan)
+    assert wrong[0].index == 15 and "its next token is <Rel_60>" in wrong[0].reason
+    short = GRAMMAR.validate(VOCAB.parse(source + "<Pos_0><Rel_60><Dur_4><End>"), "melody", plan)
+    assert short and short[0].index == 17
+
+
+def test_a_copied_note_that_would_pass_the_form_end_ends_the_copy():
+    plan = Plan((Section("A", 2),), "4/4", copies=((2, 1),))
+    # Bar 1 ends on a note of 32 steps (into bar 2); in the last bar it would pass the form's end.
+    text = "<Sec_A2><Bar><Pos_0><Rel_60><Dur_32><Bar><Pos_0><Rel_60><Dur_16><End>"
+    assert GRAMMAR.validate(VOCAB.parse(text), "melody", plan) == []
+
+
+@pytest.mark.parametrize("copies,message", [
+    (((1, 1),), "cannot copy"), (((2, 3),), "cannot copy"), (((4, 1),), "cannot copy"),
+])
+def test_impossible_copies_are_refused(copies, message):
+    with pytest.raises(ValueError, match=message):
+        GRAMMAR.start(["melody"], [Plan((Section("A", 3),), "4/4", copies=copies)])
