@@ -77,7 +77,7 @@ def _generate(args: argparse.Namespace) -> None:
                       tuple(args.stages), sampling, not args.no_mask,
                       bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
                       regenerate=regenerate, tempos=given.tempos if given and regenerate else None,
-                      stage_sampling=per_stage or None)
+                      stage_sampling=per_stage or None, variation=args.variation)
     if args.stream:
         from musicray.serve.streaming import compose_streaming
 
@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="infilling: rewrite these bars (1-based, e.g. 9-16 or 1-4,9) of the --song")
     gen.add_argument("--stages", nargs="+", default=list(SUBTASKS), choices=SUBTASKS,
                      help="stages to run (with --regenerate: the parts rewritten in the chosen bars)")
+    gen.add_argument("--variation", type=float,
+                     help="how much a returning section varies its first occurrence, 0..1: 0 = every return "
+                          "repeats it (chords, melodies, velocities), 1 = written anew (default: as the model "
+                          "writes it)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)

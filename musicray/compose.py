@@ -9,6 +9,7 @@ stage and the chord stage writes chords for it (the chord task's optional melody
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,20 +18,24 @@ import torch
 
 from musicray.decode import generate
 from musicray.encoding import (
-    TASK_TARGET, available_inputs, base_tempo, decode_body, encode, given_bars, quantized, task_inputs,
+    TASK_TARGET, available_inputs, bar_contents, base_tempo, decode_body, decode_header, encode, given_bars,
+    quantized, task_inputs,
 )
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
 from musicray.model import MusicTokenizer, load_music_model
 from musicray.run import RunDir
 from musicray.sampling import Sampling
-from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, metre, parse_form
+from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, form_returns, metre, parse_form
 from musicray.tokens import SUBTASKS
 
 # Tokens a stage may emit per bar at most (beyond the form's minimum): caps runaway generations while leaving
 # room for dense bars. Dynamics and tempo are fully determined by the form and the notes.
 TOKENS_PER_BAR: dict[str, int] = {"chord": 24, "melody": 96, "secondary": 96, "dynamics": 0, "tempo": 0}
 NEUTRAL_VELOCITY = 82
+# The stages whose returning bars may repeat the first occurrence's (``Request.variation``): chords, melodies,
+# and the velocities of a returning bar whose notes are those of its first occurrence.
+RETURNING_STAGES: tuple[str, ...] = ("chord", "melody", "secondary", "dynamics")
 
 
 @dataclass
@@ -53,6 +58,10 @@ class Request:
     tempos: list[Tempo] | None = None  # a given tempo map (kept outside the regenerated bars)
     # Sampling settings of single stages instead of ``sampling`` (e.g. a cooler melody over livelier dynamics).
     stage_sampling: dict[str, Sampling] | None = None
+    # How much a returning section varies its first occurrence: each returning bar repeats the first occurrence's
+    # bar (chords, melodies, and velocities where the notes are the same) with probability 1 - variation; 0 =
+    # every return repeats, 1 = every return is written anew. None: the model alone decides.
+    variation: float | None = None
 
     def sampling_for(self, stage: str) -> Sampling:
         """How ``stage``'s tokens are drawn: its own settings where ``stage_sampling`` has them, else ``sampling``."""
@@ -79,6 +88,8 @@ class Request:
             unknown = set(names) - set(SUBTASKS)
             if unknown:
                 raise SongError(f"{field_name}: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
+        if self.variation is not None and not 0 <= float(self.variation) <= 1:
+            raise SongError(f"variation: {self.variation} is outside 0..1")
         if self.regenerate is not None:
             outside = sorted(b for b in self.regenerate if not 0 <= b < song.n_bars)
             if outside or not self.regenerate:
@@ -86,6 +97,15 @@ class Request:
                                 f"{song.form} (1..{song.n_bars})")
         song.check()
         return song
+
+    def returns(self) -> list[tuple[int, int]]:
+        """(bar, first occurrence's bar), 0-based: the returning bars that repeat their first occurrence under
+        ``variation``, the same draw for every stage (a repeated melody bar sits on its repeated chords)."""
+        if self.variation is None:
+            return []
+        draw = random.Random(f"returns-{self.seed}")
+        return [(bar, source) for bar, source in form_returns(parse_form(self.form))
+                if draw.random() >= self.variation]
 
 
 def parse_chords(text: str, form: str, metre_name: str) -> list[Chord]:
@@ -211,20 +231,36 @@ class StagePlanner:
         return info
 
     def _plan(self, example, song: Song, task: str, request: Request, optional: tuple[str, ...]) -> Plan:
-        """The grammar plan of a stage: the prompt's form and quotas, and the bars it keeps given (infilling; the
-        tempo stage's first bar)."""
+        """The grammar plan of a stage: the prompt's form and quotas, the bars it keeps given (infilling; the
+        tempo stage's first bar), and the returning bars that repeat their first occurrence."""
         plan = Plan.from_prompt(example.prompt, self.music.vocab)
         if request.regenerate is None:
+            forced: tuple = ()
             if task == "tempo":   # the requested tempo is where the song starts; the model writes how it moves on
-                start = self.music.vocab.token("Tempo", base_tempo(song, self.music.vocab))
-                plan = dataclasses.replace(plan, forced=((1, (start,)),))
-            return plan
-        keep = [bar for bar in range(song.n_bars) if bar not in set(request.regenerate)]
-        # The kept bars come from the request as given: earlier stages may have changed what they did not write
-        # (a melody stage has no velocities), the given song has not.
-        source = request.song()
-        self.prepare_stage(source, task)
-        return dataclasses.replace(plan, forced=given_bars(source, task, self.music.vocab, keep, optional))
+                forced = ((1, (self.music.vocab.token("Tempo", base_tempo(song, self.music.vocab)),)),)
+        else:
+            keep = [bar for bar in range(song.n_bars) if bar not in set(request.regenerate)]
+            # The kept bars come from the request as given: earlier stages may have changed what they did not
+            # write (a melody stage has no velocities), the given song has not.
+            source = request.song()
+            self.prepare_stage(source, task)
+            forced = given_bars(source, task, self.music.vocab, keep, optional)
+        return dataclasses.replace(plan, forced=forced, copies=self._copies(example, task, request, forced))
+
+    def _copies(self, example, task: str, request: Request, forced: tuple) -> tuple[tuple[int, int], ...]:
+        """The plan's copied bars (from 1): the request's returns that this stage writes (not given bars); the
+        dynamics stage copies the velocities of a bar whose notes are its source's."""
+        if task not in RETURNING_STAGES:
+            return ()
+        given = {bar for bar, _ in forced}
+        copies = [(bar + 1, source + 1) for bar, source in request.returns() if bar + 1 not in given]
+        if task == "dynamics":   # velocities go by note order: the same onsets and pitches (durations aside:
+            # the accompaniment's last chord lasts into whatever follows) take the same velocities
+            vocab = self.music.vocab
+            notes = [[t for t in content if vocab.family[t] != "Dur"] for content in
+                     bar_contents(decode_header(example.prompt, vocab).inputs.get("notes", []), vocab)]
+            copies = [(bar, source) for bar, source in copies if notes[bar - 1] == notes[source - 1]]
+        return tuple(copies)
 
     def prepare_stage(self, song: Song, task: str) -> None:
         """What a stage needs before it runs: dynamics perform the PIANO part too, so voice it first, and give
@@ -293,7 +329,8 @@ class Composer(StagePlanner):
             out = generate(self.model, self.music, self.grammar, [s.prompt for s in stages], [s.stream for s in stages],
                            [s.plan for s in stages], [s.budget for s in stages], [s.seed for s in stages],
                            sampling, use_mask=use_mask)
-        report = {"seconds": round(out.seconds, 3), "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs)}
+        report = {"seconds": round(out.seconds, 3), "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs),
+                  "forward_calls": out.forward_calls}
         return [self.write_stage(song, stage, tokens, use_mask, report)
                 for song, stage, tokens in zip(songs, stages, out.tokens)]
 

@@ -4,7 +4,8 @@ The tables say, per stream (see ``musicray.encoding.STREAMS``), which token fami
 (``GRAPH``), which counter must allow a family (``GUARDS``), which families must rise within a scope
 (``RISING``/``RESETS``: positions within a bar, tracks within a position, pitches within a track), which
 family spends a per-bar quota (``QUOTA``: one velocity per given note in the dynamics stream), and how many
-tokens of a family one position may hold (``PER_POSITION``: the melody's pitches at an onset). A *plan* gives
+tokens of a family one position may hold (``PER_POSITION``: the melody's pitches at an onset), and which streams
+open every bar on its downbeat (``DOWNBEAT_FIRST``: the chord stream restates the sounding chord). A *plan* gives
 the counters' targets: the form (section tokens in order, bars each), the metre (positions per bar) and the
 quotas, and it may *force* bars: a forced bar's content (the tokens after its ``<Bar>``) is given, the mask
 allows exactly the next given token there and the bar closes after the last one (infilling regenerates the
@@ -50,7 +51,7 @@ GRAPH: dict[str, dict[str, tuple[str, ...]]] = {
         "Vel": ("Pitch", "Track", "Pos") + _BAR_CLOSE,
     },
     "chord": {
-        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Pos",) + _BAR_CLOSE, "Pos": ("NoChord", "Chord"),
+        "Start": ("Sec",), "Sec": ("Bar",), "Bar": ("Pos",), "Pos": ("NoChord", "Chord"),
         "NoChord": ("Pos",) + _BAR_CLOSE, "Chord": ("Bass", "Pos") + _BAR_CLOSE, "Bass": ("Pos",) + _BAR_CLOSE,
     },
     "melody": _MELODY_GRAPH,
@@ -77,6 +78,9 @@ QUOTA: dict[str, str] = {"dynamics": "Vel"}
 # MELODY sounds at most 2 pitches at an onset (one at 99.9 % of its 292,695 onsets); without the cap a small model
 # can stack notes on one position up to the top of the pitch range.
 PER_POSITION: dict[str, tuple[str, int]] = {"melody": ("Pitch", 2)}
+# Streams whose every bar opens on its downbeat (<Pos_0>): the chord stream restates the chord sounding there, so
+# that a bar says all that sounds in it (a copied bar sounds as its source, whatever came before it).
+DOWNBEAT_FIRST: tuple[str, ...] = ("chord",)
 # Families whose values must strictly rise until a family that opens a new scope resets them.
 RISING: tuple[str, ...] = ("Pos", "Track", "Pitch")
 RESETS: dict[str, tuple[str, ...]] = {"Bar": ("Pos", "Track", "Pitch"), "Pos": ("Track", "Pitch"), "Track": ("Pitch",)}
@@ -182,6 +186,7 @@ class GrammarState:
     bar: torch.Tensor         # bars opened so far
     quota_left: torch.Tensor  # tokens of the quota family still owed in this bar
     at_position: torch.Tensor  # tokens of the stream's PER_POSITION family since the last <Pos>
+    positions: torch.Tensor   # positions per bar (the metre's)
     low: torch.Tensor         # [batch, families]: a token's value must be > low[family]
     high: torch.Tensor        # [batch, families]: ... and < high[family]
     section_values: torch.Tensor  # [batch, max sections]: Sec rank of each section of the form
@@ -271,6 +276,7 @@ class Grammar:
             if stream in PER_POSITION:
                 guard[s, _FAMILY[PER_POSITION[stream][0]]] = GUARD_NAMES.index("position_room")
         self.quota_family = torch.tensor([_FAMILY[QUOTA[s]] if s in QUOTA else -1 for s in STREAM_NAMES])
+        self.downbeat_first = torch.tensor([s in DOWNBEAT_FIRST for s in STREAM_NAMES])
         self.position_family = torch.tensor([_FAMILY[PER_POSITION[s][0]] if s in PER_POSITION else -1
                                              for s in STREAM_NAMES])
         self.position_limit = torch.tensor([PER_POSITION[s][1] if s in PER_POSITION else _NO_LIMIT
@@ -295,11 +301,15 @@ class Grammar:
             rising.to(**to)
         self.until_form_end = until_form_end.to(**to)
         self.bar_close = bar_close.to(**to)
-        self.quota_family = self.quota_family.to(**to)
+        self.quota_family, self.downbeat_first = self.quota_family.to(**to), self.downbeat_first.to(**to)
         self.position_family, self.position_limit = self.position_family.to(**to), self.position_limit.to(**to)
         self.close_cost, self.finish_drop = close_cost.to(**to), finish_drop.to(**to)
         self.bar_cost = (1 + close_cost[:, _FAMILY["Bar"]]).to(**to)
         self.token_family, self.token_value = family.to(**to), value.to(**to)
+        # [streams, families]: the tokens a bar's copies must find room for (the quota family's are counted by
+        # the quotas already, and the bar-closing ones are not part of a bar's content)
+        fam_index = torch.arange(n_fam)
+        self.copy_counted = (~bar_close[None, :] & (fam_index[None, :] != self.quota_family.cpu()[:, None])).to(**to)
 
     # -- batch engine ------------------------------------------------------------------------------------------
     def start(self, streams: list[str], plans: list[Plan], budgets: list[int] | None = None) -> GrammarState:
@@ -313,6 +323,7 @@ class Grammar:
         section_bars = torch.zeros((batch, max_sections), dtype=torch.long)
         quotas = torch.zeros((batch, max_bars), dtype=torch.long)
         high = torch.full((batch, len(FAMILIES)), _NO_LIMIT, dtype=torch.long)
+        positions = torch.zeros(batch, dtype=torch.long)
         for i, (stream, plan) in enumerate(zip(streams, plans)):
             if stream not in GRAPH:
                 raise SongError(f"stream: unknown stream {stream!r}; known: {', '.join(STREAM_NAMES)}")
@@ -323,7 +334,7 @@ class Grammar:
                 if len(plan.quotas) != plan.n_bars:
                     raise SongError(f"plan: {len(plan.quotas)} bar quotas for a form of {plan.n_bars} bars")
                 quotas[i, 1:plan.n_bars + 1] = torch.tensor(plan.quotas)
-            high[i, _FAMILY["Pos"]] = metre(plan.metre).positions_per_bar
+            high[i, _FAMILY["Pos"]] = positions[i] = metre(plan.metre).positions_per_bar
         forced_tokens, forced_start, forced_length, forced_extra = self._forced_tables(streams, plans, max_bars)
         copy_source = self._copy_table(plans, max_bars)
         has_copies = any(p.copies for p in plans)
@@ -344,6 +355,7 @@ class Grammar:
             node=torch.full((batch,), _START, dtype=torch.long, **to),
             section=zeros.clone(), n_sections=torch.tensor([len(p.sections) for p in plans], **to),
             bars_left=zeros.clone(), bar=zeros.clone(), quota_left=zeros.clone(), at_position=zeros.clone(),
+            positions=positions.to(**to),
             low=low, high=high.to(**to), section_values=section_values.to(**to),
             section_bars=section_bars.to(**to), quotas=quotas.to(**to), bars_after=bars_after.to(**to),
             quota_after=quota_after.to(**to), budget=budget.to(**to),
@@ -492,7 +504,7 @@ class Grammar:
             minimum = (self.bar_cost[state.stream] - 1)[:, None]
             extra = (length + 1 + self.close_cost[state.stream] - minimum).clamp(min=0) \
                 - (length - minimum).clamp(min=0)
-            after = after - extra * copies[:, None] * ~self.bar_close
+            after = after - extra * copies[:, None] * self.copy_counted[state.stream]
         # a finished row pads with <End> whatever its budget
         return (after >= self.tokens_to_finish(state)[:, None] - self.finish_drop[state.stream]) | state.done[:, None]
 
@@ -567,11 +579,15 @@ class Grammar:
         state.quota_left = state.quota_left - spent.long()
 
         read_pos = ok & (family == _FAMILY["Pos"])
+        # A bar of a DOWNBEAT_FIRST stream opens on position 0; its later positions may be any of the bar's.
+        pos = _FAMILY["Pos"]
+        state.high[:, pos] = torch.where(new_bar & self.downbeat_first[state.stream], 1,
+                                         torch.where(read_pos, state.positions, state.high[:, pos]))
         counted = ok & (family == self.position_family[state.stream])
         state.at_position = torch.where(read_pos, torch.zeros_like(state.at_position),
                                         state.at_position + counted.long())
         if bool(read_pos.any()):
-            steps_per_bar = state.high[:, _FAMILY["Pos"]]
+            steps_per_bar = state.positions
             steps_left = (state.bars_left + self._later_bars(state)) * steps_per_bar + steps_per_bar - value
             bounded = read_pos[:, None] & self.until_form_end
             state.high = torch.where(bounded, (steps_left + 1)[:, None], state.high)
@@ -600,7 +616,8 @@ class Grammar:
         bar = state.bar.clamp(max=state.bar_length.shape[1] - 1)
         state.bar_length[rows, bar] += content.long()
         # Beyond a bar's minimum content, each token of a copied bar is a token its copies must find room for.
-        beyond = content & (state.bar_length[rows, bar] > self.bar_cost[state.stream] - 1)
+        beyond = content & (state.bar_length[rows, bar] > self.bar_cost[state.stream] - 1) \
+            & self.copy_counted[state.stream, family]
         targets = (state.copy_source == state.bar[:, None]).long()
         later = targets.flip(1).cumsum(1).flip(1).roll(-1, 1)
         later[:, -1] = 0
@@ -689,6 +706,8 @@ class Grammar:
         value, low, high = self.vocab.value[token], int(state.low[i, _FAMILY[fam]]), int(state.high[i, _FAMILY[fam]])
         if fam == "Sec":
             return f"section {row['section'] + 1} of the form must be {self.vocab.tokens[self.first_sec + low + 1]}"
+        if fam == "Pos" and high == 1:
+            return f"a bar of a {stream} body opens on its downbeat, <Pos_0>"
         if fam == "Pos":
             return f"position {value} must come after position {low} and before {high} (positions per bar)"
         if fam == "Track":

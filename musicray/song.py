@@ -97,6 +97,21 @@ def parse_form(form: str) -> list[Section]:
     return sections
 
 
+def form_returns(sections: list[Section]) -> list[tuple[int, int]]:
+    """(bar, source bar), 0-based, for every bar of a section whose label came before: the corresponding bar of
+    the label's first section (where that one is long enough). ``A8 B8 A4`` returns bars 16-19 to bars 0-3."""
+    first: dict[str, tuple[int, int]] = {}
+    returns, start = [], 0
+    for section in sections:
+        if section.label in first:
+            source_start, source_bars = first[section.label]
+            returns += [(start + k, source_start + k) for k in range(min(section.bars, source_bars))]
+        else:
+            first[section.label] = (start, section.bars)
+        start += section.bars
+    return returns
+
+
 def form_string(sections: list[Section]) -> str:
     return "".join(f"{s.label}{s.bars}" for s in sections)
 

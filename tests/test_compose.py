@@ -230,3 +230,51 @@ def test_generate_command_samples_one_stage_greedily(run_dir, tmp_path):
                      "--stage-sampling", "melody:temperature=0", "--out", str(out)]) == 0
         melodies.append(_notes(read_midi(out), "MELODY"))
     assert melodies[0] == melodies[1]
+
+
+def _bar_events(song, bar: int) -> dict:
+    """What a bar holds, placed in the bar: the melodies' notes starting in it (velocity included), the
+    accompaniment's onsets, pitches and velocities (its last chord lasts into whatever follows the bar), and the
+    chord sounding at each grid step."""
+    from musicray.encoding import SoundingChords
+
+    sounding = SoundingChords(song.chords)
+    return {"notes": {name: sorted((n.position, n.pitch, n.velocity) + ((n.duration,) if name != "PIANO" else ())
+                                   for n in notes if n.bar == bar) for name, notes in song.tracks.items()},
+            "chords": [sounding.at(bar, p) for p in range(song.spec.positions_per_bar)]}
+
+
+def test_returning_sections_of_a_long_pop909_form_repeat_their_first_occurrence(composer, pop909_root):
+    """POP909 song 001's form (71 bars: A returns seven times, B once, b three times): at variation 0 every returning bar
+    repeats its first occurrence's chords, melodies and velocities (a copied note that would pass the form's end
+    is the one exception the grammar makes), the copies cost no model call per token, and the variation draw
+    is the same for every stage."""
+    from musicray.song import form_returns, parse_form
+
+    form = (pop909_root / "structure" / "001" / "human_label1.txt").read_text().split()[0]
+    request = Request(form, "E:maj", seed=3, stages=("chord", "melody", "secondary", "dynamics"), variation=0.0)
+    song, report = composer.compose(request)
+    returns = form_returns(parse_form(form))
+    assert song.n_bars == 71 and len(returns) == 48
+    same = [bar for bar, source in returns if _bar_events(song, bar) == _bar_events(song, source)]
+    # A note may sound over up to 4 bars (the longest duration): only the returns that close enough to the end
+    # may have had a copied note cut short.
+    assert {bar for bar, _ in returns if bar < song.n_bars - 4} <= set(same)
+    melody = report["stages"]["melody"]
+    assert melody["forward_calls"] < 0.6 * melody["new_tokens"]   # copied bars go through jump-forward
+
+    free, _ = composer.compose(Request(form, "E:maj", seed=3, stages=("chord", "melody")))
+    assert sum(_bar_events(free, bar) == _bar_events(free, source) for bar, source in returns) < 0.5 * len(returns)
+
+
+def test_variation_sets_the_share_of_returning_bars_that_repeat():
+    from musicray.song import form_returns, parse_form
+
+    form = "A8B8A8B8A8"
+    returns = form_returns(parse_form(form))
+    assert len(returns) == 24
+    shares = {v: len(Request(form, seed=1, variation=v).returns()) / len(returns) for v in (0.0, 0.3, 1.0)}
+    assert shares[0.0] == 1.0 and shares[1.0] == 0.0 and 0.5 < shares[0.3] < 0.9
+    assert Request(form, seed=1).returns() == []
+    with pytest.raises(SongError, match="variation"):
+        Request(form, variation=1.5).song()

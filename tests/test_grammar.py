@@ -151,7 +151,11 @@ INVALID = [
     ("dynamics", PLAN_DYN, "<Sec_A1><Bar><Vel_50><Vel_50><Vel_50>", 4, "no note left"),
     ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_I:maj><Chord_V:maj>", 4, "cannot follow <Chord..>"),
     ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_N><Bass_3>", 4, "cannot follow <NoChord..>"),
-    ("chord", PLAN, "<Sec_A2><Bar><Bar><Sec_B1><Bar><End><Bar>", 6, "after <End>"),
+    ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_N><Bar><Pos_0><Chord_N><Sec_B1><Bar><Pos_0><Chord_N><End><Bar>", 12,
+     "after <End>"),
+    # A chord bar opens on its downbeat, restating the sounding chord (a bar says all that sounds in it).
+    ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_I:maj><Bar><Pos_4>", 5, "opens on its downbeat"),
+    ("chord", PLAN, "<Sec_A2><Bar><Pos_0><Chord_I:maj><Bar><Bar>", 5, "cannot follow <Bar..>"),
 ]
 
 
@@ -252,7 +256,7 @@ def random_copies(rng: random.Random, plan: Plan, share: float) -> tuple[tuple[i
     return tuple((bar, rng.randint(1, bar - 1)) for bar in range(2, plan.n_bars + 1) if rng.random() < share)
 
 
-COPYING_STREAMS = ("chord", "melody", "secondary", "notes", "tempo")
+COPYING_STREAMS = ("chord", "melody", "secondary", "notes", "tempo", "dynamics")
 
 
 def test_copied_bars_repeat_their_source_and_budgets_still_close_the_form():
@@ -264,7 +268,10 @@ def test_copied_bars_repeat_their_source_and_budgets_still_close_the_form():
     plans = []
     for stream in streams:
         plan = random_plan(rng, stream)
-        plans.append(Plan(plan.sections, plan.metre, plan.quotas, copies=random_copies(rng, plan, 0.6)))
+        copies = random_copies(rng, plan, 0.6)
+        if stream == "dynamics":   # a bar copies the velocities of a bar with as many notes
+            copies = tuple((bar, source) for bar, source in copies if plan.quotas[bar - 1] == plan.quotas[source - 1])
+        plans.append(Plan(plan.sections, plan.metre, plan.quotas, copies=copies))
     minimum = GRAMMAR.tokens_to_finish(GRAMMAR.start(streams, plans)).tolist()
     budgets = [m + rng.choice([0, 2, 10, 60]) for m in minimum]
     with small_tensor_threads("cpu"):
@@ -274,13 +281,18 @@ def test_copied_bars_repeat_their_source_and_budgets_still_close_the_form():
     for seq, plan, budget in zip(sequences, plans, budgets):
         assert len(seq) <= budget
         bars = bar_contents(seq)
-        for bar, source in plan.copies:
+        first_of_chain = {}
+        for bar, source in plan.copies:   # a copy of a copy copies the chain's first bar
+            first_of_chain[bar] = first_of_chain.get(source, source)
+        for bar, source in first_of_chain.items():
             copied += 1
             if bars[bar] == bars[source]:
                 equal += 1
-            else:   # a copy ends early only where the source's next token cannot come (a note past the end)
-                assert bars[source][:len(bars[bar])] != bars[bar] or len(bars[bar]) < len(bars[source])
-    assert copied > 300 and equal / copied > 0.9, (equal, copied)
+            else:   # a copy ends early only where the source's next token cannot come: a note past the form's end
+                first = next(k for k, (a, b) in enumerate(zip(bars[bar] + [None], bars[source])) if a != b)
+                assert VOCAB.family[bars[source][first]] == "Dur", (bars[bar], bars[source])
+    # Random durations reach up to 4 bars, so copies in a form's last bars often stop early.
+    assert copied > 250 and equal / copied > 0.8, (equal, copied)
 
 
 def test_a_copied_bar_refuses_other_tokens():

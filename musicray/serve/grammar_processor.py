@@ -40,7 +40,7 @@ def grammar_args(stream: str, plan: Plan, budget: int) -> dict:
     process boundary with the request)."""
     return {"stream": stream, "sections": [[s.label, s.bars] for s in plan.sections], "metre": plan.metre,
             "quotas": list(plan.quotas), "forced": [[bar, list(tokens)] for bar, tokens in plan.forced],
-            "budget": int(budget)}
+            "copies": [[bar, source] for bar, source in plan.copies], "budget": int(budget)}
 
 
 def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
@@ -49,7 +49,8 @@ def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
         stream = args["stream"]
         plan = Plan(tuple(Section(str(label), int(bars)) for label, bars in args["sections"]), str(args["metre"]),
                     tuple(int(q) for q in args.get("quotas", ())),
-                    tuple((int(bar), tuple(int(t) for t in tokens)) for bar, tokens in args.get("forced", ())))
+                    tuple((int(bar), tuple(int(t) for t in tokens)) for bar, tokens in args.get("forced", ())),
+                    tuple((int(bar), int(source)) for bar, source in args.get("copies", ())))
         budget = int(args["budget"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{EXTRA_ARGS_KEY}: malformed grammar arguments ({type(err).__name__}: {err})") from None
@@ -63,6 +64,9 @@ def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
         raise ValueError(f"{EXTRA_ARGS_KEY}: {len(plan.quotas)} bar quotas for a form of {plan.n_bars} bars")
     if any(not 1 <= bar <= plan.n_bars for bar, _ in plan.forced) or budget < 1:
         raise ValueError(f"{EXTRA_ARGS_KEY}: forced bars must be bars of the form and the budget positive")
+    given = {bar for bar, _ in plan.forced}
+    if any(not 1 <= source < bar <= plan.n_bars or bar in given for bar, source in plan.copies):
+        raise ValueError(f"{EXTRA_ARGS_KEY}: a copied bar must copy an earlier bar of the form and not be given")
     return stream, plan, budget
 
 

@@ -82,6 +82,10 @@ class GenerateBody(BaseModel):
     stage_sampling: Optional[dict[Subtask, StageSamplingBody]] = Field(
         None, description="sampling settings of single stages instead of temperature, top_k and top_p, e.g. "
                           "{\"melody\": {\"temperature\": 0.8}} for a melody closer to what the model finds likeliest")
+    variation: Optional[float] = Field(
+        None, ge=0.0, le=1.0, description="how much a returning section varies its first occurrence: 0 = every "
+                                          "return repeats it (chords, melodies, velocities), 1 = written anew; "
+                                          "default: as the model writes it")
 
 
 class RenderBody(BaseModel):
@@ -176,7 +180,8 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
                       melody=melody or (given.tracks["MELODY"] if given else None), stages=stages,
                       sampling=sampling, stage_sampling=per_stage or None,
                       bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
-                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None)
+                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None,
+                      variation=body.variation)
     return request
 
 
@@ -198,7 +203,8 @@ def request_song(request: Request):
 def sampling_settings(request: Request) -> dict:
     """What a stage deployment needs besides the song: the seed, the sampling settings and, when infilling, the
     bars to rewrite and the song as given (the kept bars come from it). JSON-ready."""
-    settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask}
+    settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask,
+                "variation": request.variation}
     if request.stage_sampling:
         settings["stage_sampling"] = {stage: dataclasses.asdict(sampling)
                                       for stage, sampling in request.stage_sampling.items()}
@@ -213,7 +219,7 @@ def stage_request(song, settings: dict) -> Request:
     sampling = Sampling(float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"]))
     per_stage = {stage: Sampling(**values) for stage, values in settings.get("stage_sampling", {}).items()}
     request = Request(form=song.form, seed=int(settings["seed"]), use_mask=settings.get("use_mask", True),
-                      sampling=sampling, stage_sampling=per_stage or None)
+                      sampling=sampling, stage_sampling=per_stage or None, variation=settings.get("variation"))
     if settings.get("regenerate") is not None:
         given = song_from_dict(settings["given"])
         request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,
