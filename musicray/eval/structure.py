@@ -71,9 +71,9 @@ def sounding_pitches(song: Song, track: str = "MELODY") -> np.ndarray:
     ``REST``. Notes are cut at the end of the form."""
     steps = song.spec.positions_per_bar
     grid = np.full(song.n_bars * steps, REST, dtype=np.int64)
-    # Lowest first, so that a higher overlapping note overwrites it (the skyline).
-    for note in sorted(song.tracks.get(track, []), key=lambda n: n.pitch):
+    for note in song.tracks.get(track, []):
         start = note.bar * steps + note.position
+        # The maximum keeps the higher of overlapping notes (the skyline), whatever their order.
         grid[start:start + note.duration] = np.maximum(grid[start:start + note.duration], note.pitch)
     return grid
 
@@ -227,6 +227,10 @@ def bootstrap_interval(values: list[float | None], seed: int = 0, resamples: int
     """Mean of the defined values (None and NaN skipped) and its percentile bootstrap interval: the songs are
     resampled with replacement ``resamples`` times (numpy, seeded), the interval holds the central ``confidence``
     of the resampled means. None for no defined value; no interval (low, high None) for one."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: {confidence}; expected a share between 0 and 1, e.g. 0.95")
+    if resamples < 1:
+        raise ValueError(f"resamples: {resamples}; expected at least 1")
     defined = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if not len(defined):
         return None

@@ -129,6 +129,13 @@ def test_bootstrap_interval_edges(values, expected):
     assert st.bootstrap_interval(values) == expected
 
 
+@pytest.mark.parametrize("setting, message", [({"confidence": 95}, "confidence: 95"),
+                                              ({"resamples": 0}, "resamples: 0")])
+def test_bootstrap_settings_out_of_range_name_the_setting(setting, message):
+    with pytest.raises(ValueError, match=message):
+        st.bootstrap_interval([0.1, 0.2], **setting)
+
+
 GOAL_CASES = {
     # interval (mean, low, high), goal, met
     "lower end clears an at-least goal": ((0.7, 0.62, 0.78), st.Goal(at_least=0.6), True),
