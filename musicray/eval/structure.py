@@ -50,7 +50,9 @@ from musicray.song import TRACKS, Song
 
 REST = -1               # a step where no note of the track sounds (MIDI pitch 0 is a note)
 CONFIDENCE = 0.95
-RESAMPLES = 2000        # bootstrap resamples; the interval's ends move by < 0.005 between seeds at 8-30 songs
+# Bootstrap resamples. Measured over 20 seeds on 8, 16 and 43 POP909 test songs: an interval's ends move by at
+# most 9 % of its width (0.003-0.018 for the similarity shares), well inside the interval itself.
+RESAMPLES = 2000
 CV_FOLDS = 5
 
 SOURCES = (
