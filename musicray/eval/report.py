@@ -10,7 +10,11 @@ What it measures (``evaluate_run``):
 3. the thesis' ablations in one table: the grammar mask at generation on/off, the mask in the stage-1 loss
    on/off (a second stage-1 model in ``RUN/ablations/mask_loss_<on|off>``, "not run" when absent), and the LoRA
    adapters vs the stage-1 model alone;
-4. plots (``musicray.eval.plots``): piano rolls, velocity and tempo curves against the real window, the stage-1
+4. structure and key (``musicray.eval.structure``): returning sections, scale consistency, pitch range and pitch
+   classes per track (MusPy), chord time in the key's scale, each as a mean with a 95 % bootstrap interval for the
+   generated songs, the real songs of the same forms and the whole test songs, the goals met or not, and a
+   real-vs-generated classifier;
+5. plots (``musicray.eval.plots``): piano rolls, velocity and tempo curves against the real window, the stage-1
    training curves, the stage-2 sweep table.
 
 It writes ``report.json`` (every figure), ``report.md`` (the tables, with links to the plots), ``plots/*.png``
@@ -42,6 +46,8 @@ from musicray.eval.generation import (
     stage_streams,
 )
 from musicray.eval.relations import relation_scores
+from musicray.eval.structure import SOURCES as STRUCTURE_SOURCES
+from musicray.eval.structure import structure_report
 from musicray.eval.teacher_forced import Scores, held_out_dataset, teacher_forced
 from musicray.grammar import Grammar, Plan
 from musicray.run import ABLATIONS, RunDir
@@ -291,6 +297,9 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         ablations = _ablations(generated, unmasked, generated_plain, stages, stages_plain, tf_adapter, tf_alone,
                                main_mask_loss, loss_arm, [w.song for w in windows], vocab)
         _add_language_ablation(ablations, generated_plain, relations_plain, contrast, language_arm)
+    with clock.part("structure and key (MusPy, bootstrap intervals, real-vs-generated classifier)"):
+        structure = structure_report([c.song for c in generated if c.song is not None], [w.song for w in windows],
+                                     test_songs, seed=settings.seed)
     report = {
         "run_dir": str(run_dir), "data_dir": str(data_dir), "device": device,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -299,13 +308,14 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         "windows": [{"source_song": w.source_id, "form": w.song.form, "key": w.song.key, "metre": w.song.metre,
                      "tempo": w.request.tempo, "seed": w.request.seed, "cut": w.cut} for w in windows],
         "metrics": metrics,
+        "structure": structure,
         "teacher_forced": {task: {"adapter": tf_adapter[task].to_dict() if tf_adapter[task] else None,
                                   "stage1": tf_alone[task].to_dict()} for task in SUBTASKS},
         "ablations": ablations,
         "relations": relations,
         "plots": plots,
         "seconds": {**clock.seconds, "total": round(time.perf_counter() - clock.started, 2)},
-        "sources": list(SOURCES),
+        "sources": [*SOURCES, *STRUCTURE_SOURCES],
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(render_markdown(report))
@@ -516,6 +526,45 @@ def _plots(run_dir: Path, out_dir: Path, windows: list[Window], generated: list[
 
 # -- report.md -----------------------------------------------------------------------------------------------
 
+def _interval(entry: dict | None) -> str:
+    """``mean [low, high] (n)`` of a ``structure.Interval`` as a dict."""
+    if not entry:
+        return MISSING
+    spread = f" [{_fmt(entry['low'])}, {_fmt(entry['high'])}]" if entry["low"] is not None else ""
+    return f"{_fmt(entry['mean'])}{spread} (n={entry['n']})"
+
+
+def _structure_markdown(structure: dict) -> list[str]:
+    """The "Structure and key" section: every measure of ``musicray.eval.structure`` with its interval on each
+    side, the goal and whether the generated songs meet it, and the real-vs-generated classifier."""
+    confidence = f"{structure['confidence']:.0%}"
+    lines = ["", "## Structure and key", "",
+             (f"Mean [{confidence} bootstrap interval over songs, {structure['resamples']} resamples, seed "
+              f"{structure['seed']}] (songs where the measure is defined). Generated: the composed songs above; "
+              "real (same forms): the same windows of the real songs; real test songs: the whole test songs, "
+              "for reference. A goal is met only when the generated songs' whole interval clears it; a pitch-range "
+              "goal is within 25 % of the real songs of the same forms."), ""]
+    has_whole = any("real_songs" in row for row in structure["rows"])
+    lines += _table(["measure", "generated", "real (same forms)", *(["real test songs"] if has_whole else []),
+                     "goal", "met"],
+                    [[row["measure"], _interval(row["generated"]), _interval(row["real"]),
+                      *([_interval(row.get("real_songs"))] if has_whole else []),
+                      row["goal"] or MISSING, _fmt(row["met"])] for row in structure["rows"]])
+    classifier = structure["classifier"]
+    lines.append("")
+    if classifier["accuracy"] is None:
+        lines.append(f"- real vs generated: not computed ({classifier['reason']})")
+    else:
+        giveaways = ", ".join(f"{key} ({weight:+.2f})" for key, weight in list(classifier["coefficients"].items())[:5])
+        lines.append(f"- **real vs generated**: a logistic regression on these per-song measures tells the "
+                     f"{classifier['generated_songs']} generated songs from the {classifier['real_songs']} real ones "
+                     f"with a {classifier['folds']}-fold cross-validated accuracy of {_fmt(classifier['accuracy'])} "
+                     "(0.5: indistinguishable by these measures); the measures that give them away, standardised "
+                     f"coefficient (+: more in the generated songs): {giveaways}")
+    lines += [f"- **{key}**: {text}" for key, text in structure["definitions"].items()]
+    return lines
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return MISSING
@@ -562,6 +611,9 @@ def render_markdown(report: dict) -> str:
                     [[key, _stat(metrics["generated"].get(key)), _stat(metrics["real_windows"].get(key)),
                       _stat(metrics["real_test_songs"].get(key)), metrics["definitions"].get(key, "")]
                      for key in keys])
+
+    if "structure" in report:
+        lines += _structure_markdown(report["structure"])
 
     lines += ["", "## Teacher-forced scores (test split)", "",
               ("Loss: cross-entropy per answer token (nats); accuracy: argmax == next answer token. '(grammar)': "

@@ -208,3 +208,21 @@ def test_bad_settings_name_the_setting(eval_run, eval_data, tmp_path, capsys):
     assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path),
                  "--stage-sampling", "melody:temperature=-1"]) == 2
     assert "--stage-sampling: melody.temperature: '-1' is not 0..10" in capsys.readouterr().err
+
+
+def test_report_has_the_structure_and_key_table(report, report_dir):
+    from musicray.eval.structure import MEASURES
+
+    structure = report["structure"]
+    rows = {row["measure"]: row for row in structure["rows"]}
+    assert list(rows) == list(MEASURES)
+    # The real reference is the same code on the same windows (2) and on the whole test songs (3).
+    assert rows["chord_time_in_scale"]["real"]["n"] == 2 and rows["chord_time_in_scale"]["real_songs"]["n"] == 3
+    assert rows["scale_consistency_melody"]["goal"] == "≥ 0.97"
+    whole = rows["scale_consistency_melody"]["real_songs"]
+    assert whole["low"] <= whole["mean"] <= whole["high"] <= 1.0
+    classifier = structure["classifier"]
+    assert (classifier["real_songs"], classifier["generated_songs"], classifier["folds"]) == (2, 2, 2)
+    text = (report_dir / "report.md").read_text()
+    assert "## Structure and key" in text and "| scale_consistency_melody |" in text
+    assert "real vs generated" in text and "MusPy: A Toolkit for Symbolic Music Generation" in text
