@@ -115,7 +115,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     sampling = checked_settings(_stage_settings(args.stage_sampling), "--stage-sampling")
     settings = settings_for(args.run, songs=args.songs, max_bars=args.max_bars, max_examples=args.max_examples,
-                            batch_size=args.batch_size, seed=args.seed, sampling=sampling or None)
+                            batch_size=args.batch_size, seed=args.seed, sampling=sampling or None,
+                            window=args.window, variation=args.variation)
     report = evaluate_run(args.run, args.data, args.out, settings, args.device, progress=not args.quiet)
     drawn = [path for path in report["plots"].values() if not path.startswith("skipped")]
     print(f"wrote {args.out / 'report.md'}, report.json and {len(drawn)} plots ({report['seconds']['total']} s)")
@@ -308,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--songs", type=int, help="test songs to compose again, one window each (default: the run "
                                               "config's eval.songs)")
     ev.add_argument("--max-bars", type=int, help="bars per composed window (default: eval.max_bars)")
+    ev.add_argument("--window", choices=("sections", "form"),
+                    help="sections: whole sections up to --max-bars; form: the songs' first --max-bars bars, with a "
+                         "returning section in them (default: eval.window)")
+    ev.add_argument("--variation", type=float,
+                    help="how much returning sections vary their first occurrence, 0..1 (default: eval.variation)")
     ev.add_argument("--max-examples", type=int, help="test examples per sub-task for the teacher-forced scores, "
                                                      "0 = all (default: eval.max_examples)")
     ev.add_argument("--batch-size", type=int, help="examples per forward pass (default: eval.batch_size)")

@@ -31,7 +31,7 @@ from musicray.decode import generate
 from musicray.encoding import TASK_TARGET, base_tempo, encode, section_windows
 from musicray.grammar import GrammarError, Plan
 from musicray.sampling import Sampling
-from musicray.song import Section, Song, SongError, song_from_dict
+from musicray.song import Section, Song, SongError, form_returns, song_from_dict
 from musicray.tokens import SUBTASKS, Vocabulary
 
 TEST_SPLIT = "test"
@@ -86,22 +86,38 @@ def eval_window(song: Song, max_bars: int) -> tuple[Song, bool] | None:
     return first_bars(windows[0], max_bars), True
 
 
+def form_window(song: Song, max_bars: int) -> tuple[Song, bool] | None:
+    """(the song's first ``max_bars`` bars, whether a section was cut) when they hold a melody and a returning
+    section, else None: a window in which returns can be heard and measured."""
+    window = first_bars(song, max_bars)
+    if not window.tracks["MELODY"] or not form_returns(window.sections):
+        return None
+    return window, sum(s.bars for s in song.sections[:len(window.sections)]) != window.n_bars
+
+
+WINDOW_PICKERS = {"sections": eval_window, "form": form_window}
+
+
 def eval_windows(songs: list[Song], count: int, max_bars: int, vocab: Vocabulary, seed: int = 0,
-                 stage_sampling: dict[str, Sampling] | None = None) -> list[Window]:
-    """Windows of the first ``count`` test songs that have a melody, each with its request (seed + i; the stages
-    in ``stage_sampling`` sample with those settings)."""
+                 stage_sampling: dict[str, Sampling] | None = None, kind: str = "sections",
+                 variation: float | None = None) -> list[Window]:
+    """Windows of the first ``count`` test songs that have one (``kind``: ``WINDOW_PICKERS``), each with its
+    request (seed + i; the stages in ``stage_sampling`` sample with those settings; returns vary by
+    ``variation``)."""
     if max_bars < 1:
         raise SongError(f"max_bars: {max_bars}; expected at least 1")
+    if kind not in WINDOW_PICKERS:
+        raise SongError(f"window: {kind!r}; expected one of {', '.join(WINDOW_PICKERS)}")
     windows = []
     for song in songs:
         if len(windows) == count:
             break
-        found = eval_window(song, max_bars)
+        found = WINDOW_PICKERS[kind](song, max_bars)
         if found is None:
             continue
         window, cut = found
         request = Request(window.form, window.key, window.metre, base_tempo(window, vocab), seed=seed + len(windows),
-                          stage_sampling=stage_sampling or None)
+                          stage_sampling=stage_sampling or None, variation=variation)
         windows.append(Window(window, request, song.song_id, cut))
     if not windows:
         raise SongError("test split: no test song has a melody to compare generated songs with")

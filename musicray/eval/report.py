@@ -231,7 +231,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     composer = Composer(run_dir, device)
     vocab, grammar = composer.music.vocab, composer.grammar
     windows = eval_windows(test_songs, settings.songs, settings.max_bars, vocab, settings.seed,
-                           stage_sampling(settings.sampling, Sampling(), "eval.sampling"))
+                           stage_sampling(settings.sampling, Sampling(), "eval.sampling"), settings.window,
+                           settings.variation)
     notes = _setup_notes(settings, config, windows, composer.adapters)
     with clock.part(f"compose {len(windows)} windows (mask on, adapters, batched)"):
         generated = compose_batch(composer, [w.request for w in windows])
@@ -330,11 +331,21 @@ def _setup_notes(settings: EvalConfig, config: Config, windows: list[Window], ad
     if without_adapter:
         notes.append(f"no LoRA adapter for {', '.join(without_adapter)}: the composer runs those stages on the "
                      "stage-1 model alone, and the teacher-forced 'adapter' scores of those sub-tasks are empty")
-    notes.append(f"generation: {len(windows)} test songs, one window each of at most {settings.max_bars} bars "
-                 f"(whole sections; {sum(w.cut for w in windows)} window(s) are the first {settings.max_bars} bars "
-                 "of a longer section), composed from the real window's form, key, metre and base tempo, to keep "
-                 "composing fast on a CPU; the comparison is with the same real windows and with the whole real "
-                 "test songs")
+    if settings.window == "form":
+        notes.append(f"generation: {len(windows)} test songs with a returning section in their first "
+                     f"{settings.max_bars} bars, composed as those bars ({sum(w.cut for w in windows)} window(s) end "
+                     "inside a section) from the real window's form, key, metre and base tempo; the comparison is "
+                     "with the same real windows and with the whole real test songs")
+    else:
+        notes.append(f"generation: {len(windows)} test songs, one window each of at most {settings.max_bars} bars "
+                     f"(whole sections; {sum(w.cut for w in windows)} window(s) are the first {settings.max_bars} "
+                     "bars of a longer section), composed from the real window's form, key, metre and base tempo, to "
+                     "keep composing fast on a CPU; the comparison is with the same real windows and with the whole "
+                     "real test songs")
+    variation = windows[0].request.variation
+    notes.append("returning sections: " + ("as the model writes them (no variation set)" if variation is None else
+                 f"variation {variation:g} (each returning bar repeats its first occurrence with probability "
+                 f"{1 - variation:g})"))
     own = windows[0].request.stage_sampling or {}   # what eval_windows gave every window's request
     sampled = "; ".join(f"{stage} at temperature {s.temperature:g}" + (f", top-k {s.top_k}" if s.top_k else "")
                         + (f", top-p {s.top_p:g}" if s.top_p < 1 else "") for stage, s in own.items())

@@ -87,6 +87,9 @@ class Stage2Config:
     seed: int = _help("seed of the search", 0)
 
 
+EVAL_WINDOWS: tuple[str, ...] = ("sections", "form")
+
+
 @dataclass
 class EvalConfig:
     songs: int = _help("test songs composed again from their plan for the generated-vs-real comparison (one "
@@ -96,6 +99,11 @@ class EvalConfig:
     max_examples: int = _help("test examples per sub-task for the teacher-forced scores, in song order (0: all)", 64)
     batch_size: int = _help("examples per forward pass for the teacher-forced scores", 4)
     seed: int = _help("seed of the first composed window (window i uses seed + i)", 0)
+    window: str = _help("what each composed window is: 'sections' = whole sections up to max_bars bars; 'form' = the "
+                        "song's first max_bars bars, from songs with a returning section in them (so that returns "
+                        "can be measured; e.g. max_bars 32)", "sections")
+    variation: float | None = _help("how much the composed windows' returning sections vary their first occurrence "
+                                    "(0..1, as generate --variation; null: as the model writes them)", None)
     sampling: dict = _help("per-stage sampling of the composed windows, {stage: {temperature | top_k | top_p: value}}, "
                            "e.g. {melody: {temperature: 0.8}}; stages left out sample at temperature 1, no cut",
                            factory=dict)
@@ -138,6 +146,10 @@ class Config:
             if getattr(self.eval, name) < 1:
                 raise SongError(f"eval.{name}: {getattr(self.eval, name)}; expected at least 1")
         stage_sampling(self.eval.sampling, Sampling(), "eval.sampling")   # raises on a wrong stage or value
+        if self.eval.window not in EVAL_WINDOWS:
+            raise SongError(f"eval.window: {self.eval.window!r}; expected one of {', '.join(EVAL_WINDOWS)}")
+        if self.eval.variation is not None and not 0 <= float(self.eval.variation) <= 1:
+            raise SongError(f"eval.variation: {self.eval.variation}; expected 0..1 or null")
         if self.eval.max_examples < 0:
             raise SongError(f"eval.max_examples: {self.eval.max_examples}; expected 0 (all) or more")
         return self

@@ -15,6 +15,7 @@ from musicray.eval.generation import (
     eval_window,
     eval_windows,
     first_bars,
+    form_window,
     split_songs,
     stage_streams,
 )
@@ -54,6 +55,31 @@ def test_eval_window_picks_whole_sections_with_a_melody(form, melodic, max_bars,
     assert (window.form, was_cut) == (expected, cut)
     window.check()
     assert window.tracks["MELODY"] and all(n.bar < window.n_bars for n in window.tracks["MELODY"])
+
+
+FORM_WINDOW_CASES = {
+    # form, sections with melody, max bars, expected window form (None: no window), cut
+    "a return inside": ("i2A4B4A4o2", {1, 2, 3}, 12, "i2A4B4A2", True),
+    "whole sections": ("A4B4A4", {0, 1, 2}, 12, "A4B4A4", False),
+    "no return in the bars": ("A4B4A4", {0, 1, 2}, 8, None, None),
+    "no melody": ("i4i4", set(), 8, None, None),
+}
+
+
+@pytest.mark.parametrize("form, melodic, max_bars, expected, cut", FORM_WINDOW_CASES.values(),
+                         ids=FORM_WINDOW_CASES.keys())
+def test_form_window_keeps_the_first_bars_with_a_return(form, melodic, max_bars, expected, cut):
+    found = form_window(song_with_melody_in(form, melodic), max_bars)
+    assert (found[0].form, found[1]) == (expected, cut) if expected else found is None
+
+
+def test_form_windows_carry_the_variation():
+    songs = [song_with_melody_in("A4B4A4", {0, 1, 2}), song_with_melody_in("A2B2A2B2", {0, 1, 2, 3})]
+    windows = eval_windows(songs, 2, 12, VOCAB, kind="form", variation=0.25)
+    assert [w.request.form for w in windows] == ["A4B4A4", "A2B2A2B2"]
+    assert all(w.request.variation == 0.25 for w in windows)
+    with pytest.raises(SongError, match="window"):
+        eval_windows(songs, 2, 12, VOCAB, kind="whole")
 
 
 def test_a_song_without_melody_gives_no_window():
