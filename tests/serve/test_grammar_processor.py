@@ -39,8 +39,8 @@ def processor(model_dir) -> GrammarLogitsProcessor:
     return GrammarLogitsProcessor(config, torch.device("cpu"), False)
 
 
-def params(stream: str, form: str, budget: int, metre: str = "4/4", forced=()) -> SamplingParams:
-    plan = Plan(tuple(parse_form(form)), metre, forced=forced)
+def params(stream: str, form: str, budget: int, metre: str = "4/4", forced=(), copies=()) -> SamplingParams:
+    plan = Plan(tuple(parse_form(form)), metre, forced=forced, copies=copies)
     return SamplingParams(max_tokens=budget + 1, extra_args={EXTRA_ARGS_KEY: grammar_args(stream, plan, budget)})
 
 
@@ -205,7 +205,30 @@ def test_forced_bars_are_written_as_given(model_dir, music):
     assert tuple(body[bars[1] + 1:bars[1] + 1 + len(kept)]) == kept and body[-1] == vocab.token("End")
 
 
+def test_copied_bars_repeat_their_source(model_dir, music):
+    """A returning section's copied bars reach the processor through the request: bars 4 and 5 repeat 1 and 2 (four
+    bars follow them, so that no copied note can pass the form's end)."""
+    vocab = music.vocab
+    proc = processor(model_dir)
+    batch = Batch(proc, music.offset + len(vocab), seed=5)
+    batch.add("returns", params("melody", "A2B1A2B4", 300, copies=((4, 1), (5, 2))))
+    run_until_done(batch, music, {0: []})
+    body = music.from_llm(batch.finished[0]["output"][:-1])
+    bars = []
+    for token in body:
+        if vocab.family[token] == "Bar":
+            bars.append([])
+        elif vocab.family[token] in ("Sec", "End"):
+            continue
+        elif bars:
+            bars[-1].append(token)
+    assert len(bars) == 9 and bars[3] == bars[0] and bars[4] == bars[1] and body[-1] == vocab.token("End")
+
+
 @pytest.mark.parametrize("args,message", [
+    ({"stream": "chord", "sections": [["A", 2]], "metre": "4/4", "budget": 9, "copies": [[2, 2]]}, "copied bar"),
+    ({"stream": "chord", "sections": [["A", 2]], "metre": "4/4", "budget": 9, "copies": [[3, 1]]}, "copied bar"),
+    ({"stream": "chord", "sections": [["A", 2]], "metre": "4/4", "budget": 9, "copies": [["x", 1]]}, "malformed"),
     ({"stream": "drums", "sections": [["A", 2]], "metre": "4/4", "budget": 9}, "unknown stream"),
     ({"stream": "chord", "sections": [["A", "two"]], "metre": "4/4", "budget": 9}, "malformed"),
     ({"stream": "chord", "metre": "4/4", "budget": 9}, "malformed"),
