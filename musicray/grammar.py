@@ -205,7 +205,7 @@ class GrammarState:
     # Copied bars: the rows' own bar contents are written into forced_tokens after the given bars' contents (from
     # history_base on), so that a copied bar is forced from there like a given one.
     copy_source: torch.Tensor     # [batch, max bars + 1]: the bar that bar k copies (0: none)
-    history_base: torch.Tensor    # [batch]: where the row's written bar contents start in forced_tokens
+    history_base: torch.Tensor    # [batch]: where the row's written bar contents start in forced_tokens (-1: none)
     written: torch.Tensor         # [batch]: bar-content tokens written so far
     bar_offset: torch.Tensor      # [batch, max bars + 1]: where bar k's written content starts (from history_base)
     bar_length: torch.Tensor      # [batch, max bars + 1]: its length so far
@@ -338,11 +338,11 @@ class Grammar:
         forced_tokens, forced_start, forced_length, forced_extra = self._forced_tables(streams, plans, max_bars)
         copy_source = self._copy_table(plans, max_bars)
         has_copies = any(p.copies for p in plans)
-        if has_copies:   # room for the rows' own bar contents after the given ones (grown in step() when full)
-            history_base = torch.full((batch,), forced_tokens.shape[1], dtype=torch.long)
+        # Room for the copying rows' own bar contents after the given ones (grown in step() when full); -1 marks a
+        # row that copies nothing, so that it keeps no history when it shares a batch with one that does.
+        history_base = torch.tensor([forced_tokens.shape[1] if p.copies else -1 for p in plans], dtype=torch.long)
+        if has_copies:
             forced_tokens = torch.cat([forced_tokens, torch.zeros((batch, 256), dtype=torch.long)], dim=1)
-        else:
-            history_base = torch.zeros(batch, dtype=torch.long)
         to = dict(device=self.device)
         bars_after = section_bars.flip(1).cumsum(1).flip(1)
         quota_after = quotas.flip(1).cumsum(1).flip(1).roll(-1, 1)
@@ -602,7 +602,7 @@ class Grammar:
     def _write_history(self, state: GrammarState, tokens: torch.Tensor, ok: torch.Tensor,
                        family: torch.Tensor) -> None:
         """Keep each row's bar contents (for the bars that copy them) and set aside the room their copies take."""
-        content = ok & ~self.bar_close[family] & (state.bar > 0)
+        content = ok & ~self.bar_close[family] & (state.bar > 0) & (state.history_base >= 0)
         if not bool(content.any()):
             return
         rows = torch.arange(tokens.shape[0], device=self.device)

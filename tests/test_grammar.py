@@ -319,3 +319,26 @@ def test_a_copied_note_that_would_pass_the_form_end_ends_the_copy():
 def test_impossible_copies_are_refused(copies, message):
     with pytest.raises(ValueError, match=message):
         GRAMMAR.start(["melody"], [Plan((Section("A", 3),), "4/4", copies=copies)])
+
+
+def test_rows_started_apart_keep_their_given_and_copied_bars_in_one_batch():
+    """A serving engine starts each request's state alone and batches them (concat_states): a row with given bars
+    and a row with copied bars, stepped together, each keep theirs (the copy is followed by five bars, so no copied
+    note can pass the form's end)."""
+    from musicray.grammar import concat_states
+
+    given_bar = tuple(VOCAB.parse("<Pos_0><Rel_60><Dur_4><Pos_4><Rel_62><Dur_4>"))
+    plans = [Plan((Section("A", 2), Section("B", 2)), "4/4", forced=((2, given_bar),)),
+             Plan((Section("A", 2), Section("B", 2), Section("C", 4)), "4/4", copies=((3, 1),))]
+    state = concat_states([GRAMMAR.start(["melody"], [plan]) for plan in plans])
+    generator = torch.Generator().manual_seed(2)
+    rows = [[], []]
+    while not bool(state.done.all()):
+        tokens = torch.rand(2, len(VOCAB), generator=generator).masked_fill(~GRAMMAR.mask(state), -1.0).argmax(-1)
+        for i in (0, 1):
+            if not bool(state.done[i]):
+                rows[i].append(int(tokens[i]))
+        assert bool(GRAMMAR.step(state, tokens).all())
+    assert bar_contents(rows[0])[2] == list(given_bar)
+    assert bar_contents(rows[1])[3] == bar_contents(rows[1])[1]
+    assert GRAMMAR.validate_batch(rows, ["melody", "melody"], plans) == [[], []]
