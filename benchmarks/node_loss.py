@@ -12,8 +12,10 @@ node, and the run finishes with all its steps.
 Prints, per repeat: the nodes the workers ran on before and after the loss, the step the node died at and the
 checkpoint the run restarted from, and the lost time, from metrics.csv's row times: ``restart_s`` (from the node's
 loss to the first step of the new worker group: failure detection, the replacement's start, the new workers'
-start-up, loading the checkpoint), ``redo_s`` (the steps after the checkpoint done a second time) and ``lost_s``
-(their sum: how much later the run ends than it would have without the loss, less the first step's warm-up).
+start-up, loading the checkpoint; ``old_group_gone_s`` and ``new_workers_s`` say when the old worker group was
+gone and when both new worker processes were up), ``redo_s`` (the steps after the checkpoint done a second time) and ``lost_s``
+(their sum: how much later the run ends than it would have without the loss), beside ``start_s``, the first worker
+group's start (from train_stage1's call to its first step), which a restart repeats in part.
 With --repeat N, the median and spread of each. docs/benchmarks.md records its output.
 tests/train/test_finetune_multinode.py runs it with small settings and checks what it reports.
 """
@@ -129,15 +131,20 @@ def node_loss(out: Path, steps: int, every: int) -> dict:
             if registered_checkpoint(run_dir) and train_workers(second):
                 break
             time.sleep(0.05)
-        report["workers_before"] = {"head": len(train_workers(cluster.head_node)), "second": len(train_workers(second))}
+        old_head = set(train_workers(cluster.head_node))
+        report["workers_before"] = {"head": len(old_head), "second": len(train_workers(second))}
         killed_at = time.time()
         cluster.remove_node(second, allow_graceful=False)
         replacement = cluster.add_node(num_cpus=1)
         report["replacement_joined_s"] = round(time.time() - killed_at, 2)
         while thread.is_alive() and time.time() < deadline:
-            workers_after = {"head": len(train_workers(cluster.head_node)),
-                             "replacement": len(train_workers(replacement))}
+            head_now = set(train_workers(cluster.head_node))
+            if "old_group_gone_s" not in report and not head_now & old_head:
+                # The failure was noticed and the old worker group torn down (its head worker has exited).
+                report["old_group_gone_s"] = round(time.time() - killed_at, 2)
+            workers_after = {"head": len(head_now - old_head), "replacement": len(train_workers(replacement))}
             if all(workers_after.values()):
+                report["new_workers_s"] = round(time.time() - killed_at, 2)   # both new worker processes are up
                 report["workers_after"] = workers_after
                 break
             time.sleep(0.2)
@@ -148,6 +155,9 @@ def node_loss(out: Path, steps: int, every: int) -> dict:
             rows = read_metrics(run_dir)
             report["logged_steps"] = [int(r["step"]) for r in rows]
             report.update(lost_time(rows, killed_at))
+            # For scale: the first worker group's start, from train_stage1's call to its first step (data,
+            # initial model, workers' imports, DeepSpeed engine), which the restart repeats in part.
+            report["start_s"] = round(rows[0]["time"] - rows[0]["step_s"] - started, 2)
             report["step_s_median"] = round(statistics.median(r["step_s"] for r in rows), 3)
     finally:
         ray.shutdown()
@@ -177,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
               f"run {index}: workers before {report.get('workers_before')}, after {report.get('workers_after')}; "
               f"died after step {report.get('died_after_step')}, restarted from {report.get('restart_step')}; "
               f"restart {report.get('restart_s')} s + redo {report.get('redo_s')} s = lost {report.get('lost_s')} s "
-              f"(wall {report.get('wall_s')} s, step {report.get('step_s_median')} s){report.get('error', '')}",
+              f"(first start {report.get('start_s')} s, wall {report.get('wall_s')} s, step {report.get('step_s_median')} s)"
+              f"{report.get('error', '')}",
               flush=True)
     if not args.json and len(reports) > 1 and all("lost_s" in r for r in reports):
-        for key in ("restart_s", "redo_s", "lost_s", "wall_s"):
+        for key in ("restart_s", "redo_s", "lost_s", "start_s", "wall_s"):
             values = [r[key] for r in reports]
             print(f"{key}: median {statistics.median(values):.1f}, min {min(values):.1f}, max {max(values):.1f}")
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 6, 2
 
 
+@pytest.mark.slow
 def test_a_lost_node_is_replaced_and_the_run_ends_with_every_step(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)      # the scenario starts a cluster of its own
