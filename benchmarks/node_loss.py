@@ -186,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report) if args.json else
               f"run {index}: workers before {report.get('workers_before')}, after {report.get('workers_after')}; "
               f"died after step {report.get('died_after_step')}, restarted from {report.get('restart_step')}; "
-              f"restart {report.get('restart_s')} s + redo {report.get('redo_s')} s = lost {report.get('lost_s')} s "
+              f"restart {report.get('restart_s')} s (replacement up {report.get('replacement_joined_s')} s, old "
+              f"group gone {report.get('old_group_gone_s')} s, new workers up {report.get('new_workers_s')} s) + "
+              f"redo {report.get('redo_s')} s = lost {report.get('lost_s')} s "
               f"(first start {report.get('start_s')} s, wall {report.get('wall_s')} s, step {report.get('step_s_median')} s)"
               f"{report.get('error', '')}",
               flush=True)
-    if not args.json and len(reports) > 1 and all("lost_s" in r for r in reports):
-        for key in ("restart_s", "redo_s", "lost_s", "start_s", "wall_s"):
+    if not args.json and len(reports) > 1 and all(key in r for r in reports for key in ("lost_s", "new_workers_s")):
+        for key in ("restart_s", "old_group_gone_s", "new_workers_s", "redo_s", "lost_s", "start_s", "wall_s"):
             values = [r[key] for r in reports]
             print(f"{key}: median {statistics.median(values):.1f}, min {min(values):.1f}, max {max(values):.1f}")
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)

@@ -19,7 +19,7 @@ the run config to the Ray Train controller, its workers and the Tune trials, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from musicray.errors import SongError
 from musicray.run import RunDir
@@ -45,17 +45,6 @@ class RayStorage:
         """Where ``experiment`` lives, as the user wrote it (a path, or a URI with the run's folder)."""
         return f"{self.uri.rstrip('/')}/{experiment}"
 
-    def files(self, experiment: str) -> list[str]:
-        """Every file of ``experiment``, relative to its folder, sorted ([] if it does not exist)."""
-        import pyarrow.fs as pafs
-
-        filesystem, root = self._resolved(experiment)
-        if filesystem.get_file_info(root).type != pafs.FileType.Directory:
-            return []
-        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        return sorted(str(PurePosixPath(info.path).relative_to(root)) for info in infos
-                      if info.type == pafs.FileType.File)
-
     def remove(self, experiment: str) -> None:
         """Delete ``experiment`` (an unfinished run started again from scratch); nothing if it does not exist."""
         import pyarrow.fs as pafs
@@ -78,9 +67,10 @@ def ray_storage(config: Config, run: RunDir) -> RayStorage:
         return RayStorage(None, str(run.ray), str(run.ray))
     import pyarrow.fs as pafs
 
-    base = uri.split("?", 1)[0].rstrip("/")
+    target = uri if "://" in uri else str(Path(uri).expanduser().resolve())
+    base = target.split("?", 1)[0].rstrip("/")
     try:
-        filesystem, path = pafs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).expanduser().resolve()))
+        filesystem, path = pafs.FileSystem.from_uri(target)
     except (ValueError, OSError) as error:     # pyarrow's ArrowInvalid is a ValueError
         raise SongError(f"{FIELD}: {uri!r} cannot be opened ({error}); expected a directory or a URI such as "
                         "s3://bucket/prefix") from None

@@ -45,6 +45,16 @@ def test_each_run_dir_has_its_own_folder_in_the_storage(tmp_path, uri, path, sho
     assert ray_storage(config, run.ablation(True)).path != storage.path
 
 
+def test_a_run_started_again_from_scratch_removes_its_experiment(tmp_path):
+    storage = ray_storage(load_config(None, [f"ray_storage={tmp_path / 'shared'}"]), RunDir(tmp_path / "run"))
+    checkpoint = Path(storage.path) / "stage1" / "checkpoint_000002" / "latest"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("global_step2")
+    storage.remove("stage2")                 # not there: nothing to do
+    storage.remove("stage1")
+    assert not (Path(storage.path) / "stage1").exists() and Path(storage.path).is_dir()
+
+
 @pytest.mark.parametrize("override, message", [
     ("ray_storage=nope://bucket/x", "ray_storage: 'nope://bucket/x' cannot be opened"),
     ("ray_storage=s3://", "ray_storage: 's3://' names no bucket"),
@@ -103,36 +113,47 @@ def ray_started(s3_server):
     ray.shutdown()
 
 
-def test_stage1_and_stage2_checkpoints_go_to_s3_and_resume_from_there(s3_server, ray_started, tmp_path):
+@pytest.fixture(scope="module")
+def s3_run(s3_server, ray_started, tmp_path_factory):
+    """Stage 1 with ``ray_storage`` in the bucket: two steps, stopped, then resumed to four from the checkpoint
+    there. Yields (run dir, its folder in the bucket, the overrides)."""
     from musicray.train.finetune import train_stage1
-    from musicray.train.tune import tune_adapters
 
+    tmp = tmp_path_factory.mktemp("s3")
     uri = f"s3://{BUCKET}/runs?endpoint_override={s3_server}&region=us-east-1"
-    run = RunDir(tmp_path / "run")
-    sets = [f"ray_storage={uri}", f"cache_dir={tmp_path / 'cache'}", "data.songs=16", "data.max_length=256",
+    run = RunDir(tmp / "run")
+    sets = [f"ray_storage={uri}", f"cache_dir={tmp / 'cache'}", "data.songs=16", "data.max_length=256",
             "stage1.lr_schedule=constant", "stage1.warmup_steps=1", "stage1.checkpoint_every=2",
-            "stage1.keep_checkpoints=1", "stage2.subtasks=[chord]", "stage2.trials_per_subtask=1",
-            "stage2.max_steps=2", "stage2.eval_every=1", "stage2.eval_batches=1"]
+            "stage1.keep_checkpoints=1", "stage1.max_steps=4", "stage2.subtasks=[chord]",
+            "stage2.trials_per_subtask=1", "stage2.max_steps=2", "stage2.eval_every=1", "stage2.eval_batches=1"]
     prefix = f"runs{run.root}/"
-
-    # Two steps, stopped; then resumed to four from the checkpoint in the bucket.
     train_stage1(load_config(TINY, [*sets, "stage1.max_steps=2"]), run.root, progress=False)
     first = bucket_keys(s3_server, prefix + "stage1/")
     assert any(key.endswith("checkpoint_000002/latest") for key in first), first
-    train_stage1(load_config(TINY, [*sets, "stage1.max_steps=4"]), run.root, resume=True, progress=False)
+    train_stage1(load_config(TINY, sets), run.root, resume=True, progress=False)
+    return run, prefix, sets
+
+
+def test_stage1_checkpoints_go_to_s3_and_a_resume_continues_from_them(s3_server, s3_run):
+    run, prefix, _ = s3_run
     keys = bucket_keys(s3_server, prefix + "stage1/")
     checkpoints = sorted({key.split("/checkpoint_")[1].split("/")[0] for key in keys if "/checkpoint_0" in key})
     assert checkpoints == ["000004"]     # keep_checkpoints=1: Ray Train deleted step 2's from the bucket
     assert any("/checkpoint_000004/global_step4/" in key and key.endswith("optim_states.pt") for key in keys)
     assert not run.ray.exists()          # nothing of Ray's went to the run dir
-
     with run.stage1_metrics.open() as f:
         steps = [(int(float(row["step"])), int(float(row["start_step"]))) for row in csv.DictReader(f)]
     assert steps == [(1, 0), (2, 0), (3, 2), (4, 2)]     # the resumed run continued from step 2's checkpoint
     assert json.loads((run.stage1_model / "musicray.json").read_text())["step"] == 4
     assert run.has_model()               # the model the rest of the pipeline reads stays in the run dir
 
-    adapters = tune_adapters(load_config(TINY, [*sets, "stage1.max_steps=4"]), run.root, progress=False)
+
+def test_stage2_trial_checkpoints_go_to_s3_and_the_adapter_to_the_run_dir(s3_server, s3_run):
+    from musicray.train.tune import tune_adapters
+
+    run, prefix, sets = s3_run
+    adapters = tune_adapters(load_config(TINY, sets), run.root, progress=False)
     assert (adapters["chord"] / "adapter_model.safetensors").exists() and run.trials_csv.exists()
     trial_keys = bucket_keys(s3_server, prefix + "stage2/")
     assert any(key.endswith("adapter_model.safetensors") for key in trial_keys), trial_keys
+    assert not run.ray.exists()
