@@ -114,14 +114,14 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    base_model: str = _help("a built-in random-init LLaMA ('tiny', 'small') or a local Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
+    cache_dir: str = _help("where the tiny preset and prepared data are cached", "~/.cache/musicray")
     ray_storage: str | None = _help("where Ray Train and Ray Tune keep checkpoints and experiment state: null for "
                                     "RUN/ray (a local disk, or the shared filesystem RUN is on); a cloud URI such as "
                                     "s3://bucket/prefix (pyarrow filesystem options in its query, e.g. "
                                     "?endpoint_override=http://host:9000) or a directory keeps them there, in a folder "
                                     "named after the run dir's absolute path. Models and adapters stay in RUN",
                                     None)
-    base_model: str = _help("a built-in random-init LLaMA ('tiny', 'small') or a local Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
-    cache_dir: str = _help("where the tiny preset and prepared data are cached", "~/.cache/musicray")
     vocab: VocabConfig = _help("the music vocabulary and its language (relative or absolute chords, pitches, "
                                "tempi); fixed when stage 1 adds the tokens", factory=VocabConfig)
     data: DataConfig = _help("training data", factory=DataConfig)
