@@ -64,6 +64,7 @@ def test_only_the_settings_a_stage_depends_on_count():
         (["data.songs=7"], True, True),
         (["eval.songs=9"], False, False),
         (["cache_dir=/elsewhere", "stage1.max_failures=9", "stage2.max_concurrent_trials=1"], False, False),
+        (["stage1.placement_strategy=SPREAD", "ray_storage=s3://bucket/runs"], False, False),   # where, not what
     ]:
         changed = config_to_dict(load_config(None, change))
         assert (config_hash(stage_keys(changed, "stage1")) != config_hash(stage1)) == changes_stage1, change

@@ -15,6 +15,8 @@ from musicray.tokens import SUBTASKS, TASKS, VocabConfig
 
 # Bars per training window: whole sections up to this many bars (a longer section is a window of its own).
 DEFAULT_MAX_BARS = 8
+# Ray's placement group strategies (ray.util.placement_group), for stage 1's ScalingConfig.
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -61,6 +63,9 @@ class Stage1Config:
     checkpoint_every: int = _help("steps between checkpoints reported to Ray Train", 10)
     keep_checkpoints: int = _help("checkpoints kept by Ray Train", 2)
     max_failures: int = _help("automatic restarts from the latest checkpoint after a worker failure", 2)
+    placement_strategy: str = _help("how Ray places the workers' resource bundles on the nodes: PACK (as few nodes "
+                                    "as possible), SPREAD (across nodes, best effort), STRICT_PACK (one node) or "
+                                    "STRICT_SPREAD (one node per worker, waiting for enough nodes)", "PACK")
     mask_loss: bool = _help("apply the grammar's allowed-token mask to the logits before the loss", False)
     log_every: int = _help("steps between metric rows", 1)
     seed: int = _help("seed for data order and initialisation", 0)
@@ -119,6 +124,12 @@ class EvalConfig:
 class Config:
     base_model: str = _help("a built-in random-init LLaMA ('tiny', 'small') or a local Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
     cache_dir: str = _help("where the tiny preset and prepared data are cached", "~/.cache/musicray")
+    ray_storage: str | None = _help("where Ray Train and Ray Tune keep checkpoints and experiment state: null for "
+                                    "RUN/ray (a local disk, or the shared filesystem RUN is on); a cloud URI such as "
+                                    "s3://bucket/prefix (pyarrow filesystem options in its query, e.g. "
+                                    "?endpoint_override=http://host:9000) or a directory keeps them there, in a folder "
+                                    "named after the run dir's absolute path. Models and adapters stay in RUN",
+                                    None)
     vocab: VocabConfig = _help("the music vocabulary and its language (relative or absolute chords, pitches, "
                                "tempi); fixed when stage 1 adds the tokens", factory=VocabConfig)
     data: DataConfig = _help("training data", factory=DataConfig)
@@ -140,6 +151,12 @@ class Config:
         if self.stage1.train_on_inputs and self.stage1.mask_loss:
             raise SongError("stage1.train_on_inputs: not with stage1.mask_loss (the grammar-masked loss reads the "
                             "answers only); set one of them to false")
+        if self.stage1.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise SongError(f"stage1.placement_strategy: {self.stage1.placement_strategy!r}; expected "
+                            f"{', '.join(PLACEMENT_STRATEGIES)}")
+        if self.ray_storage is not None and (not isinstance(self.ray_storage, str) or not self.ray_storage.strip()):
+            raise SongError(f"ray_storage: {self.ray_storage!r}; expected null, a directory or a URI such as "
+                            "s3://bucket/prefix")
         if self.stage1.lr_schedule not in ("constant", "linear", "cosine"):
             raise SongError(f"stage1.lr_schedule: {self.stage1.lr_schedule!r}; expected constant, linear or cosine")
         for name in ("songs", "max_bars", "batch_size"):

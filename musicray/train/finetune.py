@@ -21,7 +21,9 @@ is refused unless ``resume`` or ``force`` says what to do (``musicray.rerun.deci
 
 and ``RUN_DIR/ray/stage1`` is the Ray Train run (``storage_path`` + ``name``): checkpoints
 ``checkpoint_000010/`` ... (each a DeepSpeed checkpoint: ``latest``, ``global_step10/`` with the per-rank
-ZeRO shards) and the run snapshot that makes a later run with the same name and storage path resume.
+ZeRO shards) and the run snapshot that makes a later run with the same name and storage path resume. With
+``ray_storage`` set (e.g. ``s3://bucket/prefix``) that run lives there instead (``musicray.train.storage``), and the
+export downloads the last checkpoint into a temporary directory.
 
 Resuming: Ray Train (v2 API, the default in Ray 2.60) restarts the worker group from the latest reported
 checkpoint after a worker failure (``FailureConfig(max_failures)``), and a new ``TorchTrainer`` with the same
@@ -34,7 +36,8 @@ model (the ZeRO shards and the data order depend on them); steps, checkpoint and
 
 On a cluster of several nodes, RUN_DIR and ``cache_dir`` must be on storage that every node shares (NFS or
 similar): workers read the initial model and the prepared data from there, rank 0 writes the metrics there, and
-Ray Train keeps the checkpoints there. Each rank writes its DeepSpeed shard to a local temporary directory
+Ray Train keeps the checkpoints there unless ``ray_storage`` names a bucket. ``stage1.placement_strategy``
+(``SPREAD``) puts the workers on different nodes. Each rank writes its DeepSpeed shard to a local temporary directory
 (``$TMPDIR``) before Ray Train copies it into the run, so point ``TMPDIR`` at a large local disk for big models.
 The final export consolidates the fp32 weights on the driver (about 32 GB of host memory for 8B parameters).
 """
@@ -55,6 +58,7 @@ from musicray.train.deepspeed_config import deepspeed_config
 from musicray.train.stage1_metrics import ProgressTail
 from musicray.train.stage1_models import build_init_model, export_model
 from musicray.train.stage1_recipe import train_loop_per_worker
+from musicray.train.storage import ray_storage
 
 STAGE = "stage1"
 # Settings a resumed run must share with the run it continues (ZeRO shards and data order depend on them).
@@ -116,11 +120,12 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
     plan = stage1_plan(config, run, resume, force)
     if plan == SKIP:
         return run.stage1_model
+    storage = ray_storage(config, run)
     if plan == RESUME:
         _check_resume(run, config)
     elif plan == RUN and force:      # from scratch: the old model, metrics and Ray Train checkpoints go
         shutil.rmtree(run.stage1, ignore_errors=True)
-        shutil.rmtree(run.ray / STAGE, ignore_errors=True)
+        storage.remove(STAGE)
     ds_config = deepspeed_config(config)
     if not s.use_gpu:   # else DeepSpeed warns on every import that it found no GPU and chose the CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -139,8 +144,9 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
         train_loop_config={"config": config, "data_dir": str(data_dir), "init_dir": str(init_dir),
                            "stage_dir": str(stage_dir), "ds_config": ds_config},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),
-        run_config=RunConfig(name=STAGE, storage_path=str(run.ray),
+                                     resources_per_worker={"CPU": s.cpus_per_worker},
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(name=STAGE, **storage.run_config(),
                              checkpoint_config=CheckpointConfig(num_to_keep=s.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              worker_runtime_env={"env_vars": env_vars}),
@@ -149,6 +155,8 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
         result = trainer.fit()
     if result.checkpoint is None:
         raise SongError(f"stage 1 reported no checkpoint (max_steps: {s.max_steps})")
-    model = export_model(Path(result.checkpoint.path), init_dir, run.stage1_model, s.precision)
+    # A local checkpoint is read where it is; one in a bucket is downloaded to a temporary directory first.
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        model = export_model(Path(checkpoint_dir), init_dir, run.stage1_model, s.precision)
     write_done(run.stage1_done, STAGE, stage1_keys(config))
     return model

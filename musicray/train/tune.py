@@ -13,7 +13,8 @@ best trial of each sub-task is exported to ``RUN_DIR/adapters/<subtask>/`` in PE
 hyperparameters, and every trial is listed in ``RUN_DIR/tune/trials.csv`` and ``trials.md``.
 
 On a multi-node cluster the run dir and the data dir must be on storage every node sees (the trials read the
-stage-1 model and the prepared data by path, and Tune writes checkpoints under ``RUN_DIR/ray``).
+stage-1 model and the prepared data by path); Tune writes checkpoints under ``RUN_DIR/ray``, or under
+``ray_storage`` when it names a bucket (``musicray.train.storage``).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from musicray.rerun import SKIP, STAGE1_MODEL, decide, read_saved, stage_keys, w
 from musicray.run import RunDir
 from musicray.train.config import DEFAULT_MAX_BARS, Config, Stage2Config, config_to_dict
 from musicray.train.per_subtask_scheduler import PerSubtaskScheduler
+from musicray.train.storage import ray_storage
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "learning_rate", "target_modules")
 SEARCH_KEYS = HYPERPARAMETERS
 METRIC, MODE = "val_loss", "min"
+STAGE = "stage2"    # the Tune experiment's name in the run's Ray storage
 
 
 # -- search space --------------------------------------------------------------------------------------------
@@ -250,8 +253,10 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
     param_space = search_space(stage2)
     if stage2_plan(config, run, force) == SKIP:
         return {subtask: run.adapter(subtask) for subtask in stage2.subtasks}
-    for path in (run.tune, run.ray / "stage2", *(run.adapter(t) for t in stage2.subtasks)):
+    storage = ray_storage(config, run)
+    for path in (run.tune, *(run.adapter(t) for t in stage2.subtasks)):
         shutil.rmtree(path, ignore_errors=True)     # an unfinished sweep, or --force
+    storage.remove(STAGE)
     data_dir = Path(data_dir or resolve_data_dir(config, progress=progress)).expanduser().resolve()
     ensure_ray()
     # Tune warns when its experiment snapshots come faster than every 5 s, which num_to_keep forces on every
@@ -279,7 +284,7 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
                                     num_samples=stage2.trials_per_subtask),
         run_config=tune.RunConfig(
             # Tune's trial tables (hundreds of lines) only with --verbose; otherwise one line per finished trial.
-            name="stage2", storage_path=str(run.ray), verbose=1 if verbose else 0,
+            name=STAGE, **storage.run_config(), verbose=1 if verbose else 0,
             callbacks=[TrialLines(len(stage2.subtasks) * stage2.trials_per_subtask, stage2.max_steps)]
             if progress and not verbose else None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
@@ -296,7 +301,7 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
     if missing:
         errors = {f"{r.config.get('subtask')}: {_last_line(r.error)}" for r in results if r.error is not None}
         raise SongError(f"stage 2: no trial of {', '.join(missing)} reported a validation loss"
-                        + (f" ({'; '.join(sorted(errors))})" if errors else "") + f"; see {run.ray / 'stage2'}")
+                        + (f" ({'; '.join(sorted(errors))})" if errors else "") + f"; see {storage.location(STAGE)}")
     adapters = {}
     for subtask in stage2.subtasks:
         result, checkpoint, metrics = best[subtask]
