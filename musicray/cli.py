@@ -133,6 +133,16 @@ def _render(args: argparse.Namespace) -> None:
           f"at {rendered.sample_rate} Hz) with renderer {rendered.renderer}, soundfont {rendered.soundfont}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from musicray.musicxml import read_song, write_musicxml
+
+    song = read_song(args.song)
+    path = write_musicxml(song, args.musicxml, lead_sheet=args.lead_sheet)
+    staves = "1 staff (MELODY, the lead sheet)" if args.lead_sheet else "3 staves (MELODY, BRIDGE, PIANO)"
+    print(f"wrote {path}: {song.n_bars} bars of {song.metre} in {song.key}, {staves}, {len(song.chords)} chord "
+          f"symbols, {len(song.sections)} rehearsal marks")
+
+
 def _train(args: argparse.Namespace) -> None:
     from musicray.rerun import SKIP
     from musicray.run import RunDir
@@ -334,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"master gain (FluidSynth's; midirenderer is scaled to match; default {DEFAULT_GAIN})")
     _add_instrument_option(ren, "play a track with this instrument instead of the file's")
     ren.set_defaults(handler=_render)
+
+    export = commands.add_parser("export", help="write a song as a MusicXML score for a score editor (MuseScore...)")
+    export.add_argument("song", type=Path,
+                        help="a musicray MIDI file (its markers carry the chords, sections and key) or a song JSON "
+                             "(the `song` of an HTTP answer)")
+    export.add_argument("--musicxml", type=Path, required=True, help="output .musicxml path")
+    export.add_argument("--lead-sheet", action="store_true",
+                        help="only the MELODY staff with the chord symbols (default: the full score, three staves "
+                             "MELODY, BRIDGE, PIANO); both have key and time signatures and a rehearsal mark per "
+                             "section")
+    export.set_defaults(handler=_export)
 
     train = commands.add_parser("train", help="stage 1: full fine-tune on Ray Train under DeepSpeed")
     train.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")
