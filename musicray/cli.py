@@ -22,6 +22,18 @@ def _data_prepare(args: argparse.Namespace) -> None:
     from musicray.data.pop909 import default_pop909_dir
     from musicray.data.prepare import Pop909Source, prepare
 
+    if args.roles and not args.midi:
+        raise SongError("--roles: assigns the tracks of a --midi folder; pass --midi DIR")
+    if args.midi:
+        from musicray.data.midi_folder import MidiFolderSource, read_roles
+
+        if not args.midi.is_dir():
+            raise SongError(f"--midi: {args.midi} is not a folder")
+        source = MidiFolderSource(str(args.midi), read_roles(args.roles) if args.roles else {})
+        if not source.ids():
+            raise SongError(f"--midi: {args.midi} holds no .mid or .midi file (searched recursively)")
+        _print_report(prepare(source, args.out, limit=args.limit, num_cpus=args.num_cpus), args.out)
+        return
     root = args.pop909 or default_pop909_dir()
     if not (root / "POP909").is_dir():
         raise SongError(f"--pop909: {root} has no POP909/ folder (set POP909_DIR or pass --pop909 DIR)")
@@ -243,8 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="prepare and inspect datasets").add_subparsers(dest="data_command",
                                                                                             required=True)
-    prep = data.add_parser("prepare", help="ingest POP909 into Parquet tables of every task")
+    prep = data.add_parser("prepare", help="ingest POP909 (or any --midi folder) into Parquet tables of every task")
     prep.add_argument("--pop909", type=Path, help="POP909 folder (default: $POP909_DIR or ../shared/datasets/pop909)")
+    prep.add_argument("--midi", type=Path,
+                      help="a folder of any MIDI files (searched recursively) instead of POP909: bars, key, chords, "
+                           "track roles and sections are estimated from the notes (docs/own_music.md)")
+    prep.add_argument("--roles", type=Path,
+                      help="with --midi: a JSON file {song id: {MELODY: instrument, BRIDGE: ...}} naming each song's "
+                           "instruments (track name or index) per role, instead of the estimate")
     prep.add_argument("--out", type=Path, required=True, help="output folder")
     prep.add_argument("--limit", type=int, help="only the first N songs")
     prep.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
