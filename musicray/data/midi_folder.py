@@ -7,7 +7,7 @@ prepared tables have the same layout and ``train`` works on them. For each ``.mi
   gives the tempo events); the song's metre is the signature covering most of it, bars of another length keep the
   notes that fit. A signature musicray has no metre for is regrouped into one with its beat (``regrouped_metre``). MIDI files of performances (POP909's among them) often put the beats off the tick grid by a
   constant phase: the phase is estimated from the onsets (their histogram folded on the beat) and the notes moved
-  onto the grid by it.
+  onto the grid by it (``grid_shift``).
 * **quantization** to musicray's grid (``musicray.song.METRES``), one note per onset and pitch per track.
 * **key** by music21's Krumhansl-Schmuckler key finding on the duration-weighted pitch classes.
 * **chords** per beat by chorder's ``Dechorder.dechord`` on the pitched instruments, mapped to Harte labels
@@ -218,6 +218,12 @@ def beat_phase(onsets: np.ndarray, ticks_per_beat: int) -> int:
     return round(best * ticks_per_beat / PHASE_BINS)
 
 
+def grid_shift(phase: int, ticks_per_beat: int) -> int:
+    """Ticks to add to every event to put the beats on the grid: back by the phase, or forward to the next beat
+    when that is nearer (onsets played just ahead of the beat); what would move before the start stays at 0."""
+    return -phase if phase <= ticks_per_beat // 2 else ticks_per_beat - phase
+
+
 # -- track roles ---------------------------------------------------------------------------------------------------
 @dataclass
 class Line:
@@ -335,8 +341,8 @@ def estimate_chords(midi, shift: int, bars: Bars, n_bars: int) -> list[Chord]:
         if instrument.is_drum:
             continue
         copy = miditoolkit.Instrument(instrument.program, False, instrument.name)
-        copy.notes = [miditoolkit.Note(n.velocity, n.pitch, n.start + shift, n.end + shift) for n in instrument.notes
-                      if n.velocity > 0 and n.end > n.start]
+        copy.notes = [miditoolkit.Note(n.velocity, n.pitch, max(0, n.start + shift), max(1, n.end + shift))
+                      for n in instrument.notes if n.velocity > 0 and n.end > n.start]
         pitched.instruments.append(copy)
     pitched.max_tick = max(n.end for i in pitched.instruments for n in i.notes) + 1
     per_quarter = [harte_label(chord) for chord in Dechorder.dechord(pitched)]
@@ -417,10 +423,9 @@ def load_midi_song(data: bytes, song_id: str, roles: dict[str, list[str]] | None
         detail = f"only drums ({sum(len(i.notes) for i in drums)} notes)" if drums else "no notes"
         raise MidiIngestError(song_id, "no_notes", detail)
     ticks_per_beat = midi.ticks_per_beat
-    shift = (ticks_per_beat - beat_phase(np.concatenate([line.starts for line in lines]), ticks_per_beat)) \
-        % ticks_per_beat
+    shift = grid_shift(beat_phase(np.concatenate([line.starts for line in lines]), ticks_per_beat), ticks_per_beat)
     for line in lines:
-        line.starts, line.ends = line.starts + shift, line.ends + shift
+        line.starts, line.ends = np.maximum(0, line.starts + shift), np.maximum(1, line.ends + shift)
     end_tick = int(max(line.ends.max() for line in lines))
     bars = bar_grid(midi, end_tick, song_id)
     spec = bars.spec
@@ -454,7 +459,7 @@ def load_midi_song(data: bytes, song_id: str, roles: dict[str, list[str]] | None
     tempos = []
     for change in sorted(midi.tempo_changes, key=lambda t: t.time):
         # The tempo the file starts with stays at the start; later ones move with the notes.
-        bar, position, fits = bars.place(np.array([change.time + shift if change.time else 0]))
+        bar, position, fits = bars.place(np.array([max(0, change.time + shift) if change.time else 0]))
         if fits[0] and bar[0] < n_bars and change.tempo > 0:
             tempo = Tempo(int(bar[0]), int(position[0]), round(change.tempo / spec.beat_unit, 3))
             tempos = [t for t in tempos if (t.bar, t.position) != (tempo.bar, tempo.position)] + [tempo]
