@@ -5,7 +5,6 @@ their reasons; a roles file; and the tiny preset trained on the result."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from musicray.data.midi_folder import (
     MidiFolderSource, MidiIngestError, beat_phase, estimate_sections, grid_shift, load_midi_song, midi_files, read_roles,
     regrouped_metre,
 )
-from musicray.data.prepare import load_report, load_table, prepare
+from musicray.data.prepare import load_report, load_table
 from musicray.song import Note, SongError, form_string
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,29 +174,6 @@ def test_sections_from_repetition_or_without_melody():
     assert form_string(estimate_sections(distinct, 60)) == "A8B8C8D8E8X8X8o4"
 
 
-def test_prepare_job_writes_the_tables_and_a_report_of_what_was_kept_and_why(folder, tmp_path):
-    import ray
-
-    out = tmp_path / "prepared"
-    try:
-        report = prepare(MidiFolderSource(str(folder)), out, progress=False, num_cpus=2)
-    finally:
-        ray.shutdown()
-    assert report == load_report(out) | {"skipped_songs": report["skipped_songs"]}
-    assert (report["total"], report["kept"]) == (7, 3)
-    assert report["skipped"] == {"no_notes": 1, "unreadable_midi": 2, "unsupported_metre": 1}
-    assert {s["song_id"]: s["skipped"] for s in report["skipped_songs"]} == {
-        "drums": "no_notes", "empty": "unreadable_midi", "broken": "unreadable_midi", "seven_eight": "unsupported_metre"}
-    songs = load_table(out, "songs")
-    assert sorted(songs["song_id"]) == ["pop/live/song_b", "pop/song_a", "song_c"]
-    assert report["kept_bars"] == int(songs["bars"].sum()) == 3 * 34
-    assert report["kept_notes"] == int(songs[["melody_notes", "bridge_notes", "piano_notes"]].sum().sum())
-    assert report["dropped_in_kept_songs"]["drum_notes"] == 2 * 34 * 4
-    assert set(songs["form"]) == {"i2A8A8B8A8"}
-    for task in ("song", "chord", "melody", "secondary", "dynamics", "tempo"):
-        assert len(load_table(out, task)) == 3
-
-
 def test_roles_file_overrides_the_estimate(folder, tmp_path):
     roles_path = tmp_path / "roles.json"
     roles_path.write_text(json.dumps({"pop/song_a": {"MELODY": "bass", "BRIDGE": [2]}}))
@@ -216,16 +192,52 @@ def test_roles_file_overrides_the_estimate(folder, tmp_path):
             read_roles(roles_path)
 
 
-def test_cli_prepares_a_folder_and_the_tiny_preset_trains_on_it(folder, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def prepared(folder, tmp_path_factory):
+    """The folder through `musicray data prepare --midi` (the real Ray job): (data dir, what it printed)."""
+    import contextlib
+    import io
+
     import ray
 
     from musicray.cli import main
 
-    data, run = tmp_path / "data", tmp_path / "run"
+    out = tmp_path_factory.mktemp("prepared")
+    printed = io.StringIO()
     try:
-        assert main(["data", "prepare", "--midi", str(folder), "--out", str(data), "--num-cpus", "2"]) == 0
-        printed = capsys.readouterr().out
-        assert '"kept": 3' in printed and '"unreadable_midi": 2' in printed
+        with contextlib.redirect_stdout(printed):
+            assert main(["data", "prepare", "--midi", str(folder), "--out", str(out), "--num-cpus", "2"]) == 0
+    finally:
+        ray.shutdown()
+    return out, printed.getvalue()
+
+
+def test_prepare_writes_the_tables_and_a_report_of_what_was_kept_and_why(prepared):
+    out, printed = prepared
+    report = load_report(out)
+    assert '"kept": 3' in printed and '"unreadable_midi": 2' in printed
+    assert (report["total"], report["kept"]) == (7, 3)
+    assert report["skipped"] == {"no_notes": 1, "unreadable_midi": 2, "unsupported_metre": 1}
+    assert {s["song_id"]: s["skipped"] for s in report["skipped_songs"]} == {
+        "drums": "no_notes", "empty": "unreadable_midi", "broken": "unreadable_midi", "seven_eight": "unsupported_metre"}
+    songs = load_table(out, "songs")
+    assert sorted(songs["song_id"]) == ["pop/live/song_b", "pop/song_a", "song_c"]
+    assert report["kept_bars"] == int(songs["bars"].sum()) == 3 * 34
+    assert report["kept_notes"] == int(songs[["melody_notes", "bridge_notes", "piano_notes"]].sum().sum())
+    assert report["dropped_in_kept_songs"]["drum_notes"] == 2 * 34 * 4
+    assert set(songs["form"]) == {"i2A8A8B8A8"}
+    assert report["splits"]["train"] >= 1
+    for task in ("song", "chord", "melody", "secondary", "dynamics", "tempo"):
+        assert len(load_table(out, task)) == 3
+
+
+def test_the_tiny_preset_trains_on_it(prepared, tmp_path):
+    import ray
+
+    from musicray.cli import main
+
+    data, run = prepared[0], tmp_path / "run"
+    try:
         status = main(["train", "--config", str(TINY), "--out", str(run), "--no-progress",
                        *[arg for value in (f"data.source={data}", f"cache_dir={tmp_path / 'cache'}",
                                            "stage1.max_steps=3", "stage1.num_workers=1", "stage1.warmup_steps=1",
