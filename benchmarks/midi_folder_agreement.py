@@ -74,7 +74,7 @@ def song_figures(root: Path, song_id: str) -> dict:
     labels = [c.label for c in song.chords]
     chord_rows = [line.split() for line in (folder / "chord_midi.txt").read_text().splitlines() if line.strip()]
     beats = [float(line.split()[0]) for line in (folder / "beat_midi.txt").read_text().splitlines() if line.strip()]
-    exact = triad = counted = 0
+    exact = triad = folded = counted = 0
     starts = np.array([float(row[0]) for row in chord_rows])
     for beat in beats:
         index = int(np.searchsorted(starts, beat + 1e-3, side="right")) - 1
@@ -89,6 +89,7 @@ def song_figures(root: Path, song_id: str) -> dict:
         counted += 1
         exact += e_root == a_root and e_quality == a_quality
         triad += e_root == a_root and TRIADS.get(e_quality, e_quality) == TRIADS.get(a_quality, a_quality)
+        folded += e_root == a_root and TRIADS.get(e_quality, e_quality) == a_quality
     chosen = stats["instruments_by_track"]["MELODY"]
     melody_notes = sum(1 for n in midi.instruments[melody_index].notes if n.velocity > 0 and n.end > n.start)
     in_melody = melody_notes if chosen == [f"{melody_index}:"] else 0
@@ -96,6 +97,7 @@ def song_figures(root: Path, song_id: str) -> dict:
         "song": song_id, "seconds": round(seconds, 3), "key": song.key, "key_annotated": annotated_key,
         "key_exact": song.key == annotated_key, "key_same_or_relative": relative_or_same(song.key, annotated_key),
         "chord_beats": counted, "chord_exact": exact / max(1, counted), "chord_triad": triad / max(1, counted),
+        "chord_folded_exact": folded / max(1, counted),
         "melody_track": chosen == [f"{melody_index}:"], "melody_notes_share": in_melody / max(1, melody_notes),
         "roles": stats["instruments_by_track"], "form": song.form, "metre": song.metre,
     }
@@ -129,7 +131,8 @@ def main() -> None:
     print(f"chords per song, root+triad: {spread([r['chord_triad'] for r in rows])}")
     print(f"chords over all {beats} beats, root+quality "
           f"{sum(r['chord_exact'] * r['chord_beats'] for r in rows) / beats:.3f}, root+triad "
-          f"{sum(r['chord_triad'] * r['chord_beats'] for r in rows) / beats:.3f}")
+          f"{sum(r['chord_triad'] * r['chord_beats'] for r in rows) / beats:.3f}; root+quality if every estimate "
+          f"were folded onto its triad {sum(r['chord_folded_exact'] * r['chord_beats'] for r in rows) / beats:.3f}")
     print(f"melody track: {sum(r['melody_track'] for r in rows)}/{len(rows)}")
     print(f"seconds per song: {spread([r['seconds'] for r in rows])}")
     if args.json:

@@ -4,6 +4,7 @@ their reasons; a roles file; and the tiny preset trained on the result."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -17,6 +18,7 @@ from musicray.data.midi_folder import (
     regrouped_metre,
 )
 from musicray.data.prepare import load_report, load_table
+from musicray.harmony import canonical_chord
 from musicray.song import Note, SongError, form_string
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,3 +262,28 @@ def test_cli_refuses_what_it_cannot_prepare(tmp_path, capsys):
                           (["--roles", str(tmp_path / "r.json")], "pass --midi DIR")]:
         assert main(["data", "prepare", *argv, "--out", str(tmp_path / "out")]) == 2
         assert problem in capsys.readouterr().err
+
+
+def test_pop909_song_without_its_annotations(pop909_root):
+    """POP909 001 with its track names removed: the key of key_audio.txt, the first eight chord changes of
+    chord_midi.txt, and its own MELODY track."""
+    import io
+
+    import miditoolkit
+
+    midi = miditoolkit.MidiFile(str(pop909_root / "POP909" / "001" / "001.mid"))
+    assert [i.name for i in midi.instruments] == ["MELODY", "BRIDGE", "PIANO"]
+    for instrument in midi.instruments:
+        instrument.name = ""
+    data = io.BytesIO()
+    midi.dump(file=data)
+    song, stats = load_midi_song(data.getvalue(), "001")
+    assert song.key == "Gb:maj"
+    changes = [c.label for c in song.chords if c.label != "N"]
+    rows = (pop909_root / "POP909" / "001" / "chord_midi.txt").read_text().split("\n")
+    annotated = [label for label, _ in itertools.groupby(canonical_chord(row.split()[2]) for row in rows if row.strip())
+                 if label != "N"]
+    assert annotated[:8] == ["B:maj", "Db:maj", "Bb:min", "Eb:min", "B:maj", "Db:maj", "Gb:maj", "B:maj"]
+    assert changes[:8] == annotated[:8]
+    assert stats["instruments_by_track"]["MELODY"] == ["0:"]
+    assert len(song.tracks["MELODY"]) == len(midi.instruments[0].notes)
