@@ -126,6 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     stride = 909 // args.songs
     ids = [f"{1 + i * stride:03d}" for i in range(args.songs)]
+    song_figures(args.pop909, ids[0])  # imports (music21, chorder, symusic) and caches out of the timings
     rows = []
     for song_id in ids:
         rows.append(song_figures(args.pop909, song_id))
