@@ -46,6 +46,7 @@ SKIP_REASONS: dict[str, str] = {
     "no_notes": "the file holds no pitched notes (empty, or drums only)",
     "unsupported_metre": "the time signature covering most of the song has no musicray metre nor its beat",
     "bad_roles": "the roles file names an instrument the file does not have",
+    "too_long": "notes run past MAX_BEATS beats (a damaged file, or not a song)",
 }
 
 # chorder's qualities -> Harte (musicray.harmony.CHORD_QUALITIES). chorder 0.1.4 turns a major or minor triad
@@ -71,6 +72,8 @@ MELODIC_LABELS: tuple[str, ...] = ("A", "B", "C", "D", "E")
 OTHER_MELODIC_LABEL, NON_MELODIC_LABEL, INTRO_LABEL, OUTRO_LABEL = "X", "x", "i", "o"
 # chorder reads the song in windows of this many quarter notes (an even number: it pairs beats into half bars).
 CHORD_WINDOW_QUARTERS = 32
+# Longer files are skipped: 20,000 beats is almost three hours at 120 bpm (POP909's longest song has 960).
+MAX_BEATS = 20_000
 # Steps per beat at which the beat phase of the onsets is estimated.
 PHASE_BINS = 48
 
@@ -87,8 +90,8 @@ class MidiIngestError(SongError):
 
 
 def midi_files(root: Path) -> dict[str, Path]:
-    """Song id (the path under ``root`` without its suffix) -> file, for every MIDI file under ``root``."""
-    return {path.relative_to(root).with_suffix("").as_posix(): path
+    """Song id (the file's path under ``root``, ``pop/song.mid``) -> file, for every MIDI file under ``root``."""
+    return {path.relative_to(root).as_posix(): path
             for path in sorted(root.rglob("*")) if path.suffix.lower() in MIDI_SUFFIXES and path.is_file()}
 
 
@@ -125,10 +128,12 @@ class MidiFolderSource:
         return self
 
     def load(self, song_id: str) -> tuple[Song, dict]:
-        path = Path(self.root) / song_id
-        path = next((path.with_name(path.name + suffix) for suffix in (*MIDI_SUFFIXES, ".MID", ".MIDI")
-                     if path.with_name(path.name + suffix).is_file()), path)
-        return load_midi_song(path.read_bytes(), song_id, self.roles.get(song_id))
+        try:
+            data = (Path(self.root) / song_id).read_bytes()
+        except OSError as error:
+            raise MidiIngestError(song_id, "unreadable_midi", f"cannot read the file: {error.strerror or error}") \
+                from None
+        return load_midi_song(data, song_id, self.roles.get(song_id))
 
 
 # -- reading the file ----------------------------------------------------------------------------------------------
@@ -139,10 +144,14 @@ def _parse(data: bytes, song_id: str):
         raise MidiIngestError(song_id, "unreadable_midi", "not a Standard MIDI File (no 'MThd' header)"
                               if data else "empty file (0 bytes)")
     try:
-        return miditoolkit.MidiFile(file=io.BytesIO(data))
+        midi = miditoolkit.MidiFile(file=io.BytesIO(data))
     except Exception as error:  # mido/miditoolkit raise many types on damaged files
         raise MidiIngestError(song_id, "unreadable_midi", f"corrupt MIDI file: {type(error).__name__}: {error}") \
             from None
+    if not isinstance(midi.ticks_per_beat, int) or midi.ticks_per_beat <= 0:
+        raise MidiIngestError(song_id, "unreadable_midi", f"time division {midi.ticks_per_beat!r} is not in ticks per "
+                              "quarter note (SMPTE time is not supported)")
+    return midi
 
 
 @dataclass
@@ -162,7 +171,7 @@ class Bars:
         positions = np.rint((ticks - self.starts[bars]) / self.step).astype(np.int64)
         bar_steps = np.rint(self.lengths[bars] / self.step).astype(np.int64)
         # A note rounded onto its bar's end belongs to the next bar's downbeat.
-        carry = (positions >= bar_steps) & (bars + 1 < len(self.starts)) & (positions == bar_steps)
+        carry = (positions == bar_steps) & (bars + 1 < len(self.starts))
         bars, positions = np.where(carry, bars + 1, bars), np.where(carry, 0, positions)
         return bars, positions, positions < self.spec.positions_per_bar
 
@@ -170,19 +179,23 @@ class Bars:
 def bar_grid(midi, end_tick: int, song_id: str) -> Bars:
     """Bars from the time-signature map (4/4 where the file has none, as MIDI assumes)."""
     ticks_per_beat = midi.ticks_per_beat
-    signatures = sorted(midi.time_signature_changes, key=lambda s: s.time) or []
+    if end_tick > MAX_BEATS * ticks_per_beat:
+        raise MidiIngestError(song_id, "too_long", f"notes run to beat {end_tick // ticks_per_beat}; at most "
+                              f"{MAX_BEATS} beats are read")
+    signatures = sorted(midi.time_signature_changes, key=lambda s: s.time)
     segments = [(0, 4, 4)] if not signatures or signatures[0].time > 0 else []
     segments += [(s.time, s.numerator, s.denominator) for s in signatures]
-    starts, lengths, names, spans = [], [], [], {}
+    starts, lengths, spans = [], [], {}
     for index, (time, numerator, denominator) in enumerate(segments):
+        name = f"{numerator}/{denominator}"
+        if numerator <= 0 or denominator <= 0:
+            raise MidiIngestError(song_id, "unsupported_metre", f"time signature {name} at tick {time} has no bars")
         until = segments[index + 1][0] if index + 1 < len(segments) else max(end_tick, time + 1)
         length = ticks_per_beat * 4 * numerator / denominator
-        name = f"{numerator}/{denominator}"
         tick = float(time)
         while tick < until:
             starts.append(tick)
             lengths.append(length)
-            names.append(name)
             tick += length
         spans[name] = spans.get(name, 0) + (until - time)
     main = max(spans, key=spans.get)

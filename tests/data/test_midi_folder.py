@@ -98,12 +98,12 @@ def folder(tmp_path_factory) -> Path:
 
 
 def test_finds_midi_files_recursively_whatever_the_suffix_case(folder):
-    assert sorted(midi_files(folder)) == ["broken", "drums", "empty", "pop/live/song_b", "pop/song_a",
-                                          "seven_eight", "song_c"]
+    assert sorted(midi_files(folder)) == ["broken.mid", "drums.mid", "empty.mid", "pop/live/song_b.MIDI",
+                                          "pop/song_a.mid", "seven_eight.mid", "song_c.mid"]
 
 
 def test_a_song_with_known_key_chords_roles_and_sections(folder):
-    song, stats = MidiFolderSource(str(folder)).load("pop/song_a")
+    song, stats = MidiFolderSource(str(folder)).load("pop/song_a.mid")
     assert (song.metre, song.key) == ("4/4", "C:maj")
     assert song.form == "i2A8A8B8A8"
     assert [len(song.tracks[name]) for name in ("MELODY", "BRIDGE", "PIANO")] == [4 * 8 * 3 + 2 * 8, 34, 3 * 34]
@@ -118,7 +118,7 @@ def test_a_song_with_known_key_chords_roles_and_sections(folder):
 
 
 def test_a_performance_off_the_tick_grid_in_3_4(folder):
-    song, stats = MidiFolderSource(str(folder)).load("pop/live/song_b")
+    song, stats = MidiFolderSource(str(folder)).load("pop/live/song_b.MIDI")
     assert song.metre == "3/4" and song.form == "i2A8A8B8A8"
     assert stats["beat_phase_shift_ticks"] == -200
     # Back on the beats: every melody note starts on a beat, the piano on each downbeat.
@@ -129,15 +129,31 @@ def test_a_performance_off_the_tick_grid_in_3_4(folder):
 
 
 @pytest.mark.parametrize("name,reason,words", [
-    ("empty", "unreadable_midi", "empty file"),
-    ("broken", "unreadable_midi", "corrupt MIDI file"),
-    ("drums", "no_notes", "only drums (16 notes)"),
-    ("seven_eight", "unsupported_metre", "7/8"),
+    ("empty.mid", "unreadable_midi", "empty file"),
+    ("broken.mid", "unreadable_midi", "corrupt MIDI file"),
+    ("drums.mid", "no_notes", "only drums (16 notes)"),
+    ("seven_eight.mid", "unsupported_metre", "7/8"),
 ])
 def test_files_that_cannot_be_used_are_skipped_with_their_reason(folder, name, reason, words):
     with pytest.raises(MidiIngestError, match=re.escape(words)) as caught:
         MidiFolderSource(str(folder)).load(name)
     assert caught.value.reason == reason
+
+
+def test_a_file_running_past_the_longest_song_is_skipped_not_read():
+    import io
+
+    import miditoolkit
+
+    midi = miditoolkit.MidiFile(ticks_per_beat=480)
+    piano = miditoolkit.Instrument(0, False, "Piano")
+    piano.notes = [miditoolkit.Note(80, 60, 0, 480), miditoolkit.Note(80, 62, 480 * 20_001, 480 * 20_002)]
+    midi.instruments.append(piano)
+    data = io.BytesIO()
+    midi.dump(file=data)
+    with pytest.raises(MidiIngestError, match="notes run to beat 20002") as caught:
+        load_midi_song(data.getvalue(), "long.mid")
+    assert caught.value.reason == "too_long"
 
 
 @pytest.mark.parametrize("numerator,denominator,metre", [(1, 4, "4/4"), (5, 4, "4/4"), (2, 2, "4/4"),
@@ -178,15 +194,15 @@ def test_sections_from_repetition_or_without_melody():
 
 def test_roles_file_overrides_the_estimate(folder, tmp_path):
     roles_path = tmp_path / "roles.json"
-    roles_path.write_text(json.dumps({"pop/song_a": {"MELODY": "bass", "BRIDGE": [2]}}))
+    roles_path.write_text(json.dumps({"pop/song_a.mid": {"MELODY": "bass", "BRIDGE": [2]}}))
     roles = read_roles(roles_path)
-    song, stats = MidiFolderSource(str(folder), roles).load("pop/song_a")
+    song, stats = MidiFolderSource(str(folder), roles).load("pop/song_a.mid")
     assert stats["roles"] == "given"
     assert all(n.pitch < 48 for n in song.tracks["MELODY"]) and len(song.tracks["MELODY"]) == 34
     assert len(song.tracks["BRIDGE"]) == 4 * 8 * 3 + 2 * 8
-    roles_path.write_text(json.dumps({"pop/song_a": {"MELODY": "Flute"}}))
+    roles_path.write_text(json.dumps({"pop/song_a.mid": {"MELODY": "Flute"}}))
     with pytest.raises(MidiIngestError, match="no pitched instrument 'Flute'") as caught:
-        MidiFolderSource(str(folder), read_roles(roles_path)).load("pop/song_a")
+        MidiFolderSource(str(folder), read_roles(roles_path)).load("pop/song_a.mid")
     assert caught.value.reason == "bad_roles"
     for text, problem in [("{", "is not JSON"), ('{"a": {"LEAD": 1}}', "keys among"), ("[1]", "expected an object")]:
         roles_path.write_text(text)
@@ -221,9 +237,10 @@ def test_prepare_writes_the_tables_and_a_report_of_what_was_kept_and_why(prepare
     assert (report["total"], report["kept"]) == (7, 3)
     assert report["skipped"] == {"no_notes": 1, "unreadable_midi": 2, "unsupported_metre": 1}
     assert {s["song_id"]: s["skipped"] for s in report["skipped_songs"]} == {
-        "drums": "no_notes", "empty": "unreadable_midi", "broken": "unreadable_midi", "seven_eight": "unsupported_metre"}
+        "drums.mid": "no_notes", "empty.mid": "unreadable_midi", "broken.mid": "unreadable_midi",
+        "seven_eight.mid": "unsupported_metre"}
     songs = load_table(out, "songs")
-    assert sorted(songs["song_id"]) == ["pop/live/song_b", "pop/song_a", "song_c"]
+    assert sorted(songs["song_id"]) == ["pop/live/song_b.MIDI", "pop/song_a.mid", "song_c.mid"]
     assert report["kept_bars"] == int(songs["bars"].sum()) == 3 * 34
     assert report["kept_notes"] == int(songs[["melody_notes", "bridge_notes", "piano_notes"]].sum().sum())
     assert report["dropped_in_kept_songs"]["drum_notes"] == 2 * 34 * 4
