@@ -117,7 +117,8 @@ def song_to_score(song: Song, lead_sheet: bool = False) -> "music21.stream.Score
         return bar * bar_length + position * step
 
     score = stream.Score()
-    score.metadata = metadata.Metadata(title=song.song_id)
+    # A composer is named, else music21 signs the score "Music21".
+    score.metadata = metadata.Metadata(title=song.song_id, composer="musicray")
     tonic, mode = _key_names(song.key)
     spell = _speller(key.Key(tonic, mode))
     for index, name in enumerate(LEAD_SHEET_TRACKS if lead_sheet else TRACKS):

@@ -101,6 +101,7 @@ def test_notes_chords_and_marks_round_trip(make_song, lead_sheet, tmp_path):
     path = write_musicxml(song, tmp_path / "score.musicxml", lead_sheet=lead_sheet)
     assert path.read_text().lstrip().startswith("<?xml")
     score = converter.parse(str(path))
+    assert (score.metadata.bestTitle, score.metadata.composer) == (song.song_id, "musicray")
     tracks = ("MELODY",) if lead_sheet else TRACKS
     assert [part.partName for part in score.parts] == list(tracks)
     for part, track in zip(score.parts, tracks):
