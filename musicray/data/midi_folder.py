@@ -452,8 +452,6 @@ def _cut(label: str, bars: int) -> list[Section]:
 
 
 # -- one song ------------------------------------------------------------------------------------------------------
-
-
 def load_midi_song(data: bytes, song_id: str, roles: dict[str, list[str]] | None = None) -> tuple[Song, dict]:
     """One MIDI file as a checked Song with estimated key, chords, roles and sections, and stats on what was
     kept and dropped. Raises MidiIngestError (reason in SKIP_REASONS)."""
@@ -495,7 +493,11 @@ def load_midi_song(data: bytes, song_id: str, roles: dict[str, list[str]] | None
         merged += len(stacked) - len(kept)
         bar, position = np.divmod(kept[:, 0], spec.positions_per_bar)
         tracks[track] = notes_from_rows(np.column_stack([bar, position, kept[:, 1:]]))
-    last_step = max((n.bar * spec.positions_per_bar + n.position for notes in tracks.values() for n in notes))
+    last_step = max((n.bar * spec.positions_per_bar + n.position for notes in tracks.values() for n in notes),
+                    default=None)
+    if last_step is None:
+        raise MidiIngestError(song_id, "no_notes", f"all {dropped_odd} notes lie in bars of another metre than "
+                              f"{spec.name}")
     n_bars = last_step // spec.positions_per_bar + 1
 
     all_pitches = np.concatenate([line.pitches for line in lines])
