@@ -22,6 +22,18 @@ def _data_prepare(args: argparse.Namespace) -> None:
     from musicray.data.pop909 import default_pop909_dir
     from musicray.data.prepare import Pop909Source, prepare
 
+    if args.roles and not args.midi:
+        raise SongError("--roles: assigns the tracks of a --midi folder; pass --midi DIR")
+    if args.midi:
+        from musicray.data.midi_folder import MidiFolderSource, read_roles
+
+        if not args.midi.is_dir():
+            raise SongError(f"--midi: {args.midi} is not a folder")
+        source = MidiFolderSource(str(args.midi), read_roles(args.roles) if args.roles else {})
+        if not source.ids():
+            raise SongError(f"--midi: {args.midi} holds no .mid or .midi file (searched recursively)")
+        _print_report(prepare(source, args.out, limit=args.limit, num_cpus=args.num_cpus), args.out)
+        return
     root = args.pop909 or default_pop909_dir()
     if not (root / "POP909").is_dir():
         raise SongError(f"--pop909: {root} has no POP909/ folder (set POP909_DIR or pass --pop909 DIR)")
@@ -134,6 +146,16 @@ def _render(args: argparse.Namespace) -> None:
           f"at {rendered.sample_rate} Hz) with renderer {rendered.renderer}, soundfont {rendered.soundfont}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from musicray.musicxml import read_song, write_musicxml
+
+    song = read_song(args.song)
+    path = write_musicxml(song, args.musicxml, lead_sheet=args.lead_sheet)
+    staves = "1 staff (MELODY, the lead sheet)" if args.lead_sheet else "3 staves (MELODY, BRIDGE, PIANO)"
+    print(f"wrote {path}: {song.n_bars} bars of {song.metre} in {song.key}, {staves}, {len(song.chords)} chord "
+          f"symbols, {len(song.sections)} rehearsal marks")
+
+
 def _train(args: argparse.Namespace) -> None:
     from musicray.rerun import SKIP
     from musicray.run import RunDir
@@ -234,8 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="prepare and inspect datasets").add_subparsers(dest="data_command",
                                                                                             required=True)
-    prep = data.add_parser("prepare", help="ingest POP909 into Parquet tables of every task")
+    prep = data.add_parser("prepare", help="ingest POP909 (or any --midi folder) into Parquet tables of every task")
     prep.add_argument("--pop909", type=Path, help="POP909 folder (default: $POP909_DIR or ../shared/datasets/pop909)")
+    prep.add_argument("--midi", type=Path,
+                      help="a folder of any MIDI files (searched recursively) instead of POP909: bars, key, chords, "
+                           "track roles and sections are estimated from the notes (docs/own_music.md)")
+    prep.add_argument("--roles", type=Path,
+                      help="with --midi: a JSON file {song id: {MELODY: instrument, BRIDGE: ...}} naming each song's "
+                           "instruments (track name or index) per role, instead of the estimate")
     prep.add_argument("--out", type=Path, required=True, help="output folder")
     prep.add_argument("--limit", type=int, help="only the first N songs")
     prep.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
@@ -344,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"master gain (FluidSynth's; midirenderer is scaled to match; default {DEFAULT_GAIN})")
     _add_instrument_option(ren, "play a track with this instrument instead of the file's")
     ren.set_defaults(handler=_render)
+
+    export = commands.add_parser("export", help="write a song as a MusicXML score for a score editor (MuseScore...)")
+    export.add_argument("song", type=Path,
+                        help="a musicray MIDI file (its markers carry the chords, sections and key) or a song JSON "
+                             "(the `song` of an HTTP answer)")
+    export.add_argument("--musicxml", type=Path, required=True, help="output .musicxml path")
+    export.add_argument("--lead-sheet", action="store_true",
+                        help="only the MELODY staff with the chord symbols (default: the full score, three staves "
+                             "MELODY, BRIDGE, PIANO); both have key and time signatures and a rehearsal mark per "
+                             "section")
+    export.set_defaults(handler=_export)
 
     train = commands.add_parser("train", help="stage 1: full fine-tune on Ray Train under DeepSpeed")
     train.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults)")

@@ -1,6 +1,7 @@
 """Song <-> MIDI: exact round trips, the file as other software sees it, foreign files and bad input."""
 
 import io
+import itertools
 import os
 import random
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from musicray.data.synth import synth_song
+from musicray.harmony import parse_key
 from musicray.instruments import DEFAULT_INSTRUMENTS, GM_PROGRAMS, instrument_programs, parse_instrument
 from musicray.midi import (
     collapse_tempos, midi_instruments, midi_to_song, read_midi, set_instruments, song_to_midi, write_midi,
@@ -166,6 +168,40 @@ def test_written_file_read_by_mido(make_song, tmp_path):
     markers = [msg.text for msg in meta if msg.type == "marker"]
     assert f"metre:{song.metre}" in markers
     assert [m for m in markers if m.startswith("section:")] == [f"section:{s.label}{s.bars}" for s in song.sections]
+
+
+@pytest.mark.parametrize("make_song", ROUND_TRIP_SONGS)
+def test_written_file_as_a_daw_reads_it_with_pretty_midi(make_song, tmp_path):
+    """Key and time signature, the tempo map in seconds and the section markers on the bars pretty_midi counts."""
+    import pretty_midi
+
+    song = make_song()
+    path = write_midi(song, tmp_path / "song.mid")
+    pm = pretty_midi.PrettyMIDI(str(path))
+    assert [(s.numerator, s.denominator, s.time) for s in pm.time_signature_changes] == \
+        [(song.spec.numerator, song.spec.denominator, 0.0)]
+    tonic, mode = parse_key(song.key)
+    assert [(k.key_number, k.time) for k in pm.key_signature_changes] == [(tonic + (12 if mode == "min" else 0), 0.0)]
+    # The tempo map: each change at the time the tempos before it give, with its quarter notes per minute.
+    changes = collapse_tempos(song.tempos)
+    expected_times, seconds, previous = [], 0.0, None
+    for change in changes:
+        beats = (change.bar * song.spec.positions_per_bar + change.position) / song.spec.positions_per_beat
+        if previous is not None:
+            seconds += (beats - previous[0]) * 60 / previous[1]
+        expected_times.append(seconds)
+        previous = (beats, change.bpm)
+    times, qpm = pm.get_tempo_changes()
+    assert times.tolist() == pytest.approx(expected_times, abs=1e-3)
+    assert qpm.tolist() == pytest.approx([c.bpm * song.spec.beat_unit for c in changes], rel=1e-5)
+    # Each section marker on the downbeat of its section's first bar.
+    markers = [(msg.text, tick) for track in mido.MidiFile(str(path)).tracks
+               for tick, msg in zip(itertools.accumulate(m.time for m in track), track) if msg.type == "marker"]
+    section_times = [pm.tick_to_time(tick) for text, tick in markers if text.startswith("section:")]
+    downbeats = pm.get_downbeats()
+    assert section_times == pytest.approx([downbeats[start] for start in song.section_starts()], abs=1e-6)
+    sounding = [name for name in TRACKS if song.tracks[name]]  # pretty_midi leaves out a track without notes
+    assert [(i.name, len(i.notes)) for i in pm.instruments] == [(name, len(song.tracks[name])) for name in sounding]
 
 
 # -- instruments ---------------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def test_no_import_circles_between_musicray_modules():
 
 
 HEAVY_MODULES = ("torch", "transformers", "ray", "deepspeed", "peft", "fastapi", "pandas", "pyarrow", "numpy",
-                 "miditoolkit", "matplotlib")
+                 "miditoolkit", "matplotlib", "music21", "chorder")
 CLI_PROBE = """
 import json, sys
 from musicray.cli import main
@@ -131,15 +131,15 @@ def test_help_and_argument_errors_load_no_heavy_library():
 
     commands = [["--help"], ["data", "prepare", "--help"], ["data", "synth", "--help"], ["data", "inspect", "--help"],
                 *([command, "--help"] for command in ("pipeline", "generate", "eval", "render", "train", "serve",
-                                                      "tune")),
+                                                      "tune", "export")),
                 ["generate", "--run", "r"], ["render", "song.mid", "--out", "x.wav", "--instrument", "MELODY=kazoo"],
-                ["train", "--out"], ["nonsense"]]
+                ["train", "--out"], ["export", "song.mid"], ["nonsense"]]
     probe = f"HEAVY = {HEAVY_MODULES!r}\n" + CLI_PROBE
     result = subprocess.run([sys.executable, "-c", probe, json.dumps(commands)], cwd=ROOT, capture_output=True,
                             text=True, check=True, timeout=120)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
-    assert [report["answers"][" ".join(argv)] for argv in commands] == [0] * 11 + [2] * 4
+    assert [report["answers"][" ".join(argv)] for argv in commands] == [0] * 12 + [2] * 5
 
 
 def test_musicray_help_answers_at_once():

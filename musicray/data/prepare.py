@@ -6,7 +6,8 @@ Output directory::
     song.parquet         whole-song sequences (stage 1, full fine-tune)
     chord.parquet ...    one table per sub-task (chord, melody, secondary, dynamics, tempo)
     vocabulary.json      the vocabulary the ids refer to
-    report.json          total, kept, skipped songs by reason (with each song's message), split sizes
+    report.json          total, kept, skipped songs by reason (with each song's message), split sizes, the kept
+                         songs' bars and notes and what was dropped inside them by reason
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import ray
 from tqdm import tqdm
 
 from musicray.encoding import CANONICAL_FORMAT, SongTokens, quantized
-from musicray.song import Song, SongError, song_to_dict
+from musicray.song import TRACKS, Song, SongError, song_to_dict
 from musicray.tokens import TASKS, Vocabulary
 
 SPLITS: tuple[tuple[str, float], ...] = (("train", 0.90), ("validation", 0.05), ("test", 0.05))
@@ -184,10 +185,17 @@ def write_tables(results: list[dict], out: Path, vocab: Vocabulary) -> dict:
         pd.DataFrame([r["examples"][task] for r in kept]).to_parquet(out / f"{task}.parquet", index=False)
     vocab.save(out / "vocabulary.json")
     splits = Counter(r["song"]["split"] for r in kept)
+    # What a source dropped inside the songs it kept, by reason (a source's stats may say, as ``dropped``).
+    dropped: Counter = Counter()
+    for r in kept:
+        dropped.update(json.loads(r["song"]["stats_json"]).get("dropped", {}))
     return {
         "canonical_format": CANONICAL_FORMAT,
         "total": len(results),
         "kept": len(kept),
+        "kept_bars": int(sum(r["song"]["bars"] for r in kept)),
+        "kept_notes": int(sum(r["song"][f"{name.lower()}_notes"] for r in kept for name in TRACKS)),
+        "dropped_in_kept_songs": dict(sorted(dropped.items())),
         "skipped": dict(sorted(Counter(r["skipped"] for r in skipped).items())),
         "skipped_songs": [{k: r[k] for k in ("song_id", "skipped", "message")} for r in skipped],
         "splits": {name: splits.get(name, 0) for name, _ in SPLITS},
