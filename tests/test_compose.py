@@ -263,8 +263,9 @@ def test_returning_sections_of_a_long_pop909_form_repeat_their_first_occurrence(
     melody = report["stages"]["melody"]
     assert melody["forward_calls"] < 0.6 * melody["new_tokens"]   # copied bars go through jump-forward
 
-    free, _ = composer.compose(Request(form, "E:maj", seed=3, stages=("chord", "melody")))
-    assert sum(_bar_events(free, bar) == _bar_events(free, source) for bar, source in returns) < 0.5 * len(returns)
+    short = "A4B4A4o4"   # without a variation, the model alone decides (a random one repeats nothing)
+    free, _ = composer.compose(Request(short, "E:maj", seed=3, stages=("chord", "melody")))
+    assert not any(_bar_events(free, bar) == _bar_events(free, source) for bar, source in form_returns(free.sections))
 
 
 def test_variation_sets_the_share_of_returning_bars_that_repeat():
