@@ -196,9 +196,9 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                              f"infilling rewrites part of a given song: give it with {named('given')}")
         infilling = checked("regenerate" if regenerate is not None else "regenerate_bars", regenerated_bars, form,
                             regenerate, regenerate_bars)
-    sampling = Sampling(**{name: SAMPLING_RANGES[name].checked(value, named(name))
+    sampling = Sampling(**{name: checked(name, SAMPLING_RANGES[name].checked, value, named(name))
                            for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))})
-    per_stage = stage_sampling(stage_settings or {}, sampling, named("stage_settings"))
+    per_stage = checked("stage_settings", stage_sampling, stage_settings or {}, sampling, named("stage_settings"))
     return Request(form=form, key=key, metre=metre_name, tempo=tempo, seed=seed,
                    chords=parsed_chords or (given.chords if given else None),
                    melody=melody or (given.tracks["MELODY"] if given else None),

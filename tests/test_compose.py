@@ -1,11 +1,12 @@
 """The five-stage composer on a random-weight stage-1 model with LoRA adapters."""
 
-import pytest
-
 import functools
+
+import pytest
 
 from musicray import compose
 from musicray.compose import Composer, parse_chords, voice_piano
+from musicray.errors import MissingRunPart
 from musicray.midi import midi_to_song, song_to_midi
 from musicray.sampling import Sampling
 from musicray.song import Note, SongError
@@ -207,9 +208,26 @@ def test_generate_command_writes_each_track_with_its_instrument(run_dir, tmp_pat
     assert main(["generate", "--run", str(run_dir), "--form", "A2", "--seed", "3", "--out", str(out),
                  "--allow-missing-adapters",
                  "--instrument", "melody=flute", "--instrument", "PIANO=Electric Piano 1"]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    # the printed line names the stages that ran without their adapter, and only those
+    assert [part.split()[0] for part in printed.split("; ", 1)[1].split(", ") if "(no adapter" in part] == \
+        ["dynamics", "tempo"]
     assert midi_instruments(out) == {"MELODY": 73, "BRIDGE": DEFAULT_INSTRUMENTS["BRIDGE"], "PIANO": 4}
     assert read_midi(out).form == "A2"
+
+
+def test_a_stage_without_its_adapter_is_refused_unless_allowed(composer, run_dir, tmp_path, capsys):
+    from musicray.cli import main
+
+    refused = rf"^adapters: no LoRA adapter for dynamics, tempo in {run_dir}/adapters; .*--allow-missing-adapters"
+    with pytest.raises(MissingRunPart, match=refused):
+        composer.compose(compose.Request("A1", seed=1))
+    song, report = composer.compose(compose.Request("A1", seed=1, stages=("chord", "melody")))
+    assert [info["adapter"] for info in report["stages"].values()] == ["chord", "melody"]
+    out = tmp_path / "song.mid"
+    assert main(["generate", "--run", str(run_dir), "--form", "A1", "--out", str(out)]) != 0
+    assert "no LoRA adapter for dynamics, tempo" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("entry,message", [
