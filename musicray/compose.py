@@ -19,12 +19,11 @@ import torch
 from musicray.accompaniment import voice_piano  # also read as musicray.compose.voice_piano
 from musicray.decode import generate
 from musicray.encoding import available_inputs, decode_body, encode, given_bars, task_inputs
+from musicray.errors import MissingRunPart
 from musicray.grammar import Grammar, Plan
 from musicray.model import MusicTokenizer, load_music_model
 from musicray.request import Request, parse_chords, regenerated_bars  # noqa: F401 (read as compose's too)
 from musicray.run import RunDir
-from musicray.sampling import Sampling
-from musicray.errors import MissingRunPart
 from musicray.song import Song, SongError
 from musicray.tasks import SUBTASK_RECORDS, subtask
 from musicray.tokens import SUBTASKS

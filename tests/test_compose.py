@@ -136,20 +136,6 @@ def test_stage_sampling_draws_only_its_stage_differently(composer):
     assert [c.song for c in batched] == [sampled, songs[1]]
 
 
-def test_parse_chords_errors_name_the_bar():
-    with pytest.raises(SongError, match="bar 2"):
-        parse_chords("C:maj X:min", "A2", "4/4")
-
-
-def test_voice_piano_follows_the_chords():
-    chords = parse_chords("C:maj G:maj/3", "A2", "4/4")
-    from musicray.song import Song, parse_form
-
-    song = Song("v", "C:maj", "4/4", parse_form("A2"), chords=chords)
-    notes = voice_piano(song)
-    assert {n.pitch % 12 for n in notes if n.bar == 0} == {0, 4, 7}
-    assert min(n.pitch for n in notes if n.bar == 1) % 12 == 11  # the slash bass B under G
-
 
 def _bars(song, bars):
     """Everything a song holds in ``bars`` (0-based): notes per track, the chord sounding at every grid step,
@@ -186,17 +172,6 @@ def test_infilling_rewrites_the_chosen_bars_and_keeps_the_rest_note_for_note(com
         voiced = [n for n in voice_piano(song) if n.bar in (2, 3)]
         assert [(n.bar, n.position, n.pitch) for n in song.tracks["PIANO"] if n.bar in (2, 3)] == \
             [(n.bar, n.position, n.pitch) for n in voiced]
-
-
-def test_regenerated_bars_are_read_from_labels_and_ranges():
-    from musicray.compose import regenerated_bars
-
-    assert regenerated_bars("i2A4B4", labels="A,i") == tuple(range(6))
-    assert regenerated_bars("i2A4B4", bars="9-10,1") == (0, 8, 9)
-    for labels, bars, field in ((None, "0-3", "regenerate-bars"), ("C", None, "no section labelled C"),
-                                (None, "x", "cannot read"), (None, None, "no bar chosen")):
-        with pytest.raises(SongError, match=field):
-            regenerated_bars("i2A4B4", labels, bars)
 
 
 def test_generate_command_writes_each_track_with_its_instrument(run_dir, tmp_path, capsys):

@@ -3,7 +3,9 @@
 import pytest
 
 from musicray.errors import SongError
-from musicray.request import FieldError, Request, request_from_fields, stage_request, stage_settings
+from musicray.request import (
+    FieldError, Request, parse_chords, regenerated_bars, request_from_fields, stage_request, stage_settings,
+)
 from musicray.sampling import Sampling
 from musicray.song import Chord, Note, Section, Song, Tempo
 from musicray.tokens import SUBTASKS
@@ -69,3 +71,17 @@ def test_the_stage_deployments_wire_form_reads_back_the_same_request():
                  "piano", "allow_missing_adapters", "use_mask"):
         assert getattr(back, name) == getattr(request, name), name
     assert Request("A2").stages == SUBTASKS
+
+
+def test_parse_chords_errors_name_the_bar():
+    with pytest.raises(SongError, match="bar 2"):
+        parse_chords("C:maj X:min", "A2", "4/4")
+
+
+def test_regenerated_bars_are_read_from_labels_and_ranges():
+    assert regenerated_bars("i2A4B4", labels="A,i") == tuple(range(6))
+    assert regenerated_bars("i2A4B4", bars="9-10,1") == (0, 8, 9)
+    for labels, bars, field in ((None, "0-3", "regenerate-bars"), ("C", None, "no section labelled C"),
+                                (None, "x", "cannot read"), (None, None, "no bar chosen")):
+        with pytest.raises(SongError, match=field):
+            regenerated_bars("i2A4B4", labels, bars)

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from musicray.compose import Composer, Request
+from musicray.compose import Composer
 from musicray.data.prepare import load_table
 from musicray.decode import generate
 from musicray.encoding import base_tempo, section_windows
 from musicray.grammar import GrammarError, Plan
+from musicray.request import Request
 from musicray.sampling import Sampling
 from musicray.song import Section, Song, SongError, song_from_dict
 from musicray.tokens import Vocabulary

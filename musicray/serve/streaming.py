@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from musicray.compose import Composer, Request, StageFailed, finish
+from musicray.compose import Composer, StageFailed, finish
+from musicray.request import Request
 from musicray.song import Song, SongError
 from musicray.tasks import SUBTASK_RECORDS
 from musicray.tokens import SUBTASKS

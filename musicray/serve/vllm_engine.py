@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from musicray.compose import Request, StageFailed, StageInput, StagePlanner
+from musicray.compose import StageFailed, StageInput, StagePlanner
 from musicray.grammar import Grammar
+from musicray.request import Request
 from musicray.run import RunDir
 from musicray.serve.bar_events import BarEvents
 from musicray.song import Song, SongError

@@ -562,3 +562,24 @@ def test_cli_main_reports_a_missing_run_dir(tmp_path, capsys):
     assert "--run" in capsys.readouterr().err
     assert main(["serve", "--run", str(tmp_path / "nowhere"), "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+def test_the_schemas_bounds_are_the_ranges_the_library_checks():
+    """The OpenAPI bounds come from ``SAMPLING_RANGES`` and ``TEMPO_RANGE``: what the schema allows, the library
+    allows, and the other way round."""
+    from musicray.request import TEMPO_RANGE
+    from musicray.sampling import SAMPLING_RANGES
+    from musicray.serve.schema import GenerateBody, StageSamplingBody
+
+    def bounds(prop: dict) -> tuple:
+        prop = next((p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"), prop)
+        low = prop.get("exclusiveMinimum", prop.get("minimum"))
+        return low, "exclusiveMinimum" in prop, prop["maximum"]
+
+    for body in (GenerateBody, StageSamplingBody):
+        properties = body.model_json_schema()["properties"]
+        for name, setting in SAMPLING_RANGES.items():
+            assert bounds(properties[name]) == (setting.low, setting.low_open, setting.high), (body, name)
+    assert bounds(GenerateBody.model_json_schema()["properties"]["tempo"]) == (TEMPO_RANGE.low, False,
+                                                                               TEMPO_RANGE.high)
+    assert GenerateBody(form="A2", allow_missing_adapters=True).allow_missing_adapters
