@@ -55,9 +55,11 @@ class StageInput:
 
 
 class StagePlanner:
-    """The model-free half of a stage: prompt, plan and budget before decoding, and after it the check of the
-    answer and its writing into the song. Every engine shares it (``Composer``: musicray's own loop; the vLLM
-    engine of ``musicray.serve``), so they compose from the same prompts under the same grammar."""
+    """The model-free half of a stage: ``begin_stage`` (prepare the song; prompt, plan, budget and seed) before
+    decoding, ``end_stage`` (check the answer, write it into the song, what follows) after it, and which stages a
+    request runs (``stages_for``, ``check_adapters``). Every engine shares it (``Composer``: musicray's own loop;
+    the vLLM engine of ``musicray.serve``) and the evaluation builds its single stages with ``stage_inputs``, so
+    all compose from the same prompts under the same grammar; an engine only decodes."""
 
     def __init__(self, music: MusicTokenizer, grammar: Grammar, adapters: list[str],
                  tokens_per_bar: dict[str, int] | None = None, run_dir: str | Path | None = None):
@@ -128,6 +130,20 @@ class StagePlanner:
         self.prepare_stage(source, task)
         return dataclasses.replace(plan, forced=given_bars(source, task, self.music.vocab, keep, optional))
 
+    def begin_stage(self, songs: list[Song], task: str, requests: list[Request]) -> list[StageInput]:
+        """The first half of a stage, for every engine: prepare each song (``prepare_stage``), then build what its
+        stage decodes from (``stage_inputs``)."""
+        for song in songs:
+            self.prepare_stage(song, task)
+        return self.stage_inputs(songs, task, requests)
+
+    def end_stage(self, song: Song, stage: StageInput, tokens: list[int], request: Request, report: dict) -> dict:
+        """The second half, for every engine: check the answer and write it into the song (``write_stage``), then
+        what follows the stage (``after_stage``); the stage's report."""
+        info = self.write_stage(song, stage, tokens, request.use_mask, report)
+        self.after_stage(song, stage.task, request)
+        return info
+
     def prepare_stage(self, song: Song, task: str) -> None:
         """What a stage needs in the song before it runs (``SubTask.prepare``: dynamics voice the PIANO part)."""
         prepare = subtask(task).prepare
@@ -196,8 +212,8 @@ class Composer(StagePlanner):
                 yield self.model
 
     def run_stage(self, songs: list[Song], task: str, requests: list[Request]) -> list[dict]:
-        """Generate one sub-task's stream for a batch of songs (one decode call) and write it into each song."""
-        stages = self.stage_inputs(songs, task, requests)
+        """One sub-task's stage for a batch of songs: ``begin_stage``, one decode call, ``end_stage`` per song."""
+        stages = self.begin_stage(songs, task, requests)
         use_mask, sampling = requests[0].use_mask, requests[0].sampling_for(task)
         if any(r.use_mask != use_mask or r.sampling_for(task) != sampling for r in requests):
             raise ValueError("one batch shares its sampling settings and mask switch")
@@ -206,8 +222,8 @@ class Composer(StagePlanner):
                            [s.plan for s in stages], [s.budget for s in stages], [s.seed for s in stages],
                            sampling, use_mask=use_mask)
         report = {"seconds": round(out.seconds, 3), "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs)}
-        return [self.write_stage(song, stage, tokens, use_mask, report)
-                for song, stage, tokens in zip(songs, stages, out.tokens)]
+        return [self.end_stage(song, stage, tokens, request, report)
+                for song, stage, tokens, request in zip(songs, stages, out.tokens, requests)]
 
     @torch.no_grad()
     def run_stages(self, songs: list[Song], requests: list[Request], stages: list[list[str]] | None = None,
@@ -255,11 +271,7 @@ class Composer(StagePlanner):
     def _run_group(self, task: str, rows: list[int], songs: list[Song], requests: list[Request],
                    results: list["Composition"], isolate_failures: bool) -> None:
         try:
-            for i in rows:
-                self.prepare_stage(songs[i], task)
             infos = self.run_stage([songs[i] for i in rows], task, [requests[i] for i in rows])
-            for i in rows:
-                self.after_stage(songs[i], task, requests[i])
         except Exception as err:
             if not isolate_failures:
                 raise

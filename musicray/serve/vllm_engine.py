@@ -125,8 +125,7 @@ class VllmStages:
                         bar_events: bool = False) -> AsyncIterator[StageEvent]:
         started = time.perf_counter()
         try:
-            self.planner.prepare_stage(song, task)
-            stage = self.planner.stage_inputs([song], task, [request])[0]
+            stage = self.planner.begin_stage([song], task, [request])[0]
         except Exception as err:
             raise StageFailed(task, err) from err
         yield StageEvent("stage", {"stage": task, "adapter": self.planner.adapter_of(task),
@@ -145,10 +144,9 @@ class VllmStages:
                         yield StageEvent("bar", event)
             music_ids = self.planner.music.from_llm(tokens) if request.use_mask else _until_eot(tokens, self.planner)
             seconds = round(time.perf_counter() - started, 3)
-            info = self.planner.write_stage(song, stage, music_ids, request.use_mask,
-                                            {"seconds": seconds, "mask_seconds": None, "batch": None,
-                                             "first_token_seconds": round(first_token_seconds or seconds, 3)})
-            self.planner.after_stage(song, task, request)
+            info = self.planner.end_stage(song, stage, music_ids, request,
+                                          {"seconds": seconds, "mask_seconds": None, "batch": None,
+                                           "first_token_seconds": round(first_token_seconds or seconds, 3)})
         except StageFailed:
             raise
         except Exception as err:

@@ -583,3 +583,18 @@ def test_the_schemas_bounds_are_the_ranges_the_library_checks():
     assert bounds(GenerateBody.model_json_schema()["properties"]["tempo"]) == (TEMPO_RANGE.low, False,
                                                                                TEMPO_RANGE.high)
     assert GenerateBody(form="A2", allow_missing_adapters=True).allow_missing_adapters
+
+
+def test_a_stage_without_its_adapter_is_a_400_and_a_failing_stage_a_500():
+    """What a stage deployment answers for a song (``_error``) becomes the ingress' status (``_failed``): a stage
+    whose adapter the run lacks was refused by the request's own choice (400), any other failure is the
+    server's (500)."""
+    from musicray.errors import MissingRunPart, SongError
+    from musicray.serve.app import _failed
+    from musicray.serve.stages import _error
+
+    missing = _failed("tempo", _error(MissingRunPart("adapters: no LoRA adapter for tempo in run/adapters"))["error"])
+    assert (missing.stage, missing.status, str(missing)) == ("tempo", 400,
+                                                             "adapters: no LoRA adapter for tempo in run/adapters")
+    failing = _failed("melody", _error(SongError("melody: the unmasked model produced x"))["error"])
+    assert (failing.stage, failing.status) == ("melody", 500) and "the stage failed on this song" in str(failing)
