@@ -60,47 +60,48 @@ def _data_inspect(args: argparse.Namespace) -> None:
     print(render(summarize(args.data_dir), examples=args.songs))
 
 
+# The command line's names of ``request_from_fields``'s fields, for its messages.
+GENERATE_OPTIONS = {"form": "--form", "key": "--key", "metre": "--metre", "tempo": "--tempo", "chords": "--chords",
+                    "melody": "--melody", "given": "--song", "regenerate": "--regenerate",
+                    "regenerate_bars": "--regenerate-bars", "temperature": "--temperature", "top_k": "--top-k",
+                    "top_p": "--top-p", "stage_settings": "--stage-sampling", "variation": "--variation"}
+
+
 def _generate(args: argparse.Namespace) -> None:
-    from musicray.compose import Composer, Request, parse_chords, regenerated_bars
+    from musicray.compose import Composer
     from musicray.midi import read_midi, write_midi
-    from musicray.sampling import Sampling, stage_sampling
+    from musicray.request import request_from_fields
     from musicray.tokens import SUBTASKS
 
-    melody = read_midi(args.melody).tracks["MELODY"] if args.melody else None
-    given = read_midi(args.song) if args.song else None
-    if given and not any(given.tracks.values()):
-        raise SongError(f"--song: {args.song} has no notes in its MELODY, BRIDGE or PIANO tracks")
-    if (args.regenerate or args.regenerate_bars) and not given:
-        raise SongError("--regenerate: infilling rewrites part of a given song; pass it with --song")
-    # A given song brings its own form, key, metre and tempo unless they are set here.
-    form = args.form or (given.form if given else None)
-    if not form:
-        raise SongError("--form: required (or give a --song, whose form is used)")
-    key, metre_name = args.key or (given.key if given else "C:maj"), args.metre or (given.metre if given else "4/4")
-    tempo = args.tempo or (round(given.tempos[0].bpm) if given and given.tempos else 100)
-    chords = parse_chords(args.chords.read_text() if args.chords.exists() else str(args.chords), form,
-                          metre_name) if args.chords else None
-    regenerate = regenerated_bars(form, args.regenerate, args.regenerate_bars) \
-        if args.regenerate or args.regenerate_bars else None
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    per_stage = stage_sampling(_stage_settings(args.stage_sampling), sampling, "--stage-sampling")
-    request = Request(form, key, metre_name, tempo, args.seed,
-                      chords or (given.chords if given else None), melody or (given.tracks["MELODY"] if given else None),
-                      tuple(args.stages), sampling, not args.no_mask,
-                      bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
-                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None,
-                      stage_sampling=per_stage or None, variation=args.variation)
+    chords = args.chords.read_text() if args.chords and args.chords.exists() else \
+        (str(args.chords) if args.chords else None)
+    request = request_from_fields(
+        args.form, args.key, args.metre, args.tempo, args.seed, chords,
+        melody=read_midi(args.melody).tracks["MELODY"] if args.melody else None,
+        given=read_midi(args.song) if args.song else None, regenerate=args.regenerate,
+        regenerate_bars=args.regenerate_bars, stages=args.stages, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, stage_settings=_stage_settings(args.stage_sampling), use_mask=not args.no_mask,
+        allow_missing_adapters=args.no_adapters or args.allow_missing_adapters, variation=args.variation,
+        names=GENERATE_OPTIONS)
+    adapters = () if args.no_adapters else SUBTASKS
     if args.stream:
         from musicray.serve.streaming import compose_streaming
 
-        song, report = compose_streaming(args.run, request, adapters=() if args.no_adapters else SUBTASKS)
+        song, report = compose_streaming(args.run, request, adapters=adapters)
     else:
-        song, report = Composer(args.run, adapters=() if args.no_adapters else SUBTASKS).compose(request)
+        song, report = Composer(args.run, adapters=adapters).compose(request)
     write_midi(song, args.out, instruments=dict(args.instrument))
     report_path = args.out.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1))
-    stages = ", ".join(f"{task} {info['new_tokens']} tokens {info['seconds']}s" for task, info in report["stages"].items())
-    print(f"wrote {args.out} ({song.n_bars} bars, form {song.form}; {stages}) and {report_path}")
+    print(f"wrote {args.out} ({song.n_bars} bars, form {song.form}; {_stage_summary(report['stages'])}) and "
+          f"{report_path}")
+
+
+def _stage_summary(stages: dict[str, dict]) -> str:
+    """Each stage's tokens and seconds; a stage that ran without its adapter says so."""
+    return ", ".join(f"{task} {info['new_tokens']} tokens {info['seconds']}s"
+                     f"{'' if info.get('adapter') else ' (no adapter: stage-1 model alone)'}"
+                     for task, info in stages.items())
 
 
 # Set by Ray's job supervisor for every job driver (it carries the job's runtime_env).
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_sampling_option(gen, "instead of --temperature/--top-k/--top-p")
     gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
+    gen.add_argument("--allow-missing-adapters", action="store_true",
+                     help="run a stage whose adapter the run lacks on the stage-1 model alone (refused otherwise)")
     gen.add_argument("--stream", action="store_true",
                      help="compose on the vLLM engine and print each bar as it is generated (needs vllm)")
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")

@@ -8,174 +8,37 @@ stage and the chord stage writes chords for it (the chord task's optional melody
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from musicray.accompaniment import voice_piano  # also read as musicray.compose.voice_piano
 from musicray.decode import generate
-from musicray.encoding import (
-    TASK_TARGET, available_inputs, bar_contents, base_tempo, decode_body, decode_header, encode, given_bars,
-    quantized, task_inputs,
-)
+from musicray.encoding import available_inputs, decode_body, encode, given_bars, task_inputs
+from musicray.errors import MissingRunPart
 from musicray.grammar import Grammar, Plan
-from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
 from musicray.model import MusicTokenizer, load_music_model
+from musicray.request import Request, parse_chords, regenerated_bars  # noqa: F401 (read as compose's too)
 from musicray.run import RunDir
-from musicray.sampling import Sampling
-from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, form_returns, metre, parse_form
+from musicray.song import Song, SongError
+from musicray.tasks import SUBTASK_RECORDS, subtask
 from musicray.tokens import SUBTASKS
 
-# Tokens a stage may emit per bar at most (beyond the form's minimum): caps runaway generations while leaving
-# room for dense bars. Dynamics and tempo are fully determined by the form and the notes.
-TOKENS_PER_BAR: dict[str, int] = {"chord": 24, "melody": 96, "secondary": 96, "dynamics": 0, "tempo": 0}
-NEUTRAL_VELOCITY = 82
-# The stages whose returning bars may repeat the first occurrence's (``Request.variation``): chords, melodies,
-# and the velocities of a returning bar whose notes are those of its first occurrence.
-RETURNING_STAGES: tuple[str, ...] = ("chord", "melody", "secondary", "dynamics")
+# Each stage's token cap per bar (``SubTask.tokens_per_bar``); a planner's ``tokens_per_bar`` overrides it.
+TOKENS_PER_BAR: dict[str, int] = {name: task.tokens_per_bar for name, task in SUBTASK_RECORDS.items()}
 
 
-@dataclass
-class Request:
-    form: str
-    key: str = "C:maj"
-    metre: str = "4/4"
-    tempo: int = 100
-    seed: int = 0
-    chords: list[Chord] | None = None
-    melody: list[Note] | None = None
-    stages: tuple[str, ...] = SUBTASKS
-    sampling: Sampling = field(default_factory=Sampling)
-    use_mask: bool = True
-    bridge: list[Note] | None = None  # a given secondary melody (BRIDGE) replaces the secondary stage
-    piano: list[Note] | None = None   # a given accompaniment is performed as it is instead of the voiced chords
-    # Infilling: the bars (0-based) that ``stages`` write anew; every other bar of those stages keeps what the
-    # request gives (chords, melody, bridge, piano, tempo), token for token. None: compose as usual.
-    regenerate: tuple[int, ...] | None = None
-    tempos: list[Tempo] | None = None  # a given tempo map (kept outside the regenerated bars)
-    # Sampling settings of single stages instead of ``sampling`` (e.g. a cooler melody over livelier dynamics).
-    stage_sampling: dict[str, Sampling] | None = None
-    # How much a returning section varies its first occurrence: each returning bar repeats the first occurrence's
-    # bar (chords, melodies, and velocities where the notes are the same) with probability 1 - variation; 0 =
-    # every return repeats, 1 = every return is written anew. None: the model alone decides.
-    variation: float | None = None
+class StageFailed(Exception):
+    """A stage could not be composed (the engine refused it, its answer failed the check, or its deployment is
+    gone): ``stage`` names it, ``error`` is the cause, ``status`` the HTTP status that reports it."""
 
-    def sampling_for(self, stage: str) -> Sampling:
-        """How ``stage``'s tokens are drawn: its own settings where ``stage_sampling`` has them, else ``sampling``."""
-        return (self.stage_sampling or {}).get(stage, self.sampling)
-
-    def song(self) -> Song:
-        """The song the request describes, empty but for what it gives (validated: form, key, metre, tempo)."""
-        sections = parse_form(self.form)
-        spec = metre(self.metre)
-        if not 20 <= float(self.tempo) <= 300:
-            raise SongError(f"tempo: {self.tempo} bpm is outside 20..300")
-        try:
-            key = canonical_key(self.key)
-        except SongError as err:
-            raise SongError(f"key: {err}") from None
-        song = Song("generated", key, spec.name, sections, chords=list(self.chords or []),
-                    tracks={name: [] for name in TRACKS},
-                    tempos=[t for t in self.tempos if t.bar < sum(s.bars for s in sections)] if self.tempos
-                    else [Tempo(0, 0, float(self.tempo))])
-        for name, notes in (("MELODY", self.melody), ("BRIDGE", self.bridge), ("PIANO", self.piano)):
-            if notes:
-                song.tracks[name] = [song.inside_form(n) for n in sorted(notes) if n.bar < song.n_bars]
-        for field_name, names in (("stages", self.stages), ("stage_sampling", self.stage_sampling or {})):
-            unknown = set(names) - set(SUBTASKS)
-            if unknown:
-                raise SongError(f"{field_name}: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
-        if self.variation is not None and not 0 <= float(self.variation) <= 1:
-            raise SongError(f"variation: {self.variation} is outside 0..1")
-        if self.regenerate is not None:
-            outside = sorted(b for b in self.regenerate if not 0 <= b < song.n_bars)
-            if outside or not self.regenerate:
-                raise SongError(f"regenerate: bars {[b + 1 for b in outside] or '(none)'} are not bars of the form "
-                                f"{song.form} (1..{song.n_bars})")
-        song.check()
-        return song
-
-    def returns(self) -> list[tuple[int, int]]:
-        """(bar, first occurrence's bar), 0-based: the returning bars that repeat their first occurrence under
-        ``variation``, the same draw for every stage (a repeated melody bar sits on its repeated chords)."""
-        if self.variation is None:
-            return []
-        draw = random.Random(f"returns-{self.seed}")
-        return [(bar, source) for bar, source in form_returns(parse_form(self.form))
-                if draw.random() >= self.variation]
-
-
-def parse_chords(text: str, form: str, metre_name: str) -> list[Chord]:
-    """Chords from text: one entry per bar, cycled over the form's bars; ``C:maj,G:maj`` splits a bar evenly."""
-    bars = sum(s.bars for s in parse_form(form))
-    spec = metre(metre_name)
-    entries = text.split()
-    if not entries:
-        raise SongError("chords: no chord given")
-    chords = []
-    for bar in range(bars):
-        labels = entries[bar % len(entries)].split(",")
-        for k, label in enumerate(labels):
-            position = (k * spec.beats_per_bar // len(labels)) * spec.positions_per_beat
-            try:
-                chords.append(Chord(bar, position, canonical_chord(label)))
-            except SongError as err:
-                raise SongError(f"chords: bar {bar + 1}: {err}") from None
-    return chords
-
-
-def regenerated_bars(form: str, labels: str | None = None, bars: str | None = None) -> tuple[int, ...]:
-    """The bars (0-based) to write anew: every bar of the sections whose label is in ``labels`` (e.g. ``B`` or
-    ``A,B``) and the 1-based inclusive ranges of ``bars`` (e.g. ``9-16`` or ``1-4,9``)."""
-    sections = parse_form(form)
-    chosen: set[int] = set()
-    if labels:
-        wanted = {label.strip() for label in labels.split(",") if label.strip()}
-        missing = wanted - {s.label for s in sections}
-        if missing:
-            raise SongError(f"regenerate: the form {form} has no section labelled {', '.join(sorted(missing))}")
-        start = 0
-        for section in sections:
-            if section.label in wanted:
-                chosen.update(range(start, start + section.bars))
-            start += section.bars
-    if bars:
-        n_bars = sum(s.bars for s in sections)
-        for part in bars.split(","):
-            first, _, last = part.strip().partition("-")
-            try:
-                low, high = int(first), int(last or first)
-            except ValueError:
-                raise SongError(f"regenerate-bars: cannot read {part!r}; expected e.g. 9-16 or 1-4,9") from None
-            if not 1 <= low <= high <= n_bars:
-                raise SongError(f"regenerate-bars: {part.strip()} is not a range of bars in 1..{n_bars}")
-            chosen.update(range(low - 1, high))
-    if not chosen:
-        raise SongError("regenerate: no bar chosen (give section labels or bar ranges)")
-    return tuple(sorted(chosen))
-
-
-def voice_piano(song: Song, velocity: int = NEUTRAL_VELOCITY) -> list[Note]:
-    """A simple accompaniment: at every chord change, the bass note (octave 2-3) and a close triad above C4."""
-    spec = song.spec
-    changes = sorted(song.chords)
-    notes = []
-    for i, chord in enumerate(changes):
-        tones = chord_pitch_classes(chord.label)
-        if not tones:
-            continue
-        start = chord.bar * spec.positions_per_bar + chord.position
-        end = (changes[i + 1].bar * spec.positions_per_bar + changes[i + 1].position) if i + 1 < len(changes) \
-            else song.n_bars * spec.positions_per_bar
-        duration = max(1, min(end - start, 64))
-        bass = 36 + chord_bass_pitch_class(chord.label)
-        upper = sorted({60 + (pc - 60) % 12 for pc in tones})
-        for pitch in [bass, *upper]:
-            notes.append(Note(chord.bar, chord.position, pitch, duration, velocity))
-    return sorted(set(notes))
+    def __init__(self, stage: str, error: BaseException | str, status: int = 500):
+        super().__init__(error if isinstance(error, str) else f"{stage}: {type(error).__name__}: {error}")
+        self.stage, self.error, self.status = stage, error, status
 
 
 @dataclass
@@ -192,19 +55,40 @@ class StageInput:
 
 
 class StagePlanner:
-    """The model-free half of a stage: prompt, plan and budget before decoding, and after it the check of the
-    answer and its writing into the song. Every engine shares it (``Composer``: musicray's own loop; the vLLM
-    engine of ``musicray.serve``), so they compose from the same prompts under the same grammar."""
+    """The model-free half of a stage: ``begin_stage`` (prepare the song; prompt, plan, budget and seed) before
+    decoding, ``end_stage`` (check the answer, write it into the song, what follows) after it, and which stages a
+    request runs (``stages_for``, ``check_adapters``). Every engine shares it (``Composer``: musicray's own loop;
+    the vLLM engine of ``musicray.serve``) and the evaluation builds its single stages with ``stage_inputs``, so
+    all compose from the same prompts under the same grammar; an engine only decodes."""
 
     def __init__(self, music: MusicTokenizer, grammar: Grammar, adapters: list[str],
-                 tokens_per_bar: dict[str, int] | None = None):
+                 tokens_per_bar: dict[str, int] | None = None, run_dir: str | Path | None = None):
+        """``adapters``: the sub-tasks whose adapter the engine holds; ``run_dir`` is named when one is missing."""
         self.music, self.grammar, self.adapters = music, grammar, list(adapters)
         self.tokens_per_bar = {**TOKENS_PER_BAR, **(tokens_per_bar or {})}
+        self.run_dir = run_dir
 
-    def stage_inputs(self, songs: list[Song], task: str, requests: list[Request]) -> list[StageInput]:
+    def check_adapters(self, tasks: list[str], request: Request) -> None:
+        """Refuse (``MissingRunPart`` naming the sub-tasks and the run dir) to run a stage without its adapter,
+        unless the request allows it (``allow_missing_adapters``; ``--no-adapters`` sets it): a stage on the
+        stage-1 model alone is another model, and its report's ``"adapter": null`` is easy to miss."""
+        missing = [task for task in tasks if self.adapter_of(task) is None]
+        if missing and not request.allow_missing_adapters:
+            where = f"{self.run_dir}/adapters" if self.run_dir is not None else "this engine"
+            raise MissingRunPart(
+                f"adapters: no LoRA adapter for {', '.join(missing)} in {where}; train them (musicray tune), or "
+                "run those stages on the stage-1 model alone with --allow-missing-adapters (HTTP: "
+                "allow_missing_adapters) or every stage with --no-adapters")
+
+    def stage_inputs(self, songs: list[Song], task: str, requests: list[Request],
+                     optional: list[tuple[str, ...]] | None = None) -> list[StageInput]:
+        """Each song's ``task`` stage as the composer runs it for its request: prompt, plan, budget and seed (the
+        one place they are computed). The prompt carries the task's optional inputs the song has, or the given
+        ``optional`` ones per song (the evaluation asks for a real song's stage without them)."""
         vocab = self.music.vocab
-        stream = TASK_TARGET[task]
-        optional = [available_inputs(song, task) for song in songs]
+        stream = subtask(task).target
+        if optional is None:
+            optional = [available_inputs(song, task) for song in songs]
         examples = [encode(song, task, vocab, given) for song, given in zip(songs, optional)]
         plans = [self._plan(example, song, task, request, given)
                  for example, song, request, given in zip(examples, songs, requests, optional)]
@@ -222,7 +106,7 @@ class StagePlanner:
         errors = self.grammar.validate(tokens, stage.stream, stage.plan)
         info = {"tokens": vocab.describe(tokens), "new_tokens": len(tokens), "prompt_tokens": len(stage.prompt),
                 "inputs": list(task_inputs(stage.task, stage.optional)), **report,
-                "adapter": stage.task if stage.task in self.adapters else None, "grammar_errors": len(errors)}
+                "adapter": self.adapter_of(stage.task), "grammar_errors": len(errors)}
         if errors:
             if use_mask:
                 raise AssertionError(f"{stage.task}: masked decoding produced {errors[:2]}")
@@ -234,10 +118,11 @@ class StagePlanner:
         """The grammar plan of a stage: the prompt's form and quotas, the bars it keeps given (infilling; the
         tempo stage's first bar), and the returning bars that repeat their first occurrence."""
         plan = Plan.from_prompt(example.prompt, self.music.vocab)
+        forced: tuple = ()
         if request.regenerate is None:
-            forced: tuple = ()
-            if task == "tempo":   # the requested tempo is where the song starts; the model writes how it moves on
-                forced = ((1, (self.music.vocab.token("Tempo", base_tempo(song, self.music.vocab)),)),)
+            first_bar = subtask(task).forced_first_bar
+            if first_bar is not None:
+                forced = ((1, first_bar(song, self.music.vocab)),)
         else:
             keep = [bar for bar in range(song.n_bars) if bar not in set(request.regenerate)]
             # The kept bars come from the request as given: earlier stages may have changed what they did not
@@ -245,47 +130,53 @@ class StagePlanner:
             source = request.song()
             self.prepare_stage(source, task)
             forced = given_bars(source, task, self.music.vocab, keep, optional)
-        return dataclasses.replace(plan, forced=forced, copies=self._copies(example, task, request, forced))
-
-    def _copies(self, example, task: str, request: Request, forced: tuple) -> tuple[tuple[int, int], ...]:
-        """The plan's copied bars (from 1): the request's returns that this stage writes (not given bars); the
-        dynamics stage copies the velocities of a bar whose notes are its source's."""
-        if task not in RETURNING_STAGES:
-            return ()
+        returns = subtask(task).returns
         given = {bar for bar, _ in forced}
         copies = [(bar + 1, source + 1) for bar, source in request.returns() if bar + 1 not in given]
-        if task == "dynamics":   # velocities go by note order: the same onsets and pitches (durations aside:
-            # the accompaniment's last chord lasts into whatever follows) take the same velocities
-            vocab = self.music.vocab
-            notes = [[t for t in content if vocab.family[t] != "Dur"] for content in
-                     bar_contents(decode_header(example.prompt, vocab).inputs.get("notes", []), vocab)]
-            copies = [(bar, source) for bar, source in copies if notes[bar - 1] == notes[source - 1]]
-        return tuple(copies)
+        copies = returns(copies, example.prompt, self.music.vocab) if returns is not None and copies else []
+        return dataclasses.replace(plan, forced=forced, copies=tuple(copies))
+
+    def begin_stage(self, songs: list[Song], task: str, requests: list[Request]) -> list[StageInput]:
+        """The first half of a stage, for every engine: prepare each song (``prepare_stage``), then build what its
+        stage decodes from (``stage_inputs``)."""
+        for song in songs:
+            self.prepare_stage(song, task)
+        return self.stage_inputs(songs, task, requests)
+
+    def end_stage(self, song: Song, stage: StageInput, tokens: list[int], request: Request, report: dict) -> dict:
+        """The second half, for every engine: check the answer and write it into the song (``write_stage``), then
+        what follows the stage (``after_stage``); the stage's report."""
+        info = self.write_stage(song, stage, tokens, request.use_mask, report)
+        self.after_stage(song, stage.task, request)
+        return info
 
     def prepare_stage(self, song: Song, task: str) -> None:
-        """What a stage needs before it runs: dynamics perform the PIANO part too, so voice it first, and give
-        velocities to the notes as the prompt writes them (canonical: one per onset and pitch, inside the form)."""
-        if task == "dynamics":
-            if not song.tracks["PIANO"] and song.chords:
-                song.tracks["PIANO"] = voice_piano(song)
-            song.tracks = quantized(song, self.music.vocab).tracks
+        """What a stage needs in the song before it runs (``SubTask.prepare``: dynamics voice the PIANO part)."""
+        prepare = subtask(task).prepare
+        if prepare is not None:
+            prepare(song, self.music.vocab)
 
     @staticmethod
     def after_stage(song: Song, task: str, request: Request) -> None:
-        """What follows a stage: when infilling rewrote chords, the given accompaniment of the rewritten bars is
-        voiced anew from them (it was written for the old chords)."""
-        if task == "chord" and request.regenerate is not None and song.tracks["PIANO"]:
-            span = set(request.regenerate)
-            song.tracks["PIANO"] = sorted([n for n in song.tracks["PIANO"] if n.bar not in span] +
-                                          [n for n in voice_piano(song) if n.bar in span])
+        """What follows a stage that rewrote bars of a given song (``SubTask.after_infilling``: rewritten chords
+        re-voice the given accompaniment of those bars, which was written for the old chords)."""
+        after = subtask(task).after_infilling
+        if after is not None and request.regenerate is not None:
+            after(song, tuple(request.regenerate))
+
+    def adapter_of(self, task: str) -> str | None:
+        """The LoRA adapter ``task`` runs under here, or None where it runs on the stage-1 model alone."""
+        adapter = subtask(task).adapter
+        return adapter if adapter in self.adapters else None
 
     @staticmethod
     def stages_for(request: Request) -> list[str]:
-        """The stages a request runs, in order; given chords, melody or secondary melody replace their stage."""
+        """The stages a request runs, in order; a part the request gives (``SubTask.given_by``: chords, melody,
+        secondary melody) replaces its stage."""
         if request.regenerate is not None:   # infilling rewrites the chosen bars of every requested stage
             return [task for task in SUBTASKS if task in request.stages]
-        given = {"chord": bool(request.chords), "melody": bool(request.melody), "secondary": bool(request.bridge)}
-        return [task for task in SUBTASKS if task in request.stages and not given.get(task)]
+        return [task for task, record in SUBTASK_RECORDS.items() if task in request.stages
+                and not (record.given_by and getattr(request, record.given_by))]
 
 
 class Composer(StagePlanner):
@@ -294,45 +185,52 @@ class Composer(StagePlanner):
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", adapters: tuple[str, ...] = SUBTASKS,
                  tokens_per_bar: dict[str, int] | None = None):
-        """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a sub-task without
-        one runs on the stage-1 model alone); ``tokens_per_bar`` overrides the per-stage token caps."""
+        """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a stage whose adapter is
+        missing is refused unless its request allows it: ``check_adapters``); ``tokens_per_bar`` overrides the
+        per-stage token caps."""
         run = RunDir(run_dir)
         model, music = load_music_model(run.require("stage-1 model"))
         found: list[str] = []
-        for subtask in run.adapters_present(adapters):
+        for name in run.adapters_present(adapters):
             from peft import PeftModel
 
-            path = run.adapter(subtask)
+            path = run.adapter(name)
             if not found:
-                model = PeftModel.from_pretrained(model, path, adapter_name=subtask)
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
             else:
-                model.load_adapter(path, adapter_name=subtask)
-            found.append(subtask)
+                model.load_adapter(path, adapter_name=name)
+            found.append(name)
         self.model = model.to(device).eval()
-        super().__init__(music, Grammar(music.vocab, device), found, tokens_per_bar)
+        super().__init__(music, Grammar(music.vocab, device), found, tokens_per_bar, run.root)
 
-    def _use_adapter(self, subtask: str):
+    @contextlib.contextmanager
+    def use_adapter(self, task: str | None):
+        """The model as it runs ``task``: under the task's LoRA adapter where this composer holds it, on the
+        stage-1 model alone where it does not or ``task`` is None (PEFT's ``disable_adapter``)."""
+        adapter = self.adapter_of(task) if task is not None else None
         if not self.adapters:
-            return _no_adapter()
-        if subtask in self.adapters:
-            self.model.set_adapter(subtask)
-            return _no_adapter()
-        return self.model.disable_adapter()
+            yield self.model
+        elif adapter is not None:
+            self.model.set_adapter(adapter)
+            yield self.model
+        else:
+            with self.model.disable_adapter():
+                yield self.model
 
     def run_stage(self, songs: list[Song], task: str, requests: list[Request]) -> list[dict]:
-        """Generate one sub-task's stream for a batch of songs (one decode call) and write it into each song."""
-        stages = self.stage_inputs(songs, task, requests)
+        """One sub-task's stage for a batch of songs: ``begin_stage``, one decode call, ``end_stage`` per song."""
+        stages = self.begin_stage(songs, task, requests)
         use_mask, sampling = requests[0].use_mask, requests[0].sampling_for(task)
         if any(r.use_mask != use_mask or r.sampling_for(task) != sampling for r in requests):
             raise ValueError("one batch shares its sampling settings and mask switch")
-        with self._use_adapter(task):
+        with self.use_adapter(task):
             out = generate(self.model, self.music, self.grammar, [s.prompt for s in stages], [s.stream for s in stages],
                            [s.plan for s in stages], [s.budget for s in stages], [s.seed for s in stages],
                            sampling, use_mask=use_mask)
         report = {"seconds": round(out.seconds, 3), "mask_seconds": round(out.mask_seconds, 3), "batch": len(songs),
                   "forward_calls": out.forward_calls}
-        return [self.write_stage(song, stage, tokens, use_mask, report)
-                for song, stage, tokens in zip(songs, stages, out.tokens)]
+        return [self.end_stage(song, stage, tokens, request, report)
+                for song, stage, tokens, request in zip(songs, stages, out.tokens, requests)]
 
     @torch.no_grad()
     def run_stages(self, songs: list[Song], requests: list[Request], stages: list[list[str]] | None = None,
@@ -344,6 +242,13 @@ class Composer(StagePlanner):
         song so that only the songs at fault stop (their ``Composition`` says where and why)."""
         to_run = stages if stages is not None else [self.stages_for(request) for request in requests]
         results = [Composition(song) for song in songs]
+        for result, tasks, request in zip(results, to_run, requests):
+            try:
+                self.check_adapters(tasks, request)
+            except MissingRunPart as err:
+                if not isolate_failures:
+                    raise
+                result.failed_stage, result.error = next(t for t in tasks if self.adapter_of(t) is None), err
         for task in SUBTASKS:
             rows = [i for i, tasks in enumerate(to_run) if task in tasks and results[i].failed_stage is None]
             if not rows:
@@ -373,11 +278,7 @@ class Composer(StagePlanner):
     def _run_group(self, task: str, rows: list[int], songs: list[Song], requests: list[Request],
                    results: list["Composition"], isolate_failures: bool) -> None:
         try:
-            for i in rows:
-                self.prepare_stage(songs[i], task)
             infos = self.run_stage([songs[i] for i in rows], task, [requests[i] for i in rows])
-            for i in rows:
-                self.after_stage(songs[i], task, requests[i])
         except Exception as err:
             if not isolate_failures:
                 raise
@@ -415,10 +316,3 @@ def finish(song: Song) -> None:
         song.tracks["PIANO"] = voice_piano(song)
     song.check()
 
-
-class _no_adapter:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

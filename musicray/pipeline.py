@@ -43,7 +43,8 @@ def run_pipeline(config_path: Path, run_dir: Path, overrides: list[str] | None =
                  resume: bool = False, force: bool = False, verbose: bool = False) -> dict:
     """Every stage into ``run_dir``; a training stage already there is kept when its saved config hash equals the
     requested one, and otherwise refused unless ``resume`` or ``force`` says what to do (``musicray.rerun``)."""
-    from musicray.compose import Composer, Request
+    from musicray.compose import Composer
+    from musicray.request import Request
     from musicray.data.prepare import ensure_ray
     from musicray.eval.report import evaluate_run
     from musicray.midi import write_midi

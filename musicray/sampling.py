@@ -14,12 +14,56 @@ from musicray.tokens import SUBTASKS
 
 
 @dataclass(frozen=True)
+class SettingRange:
+    """The values a number setting accepts: its type and bounds, written once for every reader (the command
+    line's and HTTP's checks, the pydantic schema's bounds, the messages)."""
+
+    kind: type            # int: a whole number
+    low: float
+    high: float
+    low_open: bool = False   # True: ``low`` itself is refused
+    text: str = ""           # the range in words, for messages
+    help: str = ""           # what the setting's special values mean, for help texts and the API schema
+
+    def contains(self, value) -> bool:
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+    def schema_bounds(self) -> dict:
+        """The bounds as pydantic ``Field`` arguments (``gt``/``ge``, ``le``)."""
+        return {"gt" if self.low_open else "ge": self.kind(self.low), "le": self.kind(self.high)}
+
+    def checked(self, value, field: str):
+        """``value`` (a number, or text as from a command line) typed and in range; ``SongError`` naming ``field``
+        otherwise."""
+        try:
+            number = self.kind(float(value))
+        except (TypeError, ValueError, OverflowError):
+            raise SongError(f"{field}: {value!r} is not a number") from None
+        if number != float(value) or not self.contains(number):
+            raise SongError(f"{field}: {value!r} is not {self.text}")
+        return number
+
+
+# Each sampling setting's range (also the HTTP schema's bounds, generated from it).
+SAMPLING_RANGES: dict[str, SettingRange] = {
+    "temperature": SettingRange(float, 0.0, 10.0, text="0..10 (0 = greedy)", help="0 = greedy"),
+    "top_k": SettingRange(int, 0, 100000, text="a whole number 0..100000 (0 = no cut)", help="0 = no top-k cut"),
+    "top_p": SettingRange(float, 0.0, 1.0, low_open=True, text="above 0, at most 1 (1 = no cut)",
+                          help="1 = no nucleus cut")}
+
+
+@dataclass(frozen=True)
 class Sampling:
-    """How the next token is drawn from the (masked) distribution."""
+    """How the next token is drawn from the (masked) distribution. Checked when made: a value out of
+    ``SAMPLING_RANGES`` raises ``SongError`` naming the setting."""
 
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0            # 0 means no top-k cut
     top_p: float = 1.0        # 1 means no nucleus cut
+
+    def __post_init__(self):
+        for name, setting in SAMPLING_RANGES.items():
+            object.__setattr__(self, name, setting.checked(getattr(self, name), name))
 
     def warp(self, scores):
         """``scores`` ([batch, vocab] logits) with the temperature, top-k and top-p applied, in that order."""
@@ -32,13 +76,6 @@ class Sampling:
         if self.top_p < 1.0:
             scores = TopPLogitsWarper(self.top_p)(None, scores)
         return scores
-
-
-# Each sampling setting: its type, whether a value is in range, and the range in words (as the HTTP schema's).
-SAMPLING_RANGES: dict[str, tuple[type, object, str]] = {
-    "temperature": (float, lambda v: 0.0 <= v <= 10.0, "0..10 (0 = greedy)"),
-    "top_k": (int, lambda v: 0 <= v <= 100000, "a whole number 0..100000 (0 = no cut)"),
-    "top_p": (float, lambda v: 0.0 < v <= 1.0, "above 0, at most 1 (1 = no cut)")}
 
 
 def checked_settings(settings: dict, field: str) -> dict[str, dict[str, float | int]]:
@@ -54,14 +91,7 @@ def checked_settings(settings: dict, field: str) -> dict[str, dict[str, float | 
         for name, value in values.items():
             if name not in SAMPLING_RANGES:
                 raise SongError(f"{field}: {stage}: unknown setting {name!r}; known: {', '.join(SAMPLING_RANGES)}")
-            kind, in_range, text = SAMPLING_RANGES[name]
-            try:
-                number = kind(float(value))
-            except (TypeError, ValueError, OverflowError):
-                raise SongError(f"{field}: {stage}.{name}: {value!r} is not a number") from None
-            if number != float(value) or not in_range(number):
-                raise SongError(f"{field}: {stage}.{name}: {value!r} is not {text}")
-            checked[stage][name] = number
+            checked[stage][name] = SAMPLING_RANGES[name].checked(value, f"{field}: {stage}.{name}")
     return checked
 
 

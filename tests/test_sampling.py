@@ -41,3 +41,22 @@ def test_settings_from_text_are_typed():
 def test_wrong_settings_name_the_field(settings, message):
     with pytest.raises(SongError, match=r"^--stage-sampling: .*" + message.replace(".", r"\.").replace("(", r"\(")):
         stage_sampling(settings, BASE, "--stage-sampling")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temperature": -1}, "temperature: -1 is not 0..10"),
+    ({"temperature": 11.0}, "temperature: 11.0 is not 0..10"),
+    ({"top_k": -3}, "top_k: -3 is not a whole number"),
+    ({"top_k": 2.5}, "top_k: 2.5 is not a whole number"),
+    ({"top_p": 0.0}, "top_p: 0.0 is not above 0"),
+    ({"top_p": "x"}, "top_p: 'x' is not a number"),
+])
+def test_sampling_refuses_a_setting_out_of_range_naming_it(kwargs, message):
+    with pytest.raises(SongError, match="^" + message.replace(".", r"\.")):
+        Sampling(**kwargs)
+
+
+def test_sampling_types_its_settings():
+    sampling = Sampling(temperature=1, top_k=3.0, top_p=1)
+    assert (type(sampling.temperature), type(sampling.top_k), type(sampling.top_p)) == (float, int, float)
+    assert sampling == Sampling(1.0, 3, 1.0)

@@ -7,7 +7,7 @@ tempo and its songs are compared with the real windows.
 
 Two kinds of generation:
 
-* whole songs (``compose_batch``, ``compose_each``): the five stages chained as ``Composer.compose`` chains them;
+* whole songs (``compose_batch``, ``compose_each``): ``Composer.run_stages``, the stage loop ``Composer.compose`` runs;
   masked decoding runs the whole batch through each stage in one decode call, unmasked decoding one song at a
   time, since an ungrammatical stream ends that song (``SongError``), which is counted, not raised;
 * single stages from the real window's inputs (``stage_streams``): the stage's prompt carries the real song's
@@ -17,7 +17,6 @@ Two kinds of generation:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from musicray.compose import Composer, Request
+from musicray.compose import Composer
 from musicray.data.prepare import load_table
 from musicray.decode import generate
-from musicray.encoding import TASK_TARGET, base_tempo, encode, section_windows
+from musicray.encoding import base_tempo, section_windows
 from musicray.grammar import GrammarError, Plan
+from musicray.request import Request
 from musicray.sampling import Sampling
 from musicray.song import Section, Song, SongError, form_returns, song_from_dict
-from musicray.tokens import SUBTASKS, Vocabulary
+from musicray.tokens import Vocabulary
 
 TEST_SPLIT = "test"
 
@@ -116,26 +116,15 @@ def eval_windows(songs: list[Song], count: int, max_bars: int, vocab: Vocabulary
         if found is None:
             continue
         window, cut = found
+        # A run is evaluated as it is: a stage without its adapter runs on the stage-1 model alone (the report
+        # notes which sub-tasks lack one).
         request = Request(window.form, window.key, window.metre, base_tempo(window, vocab), seed=seed + len(windows),
-                          stage_sampling=stage_sampling or None, variation=variation)
+                          stage_sampling=stage_sampling or None, allow_missing_adapters=True,
+                          variation=variation)
         windows.append(Window(window, request, song.song_id, cut))
     if not windows:
         raise SongError("test split: no test song has a melody to compare generated songs with")
     return windows
-
-
-@contextlib.contextmanager
-def adapter_for(composer: Composer, task: str | None):
-    """The composer's model as it runs ``task``: under the task's LoRA adapter where there is one, the stage-1
-    model alone where there is none or ``task`` is None (PEFT's ``disable_adapter``)."""
-    if not composer.adapters:
-        yield
-    elif task in composer.adapters:
-        composer.model.set_adapter(task)
-        yield
-    else:
-        with composer.model.disable_adapter():
-            yield
 
 
 # -- whole songs ---------------------------------------------------------------------------------------------
@@ -191,20 +180,19 @@ class StageStream:
 @torch.no_grad()
 def stage_streams(composer: Composer, windows: list[Window], task: str, use_mask: bool, adapters: bool = True,
                   sampling: Sampling | None = None) -> list[StageStream]:
-    """One stage for every window in one decode call, its prompt built from the real window (``encode``), the
-    raw output kept and validated. Budgets and seeds are the composer's (``Composer.run_stage``); ``sampling``
-    defaults to the windows' requests' setting for ``task``."""
+    """One stage for every window in one decode call, its prompt built from the real window (the task's own
+    inputs only, as a composed song's stage reads them), the raw output kept and validated. Prompts, plans,
+    budgets and seeds are the composer's own (``StagePlanner.stage_inputs``: the tempo stage starts at the
+    window's tempo as a composed song does); ``sampling`` defaults to the windows' requests' setting for ``task``;
+    without ``adapters`` the stage runs on the stage-1 model alone."""
     music, grammar = composer.music, composer.grammar
-    stream = TASK_TARGET[task]
-    examples = [encode(w.song, task, music.vocab) for w in windows]
-    plans = [Plan.from_prompt(example.prompt, music.vocab) for example in examples]
-    minimum = grammar.tokens_to_finish(grammar.start([stream] * len(plans), plans)).tolist()
-    budgets = [m + composer.tokens_per_bar[task] * plan.n_bars for m, plan in zip(minimum, plans)]
-    seeds = [w.request.seed * 1009 + SUBTASKS.index(task) for w in windows]
-    with adapter_for(composer, task if adapters else None):
-        out = generate(composer.model, music, grammar, [music.prompt_ids(e) for e in examples], [stream] * len(plans),
-                       plans, budgets, seeds, sampling or windows[0].request.sampling_for(task), use_mask=use_mask)
+    stages = composer.stage_inputs([w.song for w in windows], task, [w.request for w in windows],
+                                   optional=[()] * len(windows))
+    with composer.use_adapter(task if adapters else None):
+        out = generate(composer.model, music, grammar, [s.prompt for s in stages], [s.stream for s in stages],
+                       [s.plan for s in stages], [s.budget for s in stages], [s.seed for s in stages],
+                       sampling or windows[0].request.sampling_for(task), use_mask=use_mask)
     tokens = out.tokens if use_mask else [music.from_llm(row) for row in out.tokens]
-    errors = grammar.validate_batch(tokens, [stream] * len(plans), plans)
-    return [StageStream(task, row, plan, found, bool(row) and music.vocab.family[row[-1]] == "End")
-            for row, plan, found in zip(tokens, plans, errors)]
+    errors = grammar.validate_batch(tokens, [s.stream for s in stages], [s.plan for s in stages])
+    return [StageStream(task, row, stage.plan, found, bool(row) and music.vocab.family[row[-1]] == "End")
+            for row, stage, found in zip(tokens, stages, errors)]

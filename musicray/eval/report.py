@@ -38,7 +38,6 @@ from musicray.eval.generation import (
     Composed,
     StageStream,
     Window,
-    adapter_for,
     compose_batch,
     compose_each,
     eval_windows,
@@ -184,13 +183,13 @@ def _teacher_forced_all(composer, data_dir: Path, settings: EvalConfig, config: 
         dataset = held_out_dataset(data_dir, task, composer.music, config.data.max_length, config.data.max_bars,
                                    settings.max_examples or None)
         if with_adapters:
-            if task in composer.adapters:
-                with adapter_for(composer, task):
+            if composer.adapter_of(task) is not None:
+                with composer.use_adapter(task):
                     adapter_scores[task] = teacher_forced(composer.model, composer.music, dataset, grammar,
                                                           settings.batch_size)
             else:
                 adapter_scores[task] = None
-        with adapter_for(composer, None):
+        with composer.use_adapter(None):
             alone[task] = teacher_forced(composer.model, composer.music, dataset, grammar, settings.batch_size)
     return adapter_scores, alone
 
@@ -200,9 +199,9 @@ def _relations(composer, data_dir: Path, settings: EvalConfig, config: Config) -
     under its adapter where it has one, on the same test examples as the teacher-forced scores."""
     datasets = {task: held_out_dataset(data_dir, task, composer.music, config.data.max_length, config.data.max_bars,
                                        settings.max_examples or None) for task in ("melody", "tempo")}
-    with adapter_for(composer, "melody" if "melody" in composer.adapters else None):
+    with composer.use_adapter("melody"):
         melody = relation_scores(composer.model, composer.music, datasets["melody"], None, settings.batch_size)
-    with adapter_for(composer, "tempo" if "tempo" in composer.adapters else None):
+    with composer.use_adapter("tempo"):
         tempo = relation_scores(composer.model, composer.music, None, datasets["tempo"], settings.batch_size)
     return {"language": composer.music.vocab.config.language,
             "chord_tone_mass": melody.chord_tone_mass, "real_chord_tone": melody.real_chord_tone,

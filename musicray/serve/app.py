@@ -37,7 +37,7 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
-from musicray.compose import Composer, finish
+from musicray.compose import Composer, StageFailed, finish
 from musicray.midi import TEXT_CHARSET, midi_to_song, song_to_midi
 from musicray.run import RunDir
 from musicray.serve.config import (
@@ -45,11 +45,11 @@ from musicray.serve.config import (
 )
 from musicray.serve.audio import AudioUnavailable, Renderer
 from musicray.serve.page import INDEX, static_files
-from musicray.serve.schema import (
-    GenerateBody, InputError, RenderBody, request_song, sampling_settings, to_request,
-)
+from musicray.request import stage_settings
+from musicray.serve.schema import GenerateBody, InputError, RenderBody, request_song, to_request
 from musicray.serve.stages import StageComposer
 from musicray.song import SongError, song_from_dict, song_to_dict
+from musicray.tasks import subtask
 from musicray.tokens import SUBTASKS
 
 MIDI_TYPES = ("audio/midi", "audio/x-midi", "audio/mid")
@@ -94,15 +94,9 @@ async def _song_error(request: HTTPRequest, exc: SongError) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": str(exc), "field": field})
 
 
-class StageFailed(Exception):
-    def __init__(self, task: str, status: int, message: str):
-        super().__init__(message)
-        self.task, self.status = task, status
-
-
 @api.exception_handler(StageFailed)
 async def _stage_failed(request: HTTPRequest, exc: StageFailed) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content={"detail": str(exc), "stage": exc.task})
+    return JSONResponse(status_code=exc.status, content={"detail": str(exc), "stage": exc.stage})
 
 
 @api.exception_handler(AudioUnavailable)
@@ -168,13 +162,16 @@ def _finished_midi(song) -> bytes:
         finish(song)
         return midi_bytes(song)
     except SongError as err:  # the composed song, not the request, is at fault
-        raise StageFailed("finish", 500, f"finish: the composed song cannot be written: {err}") from None
+        raise StageFailed("finish", f"finish: the composed song cannot be written: {err}", 500) from None
 
 
 def _failed(task: str, error: dict) -> StageFailed:
     # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model output that
     # does not decode), not the client's: a 500 naming the stage.
-    return StageFailed(task, 500, f"{task}: the stage failed on this song: {error['type']}: {error['message']}")
+    # A deployment marks what the request asked for and cannot have (a stage without its adapter) as 400.
+    if error.get("status") == 400:
+        return StageFailed(task, error["message"], 400)
+    return StageFailed(task, f"{task}: the stage failed on this song: {error['type']}: {error['message']}", 500)
 
 
 # -- building the graph ------------------------------------------------------------------------------------------
@@ -235,7 +232,7 @@ class Ingress:
         started = time.perf_counter()
         request = to_request(body, self.max_bars, self.max_midi_bytes)
         song = request_song(request)
-        settings = sampling_settings(request)
+        settings = stage_settings(request)
         plan = Composer.stages_for(request)
         if self.config["multiplexed"]:
             song, infos = await self._compose_whole(song, settings, plan)
@@ -252,7 +249,7 @@ class Ingress:
         try:
             written = await asyncio.to_thread(song_as_written, data)
         except SongError as err:  # our own MIDI that does not read back: the server's fault
-            raise StageFailed("finish", 500, f"finish: the written song does not read back: {err}") from None
+            raise StageFailed("finish", f"finish: the written song does not read back: {err}", 500) from None
         spec = song.spec
         return JSONResponse({"midi": base64.b64encode(data).decode("ascii"), "form": song.form, "bars": song.n_bars,
                              "key": song.key, "metre": song.metre, "seed": request.seed, "stages": stages,
@@ -272,7 +269,7 @@ class Ingress:
         # The request is checked before the stream starts: bad input is the same 4xx as /v1/generate.
         request = to_request(body, self.max_bars, self.max_midi_bytes)
         song = request_song(request)
-        return StreamingResponse(self._stream(song, sampling_settings(request), Composer.stages_for(request),
+        return StreamingResponse(self._stream(song, stage_settings(request), Composer.stages_for(request),
                                               request.seed),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -292,7 +289,7 @@ class Ingress:
                             yield _sse(event["event"], event["data"])
                 else:   # musicray's own loop decodes a stage in one call: its start and end are the events
                     yield _sse("stage", {"stage": task, "bars": song.n_bars})
-                    out = await getattr(handle, task).remote(song_to_dict(song), settings)
+                    out = await getattr(handle, subtask(task).serve_method).remote(song_to_dict(song), settings)
                     song = _stage_result({"song": out["song"], "infos": {task: out["info"]}} if "song" in out
                                          else out, tasks, infos)
                     yield _sse("stage_done", {"stage": task, **infos[task]})
@@ -303,7 +300,7 @@ class Ingress:
                                                           for task, info in infos.items()}),
                                 "seconds": round(time.perf_counter() - started, 3)})
         except StageFailed as err:
-            yield _sse("error", {"detail": str(err), "stage": err.task, "status": err.status})
+            yield _sse("error", {"detail": str(err), "stage": err.stage, "status": err.status})
         except Exception as err:   # a deployment that died mid-stream: the client hears why
             yield _sse("error", {"detail": f"{type(err).__name__}: {err}", "stage": "compose", "status": 503})
 
@@ -331,11 +328,11 @@ class Ingress:
         infos: dict[str, dict] = {}
         for task in plan:
             tick = time.perf_counter()
-            method = getattr(self.stages[task], task)
+            method = getattr(self.stages[task], subtask(task).serve_method)
             try:
                 out = await method.remote(song_to_dict(song), settings)
             except Exception as err:
-                raise StageFailed(task, 503, f"{task}: stage deployment unavailable: {type(err).__name__}: {err}")
+                raise StageFailed(task, f"{task}: stage deployment unavailable: {type(err).__name__}: {err}", 503)
             if "error" in out:
                 raise _failed(task, out["error"])
             song = song_from_dict(out["song"])
@@ -349,7 +346,7 @@ class Ingress:
         try:
             out = await self.stages[plan[0]].compose.remote(song_to_dict(song), settings, plan)
         except Exception as err:
-            raise StageFailed("compose", 503, f"compose: deployment unavailable: {type(err).__name__}: {err}")
+            raise StageFailed("compose", f"compose: deployment unavailable: {type(err).__name__}: {err}", 503)
         if "error" in out:
             raise _failed(out.get("stage", "compose"), out["error"])
         # One call covered every stage: each stage's wall time is its batch's decode wall time in the replica.

@@ -13,10 +13,33 @@ import dataclasses
 
 from musicray.encoding import decode_body
 from musicray.song import Song
+from musicray.tasks import SUBTASK_RECORDS, subtask
 from musicray.tokens import Vocabulary
 
 _CLOSES = ("Bar", "Sec", "End")
-_TRACK = {"melody": "MELODY", "secondary": "BRIDGE"}
+
+
+# What a bar event carries, by ``SubTask.bar_event``: read from the bar's tokens, or from the song with the body
+# so far decoded into it (``decoded()``).
+def _velocities(bar, content, decoded, task, vocab):
+    # velocities follow the song's notes in order: the count only holds at the end
+    return [vocab.value[t] for t in content if vocab.family[t] == "Vel"]
+
+
+def _chords(bar, content, decoded, task, vocab):
+    return [[c.position, c.label] for c in decoded().chords if c.bar == bar]
+
+
+def _notes(bar, content, decoded, task, vocab):
+    return [[n.position, n.pitch, n.duration] for n in decoded().tracks[task.track] if n.bar == bar]
+
+
+def _bpm(bar, content, decoded, task, vocab):
+    return next((t.bpm for t in decoded().tempos if t.bar == bar), None)
+
+
+BAR_READERS = {"velocities": _velocities, "chords": _chords, "notes": _notes, "bpm": _bpm}
+assert {task.bar_event for task in SUBTASK_RECORDS.values()} <= set(BAR_READERS)
 
 
 class BarEvents:
@@ -46,17 +69,13 @@ class BarEvents:
         k, section, j = self.places[min(bar, len(self.places) - 1)]
         event = {"stage": self.task, "bar": bar + 1, "section": f"{section.label}{section.bars}",
                  "section_index": k + 1, "bar_in_section": j + 1, "tokens": self.vocab.describe(content)}
-        if self.task == "dynamics":   # velocities follow the song's notes in order: the count only holds at the end
-            event["velocities"] = [self.vocab.value[t] for t in content if self.vocab.family[t] == "Vel"]
-            return event
+        record = subtask(self.task)
+        event[record.bar_event] = BAR_READERS[record.bar_event](bar, content, self._decoded, record, self.vocab)
+        return event
+
+    def _decoded(self) -> Song:
+        """A scratch copy of the song with the body so far decoded into it (the finished stage's reading)."""
         scratch = dataclasses.replace(self.song, chords=list(self.song.chords), tempos=list(self.song.tempos),
                                       tracks={name: list(notes) for name, notes in self.song.tracks.items()})
         decode_body(self.tokens, self.stream, scratch, self.vocab)
-        if self.task == "chord":
-            event["chords"] = [[c.position, c.label] for c in scratch.chords if c.bar == bar]
-        elif self.task in _TRACK:
-            event["notes"] = [[n.position, n.pitch, n.duration] for n in scratch.tracks[_TRACK[self.task]]
-                              if n.bar == bar]
-        elif self.task == "tempo":
-            event["bpm"] = next((t.bpm for t in scratch.tempos if t.bar == bar), None)
-        return event
+        return scratch

@@ -23,7 +23,7 @@ Settings (all optional but ``run_dir``):
 * ``max_batch_size`` / ``batch_wait_timeout_s``: ``@serve.batch`` settings of every sub-task; a ``stages``
   entry may override them per sub-task.
 * ``tokens_per_bar``: per sub-task caps on the tokens a stage may emit per bar beyond the form's minimum
-  (overrides ``musicray.compose.TOKENS_PER_BAR`` in each stage's ``Composer``). Default: the composer's.
+  (overrides ``SubTask.tokens_per_bar`` of ``musicray.tasks`` in each stage's ``Composer``). Default: the records'.
 * ``torch_threads``: intra-op threads of each model replica (default: its whole CPUs, at least 1).
 * ``device``: ``auto`` (CUDA when the replica has a GPU), ``cpu`` or ``cuda``.
 * ``ingress`` / ``stages``: deployment options (``num_replicas``, ``max_ongoing_requests``,

@@ -9,32 +9,34 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from musicray.compose import Request, parse_chords, regenerated_bars
-from musicray.harmony import canonical_key
 from musicray.midi import midi_to_song
-from musicray.sampling import Sampling, stage_sampling
-from musicray.song import SongError, metre, parse_form, song_from_dict, song_to_dict
+from musicray.request import TEMPO_RANGE, VARIATION_RANGE, FieldError, Request, request_from_fields
+from musicray.sampling import SAMPLING_RANGES
+from musicray.song import SongError, metre, parse_form
 from musicray.tokens import SUBTASKS
 
-Subtask = Literal["chord", "melody", "secondary", "dynamics", "tempo"]
-assert set(Subtask.__args__) == set(SUBTASKS)
+Subtask = Literal[SUBTASKS]   # the sub-tasks' names, in stage order
 
 MAX_FORM_CHARS = 512
 MAX_CHORD_TEXT = 16384
 
 
-class InputError(SongError):
+class InputError(FieldError):
     """Bad input the music rules or the limits refuse; ``field`` and ``status`` go into the answer."""
 
     def __init__(self, field: str, message: str, status: int = 400):
-        text = message if message.startswith(f"{field}:") else f"{field}: {message}"
-        super().__init__(text)
-        self.field, self.status = field, status
+        super().__init__(field, message)
+        self.status = status
+
+
+def _sampling_field(name: str, default):
+    """A sampling setting's pydantic field, its bounds and help from ``musicray.sampling.SAMPLING_RANGES``."""
+    setting = SAMPLING_RANGES[name]
+    return Field(default, **setting.schema_bounds(), description=setting.help)
 
 
 class StageSamplingBody(BaseModel):
@@ -42,9 +44,9 @@ class StageSamplingBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    temperature: Optional[float] = Field(None, ge=0.0, le=10.0, description="0 = greedy")
-    top_k: Optional[int] = Field(None, ge=0, le=100000, description="0 = no top-k cut")
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="1 = no nucleus cut")
+    temperature: Optional[float] = _sampling_field("temperature", None)
+    top_k: Optional[int] = _sampling_field("top_k", None)
+    top_p: Optional[float] = _sampling_field("top_p", None)
 
 
 class GenerateBody(BaseModel):
@@ -57,7 +59,7 @@ class GenerateBody(BaseModel):
                       description="sections as phrase label + bars, e.g. i4A8B8A8o4 (labels i A B C D E X b x o)")
     key: str = Field("C:maj", min_length=1, max_length=16, description="ROOT:maj or ROOT:min, e.g. Eb:min")
     metre: str = Field("4/4", min_length=1, max_length=8, description="4/4, 3/4, 2/4, 12/8 or 6/8")
-    tempo: int = Field(100, ge=20, le=300, description="base tempo, bpm")
+    tempo: int = Field(100, **TEMPO_RANGE.schema_bounds(), description=TEMPO_RANGE.help)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed; same request + seed = same song")
     chords: Optional[Union[str, list[str]]] = Field(
         None, description="chords instead of the chord stage: a string of per-bar entries cycled over the form "
@@ -76,16 +78,16 @@ class GenerateBody(BaseModel):
     stages: Optional[list[Subtask]] = Field(None, min_length=1, max_length=5,
                                             description="sub-tasks to run (default all; with regenerate: the parts "
                                                         "rewritten in the chosen bars)")
-    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy")
-    top_k: int = Field(0, ge=0, le=100000, description="0 = no top-k cut")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = no nucleus cut")
+    temperature: float = _sampling_field("temperature", 1.0)
+    top_k: int = _sampling_field("top_k", 0)
+    top_p: float = _sampling_field("top_p", 1.0)
     stage_sampling: Optional[dict[Subtask, StageSamplingBody]] = Field(
         None, description="sampling settings of single stages instead of temperature, top_k and top_p, e.g. "
                           "{\"melody\": {\"temperature\": 0.8}} for a melody closer to what the model finds likeliest")
-    variation: Optional[float] = Field(
-        None, ge=0.0, le=1.0, description="how much a returning section varies its first occurrence: 0 = every "
-                                          "return repeats it (chords, melodies, velocities), 1 = written anew; "
-                                          "default: as the model writes it")
+    allow_missing_adapters: bool = Field(
+        False, description="run a requested stage whose adapter the served run lacks on the stage-1 model alone "
+                           "(refused otherwise); each stage's report names its adapter (null: none)")
+    variation: Optional[float] = Field(None, **VARIATION_RANGE.schema_bounds(), description=VARIATION_RANGE.help)
 
 
 class RenderBody(BaseModel):
@@ -126,63 +128,45 @@ def _uploaded_song(text: str, field: str, metre_name: str, max_midi_bytes: int):
     return uploaded
 
 
+# The body's names of ``request_from_fields``'s fields, for its messages.
+BODY_FIELDS = {"given": "song_midi", "melody": "melody_midi", "stage_settings": "stage_sampling"}
+
+
 def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Request:
-    """The composer request a body describes; ``InputError`` names the field that is wrong."""
-    sections = _field("form", parse_form, body.form)
-    bars = sum(s.bars for s in sections)
-    if bars > max_bars:
-        raise InputError("form", f"{body.form!r} has {bars} bars; this server composes at most max_bars={max_bars}")
-    key = _field("key", canonical_key, body.key)
-    spec = _field("metre", metre, body.metre)
-    chords = None
-    if body.chords is not None:
-        if isinstance(body.chords, list):
-            if not body.chords:
-                raise InputError("chords", "empty list; give one chord entry per bar")
-            if len(body.chords) > bars:
-                raise InputError("chords", f"{len(body.chords)} entries for {bars} bars; give one entry per bar")
-            for i, entry in enumerate(body.chords):
-                if not entry.strip() or len(entry.split()) != 1:
-                    raise InputError("chords", f"entry {i} {entry!r} must be one bar's chords without spaces "
-                                               "(C:maj,G:maj splits a bar)")
-            text = " ".join(body.chords)
-        else:
-            text = body.chords
-        if len(text) > MAX_CHORD_TEXT:
-            raise InputError("chords", f"{len(text)} characters; at most {MAX_CHORD_TEXT}")
-        chords = _field("chords", parse_chords, text, body.form, spec.name)
-    melody = None
-    if body.melody_midi is not None:
-        uploaded = _uploaded_song(body.melody_midi, "melody_midi", spec.name, max_midi_bytes)
-        melody = [n for n in uploaded.tracks["MELODY"] if n.bar < bars]
-        if not melody:
-            raise InputError("melody_midi", f"no MELODY notes in the first {bars} bars of the upload")
-    given = None
-    if body.song_midi is not None:
-        if body.melody_midi is not None:
-            raise InputError("song_midi", "give song_midi or melody_midi, not both")
-        given = _uploaded_song(body.song_midi, "song_midi", spec.name, max_midi_bytes)
-        given.tracks = {name: [n for n in notes if n.bar < bars] for name, notes in given.tracks.items()}
-        if not any(given.tracks.values()):
-            raise InputError("song_midi", f"no MELODY, BRIDGE or PIANO notes in the first {bars} bars of the upload")
-    regenerate = None
-    if body.regenerate is not None or body.regenerate_bars is not None:
-        if given is None:
-            raise InputError("regenerate", "infilling rewrites part of a given song: upload it as song_midi")
-        field = "regenerate" if body.regenerate is not None else "regenerate_bars"
-        regenerate = _field(field, regenerated_bars, body.form, body.regenerate, body.regenerate_bars)
-    stages = tuple(body.stages) if body.stages is not None else SUBTASKS
-    sampling = Sampling(float(body.temperature), int(body.top_k), float(body.top_p))
-    per_stage = stage_sampling({stage: given.model_dump(exclude_none=True)
-                                for stage, given in (body.stage_sampling or {}).items()}, sampling, "stage_sampling")
-    request = Request(form=body.form, key=key, metre=spec.name, tempo=body.tempo, seed=body.seed,
-                      chords=chords or (given.chords if given else None),
-                      melody=melody or (given.tracks["MELODY"] if given else None), stages=stages,
-                      sampling=sampling, stage_sampling=per_stage or None,
-                      bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
-                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None,
-                      variation=body.variation)
-    return request
+    """The composer request a body describes (``musicray.request.request_from_fields``, as the command line's);
+    ``InputError`` names the field that is wrong."""
+    metre_name = _field("metre", metre, body.metre).name
+    chords = body.chords
+    if isinstance(chords, list):
+        if not chords:
+            raise InputError("chords", "empty list; give one chord entry per bar")
+        for i, entry in enumerate(chords):
+            if not entry.strip() or len(entry.split()) != 1:
+                raise InputError("chords", f"entry {i} {entry!r} must be one bar's chords without spaces "
+                                           "(C:maj,G:maj splits a bar)")
+        bars = sum(s.bars for s in _field("form", parse_form, body.form))
+        if len(chords) > bars:
+            raise InputError("chords", f"{len(chords)} entries for {bars} bars; give one entry per bar")
+        chords = " ".join(chords)
+    if chords is not None and len(chords) > MAX_CHORD_TEXT:
+        raise InputError("chords", f"{len(chords)} characters; at most {MAX_CHORD_TEXT}")
+    if body.song_midi is not None and body.melody_midi is not None:
+        raise InputError("song_midi", "give song_midi or melody_midi, not both")
+    melody = _uploaded_song(body.melody_midi, "melody_midi", metre_name, max_midi_bytes).tracks["MELODY"] \
+        if body.melody_midi is not None else None
+    given = _uploaded_song(body.song_midi, "song_midi", metre_name, max_midi_bytes) \
+        if body.song_midi is not None else None
+    try:
+        return request_from_fields(
+            body.form, body.key, metre_name, body.tempo, body.seed, chords, melody, given, body.regenerate,
+            body.regenerate_bars, body.stages, body.temperature, body.top_k, body.top_p,
+            {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
+            allow_missing_adapters=body.allow_missing_adapters, variation=body.variation, max_bars=max_bars,
+            names=BODY_FIELDS)
+    except InputError:
+        raise
+    except FieldError as err:
+        raise InputError(err.field, str(err)) from None
 
 
 def request_song(request: Request):
@@ -198,32 +182,3 @@ def request_song(request: Request):
         field = "melody_midi" if "MELODY" in head else head.strip() if sep and head.strip().isidentifier() \
             else "body"
         raise InputError(field, text) from None
-
-
-def sampling_settings(request: Request) -> dict:
-    """What a stage deployment needs besides the song: the seed, the sampling settings and, when infilling, the
-    bars to rewrite and the song as given (the kept bars come from it). JSON-ready."""
-    settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask,
-                "variation": request.variation}
-    if request.stage_sampling:
-        settings["stage_sampling"] = {stage: dataclasses.asdict(sampling)
-                                      for stage, sampling in request.stage_sampling.items()}
-    if request.regenerate is not None:
-        settings["regenerate"] = list(request.regenerate)
-        settings["given"] = song_to_dict(request.song())
-    return settings
-
-
-def stage_request(song, settings: dict) -> Request:
-    """The composer request a stage deployment runs for a song and the ingress' ``sampling_settings``."""
-    sampling = Sampling(float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"]))
-    per_stage = {stage: Sampling(**values) for stage, values in settings.get("stage_sampling", {}).items()}
-    request = Request(form=song.form, seed=int(settings["seed"]), use_mask=settings.get("use_mask", True),
-                      sampling=sampling, stage_sampling=per_stage or None, variation=settings.get("variation"))
-    if settings.get("regenerate") is not None:
-        given = song_from_dict(settings["given"])
-        request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,
-                                      melody=given.tracks["MELODY"], bridge=given.tracks["BRIDGE"],
-                                      piano=given.tracks["PIANO"], tempos=given.tempos,
-                                      regenerate=tuple(settings["regenerate"]))
-    return request

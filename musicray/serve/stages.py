@@ -6,7 +6,7 @@
 * multiplexed: one deployment, each replica loads the stage-1 model once with all five adapters and switches
   with ``set_adapter`` per batch (a lock keeps two sub-tasks' batches from interleaving on the one model).
 
-Each sub-task has its own ``@serve.batch`` method (named after the sub-task), so concurrent requests for a
+Each sub-task has its own ``@serve.batch`` method (``with_stage_methods``: named by its record), so concurrent requests for a
 sub-task become one ``Composer.run_stage`` call: a single decode over the batch, one grammar state per row,
 the mask computed in process (``musicray.decode``). The multiplexed deployment also batches whole songs
 (``compose``): the ingress makes one call per song, and a batch of concurrent songs goes through all its
@@ -25,9 +25,10 @@ import time
 from ray import serve
 
 from musicray.compose import Composer
-from musicray.serve.schema import stage_request
+from musicray.errors import MissingRunPart
+from musicray.request import stage_request
 from musicray.song import SongError, song_from_dict, song_to_dict
-from musicray.tokens import SUBTASKS
+from musicray.tasks import SUBTASK_RECORDS
 
 
 def _memory() -> dict:
@@ -42,11 +43,35 @@ def _memory() -> dict:
 
 
 def _error(err: BaseException) -> dict:
+    """A failed song's answer; ``status`` 400 where the request asked for what the deployment cannot do as asked
+    (a stage without its adapter), else the ingress answers 500."""
     return {"error": {"type": "SongError" if isinstance(err, SongError) else type(err).__name__,
-                      "message": str(err)}}
+                      "message": str(err), **({"status": 400} if isinstance(err, MissingRunPart) else {})}}
+
+
+def with_stage_methods(run_one_stage: str, batched: bool):
+    """Class decorator: one method per sub-task, named by its record (``SubTask.serve_method``), that answers
+    ``self.<run_one_stage>(task, songs, settings)``; ``batched`` makes each a ``@serve.batch`` method (its own
+    queue, so concurrent calls for one sub-task decode together). The ingress calls a stage by that name."""
+    def decorate(cls):
+        for record in SUBTASK_RECORDS.values():
+            setattr(cls, record.serve_method, _stage_method(record.name, record.serve_method, run_one_stage, batched))
+        return cls
+    return decorate
+
+
+def _stage_method(task: str, name: str, run_one_stage: str, batched: bool):
+    async def method(self, songs, settings):
+        return await getattr(self, run_one_stage)(task, songs, settings)
+
+    # Serve's batching finds a method by its __name__, so the name is set before decorating.
+    method.__name__, method.__qualname__ = name, name
+    method.__doc__ = f"The {task} stage alone, on the song(s) and settings given."
+    return serve.batch(method) if batched else method
 
 
 @serve.deployment(name="StageComposer")
+@with_stage_methods("_batch", batched=True)
 class StageComposer:
     def __init__(self, run_dir: str, subtasks: list[str], options: dict, config: dict):
         import torch
@@ -62,32 +87,12 @@ class StageComposer:
         self.lock = threading.Lock()
         self.batches = {task: 0 for task in self.subtasks}
         self.songs = {task: 0 for task in self.subtasks}
-        for name in (*SUBTASKS, "compose"):
+        for name in (*(task.serve_method for task in SUBTASK_RECORDS.values()), "compose"):
             method = getattr(self, name)
             method.set_max_batch_size(int(options["max_batch_size"]))
             method.set_batch_wait_timeout_s(float(options["batch_wait_timeout_s"]))
 
-    # -- one batched entry point per sub-task ------------------------------------------------------------------
-    @serve.batch
-    async def chord(self, songs: list[dict], settings: list[dict]) -> list[dict]:
-        return await self._batch("chord", songs, settings)
-
-    @serve.batch
-    async def melody(self, songs: list[dict], settings: list[dict]) -> list[dict]:
-        return await self._batch("melody", songs, settings)
-
-    @serve.batch
-    async def secondary(self, songs: list[dict], settings: list[dict]) -> list[dict]:
-        return await self._batch("secondary", songs, settings)
-
-    @serve.batch
-    async def dynamics(self, songs: list[dict], settings: list[dict]) -> list[dict]:
-        return await self._batch("dynamics", songs, settings)
-
-    @serve.batch
-    async def tempo(self, songs: list[dict], settings: list[dict]) -> list[dict]:
-        return await self._batch("tempo", songs, settings)
-
+    # -- one batched entry point per sub-task: ``with_stage_methods`` adds them (``SubTask.serve_method``) --------
     @serve.batch
     async def compose(self, songs: list[dict], settings: list[dict], stages: list[list[str]]) -> list[dict]:
         """Whole songs: each through its ``stages`` (in order), the batch's songs decoding together per stage.

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from musicray.compose import Composer, Request, finish
+from musicray.compose import Composer, StageFailed, finish
+from musicray.request import Request
 from musicray.song import Song, SongError
+from musicray.tasks import SUBTASK_RECORDS
 from musicray.tokens import SUBTASKS
 
 
@@ -20,8 +22,8 @@ def describe_event(kind: str, data: dict) -> str:
         return f"== {data['stage']} ({data['bars']} bars, adapter {data.get('adapter')})"
     if kind == "stage_done":
         return f"   {data['stage']}: {data['new_tokens']} tokens in {data['seconds']} s"
-    what = {"chords": "chords", "notes": "notes", "velocities": "velocities", "bpm": "bpm"}
-    detail = "; ".join(f"{name} {data[key]}" for key, name in what.items() if key in data)
+    detail = "; ".join(f"{key} {data[key]}" for key in dict.fromkeys(t.bar_event for t in SUBTASK_RECORDS.values())
+                       if key in data)
     return f"   bar {data['bar']:>3} ({data['section']} bar {data['bar_in_section']}): {detail}"
 
 
@@ -34,7 +36,7 @@ def compose_streaming(run_dir: str | Path, request: Request, adapters: tuple[str
     if not vllm_available():
         raise SongError('--stream: composing bar by bar needs vLLM (pip install -e ".[vllm]"); '
                         "without it, drop --stream")
-    from musicray.serve.vllm_engine import StageFailed, VllmStages
+    from musicray.serve.vllm_engine import VllmStages
 
     song = request.song()
     stages = VllmStages(run_dir, adapters)

@@ -15,12 +15,14 @@ import os
 
 from ray import serve
 
-from musicray.serve.schema import stage_request
-from musicray.serve.stages import _error, _memory
+from musicray.compose import StageFailed
+from musicray.request import stage_request
+from musicray.serve.stages import _error, _memory, with_stage_methods
 from musicray.song import SongError, song_from_dict, song_to_dict
 
 
 @serve.deployment(name="VllmComposer")
+@with_stage_methods("_stage", batched=False)
 class VllmComposer:
     def __init__(self, run_dir: str, subtasks: list[str], options: dict, config: dict):
         from musicray.serve.vllm_engine import VllmStages
@@ -49,8 +51,6 @@ class VllmComposer:
     async def compose_stream(self, song: dict, settings: dict, stages: list[str], bar_events: bool = True):
         """Events ``{"event": "stage" | "bar" | "stage_done", "data": {...}}`` as the song's stages run, then
         ``{"event": "result", "data": {"song", "infos"}}`` (or ``{"error", "stage"}`` for the stage that failed)."""
-        from musicray.serve.vllm_engine import StageFailed
-
         missing = sorted(set(stages) - set(self.subtasks))
         if missing:
             yield {"event": "result", "data": {**_error(SongError(
@@ -76,25 +76,10 @@ class VllmComposer:
         self.songs += 1
         yield {"event": "result", "data": {"song": song_to_dict(parsed), "infos": infos}}
 
-    # -- one stage per call (the per-adapter layout) ---------------------------------------------------------------
+    # -- one stage per call (the per-adapter layout): ``with_stage_methods`` adds one method per sub-task ----------
     async def _stage(self, task: str, song: dict, settings: dict) -> dict:
         out = await self.compose(song, settings, [task])
         return out if "error" in out else {"song": out["song"], "info": out["infos"][task]}
-
-    async def chord(self, song: dict, settings: dict) -> dict:
-        return await self._stage("chord", song, settings)
-
-    async def melody(self, song: dict, settings: dict) -> dict:
-        return await self._stage("melody", song, settings)
-
-    async def secondary(self, song: dict, settings: dict) -> dict:
-        return await self._stage("secondary", song, settings)
-
-    async def dynamics(self, song: dict, settings: dict) -> dict:
-        return await self._stage("dynamics", song, settings)
-
-    async def tempo(self, song: dict, settings: dict) -> dict:
-        return await self._stage("tempo", song, settings)
 
     def check_health(self) -> None:
         """Serve calls this periodically: a dead engine fails it, and Serve replaces the replica."""

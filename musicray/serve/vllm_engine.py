@@ -25,11 +25,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from musicray.compose import Request, StageInput, StagePlanner
+from musicray.compose import StageFailed, StageInput, StagePlanner
 from musicray.grammar import Grammar
+from musicray.request import Request
 from musicray.run import RunDir
 from musicray.serve.bar_events import BarEvents
 from musicray.song import Song, SongError
+from musicray.tasks import subtask
 from musicray.tokens import SUBTASKS
 
 # vLLM's CPU backend reserves this much memory for the KV cache unless VLLM_CPU_KVCACHE_SPACE says otherwise
@@ -44,14 +46,6 @@ class StageEvent:
 
     kind: str
     data: dict = field(default_factory=dict)
-
-
-class StageFailed(Exception):
-    """A stage could not be composed: the engine refused the request or the answer failed its check."""
-
-    def __init__(self, stage: str, error: BaseException):
-        super().__init__(f"{stage}: {type(error).__name__}: {error}")
-        self.stage, self.error = stage, error
 
 
 class VllmStages:
@@ -75,8 +69,9 @@ class VllmStages:
         for task in found:   # before the engine starts: an adapter vLLM cannot load would kill it at first use
             check_adapter(run.adapter(task))
         # Prompts, plans and the answers' checks run here, in the deployment; the mask runs in the engine.
-        self.planner = StagePlanner(music, Grammar(music.vocab), found, tokens_per_bar)
-        self.loras = {task: LoRARequest(task, k + 1, str(run.adapter(task))) for k, task in enumerate(found)}
+        self.planner = StagePlanner(music, Grammar(music.vocab), found, tokens_per_bar, run.root)
+        self.loras = {task: LoRARequest(subtask(task).adapter, k + 1, str(run.adapter(task)))
+                      for k, task in enumerate(found)}
         self.subtasks = list(adapters)
         config = json.loads((model_dir / "config.json").read_text())
         ranks = [json.loads((run.adapter(task) / "adapter_config.json").read_text()).get("r", 8) for task in found]
@@ -116,7 +111,12 @@ class VllmStages:
     async def compose(self, song: Song, request: Request, stages: list[str],
                       bar_events: bool = False) -> AsyncIterator[StageEvent]:
         """Run ``stages`` on ``song`` in order (the song is changed in place), yielding each stage's events (with
-        ``bar_events``, one per bar as it is complete). Raises ``StageFailed`` naming the stage that failed."""
+        ``bar_events``, one per bar as it is complete). Raises ``StageFailed`` naming the stage that failed (a
+        stage whose adapter is missing and not allowed: before any stage runs, status 400)."""
+        try:
+            self.planner.check_adapters(stages, request)
+        except SongError as err:
+            raise StageFailed(next(t for t in stages if self.planner.adapter_of(t) is None), err, 400) from None
         for task in stages:
             async for event in self.run_stage(song, task, request, bar_events):
                 yield event
@@ -125,11 +125,10 @@ class VllmStages:
                         bar_events: bool = False) -> AsyncIterator[StageEvent]:
         started = time.perf_counter()
         try:
-            self.planner.prepare_stage(song, task)
-            stage = self.planner.stage_inputs([song], task, [request])[0]
+            stage = self.planner.begin_stage([song], task, [request])[0]
         except Exception as err:
             raise StageFailed(task, err) from err
-        yield StageEvent("stage", {"stage": task, "adapter": task if task in self.loras else None,
+        yield StageEvent("stage", {"stage": task, "adapter": self.planner.adapter_of(task),
                                    "bars": song.n_bars})
         bars = BarEvents(song, task, stage.stream, self.planner.music.vocab) if bar_events and request.use_mask \
             else None
@@ -145,10 +144,9 @@ class VllmStages:
                         yield StageEvent("bar", event)
             music_ids = self.planner.music.from_llm(tokens) if request.use_mask else _until_eot(tokens, self.planner)
             seconds = round(time.perf_counter() - started, 3)
-            info = self.planner.write_stage(song, stage, music_ids, request.use_mask,
-                                            {"seconds": seconds, "mask_seconds": None, "batch": None,
-                                             "first_token_seconds": round(first_token_seconds or seconds, 3)})
-            self.planner.after_stage(song, task, request)
+            info = self.planner.end_stage(song, stage, music_ids, request,
+                                          {"seconds": seconds, "mask_seconds": None, "batch": None,
+                                           "first_token_seconds": round(first_token_seconds or seconds, 3)})
         except StageFailed:
             raise
         except Exception as err:

@@ -57,6 +57,17 @@ def load_examples(data_dir: str | Path, tasks: list[str], split: str, vocab, max
     return examples
 
 
+def validation_examples(data_dir: str | Path, tasks: list[str], vocab, max_bars: int | None = DEFAULT_MAX_BARS
+                        ) -> tuple[list[Example], str | None]:
+    """The validation split's examples, and why there are none when there are none (no prepared table, or no
+    song in the split): training goes on without a validation loss, and whoever trains says so."""
+    try:
+        examples = load_examples(data_dir, tasks, "validation", vocab, max_bars)
+    except FileNotFoundError as err:
+        return [], str(err)
+    return examples, None if examples else f"{data_dir} has no songs in its validation split"
+
+
 @dataclass
 class Rendered:
     input_ids: list[int]

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from musicray.errors import SongError
@@ -92,7 +93,9 @@ class Stage1Recipe:
         self.log = MetricsLog(self.stage_dir, self.start_step) if self.rank == 0 else None
 
     def _setup_data(self) -> None:
-        from musicray.train.data import RenderedDataset, collate, load_examples, pack, shuffled_batches
+        from musicray.train.data import (
+            RenderedDataset, collate, load_examples, pack, shuffled_batches, validation_examples,
+        )
 
         s, data = self.settings, self.config.data
         vocab = self.music.vocab
@@ -103,13 +106,14 @@ class Stage1Recipe:
         if units[0] // self.world < s.micro_batch_size:
             raise SongError(f"stage 1: {units[0]} {units[1]} cannot give {self.world} workers a micro-batch of "
                             f"{s.micro_batch_size}; use more data or fewer workers")
-        try:
-            val_set = RenderedDataset(load_examples(self.data_dir, s.tasks, "validation", vocab, data.max_bars),
-                                      self.music, data.max_length)
-        except (FileNotFoundError, KeyError, SongError):
-            val_set = []
+        examples, missing = validation_examples(self.data_dir, s.tasks, vocab, data.max_bars)
+        val_set = RenderedDataset(examples, self.music, data.max_length) if examples else []
         # The same count on every rank (ZeRO-3 gathers parameters collectively in each forward).
         n_val = min(VAL_BATCHES, (len(val_set) // self.world) // s.micro_batch_size) if len(val_set) else 0
+        if n_val == 0 and self.rank == 0:   # the metrics' val_loss column stays empty: say why
+            why = missing or (f"{len(val_set)} validation examples cannot give {self.world} workers a micro-batch "
+                              f"of {s.micro_batch_size}")
+            warnings.warn(f"stage 1: no validation loss: {why}", stacklevel=1)
         # Padding is masked out of attention and labels; any id will do where the tokenizer names no pad token.
         tokenizer = self.music.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.music.eot_id

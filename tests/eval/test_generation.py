@@ -9,7 +9,6 @@ from musicray.compose import Composer
 from musicray.encoding import base_tempo, encode
 from musicray.eval import metrics as m
 from musicray.eval.generation import (
-    adapter_for,
     compose_batch,
     compose_each,
     eval_window,
@@ -117,15 +116,39 @@ def windows(eval_data):
     return eval_windows(split_songs(eval_data), 2, 2, VOCAB)
 
 
-def test_batched_composition_equals_one_song_at_a_time(composer, windows):
-    batched = compose_batch(composer, [w.request for w in windows])
-    for window, result in zip(windows, batched):
+@pytest.mark.parametrize("compose_songs", [compose_batch, compose_each], ids=["batched", "one at a time"])
+def test_the_evaluation_composes_as_the_composer_does(composer, windows, compose_songs):
+    composed = compose_songs(composer, [w.request for w in windows])
+    for window, result in zip(windows, composed):
         song, report = composer.compose(window.request)
         assert result.song == song and result.song.form == window.song.form
         assert list(result.stages) == list(SUBTASKS)
         assert [i["tokens"] for i in result.stages.values()] == [i["tokens"] for i in report["stages"].values()]
     with pytest.raises(ValueError, match="compose_each"):
         compose_batch(composer, [dataclasses.replace(w.request, use_mask=False) for w in windows])
+
+
+# The parts of the real window a request gives so that the composer runs only ``task`` on its inputs.
+GIVEN_FOR_STAGE = {
+    "chord": (),
+    "melody": ("chords",),
+    "secondary": ("chords", "melody"),
+    "dynamics": ("chords", "melody", "bridge", "piano"),
+    "tempo": ("melody",),
+}
+WINDOW_PART = {"chords": lambda song: song.chords, "melody": lambda song: song.tracks["MELODY"],
+               "bridge": lambda song: song.tracks["BRIDGE"], "piano": lambda song: song.tracks["PIANO"]}
+
+
+@pytest.mark.parametrize("task", SUBTASKS)
+def test_a_single_stage_of_the_evaluation_is_the_composers_stage(composer, windows, task):
+    """The same prompt, plan, budget and seed: the tempo stage starts at the window's tempo in both."""
+    streams = stage_streams(composer, windows, task, use_mask=True)
+    for window, stream in zip(windows, streams):
+        given = {name: WINDOW_PART[name](window.song) for name in GIVEN_FOR_STAGE[task]}
+        _, report = composer.compose(dataclasses.replace(window.request, stages=(task,), **given))
+        assert list(report["stages"]) == [task]
+        assert report["stages"][task]["tokens"] == VOCAB.describe(stream.tokens)
 
 
 def test_unmasked_composition_records_the_stage_that_failed(composer, windows):
@@ -158,12 +181,12 @@ def test_unmasked_single_stages_keep_the_raw_music_tokens(composer, windows):
     assert [s.tokens for s in again] == [s.tokens for s in streams]   # seeded
 
 
-def test_adapter_for_switches_between_adapter_and_stage1(composer, windows):
+def test_use_adapter_switches_between_adapter_and_stage1(composer, windows):
     example = encode(windows[0].song, ADAPTED[0], VOCAB)
     ids = torch.tensor([composer.music.prompt_ids(example)])
 
     def logits(task):
-        with adapter_for(composer, task), torch.no_grad():
+        with composer.use_adapter(task), torch.no_grad():
             return composer.model(input_ids=ids).logits[0, -1]
 
     with_adapter, alone = logits(ADAPTED[0]), logits(None)

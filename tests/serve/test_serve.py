@@ -562,3 +562,39 @@ def test_cli_main_reports_a_missing_run_dir(tmp_path, capsys):
     assert "--run" in capsys.readouterr().err
     assert main(["serve", "--run", str(tmp_path / "nowhere"), "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+def test_the_schemas_bounds_are_the_ranges_the_library_checks():
+    """The OpenAPI bounds come from ``SAMPLING_RANGES`` and ``TEMPO_RANGE``: what the schema allows, the library
+    allows, and the other way round."""
+    from musicray.request import TEMPO_RANGE
+    from musicray.sampling import SAMPLING_RANGES
+    from musicray.serve.schema import GenerateBody, StageSamplingBody
+
+    def bounds(prop: dict) -> tuple:
+        prop = next((p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"), prop)
+        low = prop.get("exclusiveMinimum", prop.get("minimum"))
+        return low, "exclusiveMinimum" in prop, prop["maximum"]
+
+    for body in (GenerateBody, StageSamplingBody):
+        properties = body.model_json_schema()["properties"]
+        for name, setting in SAMPLING_RANGES.items():
+            assert bounds(properties[name]) == (setting.low, setting.low_open, setting.high), (body, name)
+    assert bounds(GenerateBody.model_json_schema()["properties"]["tempo"]) == (TEMPO_RANGE.low, False,
+                                                                               TEMPO_RANGE.high)
+    assert GenerateBody(form="A2", allow_missing_adapters=True).allow_missing_adapters
+
+
+def test_a_stage_without_its_adapter_is_a_400_and_a_failing_stage_a_500():
+    """What a stage deployment answers for a song (``_error``) becomes the ingress' status (``_failed``): a stage
+    whose adapter the run lacks was refused by the request's own choice (400), any other failure is the
+    server's (500)."""
+    from musicray.errors import MissingRunPart, SongError
+    from musicray.serve.app import _failed
+    from musicray.serve.stages import _error
+
+    missing = _failed("tempo", _error(MissingRunPart("adapters: no LoRA adapter for tempo in run/adapters"))["error"])
+    assert (missing.stage, missing.status, str(missing)) == ("tempo", 400,
+                                                             "adapters: no LoRA adapter for tempo in run/adapters")
+    failing = _failed("melody", _error(SongError("melody: the unmasked model produced x"))["error"])
+    assert (failing.stage, failing.status) == ("melody", 500) and "the stage failed on this song" in str(failing)

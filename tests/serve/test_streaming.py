@@ -18,7 +18,8 @@ def test_generate_stream_prints_every_stage_and_its_bars_in_order(tmp_path, make
     run = tmp_path / "run"
     make_random_run(run, ["chord", "melody", "tempo"], tmp_path / "cache")   # the others run on stage 1 alone
     out = tmp_path / "song.mid"
-    assert main(["generate", "--run", str(run), "--form", "A2b1", "--seed", "3", "--stream", "--out", str(out)]) == 0
+    assert main(["generate", "--run", str(run), "--form", "A2b1", "--seed", "3", "--stream", "--out", str(out),
+                 "--allow-missing-adapters"]) == 0
     # (vLLM's own log lines go to the same stdout: only the command's lines are read)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("== ", "   "))]
     stages = [line.split()[1] for line in lines if line.startswith("== ")]

@@ -11,7 +11,9 @@ from musicray.model import add_music_tokens, load_base
 from musicray.song import SongError
 from musicray.tokens import TASKS, Vocabulary
 from musicray.train.config import Config, load_config
-from musicray.train.data import RenderedDataset, collate, collate_packed, load_examples, pack, packed_batches
+from musicray.train.data import (
+    RenderedDataset, collate, collate_packed, load_examples, pack, packed_batches, validation_examples,
+)
 from musicray.train.loss import answer_masks, causal_lm_loss
 
 VOCAB = Vocabulary()
@@ -195,3 +197,25 @@ def test_train_on_inputs_labels_the_prompt_music_and_keeps_the_answer_start(batc
     assert sum(x != -100 for x in with_inputs.labels) == sum(x != -100 for x in plain.labels) + len(example.prompt)
     with pytest.raises(SongError, match="stage1.train_on_inputs"):
         load_config(None, ["stage1.train_on_inputs=true", "stage1.mask_loss=true"])
+
+
+# Synthetic song ids and the splits their ids hash into (musicray.data.prepare.split_of).
+VALIDATION_CASES = {
+    "no prepared table": (None, "no such table"),
+    "no song in the validation split": (("synth-0000", "synth-0001"), "no songs in its validation split"),
+    "a validation song": (("synth-0001", "synth-0007"), None),
+}
+
+
+@pytest.mark.parametrize("song_ids, why", VALIDATION_CASES.values(), ids=VALIDATION_CASES.keys())
+def test_validation_examples_say_why_there_are_none(tmp_path, song_ids, why):
+    from musicray.data.prepare import SynthSource, prepare_one, write_tables
+
+    if song_ids is not None:
+        source = SynthSource(8)
+        write_tables([prepare_one(source, song_id, VOCAB) for song_id in song_ids], tmp_path, VOCAB)
+    examples, missing = validation_examples(tmp_path, ["melody"], VOCAB, 4)
+    if why is None:
+        assert examples and missing is None and {e.task for e in examples} == {"melody"}
+    else:
+        assert examples == [] and why in missing

@@ -1,0 +1,264 @@
+"""A composer request and the one builder of it: ``request_from_fields`` turns what the command line
+(``musicray generate``) or the HTTP body (``POST /v1/generate``) gives into a checked ``Request``; both front ends
+only read their files or uploads and name their fields. ``stage_settings``/``stage_request`` are the wire form a
+stage deployment gets (JSON-ready, built back through the same ``Request``).
+
+Light (no torch): the command line and the HTTP schema import it before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+
+from musicray.errors import SongError
+from musicray.harmony import canonical_chord, canonical_key
+from musicray.sampling import SAMPLING_RANGES, SettingRange, Sampling, stage_sampling
+from musicray.song import (TRACKS, Chord, Note, Song, Tempo, form_returns, metre, parse_form, song_from_dict,
+                           song_to_dict)
+from musicray.tokens import SUBTASKS
+
+# The base tempo a request may ask for (also the HTTP schema's bounds).
+TEMPO_RANGE = SettingRange(float, 20, 300, text="20..300 bpm", help="base tempo, bpm")
+# How much a returning section varies its first occurrence (``Request.variation``).
+VARIATION_RANGE = SettingRange(float, 0, 1, text="0..1", help=(
+    "how much a returning section varies its first occurrence: each returning bar repeats the first occurrence's "
+    "(chords, melodies, velocities) with probability 1 - variation; 0 = every return repeats, 1 = written anew; "
+    "unset: as the model writes it"))
+
+
+class FieldError(SongError):
+    """A request field that cannot be used; ``field`` is its name as the front end calls it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message if message.startswith(f"{field}:") else f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class Request:
+    form: str
+    key: str = "C:maj"
+    metre: str = "4/4"
+    tempo: int = 100
+    seed: int = 0
+    chords: list[Chord] | None = None
+    melody: list[Note] | None = None
+    stages: tuple[str, ...] = SUBTASKS
+    sampling: Sampling = field(default_factory=Sampling)
+    use_mask: bool = True
+    bridge: list[Note] | None = None  # a given secondary melody (BRIDGE) replaces the secondary stage
+    piano: list[Note] | None = None   # a given accompaniment is performed as it is instead of the voiced chords
+    # Infilling: the bars (0-based) that ``stages`` write anew; every other bar of those stages keeps what the
+    # request gives (chords, melody, bridge, piano, tempo), token for token. None: compose as usual.
+    regenerate: tuple[int, ...] | None = None
+    tempos: list[Tempo] | None = None  # a given tempo map (kept outside the regenerated bars)
+    # Sampling settings of single stages instead of ``sampling`` (e.g. a cooler melody over livelier dynamics).
+    stage_sampling: dict[str, Sampling] | None = None
+    # A requested stage whose adapter the run lacks is refused unless this allows it (it then runs on the
+    # stage-1 model alone, and its report says ``"adapter": null``).
+    allow_missing_adapters: bool = False
+    # VARIATION_RANGE; None: the model alone decides how returns sound
+    variation: float | None = None
+
+    def sampling_for(self, stage: str) -> Sampling:
+        """How ``stage``'s tokens are drawn: its own settings where ``stage_sampling`` has them, else ``sampling``."""
+        return (self.stage_sampling or {}).get(stage, self.sampling)
+
+    def song(self) -> Song:
+        """The song the request describes, empty but for what it gives (validated: form, key, metre, tempo)."""
+        sections = parse_form(self.form)
+        spec = metre(self.metre)
+        TEMPO_RANGE.checked(self.tempo, "tempo")
+        try:
+            key = canonical_key(self.key)
+        except SongError as err:
+            raise SongError(f"key: {err}") from None
+        song = Song("generated", key, spec.name, sections, chords=list(self.chords or []),
+                    tracks={name: [] for name in TRACKS},
+                    tempos=[t for t in self.tempos if t.bar < sum(s.bars for s in sections)] if self.tempos
+                    else [Tempo(0, 0, float(self.tempo))])
+        for name, notes in (("MELODY", self.melody), ("BRIDGE", self.bridge), ("PIANO", self.piano)):
+            if notes:
+                song.tracks[name] = [song.inside_form(n) for n in sorted(notes) if n.bar < song.n_bars]
+        for field_name, names in (("stages", self.stages), ("stage_sampling", self.stage_sampling or {})):
+            unknown = set(names) - set(SUBTASKS)
+            if unknown:
+                raise SongError(f"{field_name}: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
+        if self.variation is not None:
+            VARIATION_RANGE.checked(self.variation, "variation")
+        if self.regenerate is not None:
+            outside = sorted(b for b in self.regenerate if not 0 <= b < song.n_bars)
+            if outside or not self.regenerate:
+                raise SongError(f"regenerate: bars {[b + 1 for b in outside] or '(none)'} are not bars of the form "
+                                f"{song.form} (1..{song.n_bars})")
+        song.check()
+        return song
+
+    def returns(self) -> list[tuple[int, int]]:
+        """(bar, first occurrence's bar), 0-based: the returning bars that repeat their first occurrence under
+        ``variation``, the same draw for every stage (a repeated melody bar sits on its repeated chords)."""
+        if self.variation is None:
+            return []
+        draw = random.Random(f"returns-{self.seed}")
+        return [(bar, source) for bar, source in form_returns(parse_form(self.form))
+                if draw.random() >= self.variation]
+
+
+def parse_chords(text: str, form: str, metre_name: str) -> list[Chord]:
+    """Chords from text: one entry per bar, cycled over the form's bars; ``C:maj,G:maj`` splits a bar evenly."""
+    bars = sum(s.bars for s in parse_form(form))
+    spec = metre(metre_name)
+    entries = text.split()
+    if not entries:
+        raise SongError("chords: no chord given")
+    chords = []
+    for bar in range(bars):
+        labels = entries[bar % len(entries)].split(",")
+        for k, label in enumerate(labels):
+            position = (k * spec.beats_per_bar // len(labels)) * spec.positions_per_beat
+            try:
+                chords.append(Chord(bar, position, canonical_chord(label)))
+            except SongError as err:
+                raise SongError(f"chords: bar {bar + 1}: {err}") from None
+    return chords
+
+
+def regenerated_bars(form: str, labels: str | None = None, bars: str | None = None) -> tuple[int, ...]:
+    """The bars (0-based) to write anew: every bar of the sections whose label is in ``labels`` (e.g. ``B`` or
+    ``A,B``) and the 1-based inclusive ranges of ``bars`` (e.g. ``9-16`` or ``1-4,9``)."""
+    sections = parse_form(form)
+    chosen: set[int] = set()
+    if labels:
+        wanted = {label.strip() for label in labels.split(",") if label.strip()}
+        missing = wanted - {s.label for s in sections}
+        if missing:
+            raise SongError(f"regenerate: the form {form} has no section labelled {', '.join(sorted(missing))}")
+        start = 0
+        for section in sections:
+            if section.label in wanted:
+                chosen.update(range(start, start + section.bars))
+            start += section.bars
+    if bars:
+        n_bars = sum(s.bars for s in sections)
+        for part in bars.split(","):
+            first, _, last = part.strip().partition("-")
+            try:
+                low, high = int(first), int(last or first)
+            except ValueError:
+                raise SongError(f"regenerate-bars: cannot read {part!r}; expected e.g. 9-16 or 1-4,9") from None
+            if not 1 <= low <= high <= n_bars:
+                raise SongError(f"regenerate-bars: {part.strip()} is not a range of bars in 1..{n_bars}")
+            chosen.update(range(low - 1, high))
+    if not chosen:
+        raise SongError("regenerate: no bar chosen (give section labels or bar ranges)")
+    return tuple(sorted(chosen))
+
+
+
+
+def request_from_fields(form: str | None = None, key: str | None = None, metre_name: str | None = None,
+                        tempo: float | None = None, seed: int = 0, chords: str | None = None,
+                        melody: list[Note] | None = None, given: Song | None = None, regenerate: str | None = None,
+                        regenerate_bars: str | None = None, stages: tuple[str, ...] | list[str] | None = None,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        stage_settings: dict | None = None, use_mask: bool = True,
+                        allow_missing_adapters: bool = False, variation: float | None = None,
+                        max_bars: int | None = None,
+                        names: dict[str, str] | None = None) -> Request:
+    """The request the command line or an HTTP body describes, checked; ``FieldError`` names the field at fault
+    as the front end calls it (``names`` maps this function's argument names to those, e.g. ``given`` to
+    ``--song`` or ``song_midi``).
+
+    ``given`` is a whole song whose parts replace their stages (and whose form, key, metre and first tempo are
+    used where those are not given); ``melody`` a given main melody; ``chords`` the chord text of
+    ``parse_chords``; ``regenerate``/``regenerate_bars`` choose the bars infilling rewrites (needs ``given``);
+    ``stage_settings`` is ``{stage: {setting: value}}`` over ``temperature``/``top_k``/``top_p``; ``max_bars``
+    caps the form's length (a server's limit)."""
+    names = names or {}
+
+    def named(argument: str) -> str:
+        return names.get(argument, argument)
+
+    def checked(argument: str, fn, *args):
+        try:
+            return fn(*args)
+        except FieldError:
+            raise
+        except SongError as err:
+            raise FieldError(named(argument), str(err)) from None
+
+    form = form or (given.form if given else None)
+    if not form:
+        raise FieldError(named("form"), f"required (or give {named('given')}, whose form is used)")
+    bars = sum(s.bars for s in checked("form", parse_form, form))
+    if max_bars is not None and bars > max_bars:
+        raise FieldError(named("form"), f"{form!r} has {bars} bars; this server composes at most max_bars={max_bars}")
+    key = checked("key", canonical_key, key or (given.key if given else "C:maj"))
+    metre_name = checked("metre", metre, metre_name or (given.metre if given else "4/4")).name
+    if tempo is None:
+        tempo = round(given.tempos[0].bpm) if given and given.tempos else 100
+    checked("tempo", TEMPO_RANGE.checked, tempo, named("tempo"))
+    if given is not None:
+        given = dataclasses.replace(given, tracks={name: [n for n in given.tracks.get(name, []) if n.bar < bars]
+                                                   for name in TRACKS})
+        if not any(given.tracks.values()):
+            raise FieldError(named("given"), f"no MELODY, BRIDGE or PIANO notes in the first {bars} bars")
+    if melody is not None:
+        melody = [n for n in melody if n.bar < bars]
+        if not melody:
+            raise FieldError(named("melody"), f"no MELODY notes in the first {bars} bars")
+    parsed_chords = checked("chords", parse_chords, chords, form, metre_name) if chords is not None else None
+    infilling = None
+    if regenerate is not None or regenerate_bars is not None:
+        if given is None:
+            raise FieldError(named("regenerate"),
+                             f"infilling rewrites part of a given song: give it with {named('given')}")
+        infilling = checked("regenerate" if regenerate is not None else "regenerate_bars", regenerated_bars, form,
+                            regenerate, regenerate_bars)
+    sampling = Sampling(**{name: checked(name, SAMPLING_RANGES[name].checked, value, named(name))
+                           for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))})
+    per_stage = checked("stage_settings", stage_sampling, stage_settings or {}, sampling, named("stage_settings"))
+    if variation is not None:
+        variation = checked("variation", VARIATION_RANGE.checked, variation, named("variation"))
+    return Request(form=form, key=key, metre=metre_name, tempo=tempo, seed=seed,
+                   chords=parsed_chords or (given.chords if given else None),
+                   melody=melody or (given.tracks["MELODY"] if given else None),
+                   stages=tuple(stages) if stages else SUBTASKS, sampling=sampling, use_mask=use_mask,
+                   bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
+                   regenerate=infilling, tempos=given.tempos if given and infilling else None,
+                   stage_sampling=per_stage or None, allow_missing_adapters=allow_missing_adapters,
+                   variation=variation)
+
+
+def stage_settings(request: Request) -> dict:
+    """What a stage deployment needs besides the song: the seed, the sampling settings, the adapter switch and,
+    when infilling, the bars to rewrite and the song as given (the kept bars come from it). JSON-ready; read
+    back by ``stage_request``."""
+    settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask,
+                "allow_missing_adapters": request.allow_missing_adapters, "variation": request.variation}
+    if request.stage_sampling:
+        settings["stage_sampling"] = {stage: dataclasses.asdict(sampling)
+                                      for stage, sampling in request.stage_sampling.items()}
+    if request.regenerate is not None:
+        settings["regenerate"] = list(request.regenerate)
+        settings["given"] = song_to_dict(request.song())
+    return settings
+
+
+def stage_request(song: Song, settings: dict) -> Request:
+    """The request a stage deployment runs for ``song`` (the song so far) and the ingress' ``stage_settings``."""
+    sampling = Sampling(float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"]))
+    per_stage = {stage: Sampling(**values) for stage, values in settings.get("stage_sampling", {}).items()}
+    request = Request(form=song.form, seed=int(settings["seed"]), use_mask=settings.get("use_mask", True),
+                      sampling=sampling, stage_sampling=per_stage or None,
+                      allow_missing_adapters=settings.get("allow_missing_adapters", False),
+                      variation=settings.get("variation"))
+    if settings.get("regenerate") is not None:
+        given = song_from_dict(settings["given"])
+        request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,
+                                      melody=given.tracks["MELODY"], bridge=given.tracks["BRIDGE"],
+                                      piano=given.tracks["PIANO"], tempos=given.tempos,
+                                      regenerate=tuple(settings["regenerate"]))
+    return request

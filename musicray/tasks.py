@@ -1,0 +1,126 @@
+"""The sub-tasks as data: one frozen ``SubTask`` record per stage of a song (chord, melody, secondary, dynamics,
+tempo), read by the composer, the engines, the evaluation and the server instead of ``if task == ...`` branches.
+
+A record says what the stage writes (its target stream), what its prompt reads (inputs and optional inputs, the
+encoding's tables), how many tokens per bar it may spend beyond the form's minimum, whether its first bar is
+forced (the tempo stage starts at the request's tempo), what it prepares in the song before it runs (dynamics
+voice the PIANO part, which they perform too), what it redoes after infilling (rewritten chords re-voice the
+PIANO of those bars), which request field gives its part instead (then the stage does not run), its LoRA adapter,
+what a streamed bar event carries, and the name of its Serve stage method. Adding a sub-task is a new row here
+(plus its stream in ``musicray.encoding`` and its token in ``musicray.tokens``).
+
+Low in the import graph on purpose: it reads the encoding, tokens and songs, and nothing that runs a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from musicray.accompaniment import revoice_bars, voice_piano
+from musicray.encoding import (OPTIONAL_INPUTS, STREAMS, TASK_INPUTS, TASK_TARGET, bar_contents, base_tempo,
+                               decode_header, quantized)
+from musicray.song import Song
+from musicray.tokens import SUBTASKS, Vocabulary
+
+
+def voice_and_quantize(song: Song, vocab: Vocabulary) -> None:
+    """Before dynamics: voice the PIANO part if the song has none (dynamics perform it too), and give the notes
+    the canonical form the prompt writes (one per onset and pitch, inside the form)."""
+    if not song.tracks["PIANO"] and song.chords:
+        song.tracks["PIANO"] = voice_piano(song)
+    song.tracks = quantized(song, vocab).tracks
+
+
+def requested_tempo_bar(song: Song, vocab: Vocabulary) -> tuple[int, ...]:
+    """The tempo stage's first bar: the requested tempo is where the song starts; the model writes how it moves
+    on from there."""
+    return (vocab.token("Tempo", base_tempo(song, vocab)),)
+
+
+Copies = list[tuple[int, int]]
+
+
+def every_return(copies: Copies, prompt: list[int], vocab: Vocabulary) -> Copies:
+    """A returning bar repeats its first occurrence's tokens (chords, a melody)."""
+    return copies
+
+
+def returns_with_the_same_notes(copies: Copies, prompt: list[int], vocab: Vocabulary) -> Copies:
+    """Velocities go by note order: a returning bar repeats its first occurrence's velocities where the prompt's
+    notes have the same onsets and pitches there (durations aside: the accompaniment's last chord lasts into
+    whatever follows the bar)."""
+    notes = [[t for t in content if vocab.family[t] != "Dur"] for content in
+             bar_contents(decode_header(prompt, vocab).inputs.get("notes", []), vocab)]
+    return [(bar, source) for bar, source in copies if notes[bar - 1] == notes[source - 1]]
+
+
+@dataclass(frozen=True)
+class SubTask:
+    """One stage of a song (see the module docstring)."""
+
+    name: str
+    tokens_per_bar: int
+    """Tokens the stage may emit per bar beyond the form's minimum: caps runaway generations while leaving room
+    for dense bars (0: the form and the notes fix the stream's length)."""
+    bar_event: str
+    """The key of a streamed bar event's payload: ``chords``, ``notes``, ``velocities`` or ``bpm``."""
+    given_by: str | None = None
+    """The ``Request`` field that gives this stage's part instead (the stage then does not run), if any."""
+    forced_first_bar: Callable[[Song, Vocabulary], tuple[int, ...]] | None = None
+    """The tokens of the stage's first bar, fixed before it runs (outside infilling), if any."""
+    prepare: Callable[[Song, Vocabulary], None] | None = None
+    """What the stage needs in the song before its prompt is built, if anything."""
+    after_infilling: Callable[[Song, tuple[int, ...]], None] | None = None
+    """What follows the stage when it rewrote ``bars`` (0-based) of a given song, if anything."""
+    returns: Callable[[Copies, list[int], Vocabulary], Copies] | None = None
+    """Which of the request's returning bars (bar, first occurrence's bar; from 1) the stage copies, given its
+    prompt (``Request.variation``); None: it writes every bar anew."""
+
+    @property
+    def target(self) -> str:
+        """The stream the stage writes."""
+        return TASK_TARGET[self.name]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The streams its prompt always carries (the earlier stages' outputs)."""
+        return TASK_INPUTS[self.name]
+
+    @property
+    def optional_inputs(self) -> tuple[str, ...]:
+        """Streams its prompt carries when the song has them (e.g. a given melody for the chord task)."""
+        return OPTIONAL_INPUTS.get(self.name, ())
+
+    @property
+    def track(self) -> str | None:
+        """The one track a melodic stage writes (MELODY, BRIDGE), else None."""
+        tracks = STREAMS[self.target].tracks
+        return tracks[0] if len(tracks) == 1 else None
+
+    @property
+    def adapter(self) -> str:
+        """The name of its LoRA adapter (``adapters/<name>/`` in a run dir, the PEFT and vLLM adapter name)."""
+        return self.name
+
+    @property
+    def serve_method(self) -> str:
+        """The stage deployments' method that runs this stage alone (the per-adapter layout)."""
+        return self.name
+
+
+SUBTASK_RECORDS: dict[str, SubTask] = {task.name: task for task in (
+    SubTask("chord", tokens_per_bar=24, bar_event="chords", given_by="chords", after_infilling=revoice_bars,
+            returns=every_return),
+    SubTask("melody", tokens_per_bar=96, bar_event="notes", given_by="melody", returns=every_return),
+    SubTask("secondary", tokens_per_bar=96, bar_event="notes", given_by="bridge", returns=every_return),
+    SubTask("dynamics", tokens_per_bar=0, bar_event="velocities", prepare=voice_and_quantize,
+            returns=returns_with_the_same_notes),
+    SubTask("tempo", tokens_per_bar=0, bar_event="bpm", forced_first_bar=requested_tempo_bar),
+)}
+assert tuple(SUBTASK_RECORDS) == SUBTASKS, "one record per sub-task, in stage order"
+
+
+def subtask(name: str) -> SubTask:
+    """The record of sub-task ``name``."""
+    return SUBTASK_RECORDS[name]
