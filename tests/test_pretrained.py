@@ -2,25 +2,23 @@
 Face directory, then the same path as any local checkpoint: its real BPE tokenizer gets the music tokens, a few
 training steps on real POP909 windows lower the loss, and the stage-1 model composes a song under the grammar mask.
 
-The 135M model takes tens of seconds to convert and load on two cores: one conversion serves the module."""
+The 135M model takes tens of seconds to convert and load on two cores: one conversion (conftest's ``smol_base``)
+serves the session; without the wheel's packages those tests skip with the install line."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
 from musicray.errors import SongError
 from musicray.model import INSTRUCTIONS, add_music_tokens, load_base, resolve_base, save_music_model
-from musicray.pretrained import INSTALL, SHIPPED, SMOLLM2, ShippedBase, gguf_file
+from musicray.pretrained import INSTALL, SMOLLM2, ShippedBase, gguf_file
 from musicray.tokens import Vocabulary
 
 SMOL = "smollm2-135m-instruct"
-MISSING = [package for package in (SMOLLM2.package, "gguf") if importlib.util.find_spec(package) is None]
-needs_smol = pytest.mark.skipif(bool(MISSING), reason=f"{', '.join(MISSING)} not installed ({INSTALL})")
 
 
 @pytest.mark.parametrize("base, message", [
@@ -36,18 +34,8 @@ def test_a_shipped_base_that_cannot_be_found_names_the_install_line(base, messag
     assert INSTALL in str(caught.value)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def converted(cache):
-    return resolve_base(SMOL, cache)
-
-
-@needs_smol
-def test_the_converted_base_is_a_plain_llama_checkpoint(converted, cache):
+def test_the_converted_base_is_a_plain_llama_checkpoint(smol_base):
+    cache, converted = smol_base
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
@@ -61,7 +49,8 @@ def test_the_converted_base_is_a_plain_llama_checkpoint(converted, cache):
 
 
 @pytest.fixture(scope="module")
-def smol_music(converted, cache):
+def smol_music(smol_base):
+    cache, _ = smol_base
     model, tokenizer = load_base(SMOL, cache)
     text_size = len(tokenizer)
     torch.manual_seed(0)
@@ -69,7 +58,6 @@ def smol_music(converted, cache):
     return model, music, text_size
 
 
-@needs_smol
 def test_music_tokens_are_whole_on_the_real_bpe_and_the_chat_template_stays(smol_music):
     model, music, text_size = smol_music
     tokenizer, vocab = music.tokenizer, music.vocab
@@ -102,7 +90,6 @@ def pop909_batch(pop909_root, smol_music):
     return collate(dataset.items, music.tokenizer.pad_token_id)
 
 
-@needs_smol
 def test_training_steps_then_composing_a_song_under_the_grammar(smol_music, pop909_batch, tmp_path):
     from musicray.compose import Composer, Request
     from musicray.train.loss import causal_lm_loss
