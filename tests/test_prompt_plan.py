@@ -25,7 +25,7 @@ PROMPTS: list[tuple[str, dict]] = [
     ("a sad song in E minor at 70 bpm, speeding up at the end",
      {"key": "E:min", "tempo": 70, "tempo_direction": "speeding up"}),
 ]
-HONOURED_AT_LEAST = 0.6   # measured: see docs/results.md ("Songs planned from words"); the goal is 0.8
+HONOURED_AT_LEAST = 0.75   # measured 12 of 14 (0.86; docs/results.md, "Songs planned from words"); one miss of margin
 
 
 @pytest.mark.parametrize("field", PLAN_GRAMMAR, ids=lambda field: field.name)
