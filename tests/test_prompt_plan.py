@@ -96,3 +96,12 @@ def test_prompts_become_valid_plans_that_honour_what_they_state(planner: PromptP
             else:
                 missed.append((prompt, name, getattr(plan, name), value))
     assert honoured / stated >= HONOURED_AT_LEAST, missed
+
+
+def test_the_plan_command_prints_the_plan_as_json(tmp_path, capsys):
+    from musicray.cli import main
+
+    assert main(["plan", "--prompt", "a waltz in G major", "--base", "tiny", "--cache-dir", str(tmp_path)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan) == {"form", "key", "metre", "tempo", "tempo_direction", "sections"}
+    Request(plan["form"], plan["key"], plan["metre"], plan["tempo"]).song()
