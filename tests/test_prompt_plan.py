@@ -102,6 +102,7 @@ def test_the_plan_command_prints_the_plan_as_json(tmp_path, capsys):
     from musicray.cli import main
 
     assert main(["plan", "--prompt", "a waltz in G major", "--base", "tiny", "--cache-dir", str(tmp_path)]) == 0
-    plan = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out   # under pytest, a library's logging may come first (the command alone prints none)
+    plan = json.loads(out[out.index("{\n"):])
     assert set(plan) == {"form", "key", "metre", "tempo", "tempo_direction", "sections"}
     Request(plan["form"], plan["key"], plan["metre"], plan["tempo"]).song()
