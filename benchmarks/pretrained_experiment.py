@@ -1,0 +1,127 @@
+"""Pretrained vs random initialisation: SmolLM2-135M-Instruct and the same architecture with fresh weights.
+
+Each base (``musicray.pretrained.SHIPPED``: the same config, tokenizer and chat template; only the weights differ)
+gets the music tokens (mean-resized rows, same seed) and is trained with a plain PyTorch loop (the loss and the
+packed data stream of ``musicray.train``, the prompts' music labelled as in the ``pop909-smol`` preset; no Ray, so
+the runs differ in nothing but the initial weights) on POP909's train split. Then, on the test split:
+
+* teacher-forced loss and accuracy per sub-task, plain and under the grammar mask (``musicray.eval.teacher_forced``);
+* teacher-forced relations (``musicray.eval.relations``): probability on chord tones and on the key's scale at
+  melody pitch positions, probability of holding the previous bar's tempo.
+
+    .venv/bin/python benchmarks/pretrained_experiment.py --steps 20 --out runs/pretrained
+    # or one process per base, side by side:
+    .venv/bin/python benchmarks/pretrained_experiment.py --bases smollm2-135m-instruct --threads 1 --out runs/pre-smol &
+    .venv/bin/python benchmarks/pretrained_experiment.py --bases smollm2-135m-random --threads 1 --out runs/pre-random
+
+Needs the shipped base's packages (``musicray.pretrained.INSTALL``). Writes ``<out>/pretrained_experiment.json``
+and prints a Markdown table (docs/results.md keeps the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from musicray.eval.relations import relation_scores
+from musicray.eval.teacher_forced import held_out_dataset, teacher_forced
+from musicray.grammar import Grammar
+from musicray.model import add_music_tokens, load_base
+from musicray.pretrained import SHIPPED
+from musicray.tokens import Vocabulary
+from musicray.train.config import load_config
+from musicray.train.data import RenderedDataset, collated_batches, load_examples, resolve_data_dir
+from musicray.train.loss import causal_lm_loss
+
+TASKS = ["chord", "melody", "tempo"]
+EVAL_TASKS = ["melody", "tempo"]   # the relations' sub-tasks
+
+
+def train(base: str, args, data_dir: Path) -> dict:
+    model, tokenizer = load_base(base, args.cache)
+    torch.manual_seed(args.seed)
+    music = add_music_tokens(model, tokenizer, Vocabulary())
+    train_set = RenderedDataset(load_examples(data_dir, TASKS, "train", music.vocab, args.max_bars, args.train_songs),
+                                music, args.max_length, train_on_inputs=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
+                                                 (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    batches = collated_batches(train_set, args.batch_size, args.seed, 0, 1, music.tokenizer.pad_token_id,
+                               args.max_length)
+    model.train()
+    started, losses, tokens = time.perf_counter(), [], 0
+    for step in range(args.steps):
+        batch = next(batches)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        loss = causal_lm_loss(logits, batch["labels"], segment_rows=batch.get("segment_rows"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(round(loss.item(), 4))
+        tokens += int((batch["labels"] != -100).sum())
+        print(f"  {base} step {step + 1}/{args.steps} loss {losses[-1]:.3f} "
+              f"({tokens / (time.perf_counter() - started):.0f} labelled tokens/s)", flush=True)
+    train_seconds = time.perf_counter() - started
+    del optimizer
+    model.eval()
+    grammar = Grammar(music.vocab)
+    held_out = {task: held_out_dataset(data_dir, task, music, args.max_length, args.max_bars, args.eval_examples)
+                for task in EVAL_TASKS}
+    scores = {task: teacher_forced(model, music, held_out[task], grammar, args.eval_batch).to_dict()
+              for task in EVAL_TASKS}
+    relations = relation_scores(model, music, held_out["melody"], held_out["tempo"], args.eval_batch)
+    return {"base": base, "train_rows": args.steps * args.batch_size, "labelled_tokens": tokens,
+            "train_seconds": round(train_seconds, 1), "losses": losses,
+            "last_loss": round(statistics.mean(losses[-5:]), 4), "teacher_forced": scores,
+            "relations": relations.to_dict()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/pretrained")
+    parser.add_argument("--cache", default="~/.cache/musicray", help="where the bases are converted")
+    parser.add_argument("--bases", nargs="+", default=list(SHIPPED), choices=list(SHIPPED))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=1, help="packed rows of --max-length tokens per step")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--max-bars", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--train-songs", type=int, default=100, help="the first N songs of the train split")
+    parser.add_argument("--eval-examples", type=int, default=16, help="test examples per sub-task")
+    parser.add_argument("--eval-batch", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (run one process per base with 1)")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    data_dir = resolve_data_dir(load_config(None, ["data.source=pop909", f"cache_dir={args.cache}"]))
+    results = []
+    for base in args.bases:
+        print(f"== {base}", flush=True)
+        results.append(train(base, args, data_dir))
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}, indent=1), flush=True)
+    (Path(args.out) / "pretrained_experiment.json").write_text(json.dumps({"args": vars(args), "results": results},
+                                                                          indent=1))
+    print("\n| base | last loss (train) | test loss melody / tempo | masked accuracy melody | "
+          "chord-tone mass (real) | scale mass (real) | tempo hold p (real) | labelled tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        rel, tf = r["relations"], r["teacher_forced"]
+        test_losses = " / ".join(f"{tf[task]['loss']:.3f}" for task in EVAL_TASKS)
+        print(f"| {r['base']} | {r['last_loss']} | {test_losses} | "
+              f"{tf['melody']['masked_accuracy']:.3f} | {rel['chord_tone_mass']} ({rel['real_chord_tone']}) | "
+              f"{rel['scale_mass']} ({rel['real_in_scale']}) | {rel['tempo_hold']} ({rel['real_tempo_hold']}) | "
+              f"{r['labelled_tokens'] / r['train_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

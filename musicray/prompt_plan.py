@@ -1,0 +1,166 @@
+"""Songs planned from words: an instruct LLM writes a song's plan (form, key, metre, tempo, tempo direction) as
+JSON for a prompt such as "a gentle ballad in 3/4, verse-chorus-verse, slowing at the end".
+
+The plan's grammar is data (``PLAN_GRAMMAR``): the JSON's fixed text, and for each field the finite set of values
+it may take, written in words the model knows ("A minor", "chorus"). Decoding follows the grammar: at each field
+the model's log-likelihood of every allowed value, given the prompt and the plan so far, is summed over the
+value's tokens and the likeliest is written (a grammar mask over whole values rather than single tokens, so a value
+split into several BPE tokens is never left half-written). Every plan is therefore valid by construction and maps
+onto a ``musicray.compose.Request``'s fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from musicray.errors import SongError
+from musicray.harmony import canonical_key
+from musicray.song import METRES, form_string, Section
+
+# Section words -> POP909 phrase label and a default length in bars (upper case melodic, lower case not).
+SECTION_WORDS: dict[str, Section] = {
+    "intro": Section("i", 4), "verse": Section("A", 8), "chorus": Section("B", 8), "bridge": Section("C", 8),
+    "interlude": Section("x", 4), "outro": Section("o", 4),
+}
+MAX_SECTIONS = 8
+# Key names as a prompt may spell them (sharps and flats), each read by canonical_key.
+KEY_NAMES: tuple[str, ...] = ("C", "C#", "Db", "D", "D#", "Eb", "E", "F", "F#", "Gb", "G", "G#", "Ab", "A", "A#",
+                              "Bb", "B")
+KEY_MODES_IN_WORDS: dict[str, str] = {"major": "maj", "minor": "min"}
+TEMPI: tuple[int, ...] = tuple(range(40, 222, 2))   # bpm; even values cover any stated tempo within 1 bpm
+TEMPO_DIRECTIONS: tuple[str, ...] = ("steady", "slowing", "speeding up")
+
+DEFAULT_BASE = "smollm2-135m-instruct"   # the instruct model `musicray plan` uses when given none
+SYSTEM = ("You plan pop songs. Answer with the plan as JSON: form (the list of sections), key, metre, tempo in bpm "
+          "and tempo direction, as the request says.")
+
+
+@dataclass(frozen=True)
+class PlanField:
+    """One field of the plan JSON: the text written before its value, and the values it may take (as written)."""
+
+    name: str
+    before: str
+    values: tuple[str, ...]
+
+
+# The plan JSON, field by field (the form's sections are a list of SECTION_WORDS, decoded one at a time).
+PLAN_GRAMMAR: tuple[PlanField, ...] = (
+    PlanField("key", ', "key": "', tuple(f"{name} {mode}" for name in KEY_NAMES for mode in KEY_MODES_IN_WORDS)),
+    PlanField("metre", '", "metre": "', tuple(METRES)),
+    PlanField("tempo", '", "tempo": ', tuple(str(bpm) for bpm in TEMPI)),
+    PlanField("tempo_direction", ', "tempo_direction": "', TEMPO_DIRECTIONS),
+)
+# After each section the form goes on ('", "') or closes ('"]'): both written up to the character that differs,
+# so that neither choice is favoured for being shorter.
+FORM_OPEN, SECTION_NEXT, FORM_CLOSE = '{"form": ["', '", "', '"]'
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A song's plan in ``musicray.compose.Request`` terms, and the sections in words as the model wrote them."""
+
+    form: str
+    key: str
+    metre: str
+    tempo: int
+    tempo_direction: str
+    sections: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PromptPlanner:
+    """Writes plans with a causal LM and its chat-template tokenizer (a base model or a stage-1 model)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+
+    def plan(self, prompt: str) -> PromptPlan:
+        if not prompt or not prompt.strip():
+            raise SongError("prompt: empty; describe the song in words, e.g. 'a gentle ballad in 3/4'")
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt.strip()}],
+            add_generation_prompt=True, tokenize=False) + FORM_OPEN
+        sections: list[str] = []
+        while True:
+            word = self._choose(text, tuple(SECTION_WORDS))
+            sections.append(word)
+            text += word
+            if len(sections) == MAX_SECTIONS:
+                break
+            # another section, or the end of the form: the likelier continuation of the JSON
+            ending = self._choose(text, (SECTION_NEXT, FORM_CLOSE))
+            if ending == FORM_CLOSE:
+                break
+            text += SECTION_NEXT
+        text += FORM_CLOSE
+        values = {}
+        for field in PLAN_GRAMMAR:
+            text += field.before
+            values[field.name] = self._choose(text, field.values)
+            text += values[field.name]
+        name, mode = values["key"].split(" ")
+        return PromptPlan(form_string([SECTION_WORDS[word] for word in sections]),
+                          canonical_key(f"{name}:{KEY_MODES_IN_WORDS[mode]}"), values["metre"], int(values["tempo"]),
+                          values["tempo_direction"], tuple(sections))
+
+    @torch.no_grad()
+    def _choose(self, text: str, values: tuple[str, ...]) -> str:
+        """The value of ``values`` the model finds likeliest after ``text`` (summed log-probability of its tokens).
+
+        The text and each continuation are tokenized together (BPE may merge across the boundary); the ids all
+        continuations share are run once, and its KV cache, repeated per value, scores every value's remaining ids
+        in one batched forward pass (right-padded: a causal model's scores before the padding are unaffected)."""
+        full = [self.tokenizer(text + value, add_special_tokens=False)["input_ids"] for value in values]
+        shared = min(_common_prefix(full[0], ids) for ids in full)
+        shared = min(shared, min(len(ids) for ids in full) - 1)   # every value keeps at least one token to score
+        context = self.model(input_ids=torch.tensor([full[0][:shared]]), use_cache=True)
+        cache = context.past_key_values
+        cache.batch_repeat_interleave(len(values))
+        rests = [ids[shared:] for ids in full]
+        width = max(map(len, rests))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([rest + [pad] * (width - len(rest)) for rest in rests])
+        mask = torch.tensor([[1] * shared + [1] * len(rest) + [0] * (width - len(rest)) for rest in rests])
+        positions = torch.arange(shared, shared + width).expand(len(values), -1)
+        step = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        first = context.logits[:, -1:].expand(len(values), -1, -1)
+        logits = torch.cat([first, step.logits[:, :-1]], dim=1).float().log_softmax(-1)
+        taken = logits.gather(-1, ids[..., None])[..., 0] * mask[:, shared:]
+        scores = taken.sum(-1)
+        return values[int(scores.argmax())]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan_json(plan: PromptPlan) -> str:
+    return json.dumps(plan.to_dict(), indent=1)
+
+
+def load_planner(base: str | None = None, run=None, cache_dir: str = "~/.cache/musicray") -> PromptPlanner:
+    """A planner on base model ``base`` (a name or directory, as ``base_model``), or on the stage-1 model of run
+    directory ``run`` (the music-tuned weights; the plan is text, so the adapters are not loaded)."""
+    from musicray.model import load_base, load_music_model
+    from musicray.run import RunDir
+
+    if (base is None) == (run is None):
+        raise SongError("--base/--run: give exactly one (a base model name or directory, or a run directory)")
+    if run is not None:
+        model, music = load_music_model(RunDir(run).require("stage-1 model"))
+        return PromptPlanner(model, music.tokenizer)
+    model, tokenizer = load_base(base, cache_dir)
+    if not tokenizer.chat_template:
+        raise SongError(f"--base: {base} has no chat template; planning needs an instruct model")
+    return PromptPlanner(model, tokenizer)

