@@ -21,6 +21,7 @@ from musicray.encoding import (
 )
 from musicray.grammar import Grammar, Plan
 from musicray.harmony import canonical_chord, canonical_key, chord_bass_pitch_class, chord_pitch_classes
+from musicray.harmony_guard import guard_plan
 from musicray.model import MusicTokenizer, load_music_model
 from musicray.run import RunDir
 from musicray.sampling import Sampling
@@ -53,6 +54,9 @@ class Request:
     tempos: list[Tempo] | None = None  # a given tempo map (kept outside the regenerated bars)
     # Sampling settings of single stages instead of ``sampling`` (e.g. a cooler melody over livelier dynamics).
     stage_sampling: dict[str, Sampling] | None = None
+    # The harmony guard (musicray.harmony_guard): chords among POP909's 99 % in the key's mode, MELODY and BRIDGE
+    # pitches in the key's scale or the sounding chord and in their POP909 register. Applied by the mask only.
+    harmony_guard: bool = True
 
     def sampling_for(self, stage: str) -> Sampling:
         """How ``stage``'s tokens are drawn: its own settings where ``stage_sampling`` has them, else ``sampling``."""
@@ -186,7 +190,7 @@ class StagePlanner:
         stream = TASK_TARGET[task]
         optional = [available_inputs(song, task) for song in songs]
         examples = [encode(song, task, vocab, given) for song, given in zip(songs, optional)]
-        plans = [self._plan(example, song, task, request, given)
+        plans = [self._guarded(self._plan(example, song, task, request, given), song, stream, request)
                  for example, song, request, given in zip(examples, songs, requests, optional)]
         minimum = self.grammar.tokens_to_finish(self.grammar.start([stream] * len(plans), plans)).tolist()
         return [StageInput(task, stream, given, plan, m + self.tokens_per_bar[task] * (plan.n_bars - len(plan.forced)),
@@ -225,6 +229,13 @@ class StagePlanner:
         source = request.song()
         self.prepare_stage(source, task)
         return dataclasses.replace(plan, forced=given_bars(source, task, self.music.vocab, keep, optional))
+
+    def _guarded(self, plan: Plan, song: Song, stream: str, request: Request) -> Plan:
+        """The plan with the harmony guard of its stream where the request keeps it on (and masks at all); the
+        melodic stages' pitch guard follows ``song``'s chords, the ones their prompt gives."""
+        if not (request.harmony_guard and request.use_mask):
+            return plan
+        return guard_plan(plan, stream, song, self.music.vocab)
 
     def prepare_stage(self, song: Song, task: str) -> None:
         """What a stage needs before it runs: dynamics perform the PIANO part too, so voice it first, and give

@@ -40,7 +40,26 @@ def grammar_args(stream: str, plan: Plan, budget: int) -> dict:
     process boundary with the request)."""
     return {"stream": stream, "sections": [[s.label, s.bars] for s in plan.sections], "metre": plan.metre,
             "quotas": list(plan.quotas), "forced": [[bar, list(tokens)] for bar, tokens in plan.forced],
-            "budget": int(budget)}
+            "budget": int(budget), **_guard_args(plan)}
+
+
+def _guard_args(plan: Plan) -> dict:
+    """The plan's harmony guard as JSON (absent when unguarded, so unguarded requests carry what they did)."""
+    args = {}
+    if plan.guard_chords:
+        args["guard_chords"] = list(plan.guard_chords)
+    if plan.guard_pitch_changes:
+        args["guard_pitch_sets"] = [list(values) for values in plan.guard_pitch_sets]
+        args["guard_pitch_changes"] = [list(change) for change in plan.guard_pitch_changes]
+    return args
+
+
+def _read_guard_args(args: dict) -> dict:
+    """The ``Plan`` fields of ``_guard_args``' output."""
+    return {"guard_chords": tuple(int(t) for t in args.get("guard_chords", ())),
+            "guard_pitch_sets": tuple(tuple(int(v) for v in values) for values in args.get("guard_pitch_sets", ())),
+            "guard_pitch_changes": tuple((int(bar), int(position), int(k))
+                                         for bar, position, k in args.get("guard_pitch_changes", ()))}
 
 
 def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
@@ -49,7 +68,8 @@ def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
         stream = args["stream"]
         plan = Plan(tuple(Section(str(label), int(bars)) for label, bars in args["sections"]), str(args["metre"]),
                     tuple(int(q) for q in args.get("quotas", ())),
-                    tuple((int(bar), tuple(int(t) for t in tokens)) for bar, tokens in args.get("forced", ())))
+                    tuple((int(bar), tuple(int(t) for t in tokens)) for bar, tokens in args.get("forced", ())),
+                    **_read_guard_args(args))
         budget = int(args["budget"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{EXTRA_ARGS_KEY}: malformed grammar arguments ({type(err).__name__}: {err})") from None
@@ -63,6 +83,8 @@ def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
         raise ValueError(f"{EXTRA_ARGS_KEY}: {len(plan.quotas)} bar quotas for a form of {plan.n_bars} bars")
     if any(not 1 <= bar <= plan.n_bars for bar, _ in plan.forced) or budget < 1:
         raise ValueError(f"{EXTRA_ARGS_KEY}: forced bars must be bars of the form and the budget positive")
+    if any(not (1 <= bar <= plan.n_bars and 0 <= k < len(plan.guard_pitch_sets)) for bar, _, k in plan.guard_pitch_changes):
+        raise ValueError(f"{EXTRA_ARGS_KEY}: guard_pitch_changes must name bars of the form and sets of guard_pitch_sets")
     return stream, plan, budget
 
 
