@@ -77,7 +77,7 @@ def _generate(args: argparse.Namespace) -> None:
                       tuple(args.stages), sampling, not args.no_mask,
                       bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
                       regenerate=regenerate, tempos=given.tempos if given and regenerate else None,
-                      stage_sampling=per_stage or None)
+                      stage_sampling=per_stage or None, harmony_guard=not args.no_harmony_guard)
     if args.stream:
         from musicray.serve.streaming import compose_streaming
 
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_sampling_option(gen, "instead of --temperature/--top-k/--top-p")
     gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
+    gen.add_argument("--no-harmony-guard", action="store_true",
+                     help="let the model leave the key: no chord, scale and register guard at generation")
     gen.add_argument("--stream", action="store_true",
                      help="compose on the vLLM engine and print each bar as it is generated (needs vllm)")
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")

@@ -21,9 +21,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from musicray.encoding import STREAMS, canonical_chords
+from musicray.encoding import STREAMS, SoundingChords, canonical_chords
 from musicray.grammar import Plan
-from musicray.harmony import (CHORD_QUALITIES, DEGREE_NAMES, chord_pitch_classes, key_tonic, parse_key,
+from musicray.harmony import (CHORD_QUALITIES, DEGREE_NAMES, chord_pitch_classes, key_tonic, parse_chord, parse_key,
                               reference_pitch_class, scale_pitch_classes)
 from musicray.song import Song, SongError
 from musicray.tokens import Vocabulary
@@ -112,3 +112,26 @@ def check_tables(tables: GuardTables) -> None:
         low, high = tables.registers.get(track, (1, 0))
         if not 0 <= low <= high <= 127:
             raise SongError(f"harmony guard: registers.{track}: {low}..{high} is not a MIDI pitch range")
+
+
+def outside_guard(song: Song, tables: GuardTables | None = None) -> list[str]:
+    """What in ``song`` the guard would not have written: chords outside its mode's table, and MELODY and BRIDGE
+    notes outside their register or outside both the key's scale and the chord sounding at their onset."""
+    tables = tables or load_tables()
+    tonic, mode = parse_key(song.key)
+    scale = set(scale_pitch_classes(song.key))
+    found = []
+    for chord in song.chords:
+        root, quality, _ = parse_chord(chord.label)
+        if root is not None and f"{DEGREE_NAMES[(root - tonic) % 12]}:{quality}" not in tables.chords[mode]:
+            found.append(f"chord {chord.label} at bar {chord.bar + 1} is not among the {mode} chords")
+    sounding = SoundingChords(canonical_chords(song.chords))
+    for track in GUARDED_TRACKS:
+        low, high = tables.registers[track]
+        for note in song.tracks.get(track, []):
+            chord = sounding.at(note.bar, note.position) or "N"
+            if not low <= note.pitch <= high:
+                found.append(f"{track} pitch {note.pitch} at bar {note.bar + 1} is outside {low}..{high}")
+            elif note.pitch % 12 not in scale | set(chord_pitch_classes(chord)):
+                found.append(f"{track} pitch {note.pitch} at bar {note.bar + 1} is in neither {song.key} nor {chord}")
+    return found

@@ -82,6 +82,9 @@ class GenerateBody(BaseModel):
     stage_sampling: Optional[dict[Subtask, StageSamplingBody]] = Field(
         None, description="sampling settings of single stages instead of temperature, top_k and top_p, e.g. "
                           "{\"melody\": {\"temperature\": 0.8}} for a melody closer to what the model finds likeliest")
+    harmony_guard: bool = Field(True, description="keep chords among POP909's usual ones in the key's mode and the "
+                                                  "melodies in the key's scale or the sounding chord, in their "
+                                                  "register; false: the model's own choices")
 
 
 class RenderBody(BaseModel):
@@ -176,7 +179,8 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
                       melody=melody or (given.tracks["MELODY"] if given else None), stages=stages,
                       sampling=sampling, stage_sampling=per_stage or None,
                       bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
-                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None)
+                      regenerate=regenerate, tempos=given.tempos if given and regenerate else None,
+                      harmony_guard=body.harmony_guard)
     return request
 
 
@@ -198,7 +202,8 @@ def request_song(request: Request):
 def sampling_settings(request: Request) -> dict:
     """What a stage deployment needs besides the song: the seed, the sampling settings and, when infilling, the
     bars to rewrite and the song as given (the kept bars come from it). JSON-ready."""
-    settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask}
+    settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask,
+                "harmony_guard": request.harmony_guard}
     if request.stage_sampling:
         settings["stage_sampling"] = {stage: dataclasses.asdict(sampling)
                                       for stage, sampling in request.stage_sampling.items()}
@@ -213,7 +218,8 @@ def stage_request(song, settings: dict) -> Request:
     sampling = Sampling(float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"]))
     per_stage = {stage: Sampling(**values) for stage, values in settings.get("stage_sampling", {}).items()}
     request = Request(form=song.form, seed=int(settings["seed"]), use_mask=settings.get("use_mask", True),
-                      sampling=sampling, stage_sampling=per_stage or None)
+                      sampling=sampling, stage_sampling=per_stage or None,
+                      harmony_guard=bool(settings.get("harmony_guard", True)))
     if settings.get("regenerate") is not None:
         given = song_from_dict(settings["given"])
         request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,
