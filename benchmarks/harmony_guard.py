@@ -1,7 +1,10 @@
 """The harmony guard on and off: the same requests (POP909 test windows: form, key, metre, tempo) composed by a trained
 run with ``harmony_guard`` True and False, measured against the real windows.
 
-    python benchmarks/harmony_guard.py --run RUN_DIR --data DATA_DIR [--songs 16] [--max-bars 8] [--seed 0]
+    python benchmarks/harmony_guard.py --run RUN_DIR (--data DATA_DIR | --pop909 DIR) [--songs 16] [--max-bars 8]
+
+``--data`` takes the test split of prepared tables; ``--pop909`` reads the test-split songs straight from POP909
+(no preparation job, no Ray).
 
 Measures, per song (median and interquartile range over the songs):
 
@@ -61,7 +64,7 @@ def chord_time_in_key(song: Song) -> float | None:
         tones = set(chord_pitch_classes(chord.label))
         if tones and end > start:
             total += end - start
-            inside += (end - start) * tones <= scale
+            inside += (end - start) * (tones <= scale)
     return inside / total if total else None
 
 
@@ -90,17 +93,37 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def pop909_test_songs(root: Path, vocab) -> list[Song]:
+    """The kept POP909 songs of the test split, quantized as the preparation job stores them."""
+    from musicray.data.pop909 import load_song, song_ids
+    from musicray.data.prepare import split_of
+    from musicray.encoding import quantized
+    from musicray.song import SongError
+
+    songs = []
+    for song_id in song_ids(root):
+        if split_of(song_id) == "test":
+            try:
+                songs.append(quantized(load_song(root, song_id)[0], vocab))
+            except SongError:
+                continue
+    return songs
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
-    parser.add_argument("--data", type=Path, required=True, help="prepared POP909 data dir (its test split)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="prepared POP909 data dir (its test split)")
+    source.add_argument("--pop909", type=Path, help="POP909 root: its test-split songs read directly")
     parser.add_argument("--songs", type=int, default=16)
     parser.add_argument("--max-bars", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON of the figures")
     args = parser.parse_args(argv)
     composer = Composer(args.run)
-    windows = eval_windows(split_songs(args.data), args.songs, args.max_bars, composer.music.vocab, args.seed)
+    songs = split_songs(args.data) if args.data else pop909_test_songs(args.pop909, composer.music.vocab)
+    windows = eval_windows(songs, args.songs, args.max_bars, composer.music.vocab, args.seed)
     result = {"command": "python benchmarks/harmony_guard.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "load_before": os.getloadavg()[0], "songs": len(windows)}
     rows = {"real": [measures(w.song) for w in windows]}

@@ -8,7 +8,9 @@ tokens of a family one position may hold (``PER_POSITION``: the melody's pitches
 the counters' targets: the form (section tokens in order, bars each), the metre (positions per bar) and the
 quotas, and it may *force* bars: a forced bar's content (the tokens after its ``<Bar>``) is given, the mask
 allows exactly the next given token there and the bar closes after the last one (infilling regenerates the
-other bars).
+other bars). A plan may also carry a *harmony guard* (``musicray.harmony_guard``): the Chord tokens a body may
+use and, per (bar, position), the Pitch values; ``mask`` applies it (generation), ``step`` and ``validate`` do not
+(real data leaves it), and a step it would leave without a token is unguarded.
 
 An optional token *budget* per row (generation's ``max_new_tokens``) makes the mask close the form in time:
 a family is allowed only if, after it, the tokens it commits to (shortest path in ``GRAPH`` back to a point
@@ -200,8 +202,8 @@ class GrammarState:
     in_forced_bar: torch.Tensor   # [batch] bool: the open bar is forced (after its content, it must close)
     # The harmony guard's tables (``_guard_tables``; all-allowing for an unguarded row)
     guard_chords: torch.Tensor    # [batch, Chord tokens] bool: the Chord tokens the row may use
-    guard_pitch_sets: torch.Tensor  # [batch, sets * Pitch tokens] bool: set k's allowed Pitch values at k * Pitch tokens
-    guard_pitch_at: torch.Tensor  # [batch, (max bars + 1) * max positions]: the set holding at (bar, position); -1 none
+    guard_pitch_sets: torch.Tensor  # [batch, sets * Pitch tokens] bool: set k's Pitch values from k * Pitch tokens
+    guard_pitch_at: torch.Tensor  # [batch, bars * vocab.max_positions]: the set holding at (bar, position); -1 none
     # family_mask of the current state, kept from mask() for the step() that follows it (decoding asks both)
     family_cache: torch.Tensor | None = None
     has_forced: bool = False      # some row's plan forces bars (else the forced-bar bookkeeping is skipped)

@@ -83,8 +83,9 @@ def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
         raise ValueError(f"{EXTRA_ARGS_KEY}: {len(plan.quotas)} bar quotas for a form of {plan.n_bars} bars")
     if any(not 1 <= bar <= plan.n_bars for bar, _ in plan.forced) or budget < 1:
         raise ValueError(f"{EXTRA_ARGS_KEY}: forced bars must be bars of the form and the budget positive")
-    if any(not (1 <= bar <= plan.n_bars and 0 <= k < len(plan.guard_pitch_sets)) for bar, _, k in plan.guard_pitch_changes):
-        raise ValueError(f"{EXTRA_ARGS_KEY}: guard_pitch_changes must name bars of the form and sets of guard_pitch_sets")
+    n_sets = len(plan.guard_pitch_sets)
+    if any(not (1 <= bar <= plan.n_bars and 0 <= k < n_sets) for bar, _, k in plan.guard_pitch_changes):
+        raise ValueError(f"{EXTRA_ARGS_KEY}: guard_pitch_changes must name bars of the form and guard_pitch_sets")
     return stream, plan, budget
 
 

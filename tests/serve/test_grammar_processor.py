@@ -246,7 +246,8 @@ def test_the_harmony_guard_reaches_the_processor(model_dir, music):
         assert read_grammar_args(grammar_args(stream, plan, 99)) == (stream, plan, 99)
     proc = processor(model_dir)
     batch = Batch(proc, music.offset + len(vocab), seed=4)
-    arrivals = {0: [(stream, SamplingParams(max_tokens=200, extra_args={EXTRA_ARGS_KEY: grammar_args(stream, plan, 199)}))
+    arrivals = {0: [(stream, SamplingParams(max_tokens=200,
+                                            extra_args={EXTRA_ARGS_KEY: grammar_args(stream, plan, 199)}))
                     for stream, plan in guarded.items()] + [("free", params("melody", "A2B1", 199))]}
     run_until_done(batch, music, arrivals)
     check_rows(batch.finished, music, Grammar(vocab))
@@ -270,3 +271,15 @@ def test_the_harmony_guard_reaches_the_processor(model_dir, music):
 
     assert any(vocab.family[t] == "Pitch" for t in bodies["melody"]) and pitches_outside(bodies["melody"]) == 0
     assert pitches_outside(bodies["free"]) > 0
+
+
+@pytest.mark.parametrize("guard,message", [
+    ({"guard_pitch_sets": [[60]], "guard_pitch_changes": [[3, 0, 0]]}, "guard_pitch_changes"),
+    ({"guard_pitch_sets": [[60]], "guard_pitch_changes": [[1, 0, 1]]}, "guard_pitch_changes"),
+    ({"guard_pitch_sets": [[60]], "guard_pitch_changes": [[1, 0]]}, "malformed"),
+    ({"guard_chords": ["I:maj"]}, "malformed"),
+])
+def test_malformed_guard_arguments_are_refused(guard, message):
+    args = {"stream": "melody", "sections": [["A", 2]], "metre": "4/4", "budget": 40, **guard}
+    with pytest.raises(ValueError, match=message):
+        GrammarLogitsProcessor.validate_params(SamplingParams(extra_args={EXTRA_ARGS_KEY: args}))
