@@ -89,10 +89,15 @@ def test_the_stored_tables_are_what_pop909_measures(pop909_root):
         assert notes["in_register"] >= 0.99 and notes["kept_by_guard"] >= 0.98, (track, notes)
 
 
-def sample_through_mask(grammar, streams, plans, seed):
-    """Random logits through the mask until every row ends; every step leaves each row some token."""
+def sample_through_mask(grammar, streams, plans, seed, tokens_per_bar=None):
+    """Random logits through the mask until every row ends (within the form's minimum and ``tokens_per_bar`` more
+    per bar, when given); every step leaves each row some token."""
     generator = torch.Generator().manual_seed(seed)
-    state = grammar.start(streams, plans)
+    budgets = None
+    if tokens_per_bar is not None:
+        minimum = grammar.tokens_to_finish(grammar.start(streams, plans)).tolist()
+        budgets = [m + tokens_per_bar * plan.n_bars for m, plan in zip(minimum, plans)]
+    state = grammar.start(streams, plans, budgets)
     steps, end = [], grammar.vocab.token("End")
     with small_tensor_threads("cpu"):
         while not bool(state.done.all()):
@@ -113,7 +118,7 @@ def composed(songs, vocab, guard: bool, seed: int = 0):
     for song, stream in rows:
         plan = Plan(tuple(song.sections), song.metre)
         plans.append(guard_plan(plan, stream, song, vocab) if guard else plan)
-    bodies = sample_through_mask(grammar, [s for _, s in rows], plans, seed)
+    bodies = sample_through_mask(grammar, [s for _, s in rows], plans, seed, tokens_per_bar=24)
     out = []
     for (song, stream), body in zip(rows, bodies):
         assert grammar.validate(body + [vocab.token("End")], stream, Plan(tuple(song.sections), song.metre)) == []
@@ -129,13 +134,15 @@ def composed(songs, vocab, guard: bool, seed: int = 0):
 def test_guarded_generation_keeps_chords_pitches_and_registers(synthetic_songs, vocab):
     """The worst model (uniform logits) under the guard writes only the mode's chords, and melodies in the key's
     scale or the sounding chord, each in its register; unguarded, the same model leaves them everywhere."""
-    songs = synthetic_songs[:12]
+    from musicray.eval.generation import first_bars
+
+    songs = [first_bars(song, 8) for song in synthetic_songs[:6]]
     guarded = composed(songs, vocab, guard=True)
     assert [found for song in guarded for found in outside_guard(song)] == []
-    assert sum(len(song.chords) for song in guarded) > 40
-    assert sum(len(song.tracks[t]) for song in guarded for t in GUARDED_TRACKS) > 300
+    assert sum(len(song.chords) for song in guarded) > 20
+    assert sum(len(song.tracks[t]) for song in guarded for t in GUARDED_TRACKS) > 150
     free = composed(songs, vocab, guard=False)
-    assert len([found for song in free for found in outside_guard(song)]) > 300
+    assert len([found for song in free for found in outside_guard(song)]) > 100
 
 
 def test_a_guard_that_allows_nothing_falls_back_to_the_grammar():
@@ -164,7 +171,7 @@ def test_guarded_plans_of_real_songs_still_validate_and_the_mask_keeps_most_real
 
     vocab, grammar = RELATIVE, Grammar(RELATIVE)
     bodies, streams, plans = [], [], []
-    for song_id in random.Random(0).sample(song_ids(pop909_root), 12):
+    for song_id in random.Random(0).sample(song_ids(pop909_root), 6):
         try:
             song, _ = load_song(pop909_root, song_id)
         except SongError:   # a skipped song (docs/quantization.md): not what this test is about
@@ -174,7 +181,7 @@ def test_guarded_plans_of_real_songs_still_validate_and_the_mask_keeps_most_real
             bodies.append(example.target)
             streams.append(task)
             plans.append(guard_plan(Plan.from_prompt(example.prompt, vocab), task, song, vocab))
-    assert len(bodies) >= 24
+    assert len(bodies) >= 12
     assert grammar.validate_batch(bodies, streams, plans) == [[] for _ in bodies]
     lengths = torch.tensor([len(body) for body in bodies])
     padded = torch.zeros((len(bodies), int(lengths.max())), dtype=torch.long)
