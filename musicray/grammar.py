@@ -544,7 +544,9 @@ class Grammar:
         chords = torch.ones((batch, n_chords), dtype=torch.bool)
         n_sets = max([len(p.guard_pitch_sets) for p in plans] + [1])
         pitch_sets = torch.zeros((batch, n_sets * n_pitches), dtype=torch.bool)
-        pitch_at = torch.full((batch, max_bars * positions), -1, dtype=torch.long)
+        # one bar of "no set" when no plan guards pitches: validation's batches of long forms need no table
+        bars = max_bars if any(p.guard_pitch_changes for p in plans) else 1
+        pitch_at = torch.full((batch, bars * positions), -1, dtype=torch.long)
         for i, plan in enumerate(plans):
             if plan.guard_chords:
                 ids = torch.tensor(plan.guard_chords, dtype=torch.long) - self.chord_ids.start
