@@ -82,6 +82,7 @@ def _generate(args: argparse.Namespace) -> None:
         regenerate_bars=args.regenerate_bars, stages=args.stages, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stage_settings=_stage_settings(args.stage_sampling), use_mask=not args.no_mask,
         allow_missing_adapters=args.no_adapters or args.allow_missing_adapters, variation=args.variation,
+        harmony_guard=not args.no_harmony_guard,
         names=GENERATE_OPTIONS)
     adapters = () if args.no_adapters else SUBTASKS
     if args.stream:
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")
     gen.add_argument("--allow-missing-adapters", action="store_true",
                      help="run a stage whose adapter the run lacks on the stage-1 model alone (refused otherwise)")
+    gen.add_argument("--no-harmony-guard", action="store_true",
+                     help="let the model leave the key: no chord, scale and register guard at generation")
     gen.add_argument("--stream", action="store_true",
                      help="compose on the vLLM engine and print each bar as it is generated (needs vllm)")
     gen.add_argument("--out", type=Path, required=True, help="output MIDI path (a .json report is written beside it)")

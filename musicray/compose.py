@@ -21,6 +21,7 @@ from musicray.decode import generate
 from musicray.encoding import available_inputs, decode_body, encode, given_bars, task_inputs
 from musicray.errors import MissingRunPart
 from musicray.grammar import Grammar, Plan
+from musicray.harmony_guard import guard_plan
 from musicray.model import MusicTokenizer, load_music_model
 from musicray.request import Request, parse_chords, regenerated_bars  # noqa: F401 (read as compose's too)
 from musicray.run import RunDir
@@ -90,7 +91,7 @@ class StagePlanner:
         if optional is None:
             optional = [available_inputs(song, task) for song in songs]
         examples = [encode(song, task, vocab, given) for song, given in zip(songs, optional)]
-        plans = [self._plan(example, song, task, request, given)
+        plans = [self._guarded(self._plan(example, song, task, request, given), song, stream, request)
                  for example, song, request, given in zip(examples, songs, requests, optional)]
         minimum = self.grammar.tokens_to_finish(self.grammar.start([stream] * len(plans), plans)).tolist()
         return [StageInput(task, stream, given, plan, m + self.tokens_per_bar[task] * (plan.n_bars - len(plan.forced)),
@@ -149,6 +150,13 @@ class StagePlanner:
         info = self.write_stage(song, stage, tokens, request.use_mask, report)
         self.after_stage(song, stage.task, request)
         return info
+
+    def _guarded(self, plan: Plan, song: Song, stream: str, request: Request) -> Plan:
+        """The plan with the harmony guard of its stream where the request keeps it on (and masks at all); the
+        melodic stages' pitch guard follows ``song``'s chords, the ones their prompt gives."""
+        if not (request.harmony_guard and request.use_mask):
+            return plan
+        return guard_plan(plan, stream, song, self.music.vocab)
 
     def prepare_stage(self, song: Song, task: str) -> None:
         """What a stage needs in the song before it runs (``SubTask.prepare``: dynamics voice the PIANO part)."""

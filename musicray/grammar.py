@@ -13,6 +13,9 @@ other bars). It may also *copy* bars: a copied bar's content is whatever the sam
 (a returning section repeats its first occurrence), forced token by token like a given bar once that bar is
 written; a copied token that the counters no longer allow (a note that would sound past the form's end) ends
 the copy there and the bar goes on freely.
+A plan may also carry a *harmony guard* (``musicray.harmony_guard``): the Chord tokens a body may
+use and, per (bar, position), the Pitch values; ``mask`` applies it (generation), ``step`` and ``validate`` do not
+(real data leaves it), and a step it would leave without a token is unguarded.
 
 An optional token *budget* per row (generation's ``max_new_tokens``) makes the mask close the form in time:
 a family is allowed only if, after it, the tokens it commits to (shortest path in ``GRAPH`` back to a point
@@ -146,6 +149,12 @@ class Plan:
     forced: tuple[tuple[int, tuple[int, ...]], ...] = ()
     # (bar, earlier bar), numbered from 1: the bar repeats what the row wrote in the earlier bar
     copies: tuple[tuple[int, int], ...] = ()
+    # -- the harmony guard (generation only: ``musicray.harmony_guard`` fills these; empty: unguarded) -----------
+    # the Chord token ids the body may use (no-chord is always allowed)
+    guard_chords: tuple[int, ...] = ()
+    # allowed Pitch token values, one set per harmony, and (bar from 1, position, set) where each set starts to hold
+    guard_pitch_sets: tuple[tuple[int, ...], ...] = ()
+    guard_pitch_changes: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def n_bars(self) -> int:
@@ -210,10 +219,15 @@ class GrammarState:
     bar_offset: torch.Tensor      # [batch, max bars + 1]: where bar k's written content starts (from history_base)
     bar_length: torch.Tensor      # [batch, max bars + 1]: its length so far
     in_copied_bar: torch.Tensor   # [batch] bool: the open bar copies an earlier one (and has not left the copy)
+    # The harmony guard's tables (``_guard_tables``; all-allowing for an unguarded row)
+    guard_chords: torch.Tensor    # [batch, Chord tokens] bool: the Chord tokens the row may use
+    guard_pitch_sets: torch.Tensor  # [batch, sets * Pitch tokens] bool: set k's Pitch values from k * Pitch tokens
+    guard_pitch_at: torch.Tensor  # [batch, bars * vocab.max_positions]: the set holding at (bar, position); -1 none
     # family_mask of the current state, kept from mask() for the step() that follows it (decoding asks both)
     family_cache: torch.Tensor | None = None
     has_forced: bool = False      # some row's plan forces bars (else the forced-bar bookkeeping is skipped)
     has_copies: bool = False      # some row's plan copies bars (else the history is not written)
+    has_guard: bool = False       # some row's plan has a harmony guard (else the mask skips it)
 
     @property
     def done(self) -> torch.Tensor:
@@ -227,16 +241,18 @@ class GrammarState:
         """The state of ``rows`` (in that order) as a batch of its own; the rows' tables keep their width."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.node.device)
         taken = {name: getattr(self, name).index_select(0, index) for name in _ROW_FIELDS}
-        return GrammarState(**taken, has_forced=self.has_forced, has_copies=self.has_copies)
+        return GrammarState(**taken, has_forced=self.has_forced, has_copies=self.has_copies,
+                            has_guard=self.has_guard)
 
 
 # Every per-row tensor of a GrammarState, and for the per-plan tables (whose width depends on the batch's longest
 # form) the value start() leaves beyond a plan's end: concatenating states pads with it.
 _ROW_FIELDS: tuple[str, ...] = tuple(name for name in GrammarState.__dataclass_fields__
-                                     if name not in ("family_cache", "has_forced", "has_copies"))
+                                     if name not in ("family_cache", "has_forced", "has_copies", "has_guard"))
 _TABLE_PADDING: dict[str, int] = {"section_values": -10, "section_bars": 0, "quotas": 0, "bars_after": 0,
                                   "quota_after": 0, "forced_tokens": 0, "forced_start": 0, "forced_length": -1,
-                                  "forced_extra_after": 0, "copy_source": 0, "bar_offset": 0, "bar_length": 0}
+                                  "forced_extra_after": 0, "copy_source": 0, "bar_offset": 0, "bar_length": 0,
+                                  "guard_pitch_sets": 0, "guard_pitch_at": -1}
 
 
 def concat_states(states: list[GrammarState]) -> GrammarState:
@@ -251,7 +267,8 @@ def concat_states(states: list[GrammarState]) -> GrammarState:
                      for part in parts]
         fields[name] = torch.cat(parts)
     return GrammarState(**fields, has_forced=any(state.has_forced for state in states),
-                        has_copies=any(state.has_copies for state in states))
+                        has_copies=any(state.has_copies for state in states),
+                        has_guard=any(state.has_guard for state in states))
 
 
 class Grammar:
@@ -310,6 +327,14 @@ class Grammar:
         # the quotas already, and the bar-closing ones are not part of a bar's content)
         fam_index = torch.arange(n_fam)
         self.copy_counted = (~bar_close[None, :] & (fam_index[None, :] != self.quota_family.cpu()[:, None])).to(**to)
+        self.chord_ids, self.pitch_ids = self._block("Chord"), self._block("Pitch")
+
+    def _block(self, family: str) -> slice:
+        """The ids of a family as a slice (the vocabulary lays each family out in one run, by value)."""
+        ids = self.vocab.ids_of[family]
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise AssertionError(f"{family} tokens are not contiguous in the vocabulary")
+        return slice(ids[0], ids[0] + len(ids))
 
     # -- batch engine ------------------------------------------------------------------------------------------
     def start(self, streams: list[str], plans: list[Plan], budgets: list[int] | None = None) -> GrammarState:
@@ -368,7 +393,9 @@ class Grammar:
             bar_offset=torch.zeros((batch, max_bars), dtype=torch.long, **to),
             bar_length=torch.zeros((batch, max_bars), dtype=torch.long, **to),
             in_copied_bar=torch.zeros(batch, dtype=torch.bool, **to),
-            has_forced=any(p.forced for p in plans) or has_copies, has_copies=has_copies)
+            **{name: table.to(**to) for name, table in self._guard_tables(plans, max_bars).items()},
+            has_forced=any(p.forced for p in plans) or has_copies, has_copies=has_copies,
+            has_guard=any(p.guard_chords or p.guard_pitch_changes for p in plans))
         state.forced_extra_after[:, -1] = 0
         self._expect_section(state, torch.ones(batch, dtype=torch.bool, device=self.device))
         if budgets is not None:
@@ -514,6 +541,8 @@ class Grammar:
         family = self.token_family.expand(state.node.shape[0], -1)
         allowed = self.family_mask(state).gather(1, family) & (self.token_value > state.low.gather(1, family)) \
             & (self.token_value < state.high.gather(1, family))
+        if state.has_guard:
+            allowed = self._harmony_guarded(state, allowed)
         if not state.has_forced:
             return allowed
         forcing, given = self._next_forced(state)
@@ -636,6 +665,55 @@ class Grammar:
         state.forced_end = torch.where(copied, start + length, state.forced_end)
         state.in_forced_bar = torch.where(copied, True, state.in_forced_bar)
         state.in_copied_bar = torch.where(new_bar, copied, state.in_copied_bar)
+
+    # -- the harmony guard (generation only: see musicray.harmony_guard) --------------------------------------------
+    def _guard_tables(self, plans: list[Plan], max_bars: int) -> dict[str, torch.Tensor]:
+        """The plans' guard tables (``GrammarState.guard_*``); the pitch sets hold per (bar, position) from their
+        change on, so a Pitch token's set is one lookup at its onset."""
+        batch, positions = len(plans), self.vocab.max_positions
+        n_chords, n_pitches = self.chord_ids.stop - self.chord_ids.start, self.pitch_ids.stop - self.pitch_ids.start
+        chords = torch.ones((batch, n_chords), dtype=torch.bool)
+        n_sets = max([len(p.guard_pitch_sets) for p in plans] + [1])
+        pitch_sets = torch.zeros((batch, n_sets * n_pitches), dtype=torch.bool)
+        # one bar of "no set" when no plan guards pitches: validation's batches of long forms need no table
+        bars = max_bars if any(p.guard_pitch_changes for p in plans) else 1
+        pitch_at = torch.full((batch, bars * positions), -1, dtype=torch.long)
+        for i, plan in enumerate(plans):
+            if plan.guard_chords:
+                ids = torch.tensor(plan.guard_chords, dtype=torch.long) - self.chord_ids.start
+                if bool(((ids < 0) | (ids >= n_chords)).any()):
+                    raise SongError("plan: guard_chords holds ids that are not Chord tokens")
+                chords[i] = False
+                chords[i, ids] = True
+            for k, values in enumerate(plan.guard_pitch_sets):
+                values = torch.tensor(values, dtype=torch.long)
+                if bool(((values < 0) | (values >= n_pitches)).any()):
+                    raise SongError(f"plan: guard_pitch_sets[{k}] holds values outside 0..{n_pitches - 1}")
+                pitch_sets[i, k * n_pitches + values] = True
+            per_bar = metre(plan.metre).positions_per_bar
+            for bar, position, k in sorted(plan.guard_pitch_changes):
+                if not (1 <= bar <= plan.n_bars and 0 <= position < per_bar and 0 <= k < len(plan.guard_pitch_sets)):
+                    raise SongError(f"plan: guard pitch change ({bar}, {position}, {k}) is not a bar and position of "
+                                    f"the form with one of its {len(plan.guard_pitch_sets)} sets")
+                pitch_at[i, bar * positions + position:(plan.n_bars + 1) * positions] = k
+        return {"guard_chords": chords, "guard_pitch_sets": pitch_sets, "guard_pitch_at": pitch_at}
+
+    def _harmony_guarded(self, state: GrammarState, allowed: torch.Tensor) -> torch.Tensor:
+        """``allowed`` narrowed by each row's guard: its Chord tokens, and its Pitch values at the open onset. A row
+        the guard would leave without a token, or whose next token is given (a forced bar), keeps ``allowed``."""
+        guarded = allowed.clone()
+        guarded[:, self.chord_ids] &= state.guard_chords
+        positions = self.vocab.max_positions
+        onset = state.bar.clamp(max=state.guard_pitch_at.shape[1] // positions - 1) * positions \
+            + state.low[:, _FAMILY["Pos"]].clamp(min=0)
+        pitch_set = state.guard_pitch_at.gather(1, onset[:, None])
+        n_pitches = self.pitch_ids.stop - self.pitch_ids.start
+        columns = pitch_set.clamp(min=0) * n_pitches + torch.arange(n_pitches, device=self.device)
+        guarded[:, self.pitch_ids] &= state.guard_pitch_sets.gather(1, columns) | (pitch_set < 0)
+        keep = guarded.any(1)
+        if state.has_forced:
+            keep &= ~self._next_forced(state)[0]
+        return torch.where(keep[:, None], guarded, allowed)
 
     # -- validation --------------------------------------------------------------------------------------------
     def validate(self, ids: list[int], stream: str, plan: Plan) -> list[GrammarError]:

@@ -61,6 +61,9 @@ class Request:
     allow_missing_adapters: bool = False
     # VARIATION_RANGE; None: the model alone decides how returns sound
     variation: float | None = None
+    # The harmony guard (musicray.harmony_guard): chords among POP909's 99 % in the key's mode, MELODY and BRIDGE
+    # pitches in the key's scale or the sounding chord and in their POP909 register. Applied by the mask only.
+    harmony_guard: bool = True
 
     def sampling_for(self, stage: str) -> Sampling:
         """How ``stage``'s tokens are drawn: its own settings where ``stage_sampling`` has them, else ``sampling``."""
@@ -165,6 +168,7 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         stage_settings: dict | None = None, use_mask: bool = True,
                         allow_missing_adapters: bool = False, variation: float | None = None,
+                        harmony_guard: bool = True,
                         max_bars: int | None = None,
                         names: dict[str, str] | None = None) -> Request:
     """The request the command line or an HTTP body describes, checked; ``FieldError`` names the field at fault
@@ -229,7 +233,7 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                    bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
                    regenerate=infilling, tempos=given.tempos if given and infilling else None,
                    stage_sampling=per_stage or None, allow_missing_adapters=allow_missing_adapters,
-                   variation=variation)
+                   variation=variation, harmony_guard=harmony_guard)
 
 
 def stage_settings(request: Request) -> dict:
@@ -237,7 +241,8 @@ def stage_settings(request: Request) -> dict:
     when infilling, the bars to rewrite and the song as given (the kept bars come from it). JSON-ready; read
     back by ``stage_request``."""
     settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask,
-                "allow_missing_adapters": request.allow_missing_adapters, "variation": request.variation}
+                "allow_missing_adapters": request.allow_missing_adapters, "variation": request.variation,
+                "harmony_guard": request.harmony_guard}
     if request.stage_sampling:
         settings["stage_sampling"] = {stage: dataclasses.asdict(sampling)
                                       for stage, sampling in request.stage_sampling.items()}
@@ -254,7 +259,7 @@ def stage_request(song: Song, settings: dict) -> Request:
     request = Request(form=song.form, seed=int(settings["seed"]), use_mask=settings.get("use_mask", True),
                       sampling=sampling, stage_sampling=per_stage or None,
                       allow_missing_adapters=settings.get("allow_missing_adapters", False),
-                      variation=settings.get("variation"))
+                      variation=settings.get("variation"), harmony_guard=settings.get("harmony_guard", True))
     if settings.get("regenerate") is not None:
         given = song_from_dict(settings["given"])
         request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,

@@ -1,6 +1,7 @@
 """The five-stage composer on a random-weight stage-1 model with LoRA adapters."""
 
 import functools
+import dataclasses
 
 import pytest
 
@@ -280,3 +281,18 @@ def test_variation_sets_the_share_of_returning_bars_that_repeat():
     assert Request(form, seed=1).returns() == []
     with pytest.raises(SongError, match="variation"):
         Request(form, variation=1.5).song()
+
+
+def test_the_harmony_guard_is_on_by_default_and_can_be_switched_off(composer):
+    """Composed under the guard, a random model's chords are the mode's and its melodies stay in the key or the
+    chord and in register; with ``harmony_guard=False`` the same request wanders off."""
+    from musicray.harmony_guard import outside_guard
+
+    request = Request("A2B2", "D:maj", "4/4", 96, seed=2)
+    assert request.harmony_guard
+    song, report = composer.compose(request)
+    assert song.chords and song.tracks["MELODY"] and song.tracks["BRIDGE"]
+    assert outside_guard(song) == []
+    assert all(info["grammar_errors"] == 0 for info in report["stages"].values())
+    free, _ = composer.compose(dataclasses.replace(request, harmony_guard=False))
+    assert len(outside_guard(free)) > 5

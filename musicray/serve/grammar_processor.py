@@ -40,7 +40,27 @@ def grammar_args(stream: str, plan: Plan, budget: int) -> dict:
     process boundary with the request)."""
     return {"stream": stream, "sections": [[s.label, s.bars] for s in plan.sections], "metre": plan.metre,
             "quotas": list(plan.quotas), "forced": [[bar, list(tokens)] for bar, tokens in plan.forced],
-            "copies": [[bar, source] for bar, source in plan.copies], "budget": int(budget)}
+            "copies": [[bar, source] for bar, source in plan.copies], "budget": int(budget),
+            **_guard_args(plan)}
+
+
+def _guard_args(plan: Plan) -> dict:
+    """The plan's harmony guard as JSON (absent when unguarded, so unguarded requests carry what they did)."""
+    args = {}
+    if plan.guard_chords:
+        args["guard_chords"] = list(plan.guard_chords)
+    if plan.guard_pitch_changes:
+        args["guard_pitch_sets"] = [list(values) for values in plan.guard_pitch_sets]
+        args["guard_pitch_changes"] = [list(change) for change in plan.guard_pitch_changes]
+    return args
+
+
+def _read_guard_args(args: dict) -> dict:
+    """The ``Plan`` fields of ``_guard_args``' output."""
+    return {"guard_chords": tuple(int(t) for t in args.get("guard_chords", ())),
+            "guard_pitch_sets": tuple(tuple(int(v) for v in values) for values in args.get("guard_pitch_sets", ())),
+            "guard_pitch_changes": tuple((int(bar), int(position), int(k))
+                                         for bar, position, k in args.get("guard_pitch_changes", ()))}
 
 
 def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
@@ -50,7 +70,8 @@ def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
         plan = Plan(tuple(Section(str(label), int(bars)) for label, bars in args["sections"]), str(args["metre"]),
                     tuple(int(q) for q in args.get("quotas", ())),
                     tuple((int(bar), tuple(int(t) for t in tokens)) for bar, tokens in args.get("forced", ())),
-                    tuple((int(bar), int(source)) for bar, source in args.get("copies", ())))
+                    tuple((int(bar), int(source)) for bar, source in args.get("copies", ())),
+                    **_read_guard_args(args))
         budget = int(args["budget"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{EXTRA_ARGS_KEY}: malformed grammar arguments ({type(err).__name__}: {err})") from None
@@ -67,6 +88,9 @@ def read_grammar_args(args: dict) -> tuple[str, Plan, int]:
     given = {bar for bar, _ in plan.forced}
     if any(not 1 <= source < bar <= plan.n_bars or bar in given for bar, source in plan.copies):
         raise ValueError(f"{EXTRA_ARGS_KEY}: a copied bar must copy an earlier bar of the form and not be given")
+    n_sets = len(plan.guard_pitch_sets)
+    if any(not (1 <= bar <= plan.n_bars and 0 <= k < n_sets) for bar, _, k in plan.guard_pitch_changes):
+        raise ValueError(f"{EXTRA_ARGS_KEY}: guard_pitch_changes must name bars of the form and guard_pitch_sets")
     return stream, plan, budget
 
 

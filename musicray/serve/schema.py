@@ -88,6 +88,9 @@ class GenerateBody(BaseModel):
         False, description="run a requested stage whose adapter the served run lacks on the stage-1 model alone "
                            "(refused otherwise); each stage's report names its adapter (null: none)")
     variation: Optional[float] = Field(None, **VARIATION_RANGE.schema_bounds(), description=VARIATION_RANGE.help)
+    harmony_guard: bool = Field(True, description="keep chords among POP909's usual ones in the key's mode and the "
+                                                  "melodies in the key's scale or the sounding chord, in their "
+                                                  "register; false: the model's own choices")
 
 
 class RenderBody(BaseModel):
@@ -161,7 +164,8 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
             body.form, body.key, metre_name, body.tempo, body.seed, chords, melody, given, body.regenerate,
             body.regenerate_bars, body.stages, body.temperature, body.top_k, body.top_p,
             {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
-            allow_missing_adapters=body.allow_missing_adapters, variation=body.variation, max_bars=max_bars,
+            allow_missing_adapters=body.allow_missing_adapters, variation=body.variation,
+            harmony_guard=body.harmony_guard, max_bars=max_bars,
             names=BODY_FIELDS)
     except InputError:
         raise

@@ -252,3 +252,57 @@ def test_a_budget_too_small_for_its_form_ends_that_row_and_spares_the_others(mod
     outputs = {row["name"]: row for row in batch.finished}
     assert outputs["too small"]["output"] == [music.eot_id]
     check_rows([outputs["fine"]], music, grammar)
+
+
+def test_the_harmony_guard_reaches_the_processor(model_dir, music):
+    """A guarded plan crosses as JSON and the processor masks by it: chords from the guard's list only, pitches
+    from the set of the chord sounding at their onset, while an unguarded row of the same batch is free."""
+    from musicray.harmony_guard import guard_plan
+    from musicray.song import TRACKS, Chord, Song, Tempo
+
+    vocab = music.vocab
+    song = Song("s", "Bb:min", "4/4", parse_form("A2B1"), chords=[Chord(0, 0, "Bb:min"), Chord(1, 8, "F:7")],
+                tracks={name: [] for name in TRACKS}, tempos=[Tempo(0, 0, 100.0)])
+    form = Plan(tuple(song.sections), song.metre)
+    guarded = {stream: guard_plan(form, stream, song, vocab) for stream in ("chord", "melody")}
+    for stream, plan in guarded.items():
+        assert read_grammar_args(grammar_args(stream, plan, 99)) == (stream, plan, 99)
+    proc = processor(model_dir)
+    batch = Batch(proc, music.offset + len(vocab), seed=4)
+    arrivals = {0: [(stream, SamplingParams(max_tokens=200,
+                                            extra_args={EXTRA_ARGS_KEY: grammar_args(stream, plan, 199)}))
+                    for stream, plan in guarded.items()] + [("free", params("melody", "A2B1", 199))]}
+    run_until_done(batch, music, arrivals)
+    check_rows(batch.finished, music, Grammar(vocab))
+    bodies = {row["name"]: music.from_llm(row["output"][:-1]) for row in batch.finished}
+    chords = [t for t in bodies["chord"] if vocab.family[t] == "Chord"]
+    assert chords and set(chords) <= set(guarded["chord"].guard_chords)
+    plan = guarded["melody"]
+
+    def pitches_outside(body):
+        bar = position = outside = 0
+        for token in body:
+            family = vocab.family[token]
+            if family == "Bar":
+                bar, position = bar + 1, 0
+            elif family == "Pos":
+                position = vocab.value[token]
+            elif family == "Pitch":
+                k = [k for b, p, k in plan.guard_pitch_changes if (b, p) <= (bar, position)][-1]
+                outside += vocab.value[token] not in plan.guard_pitch_sets[k]
+        return outside
+
+    assert any(vocab.family[t] == "Pitch" for t in bodies["melody"]) and pitches_outside(bodies["melody"]) == 0
+    assert pitches_outside(bodies["free"]) > 0
+
+
+@pytest.mark.parametrize("guard,message", [
+    ({"guard_pitch_sets": [[60]], "guard_pitch_changes": [[3, 0, 0]]}, "guard_pitch_changes"),
+    ({"guard_pitch_sets": [[60]], "guard_pitch_changes": [[1, 0, 1]]}, "guard_pitch_changes"),
+    ({"guard_pitch_sets": [[60]], "guard_pitch_changes": [[1, 0]]}, "malformed"),
+    ({"guard_chords": ["I:maj"]}, "malformed"),
+])
+def test_malformed_guard_arguments_are_refused(guard, message):
+    args = {"stream": "melody", "sections": [["A", 2]], "metre": "4/4", "budget": 40, **guard}
+    with pytest.raises(ValueError, match=message):
+        GrammarLogitsProcessor.validate_params(SamplingParams(extra_args={EXTRA_ARGS_KEY: args}))

@@ -1,0 +1,39 @@
+"""The HTTP body's fields as composer requests (no server: the schema's functions alone)."""
+
+import json
+
+import pytest
+
+from musicray.request import stage_request, stage_settings
+from musicray.serve.schema import GenerateBody, to_request
+
+
+@pytest.mark.parametrize("body,guard", [
+    ({"form": "A2B2"}, True),
+    ({"form": "A2B2", "harmony_guard": True}, True),
+    ({"form": "A2B2", "harmony_guard": False}, False),
+])
+def test_the_harmony_guard_travels_from_the_body_to_every_stage(body, guard):
+    """On by default; the ingress hands it to the stage deployments through the JSON sampling settings."""
+    request = to_request(GenerateBody(**body), max_bars=64, max_midi_bytes=1 << 20)
+    assert request.harmony_guard is guard
+    settings = json.loads(json.dumps(stage_settings(request)))
+    assert stage_request(request.song(), settings).harmony_guard is guard
+
+
+@pytest.mark.parametrize("variation", [None, 0.0, 0.4, 1.0])
+def test_the_variation_travels_from_the_body_to_every_stage(variation):
+    request = to_request(GenerateBody(form="A2B2A2", variation=variation), max_bars=64, max_midi_bytes=1 << 20)
+    settings = json.loads(json.dumps(stage_settings(request)))
+    assert request.variation == variation and stage_request(request.song(), settings).variation == variation
+
+
+@pytest.mark.parametrize("variation", [-0.1, 1.5, "half"])
+def test_a_variation_outside_0_to_1_is_refused(variation):
+    with pytest.raises(ValueError, match="variation"):
+        GenerateBody(form="A2", variation=variation)
+
+
+def test_a_harmony_guard_that_is_not_a_boolean_is_refused():
+    with pytest.raises(ValueError, match="harmony_guard"):
+        GenerateBody(form="A2", harmony_guard="no")
