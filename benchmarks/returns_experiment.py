@@ -6,7 +6,8 @@ variation (``none``: the model alone decides; 0: every returning bar repeats its
 adapters, batched, the same seeds. Measured with ``musicray.eval.structure`` (MusPy where it has the measure, 95 %
 bootstrap intervals over songs) against the real windows: same-label and different-label melody similarity,
 returning bars identical to their first occurrence, MELODY scale consistency, chord time in the key's scale; and
-the model forward calls per written token of each stage (copied bars go through jump-forward).
+the model forward calls per decode step of each stage (a batch's calls over the tokens its longest row writes:
+1.0 is one call per token; copied bars that line up across the batch go through jump-forward).
 
     .venv/bin/python benchmarks/returns_experiment.py --run runs/pop909-tiny \\
         --data ~/.cache/musicray/data/pop909-... --songs 32 --max-bars 32 --variations none 0 0.4 1
@@ -17,6 +18,7 @@ Writes ``<out>/returns_experiment.json`` and prints a Markdown table (docs/resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -44,14 +46,21 @@ def run(args) -> dict:
     for variation in args.variations:
         windows = eval_windows(songs, args.songs, args.max_bars, composer.music.vocab, args.seed, kind="form",
                                variation=variation)
+        windows = [dataclasses.replace(w, request=dataclasses.replace(w.request, harmony_guard=not args.no_harmony_guard))
+                   for w in windows]
         started = time.perf_counter()
-        composed = []
+        composed, calls, steps = [], dict.fromkeys(SUBTASKS, 0), dict.fromkeys(SUBTASKS, 0)
         for start in range(0, len(windows), args.batch):   # batches keep the KV cache small on a CPU
-            composed += compose_batch(composer, [w.request for w in windows[start:start + args.batch]])
+            batch = compose_batch(composer, [w.request for w in windows[start:start + args.batch]])
+            composed += batch
+            for task in SUBTASKS:   # a batch's decode call: its model calls, and the steps its longest row takes
+                ran = [c.stages[task] for c in batch if task in c.stages]
+                if ran:
+                    calls[task] += ran[0]["forward_calls"]
+                    steps[task] += max(info["new_tokens"] for info in ran)
         seconds = time.perf_counter() - started
         report = structure_report([c.song for c in composed], [w.song for w in windows], seed=args.seed)
-        calls = {task: sum(c.stages[task]["forward_calls"] for c in composed if task in c.stages) /
-                 max(1, sum(c.stages[task]["new_tokens"] for c in composed if task in c.stages)) for task in SUBTASKS}
+        calls = {task: calls[task] / max(1, steps[task]) for task in SUBTASKS}
         results["none" if variation is None else f"{variation:g}"] = {
             "rows": {row["measure"]: row for row in report["rows"] if row["measure"] in SHOWN},
             "forward_calls_per_token": calls, "seconds": round(seconds, 1), "songs": len(windows),
@@ -75,7 +84,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {measure} | {cell(first['rows'][measure]['real'])} | "
                      + " | ".join(cell(r["rows"][measure]["generated"]) for r in results.values()) + " |")
     for task in ("chord", "melody", "secondary", "dynamics"):
-        lines.append(f"| forward calls per written token, {task} | – | "
+        lines.append(f"| model calls per decode step, {task} | – | "
                      + " | ".join(f"{r['forward_calls_per_token'][task]:.2f}" for r in results.values()) + " |")
     lines.append("| seconds to compose | – | " + " | ".join(f"{r['seconds']:.0f}" for r in results.values()) + " |")
     return "\n".join(lines)
@@ -88,6 +97,7 @@ def main() -> None:
     parser.add_argument("--songs", type=int, default=32)
     parser.add_argument("--max-bars", type=int, default=32)
     parser.add_argument("--variations", type=_variation, nargs="+", default=[None, 0.0, 0.4, 1.0])
+    parser.add_argument("--no-harmony-guard", action="store_true", help="compose without the harmony guard")
     parser.add_argument("--batch", type=int, default=8, help="songs per decode call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
