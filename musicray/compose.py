@@ -133,7 +133,7 @@ class StagePlanner:
             forced = given_bars(source, task, self.music.vocab, keep, optional)
         returns = subtask(task).returns
         given = {bar for bar, _ in forced}
-        copies = [(bar + 1, source + 1) for bar, source in request.returns() if bar + 1 not in given]
+        copies = [(bar + 1, first + 1) for bar, first in request.returns() if bar + 1 not in given]
         copies = returns(copies, example.prompt, self.music.vocab) if returns is not None and copies else []
         return dataclasses.replace(plan, forced=forced, copies=tuple(copies))
 
