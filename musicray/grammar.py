@@ -219,6 +219,7 @@ class GrammarState:
     bar_offset: torch.Tensor      # [batch, max bars + 1]: where bar k's written content starts (from history_base)
     bar_length: torch.Tensor      # [batch, max bars + 1]: its length so far
     in_copied_bar: torch.Tensor   # [batch] bool: the open bar copies an earlier one (and has not left the copy)
+    copies_of_open_bar: torch.Tensor  # [batch]: how many later bars copy the open bar
     # The harmony guard's tables (``_guard_tables``; all-allowing for an unguarded row)
     guard_chords: torch.Tensor    # [batch, Chord tokens] bool: the Chord tokens the row may use
     guard_pitch_sets: torch.Tensor  # [batch, sets * Pitch tokens] bool: set k's Pitch values from k * Pitch tokens
@@ -392,7 +393,7 @@ class Grammar:
             copy_source=copy_source.to(**to), history_base=history_base.to(**to), written=zeros.clone(),
             bar_offset=torch.zeros((batch, max_bars), dtype=torch.long, **to),
             bar_length=torch.zeros((batch, max_bars), dtype=torch.long, **to),
-            in_copied_bar=torch.zeros(batch, dtype=torch.bool, **to),
+            in_copied_bar=torch.zeros(batch, dtype=torch.bool, **to), copies_of_open_bar=zeros.clone(),
             **{name: table.to(**to) for name, table in self._guard_tables(plans, max_bars).items()},
             has_forced=any(p.forced for p in plans) or has_copies, has_copies=has_copies,
             has_guard=any(p.guard_chords or p.guard_pitch_changes for p in plans))
@@ -526,7 +527,7 @@ class Grammar:
         """[batch, families]: emitting the family still leaves room to finish the form."""
         after = state.budget[:, None] - 1 - self.close_cost[state.stream]
         if state.has_copies:   # a token of a bar that later bars copy commits its copies to it as well
-            copies = (state.copy_source == state.bar[:, None]).sum(1)
+            copies = state.copies_of_open_bar
             length = state.bar_length.gather(1, state.bar.clamp(max=state.bar_length.shape[1] - 1)[:, None])
             minimum = (self.bar_cost[state.stream] - 1)[:, None]
             extra = (length + 1 + self.close_cost[state.stream] - minimum).clamp(min=0) \
@@ -665,6 +666,8 @@ class Grammar:
         state.forced_end = torch.where(copied, start + length, state.forced_end)
         state.in_forced_bar = torch.where(copied, True, state.in_forced_bar)
         state.in_copied_bar = torch.where(new_bar, copied, state.in_copied_bar)
+        state.copies_of_open_bar = torch.where(new_bar, (state.copy_source == state.bar[:, None]).sum(1),
+                                               state.copies_of_open_bar)
 
     # -- the harmony guard (generation only: see musicray.harmony_guard) --------------------------------------------
     def _guard_tables(self, plans: list[Plan], max_bars: int) -> dict[str, torch.Tensor]:
