@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from musicray.midi import midi_to_song
-from musicray.request import TEMPO_RANGE, VARIATION_RANGE, FieldError, Request, request_from_fields
+from musicray.request import TEMPO_RANGE, VARIATION_RANGE, FieldError, Request, RunDefaults, request_from_fields
 from musicray.sampling import SAMPLING_RANGES
 from musicray.song import SongError, metre, parse_form
 from musicray.tokens import SUBTASKS
@@ -33,10 +33,16 @@ class InputError(FieldError):
         self.status = status
 
 
-def _sampling_field(name: str, default):
-    """A sampling setting's pydantic field, its bounds and help from ``musicray.sampling.SAMPLING_RANGES``."""
+def _sampling_field(name: str, default, unset: str = ""):
+    """A sampling setting's pydantic field, its bounds and help from ``musicray.sampling.SAMPLING_RANGES``
+    (``unset``: what leaving it out means, added to the help)."""
     setting = SAMPLING_RANGES[name]
-    return Field(default, **setting.schema_bounds(), description=setting.help)
+    return Field(default, **setting.schema_bounds(), description=setting.help + unset)
+
+
+# What leaving all sampling settings out of a request means (musicray.request.request_from_fields' defaults).
+RUN_SAMPLING = ("; unset: the neutral value, and with no sampling setting at all each stage samples as the served "
+                "run's evaluation did (its config's eval.sampling)")
 
 
 class StageSamplingBody(BaseModel):
@@ -78,9 +84,9 @@ class GenerateBody(BaseModel):
     stages: Optional[list[Subtask]] = Field(None, min_length=1, max_length=5,
                                             description="sub-tasks to run (default all; with regenerate: the parts "
                                                         "rewritten in the chosen bars)")
-    temperature: float = _sampling_field("temperature", 1.0)
-    top_k: int = _sampling_field("top_k", 0)
-    top_p: float = _sampling_field("top_p", 1.0)
+    temperature: Optional[float] = _sampling_field("temperature", None, RUN_SAMPLING)
+    top_k: Optional[int] = _sampling_field("top_k", None, RUN_SAMPLING)
+    top_p: Optional[float] = _sampling_field("top_p", None, RUN_SAMPLING)
     stage_sampling: Optional[dict[Subtask, StageSamplingBody]] = Field(
         None, description="sampling settings of single stages instead of temperature, top_k and top_p, e.g. "
                           "{\"melody\": {\"temperature\": 0.8}} for a melody closer to what the model finds likeliest")
@@ -135,9 +141,10 @@ def _uploaded_song(text: str, field: str, metre_name: str, max_midi_bytes: int):
 BODY_FIELDS = {"given": "song_midi", "melody": "melody_midi", "stage_settings": "stage_sampling"}
 
 
-def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Request:
-    """The composer request a body describes (``musicray.request.request_from_fields``, as the command line's);
-    ``InputError`` names the field that is wrong."""
+def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int,
+               defaults: RunDefaults | None = None) -> Request:
+    """The composer request a body describes (``musicray.request.request_from_fields``, as the command line's, with
+    the served run's ``defaults``); ``InputError`` names the field that is wrong."""
     metre_name = _field("metre", metre, body.metre).name
     chords = body.chords
     if isinstance(chords, list):
@@ -165,7 +172,7 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
             body.regenerate_bars, body.stages, body.temperature, body.top_k, body.top_p,
             {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
             allow_missing_adapters=body.allow_missing_adapters, variation=body.variation,
-            harmony_guard=body.harmony_guard, max_bars=max_bars,
+            harmony_guard=body.harmony_guard, max_bars=max_bars, defaults=defaults,
             names=BODY_FIELDS)
     except InputError:
         raise

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from musicray.request import stage_request, stage_settings
+from musicray.request import RunDefaults, stage_request, stage_settings
 from musicray.serve.schema import GenerateBody, to_request
 
 
@@ -37,3 +37,14 @@ def test_a_variation_outside_0_to_1_is_refused(variation):
 def test_a_harmony_guard_that_is_not_a_boolean_is_refused():
     with pytest.raises(ValueError, match="harmony_guard"):
         GenerateBody(form="A2", harmony_guard="no")
+
+
+@pytest.mark.parametrize("body, melody, taken", [
+    ({"form": "A2B2"}, 0.8, {"stage_sampling": {"melody": {"temperature": 0.8, "top_k": 0, "top_p": 1.0}},
+                             "variation": 0.2}),
+    ({"form": "A2B2", "temperature": 1.0, "variation": 0.5}, 1.0, {}),
+])
+def test_a_body_that_leaves_sampling_unsaid_samples_as_the_served_run_was_evaluated(body, melody, taken):
+    defaults = RunDefaults({"melody": {"temperature": 0.8}}, 0.2)
+    request = to_request(GenerateBody(**body), max_bars=64, max_midi_bytes=1 << 20, defaults=defaults)
+    assert request.sampling_for("melody").temperature == melody and request.taken_from_run() == taken
