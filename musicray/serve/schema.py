@@ -16,12 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from musicray.midi import midi_to_song
 from musicray.request import TEMPO_RANGE, VARIATION_RANGE, FieldError, Request, RunDefaults, request_from_fields
 from musicray.sampling import SAMPLING_RANGES
-from musicray.song import SongError, metre, parse_form
+from musicray.song import FORM_PATTERN, SongError, metre, parse_form
 from musicray.tokens import SUBTASKS
 
 Subtask = Literal[SUBTASKS]   # the sub-tasks' names, in stage order
 
 MAX_FORM_CHARS = 512
+# A base64 text as ``decode_midi_upload`` accepts it (whitespace around it allowed), for the API's schema.
+BASE64_PATTERN = r"^\s*(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\s*$"
+# What the schema states of a MIDI upload; the checks themselves stay ours, so that a refusal keeps its message
+# (a 400 naming the field), and generated clients and fuzzers draw only texts the API can decode.
+MIDI_UPLOAD = {"contentEncoding": "base64", "contentMediaType": "audio/midi", "pattern": BASE64_PATTERN}
 MAX_CHORD_TEXT = 16384
 
 
@@ -61,7 +66,7 @@ class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"form": "i4A8B8A8o4", "key": "G:maj", "tempo": 96, "seed": 7}]})
 
-    form: str = Field(min_length=1, max_length=MAX_FORM_CHARS,
+    form: str = Field(min_length=1, max_length=MAX_FORM_CHARS, json_schema_extra={"pattern": FORM_PATTERN},
                       description="sections as phrase label + bars, e.g. i4A8B8A8o4 (labels i A B C D E X b x o)")
     key: str = Field("C:maj", min_length=1, max_length=16, description="ROOT:maj or ROOT:min, e.g. Eb:min")
     metre: str = Field("4/4", min_length=1, max_length=8, description="4/4, 3/4, 2/4, 12/8 or 6/8")
@@ -71,10 +76,10 @@ class GenerateBody(BaseModel):
         None, description="chords instead of the chord stage: a string of per-bar entries cycled over the form "
                           "(C:maj,G:maj splits a bar), or a list with one entry per bar")
     melody_midi: Optional[str] = Field(
-        None, description="base64 Standard MIDI File; its MELODY track (or first melodic instrument) replaces the "
+        None, json_schema_extra=MIDI_UPLOAD, description="base64 Standard MIDI File; its MELODY track (or first melodic instrument) replaces the "
                           "melody stage")
     song_midi: Optional[str] = Field(
-        None, description="base64 Standard MIDI File of a whole song (MELODY, BRIDGE, PIANO tracks; chords and "
+        None, json_schema_extra=MIDI_UPLOAD, description="base64 Standard MIDI File of a whole song (MELODY, BRIDGE, PIANO tracks; chords and "
                           "tempo from a musicray file): what it has replaces its stages, like generate --song")
     regenerate: Optional[str] = Field(
         None, max_length=64, description="infilling (needs song_midi): rewrite the sections with these labels, "
@@ -104,7 +109,7 @@ class RenderBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    midi: str = Field(min_length=1, description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
+    midi: str = Field(min_length=1, json_schema_extra=MIDI_UPLOAD, description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
 
 
 def _field(name: str, fn, *args):
