@@ -110,11 +110,11 @@ def measure_vllm(run: Path, levels: list[int], form: str, device: str, engine_ar
     return result
 
 
-def measure_native(run: Path, levels: list[int], form: str, device: str, caps: dict) -> dict:
+def measure_native(run: Path, levels: list[int], form: str, device: str, caps: dict, dtype) -> dict:
     from musicray.compose import Composer
 
     started = time.perf_counter()
-    composer = Composer(run, device, tokens_per_bar=caps)
+    composer = Composer(run, device, tokens_per_bar=caps, dtype=dtype)   # the dtype vLLM runs in: a fair race
     result = {"startup_s": time.perf_counter() - started, "levels": {}}
     requests = requests_for(2, form, 900)
     composer.run_stages([r.song() for r in requests], requests)   # warm-up
@@ -157,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             run = build_run(shape, Path(tmp), args.device, dtype)
             weights = sum(f.stat().st_size for f in (run / "stage1" / "model").glob("*.safetensors"))
             entry = {"build_s": time.perf_counter() - tick, "weight_bytes": weights}
-            engine_args = {"dtype": "bfloat16", "gpu_memory_utilization": args.gpu_memory_utilization} \
-                if args.device == "cuda" else {}
+            # Both engines in the same dtype (vLLM's "auto" could pick another than the native loop's).
+            engine_args = {"dtype": str(dtype).removeprefix("torch."),
+                           **({"gpu_memory_utilization": args.gpu_memory_utilization} if args.device == "cuda" else {})}
             entry["vllm"] = measure_vllm(run, args.levels, args.form, args.device, engine_args, caps)
-            entry["native"] = measure_native(run, args.levels, args.form, args.device, caps)
+            entry["native"] = measure_native(run, args.levels, args.form, args.device, caps, dtype)
             if bandwidth:   # a decode step reads every weight once: the bound of batch b is b x bandwidth / bytes
                 entry["bound_tokens_per_s"] = {n: n * bandwidth * 1e9 / weights for n in args.levels}
             results["shapes"][shape] = entry

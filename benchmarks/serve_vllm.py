@@ -44,15 +44,27 @@ LAYOUTS = {"native, per-adapter": {"engine": "native", "multiplexed": False},
            "vllm, per-adapter": {"engine": "vllm", "multiplexed": False}}
 
 
-def read_stats(path: Path) -> dict:
+NO_STATS = {"steps": 0, "grammar_seconds": 0.0, "step_seconds": 0.0, "rows_by_step": {}}
+
+
+def read_stats(path: Path, before_any_step: bool = False) -> dict:
+    """The grammar processor's counters; before the engine's first measured step a missing file is all zeros,
+    after it a missing or unreadable file stops the benchmark (it would report a grammar share of 0)."""
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"steps": 0, "grammar_seconds": 0.0, "step_seconds": 0.0, "rows_by_step": {}}
+    except FileNotFoundError:
+        if before_any_step:
+            return NO_STATS
+        raise SystemExit(f"{path}: the grammar processor wrote no counters (is $MUSICRAY_GRAMMAR_STATS reaching the "
+                         "vLLM engine's process?); refusing to report a grammar share without them") from None
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: unreadable grammar counters ({err})") from None
 
 
 def stats_delta(before: dict, after: dict) -> dict:
     steps = after["steps"] - before["steps"]
+    if steps <= 0:
+        raise SystemExit("the grammar processor counted no engine step at this level: its counters are stale")
     step_seconds = after["step_seconds"] - before["step_seconds"]
     grammar = after["grammar_seconds"] - before["grammar_seconds"]
     rows = {int(k): v - before["rows_by_step"].get(k, 0) for k, v in after["rows_by_step"].items()}
@@ -88,7 +100,7 @@ def stream_times(base: str, body: dict, repeats: int) -> dict:
 
 
 def measure(run: Path, name: str, url: str, config: dict, body: dict, levels: list[int], min_songs: int,
-            stats_file: Path) -> dict:
+            rounds: int, stats_file: Path) -> dict:
     import requests
     from ray import serve
 
@@ -109,8 +121,8 @@ def measure(run: Path, name: str, url: str, config: dict, body: dict, levels: li
         post({**body, "seed": seed})
     seed = 0
     for clients in levels:
-        songs = max(min_songs, clients)
-        before = read_stats(stats_file)
+        songs = max(min_songs, rounds * clients)   # each client posts ``rounds`` songs in turn: a closed loop
+        before = read_stats(stats_file, before_any_step=True)
         result["levels"][clients] = closed_loop_rate(post, body, clients, songs, seed)
         time.sleep(1)   # the processor writes its counters when the batch empties
         if config["engine"] == "vllm" and config["multiplexed"]:   # (five engines would share the stats file)
@@ -132,9 +144,9 @@ def markdown(results: dict, args, machine: str, date: str, load: tuple) -> str:
         SECTION, "",
         f"`{command}` ({date}; {machine}; load average {load[0]:.2f} before, "
         f"{load[1]:.2f} after; {model}; form "
-        f"`{args.form}`, composer default token caps; each level runs max({args.min_songs}, clients) songs, every "
-        "client posting its next song when the last returns; all layouts in one Ray instance, one after "
-        "the other).", "",
+        f"`{args.form}`, composer default token caps; each level runs max({args.min_songs}, {args.rounds} x clients) "
+        "songs, every client posting its next song when the last returns; all layouts in one Ray instance, one "
+        "after the other).", "",
         "| layout | " + " | ".join(f"songs/s @{c}" for c in levels) + f" | @{levels[-1]} vs @{levels[0]} | errors |",
         "| --- | " + " | ".join("---:" for _ in levels) + " | ---: | ---: |",
     ]
@@ -172,22 +184,7 @@ def markdown(results: dict, args, machine: str, date: str, load: tuple) -> str:
         f"{levels[-1]} vs {levels[0]} clients >= 6x ({scale:.2f}x: {'met' if scale >= 6 else 'missed'}); "
         f"grammar share <= 5 % at {levels[-1]} ({100 * share:.1f} %: {'met' if share <= 0.05 else 'missed'}).",
         "",
-        f"Why a lone song is slower on vLLM and 32 clients reach {top / best_native_any:.1f}x the native best "
-        "rather than more: the model is tiny (hidden 64, two layers) and runs on two shared CPU cores, so a step "
-        "costs per-step overhead, not arithmetic. One vLLM engine step with one song takes "
-        f"{vllm['levels'][levels[0]]['grammar']['step_ms']:.1f} ms (scheduling, input preparation, LoRA "
-        "bookkeeping and the sampler around a forward pass of a few hundred thousand weights), where musicray's "
-        "loop takes one forward call per step and feeds a forced run (a given bar, the closing <End>) in one "
-        "pass (jump-forward, which vLLM does not do). With more clients vLLM's continuous batching scales "
-        f"({scale:.1f}x from {levels[0]} to {levels[-1]} clients, "
-        f"{vllm['levels'][levels[-1]]['grammar']['mean_rows']:.0f} rows per step at {levels[-1]}) where "
-        "@serve.batch's static batches stop at the batch size and wait for their slowest song; all of it shares "
-        "two cores with the clients, the HTTP proxy, the ingress and other jobs (see the load average). vLLM's "
-        "own advantages (paged attention, CUDA graphs, multi-LoRA kernels, no padding) are GPU ones at 1B-8B "
-        "parameters, where the forward pass dominates a step; the GPU run of this benchmark is still to be made "
-        "(no GPU was lent to this task). The grammar's share is of a step of the tiny model, whose forward pass "
-        "costs next to nothing: its per-step cost (a few tensor operations over the batch) grows slowly with "
-        "the batch, and next to an 8B forward pass it should be much smaller (to be measured on a GPU).",
+        *_reading(vllm, results, levels, top, best_native_any, scale),
         "",
         "The per-adapter vLLM layout runs five engines (each an engine-core and a worker process with its own KV "
         "cache) on the same two cores: each stage decodes only its own sub-task's rows, a song crosses five "
@@ -204,12 +201,34 @@ def markdown(results: dict, args, machine: str, date: str, load: tuple) -> str:
     return "\n".join(lines)
 
 
+def _reading(vllm: dict, results: dict, levels: list[int], top: float, best_native: float, scale: float) -> list[str]:
+    """What the numbers say, written from them: which engine wins a lone song and the top level, and why."""
+    lone_vllm = vllm["levels"][levels[0]]["songs_per_s"]
+    lone_native = max(results[name]["levels"][levels[0]]["songs_per_s"] for name in LAYOUTS if name.startswith("native"))
+    step_ms = vllm["levels"][levels[0]]["grammar"]["step_ms"]
+    rows = vllm["levels"][levels[-1]]["grammar"]["mean_rows"]
+    lone = (f"A lone song is {'slower' if lone_vllm < lone_native else 'faster'} on vLLM ({lone_vllm:.2f} vs "
+            f"{lone_native:.2f} songs/s): one vLLM engine step with one song takes {step_ms:.1f} ms (scheduling, "
+            "input preparation, LoRA bookkeeping and the sampler around the forward pass), where musicray's loop "
+            "makes one forward call per step and feeds forced runs (a given or copied bar, the closing <End>) in "
+            "one pass (jump-forward, which vLLM does not do).")
+    top_text = (f"At {levels[-1]} clients vLLM reaches {top / best_native:.2f}x the native graph's best: continuous "
+                f"batching scales {scale:.1f}x from {levels[0]} to {levels[-1]} clients ({rows:.0f} rows per step), "
+                "where @serve.batch's static batches stop at the batch size and wait for their slowest song.")
+    return [lone, "", top_text, "", "All of it shares two cores with the clients, the HTTP proxy, the ingress and "
+            "other jobs (see the load average); on a tiny model a step costs per-step overhead, not arithmetic. "
+            "vLLM's own advantages (paged attention, CUDA graphs, multi-LoRA kernels) are GPU ones at 1B-8B "
+            "parameters, where the forward pass dominates a step (benchmarks/gpu_vllm.py, not yet run on a GPU)."]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="run dir (default: a tiny random one in a temp dir)")
     parser.add_argument("--form", default="A4B4")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--min-songs", type=int, default=8, help="songs at least, at each concurrency level")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="songs each client posts in turn at each level (a closed loop, not a burst of one each)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -249,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.layouts:
                 print(f"{name} ...", flush=True)
                 results[name] = measure(run, name, f"http://127.0.0.1:{port}", {**base_config, **LAYOUTS[name]},
-                                        body, args.concurrency, args.min_songs, stats_file)
+                                        body, args.concurrency, args.min_songs, args.rounds, stats_file)
         finally:
             try:
                 serve.shutdown()

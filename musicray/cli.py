@@ -72,6 +72,7 @@ def _generate(args: argparse.Namespace) -> None:
     from musicray.midi import read_midi, write_midi
     from musicray.request import request_from_fields
     from musicray.tokens import SUBTASKS
+    from musicray.train.config import run_defaults
 
     chords = args.chords.read_text() if args.chords and args.chords.exists() else \
         (str(args.chords) if args.chords else None)
@@ -82,7 +83,7 @@ def _generate(args: argparse.Namespace) -> None:
         regenerate_bars=args.regenerate_bars, stages=args.stages, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stage_settings=_stage_settings(args.stage_sampling), use_mask=not args.no_mask,
         allow_missing_adapters=args.no_adapters or args.allow_missing_adapters, variation=args.variation,
-        harmony_guard=not args.no_harmony_guard,
+        harmony_guard=not args.no_harmony_guard, defaults=run_defaults(args.run),
         names=GENERATE_OPTIONS)
     adapters = () if args.no_adapters else SUBTASKS
     if args.stream:
@@ -96,6 +97,8 @@ def _generate(args: argparse.Namespace) -> None:
     report_path.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out} ({song.n_bars} bars, form {song.form}; {_stage_summary(report['stages'])}) and "
           f"{report_path}")
+    if request.from_run:
+        print(f"as the run's evaluation composed (its config's eval settings): {json.dumps(request.taken_from_run())}")
 
 
 def _stage_summary(stages: dict[str, dict]) -> str:
@@ -325,9 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "repeats it (chords, melodies, velocities), 1 = written anew (default: as the model "
                           "writes it)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float,
+                     help="0 = greedy (default 1; with no sampling option at all, each stage samples as the run's "
+                          "evaluation did: the run config's eval.sampling)")
+    gen.add_argument("--top-k", type=int, help="0 = no cut (default)")
+    gen.add_argument("--top-p", type=float, help="1 = no cut (default)")
     _add_stage_sampling_option(gen, "instead of --temperature/--top-k/--top-p")
     gen.add_argument("--no-mask", action="store_true", help="ablation: decode without the grammar mask")
     gen.add_argument("--no-adapters", action="store_true", help="ablation: the stage-1 model for every stage")

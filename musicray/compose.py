@@ -192,12 +192,12 @@ class Composer(StagePlanner):
     (``musicray.decode.generate``); one ``compose`` call makes one song."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", adapters: tuple[str, ...] = SUBTASKS,
-                 tokens_per_bar: dict[str, int] | None = None):
-        """Load the stage-1 model and the ``adapters`` found under ``run_dir/adapters`` (a stage whose adapter is
-        missing is refused unless its request allows it: ``check_adapters``); ``tokens_per_bar`` overrides the
-        per-stage token caps."""
+                 tokens_per_bar: dict[str, int] | None = None, dtype: torch.dtype = torch.float32):
+        """Load the stage-1 model (in ``dtype``) and the ``adapters`` found under ``run_dir/adapters`` (a stage
+        whose adapter is missing is refused unless its request allows it: ``check_adapters``); ``tokens_per_bar``
+        overrides the per-stage token caps."""
         run = RunDir(run_dir)
-        model, music = load_music_model(run.require("stage-1 model"))
+        model, music = load_music_model(run.require("stage-1 model"), dtype)
         found: list[str] = []
         for name in run.adapters_present(adapters):
             from peft import PeftModel

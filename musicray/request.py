@@ -28,6 +28,16 @@ VARIATION_RANGE = SettingRange(float, 0, 1, text="0..1", help=(
     "unset: as the model writes it"))
 
 
+@dataclass(frozen=True)
+class RunDefaults:
+    """What a request takes from the run it is composed with where it leaves these unsaid (no sampling setting, no
+    variation given): the settings the run's evaluation composed with (``musicray.train.config.run_defaults``),
+    so that the product sounds as the run's report measured."""
+
+    stage_settings: dict = field(default_factory=dict)   # {stage: {temperature | top_k | top_p: value}}
+    variation: float | None = None
+
+
 class FieldError(SongError):
     """A request field that cannot be used; ``field`` is its name as the front end calls it."""
 
@@ -64,6 +74,19 @@ class Request:
     # The harmony guard (musicray.harmony_guard): chords among POP909's 99 % in the key's mode, MELODY and BRIDGE
     # pitches in the key's scale or the sounding chord and in their POP909 register. Applied by the mask only.
     harmony_guard: bool = True
+    # The settings taken from the run's evaluated defaults (RunDefaults), by name: "stage_sampling", "variation".
+    from_run: tuple[str, ...] = ()
+
+    def taken_from_run(self) -> dict:
+        """The settings this request took from the run's defaults (``from_run``), JSON-ready, for the printed line
+        and the HTTP answer."""
+        taken = {}
+        if "stage_sampling" in self.from_run:
+            taken["stage_sampling"] = {stage: dataclasses.asdict(sampling)
+                                       for stage, sampling in sorted((self.stage_sampling or {}).items())}
+        if "variation" in self.from_run:
+            taken["variation"] = self.variation
+        return taken
 
     def sampling_for(self, stage: str) -> Sampling:
         """How ``stage``'s tokens are drawn: its own settings where ``stage_sampling`` has them, else ``sampling``."""
@@ -165,11 +188,11 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                         tempo: float | None = None, seed: int = 0, chords: str | None = None,
                         melody: list[Note] | None = None, given: Song | None = None, regenerate: str | None = None,
                         regenerate_bars: str | None = None, stages: tuple[str, ...] | list[str] | None = None,
-                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         stage_settings: dict | None = None, use_mask: bool = True,
                         allow_missing_adapters: bool = False, variation: float | None = None,
                         harmony_guard: bool = True,
-                        max_bars: int | None = None,
+                        max_bars: int | None = None, defaults: RunDefaults | None = None,
                         names: dict[str, str] | None = None) -> Request:
     """The request the command line or an HTTP body describes, checked; ``FieldError`` names the field at fault
     as the front end calls it (``names`` maps this function's argument names to those, e.g. ``given`` to
@@ -179,7 +202,12 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     used where those are not given); ``melody`` a given main melody; ``chords`` the chord text of
     ``parse_chords``; ``regenerate``/``regenerate_bars`` choose the bars infilling rewrites (needs ``given``);
     ``stage_settings`` is ``{stage: {setting: value}}`` over ``temperature``/``top_k``/``top_p``; ``max_bars``
-    caps the form's length (a server's limit)."""
+    caps the form's length (a server's limit). ``temperature``/``top_k``/``top_p`` left None sample at 1, no cut.
+
+    ``defaults`` (the run's evaluated settings) fill what the request leaves unsaid: its per-stage sampling where
+    no sampling setting is given (stage settings given are laid over it), its variation where none is given; and
+    a request that regenerates sections by label without a variation gets 0, so that every rewritten occurrence of
+    a label repeats the first (``regenerate_bars`` stays literal). ``Request.from_run`` names what was taken."""
     names = names or {}
 
     def named(argument: str) -> str:
@@ -221,11 +249,22 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                              f"infilling rewrites part of a given song: give it with {named('given')}")
         infilling = checked("regenerate" if regenerate is not None else "regenerate_bars", regenerated_bars, form,
                             regenerate, regenerate_bars)
+    globals_given = {name: value for name, value in (("temperature", temperature), ("top_k", top_k),
+                                                      ("top_p", top_p)) if value is not None}
     sampling = Sampling(**{name: checked(name, SAMPLING_RANGES[name].checked, value, named(name))
-                           for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))})
+                           for name, value in globals_given.items()})
+    from_run = []
+    if defaults and defaults.stage_settings and not globals_given:
+        stage_settings = {**defaults.stage_settings, **(stage_settings or {})}
+        from_run.append("stage_sampling")
     per_stage = checked("stage_settings", stage_sampling, stage_settings or {}, sampling, named("stage_settings"))
     if variation is not None:
         variation = checked("variation", VARIATION_RANGE.checked, variation, named("variation"))
+    elif regenerate is not None:
+        variation = 0.0   # every rewritten occurrence of a label returns as its (rewritten) first one
+    elif defaults and defaults.variation is not None:
+        variation = defaults.variation
+        from_run.append("variation")
     return Request(form=form, key=key, metre=metre_name, tempo=tempo, seed=seed,
                    chords=parsed_chords or (given.chords if given else None),
                    melody=melody or (given.tracks["MELODY"] if given else None),
@@ -233,7 +272,7 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                    bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
                    regenerate=infilling, tempos=given.tempos if given and infilling else None,
                    stage_sampling=per_stage or None, allow_missing_adapters=allow_missing_adapters,
-                   variation=variation, harmony_guard=harmony_guard)
+                   variation=variation, harmony_guard=harmony_guard, from_run=tuple(from_run))
 
 
 def stage_settings(request: Request) -> dict:

@@ -71,6 +71,9 @@ class Section:
 SECTION_LABELS: tuple[str, ...] = ("i", "A", "B", "C", "D", "E", "X", "b", "x", "o")
 MAX_SECTION_BARS = 32
 _FORM_ITEM = re.compile(r"([A-Za-z])(\d+)")
+# The forms ``parse_form`` accepts, as one regular expression (the HTTP API's schema states it).
+FORM_PATTERN = (r"^\s*(?:[" + "".join(SECTION_LABELS) + r"]0*(?:"
+                + "|".join(str(n) for n in range(MAX_SECTION_BARS, 0, -1)) + r"))+\s*$")
 
 
 def parse_form(form: str) -> list[Section]:

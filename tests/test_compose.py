@@ -175,6 +175,23 @@ def test_infilling_rewrites_the_chosen_bars_and_keeps_the_rest_note_for_note(com
             [(n.bar, n.position, n.pitch) for n in voiced]
 
 
+def test_regenerating_a_label_rewrites_every_occurrence_alike(composer):
+    """``--regenerate A``: every A is written anew and each returning A repeats the rewritten first one (the
+    request's variation is 0 unless it says otherwise); the other sections stay note for note."""
+    from musicray.encoding import quantized
+    from musicray.request import request_from_fields
+
+    given, _ = composer.compose(Request("A2B2A2o4", "D:maj", "4/4", 90, seed=11))
+    given = quantized(given, Vocabulary())
+    request = request_from_fields(given=given, regenerate="A", seed=12, allow_missing_adapters=True)
+    assert request.regenerate == (0, 1, 4, 5) and request.variation == 0.0
+    song, report = composer.compose(request)
+    assert all(info["grammar_errors"] == 0 for info in report["stages"].values())
+    assert _bars(song, {2, 3, 6, 7, 8, 9}) == _bars(given, {2, 3, 6, 7, 8, 9})
+    assert _bars(song, {0, 1}) != _bars(given, {0, 1})
+    assert [_bar_events(song, bar) for bar in (4, 5)] == [_bar_events(song, bar) for bar in (0, 1)]
+
+
 def test_generate_command_writes_each_track_with_its_instrument(run_dir, tmp_path, capsys):
     from musicray.cli import main
     from musicray.instruments import DEFAULT_INSTRUMENTS

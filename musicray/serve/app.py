@@ -51,6 +51,7 @@ from musicray.serve.stages import StageComposer
 from musicray.song import SongError, song_from_dict, song_to_dict
 from musicray.tasks import subtask
 from musicray.tokens import SUBTASKS
+from musicray.train.config import run_defaults
 
 MIDI_TYPES = ("audio/midi", "audio/x-midi", "audio/mid")
 BODY_SLACK = 64 * 1024  # room for the JSON around a melody upload
@@ -186,6 +187,8 @@ class Ingress:
         self.renderer = Renderer(self.max_midi_bytes, int(config["render_sample_rate"]),
                                  float(config["max_render_seconds"]))
         self.files = static_files()
+        # What a request leaves unsaid is composed as the run's evaluation composed (eval.sampling/variation).
+        self.run_defaults = run_defaults(config["run_dir"])
 
     # The page names its files and the API relatively, so it works under any route prefix (Starlette redirects
     # /prefix to /prefix/).
@@ -230,7 +233,7 @@ class Ingress:
                        format: Optional[Literal["json", "midi"]] = Query(
                            None, description="midi: answer audio/midi bytes (as Accept: audio/midi)")) -> Response:
         started = time.perf_counter()
-        request = to_request(body, self.max_bars, self.max_midi_bytes)
+        request = to_request(body, self.max_bars, self.max_midi_bytes, self.run_defaults)
         song = request_song(request)
         settings = stage_settings(request)
         plan = Composer.stages_for(request)
@@ -253,7 +256,7 @@ class Ingress:
         spec = song.spec
         return JSONResponse({"midi": base64.b64encode(data).decode("ascii"), "form": song.form, "bars": song.n_bars,
                              "key": song.key, "metre": song.metre, "seed": request.seed, "stages": stages,
-                             "seconds": seconds, "song": written,
+                             "seconds": seconds, "song": written, "from_run": request.taken_from_run(),
                              "grid": {"beats_per_bar": spec.beats_per_bar,
                                       "positions_per_beat": spec.positions_per_beat}})
 
@@ -267,7 +270,7 @@ class Ingress:
                          422: {"description": "a field has the wrong type or is out of range"}})
     async def generate_stream(self, body: GenerateBody) -> Response:
         # The request is checked before the stream starts: bad input is the same 4xx as /v1/generate.
-        request = to_request(body, self.max_bars, self.max_midi_bytes)
+        request = to_request(body, self.max_bars, self.max_midi_bytes, self.run_defaults)
         song = request_song(request)
         return StreamingResponse(self._stream(song, stage_settings(request), Composer.stages_for(request),
                                               request.seed),

@@ -14,14 +14,19 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from musicray.midi import midi_to_song
-from musicray.request import TEMPO_RANGE, VARIATION_RANGE, FieldError, Request, request_from_fields
+from musicray.request import TEMPO_RANGE, VARIATION_RANGE, FieldError, Request, RunDefaults, request_from_fields
 from musicray.sampling import SAMPLING_RANGES
-from musicray.song import SongError, metre, parse_form
+from musicray.song import FORM_PATTERN, SongError, metre, parse_form
 from musicray.tokens import SUBTASKS
 
 Subtask = Literal[SUBTASKS]   # the sub-tasks' names, in stage order
 
 MAX_FORM_CHARS = 512
+# A base64 text as ``decode_midi_upload`` accepts it (whitespace around it allowed), for the API's schema.
+BASE64_PATTERN = r"^\s*(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\s*$"
+# What the schema states of a MIDI upload; the checks themselves stay ours, so that a refusal keeps its message
+# (a 400 naming the field), and generated clients and fuzzers draw only texts the API can decode.
+MIDI_UPLOAD = {"contentEncoding": "base64", "contentMediaType": "audio/midi", "pattern": BASE64_PATTERN}
 MAX_CHORD_TEXT = 16384
 
 
@@ -33,10 +38,16 @@ class InputError(FieldError):
         self.status = status
 
 
-def _sampling_field(name: str, default):
-    """A sampling setting's pydantic field, its bounds and help from ``musicray.sampling.SAMPLING_RANGES``."""
+def _sampling_field(name: str, default, unset: str = ""):
+    """A sampling setting's pydantic field, its bounds and help from ``musicray.sampling.SAMPLING_RANGES``
+    (``unset``: what leaving it out means, added to the help)."""
     setting = SAMPLING_RANGES[name]
-    return Field(default, **setting.schema_bounds(), description=setting.help)
+    return Field(default, **setting.schema_bounds(), description=setting.help + unset)
+
+
+# What leaving all sampling settings out of a request means (musicray.request.request_from_fields' defaults).
+RUN_SAMPLING = ("; unset: the neutral value, and with no sampling setting at all each stage samples as the served "
+                "run's evaluation did (its config's eval.sampling)")
 
 
 class StageSamplingBody(BaseModel):
@@ -55,7 +66,7 @@ class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"form": "i4A8B8A8o4", "key": "G:maj", "tempo": 96, "seed": 7}]})
 
-    form: str = Field(min_length=1, max_length=MAX_FORM_CHARS,
+    form: str = Field(min_length=1, max_length=MAX_FORM_CHARS, json_schema_extra={"pattern": FORM_PATTERN},
                       description="sections as phrase label + bars, e.g. i4A8B8A8o4 (labels i A B C D E X b x o)")
     key: str = Field("C:maj", min_length=1, max_length=16, description="ROOT:maj or ROOT:min, e.g. Eb:min")
     metre: str = Field("4/4", min_length=1, max_length=8, description="4/4, 3/4, 2/4, 12/8 or 6/8")
@@ -65,10 +76,10 @@ class GenerateBody(BaseModel):
         None, description="chords instead of the chord stage: a string of per-bar entries cycled over the form "
                           "(C:maj,G:maj splits a bar), or a list with one entry per bar")
     melody_midi: Optional[str] = Field(
-        None, description="base64 Standard MIDI File; its MELODY track (or first melodic instrument) replaces the "
+        None, json_schema_extra=MIDI_UPLOAD, description="base64 Standard MIDI File; its MELODY track (or first melodic instrument) replaces the "
                           "melody stage")
     song_midi: Optional[str] = Field(
-        None, description="base64 Standard MIDI File of a whole song (MELODY, BRIDGE, PIANO tracks; chords and "
+        None, json_schema_extra=MIDI_UPLOAD, description="base64 Standard MIDI File of a whole song (MELODY, BRIDGE, PIANO tracks; chords and "
                           "tempo from a musicray file): what it has replaces its stages, like generate --song")
     regenerate: Optional[str] = Field(
         None, max_length=64, description="infilling (needs song_midi): rewrite the sections with these labels, "
@@ -78,9 +89,9 @@ class GenerateBody(BaseModel):
     stages: Optional[list[Subtask]] = Field(None, min_length=1, max_length=5,
                                             description="sub-tasks to run (default all; with regenerate: the parts "
                                                         "rewritten in the chosen bars)")
-    temperature: float = _sampling_field("temperature", 1.0)
-    top_k: int = _sampling_field("top_k", 0)
-    top_p: float = _sampling_field("top_p", 1.0)
+    temperature: Optional[float] = _sampling_field("temperature", None, RUN_SAMPLING)
+    top_k: Optional[int] = _sampling_field("top_k", None, RUN_SAMPLING)
+    top_p: Optional[float] = _sampling_field("top_p", None, RUN_SAMPLING)
     stage_sampling: Optional[dict[Subtask, StageSamplingBody]] = Field(
         None, description="sampling settings of single stages instead of temperature, top_k and top_p, e.g. "
                           "{\"melody\": {\"temperature\": 0.8}} for a melody closer to what the model finds likeliest")
@@ -98,7 +109,7 @@ class RenderBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    midi: str = Field(min_length=1, description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
+    midi: str = Field(min_length=1, json_schema_extra=MIDI_UPLOAD, description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
 
 
 def _field(name: str, fn, *args):
@@ -135,9 +146,10 @@ def _uploaded_song(text: str, field: str, metre_name: str, max_midi_bytes: int):
 BODY_FIELDS = {"given": "song_midi", "melody": "melody_midi", "stage_settings": "stage_sampling"}
 
 
-def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Request:
-    """The composer request a body describes (``musicray.request.request_from_fields``, as the command line's);
-    ``InputError`` names the field that is wrong."""
+def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int,
+               defaults: RunDefaults | None = None) -> Request:
+    """The composer request a body describes (``musicray.request.request_from_fields``, as the command line's, with
+    the served run's ``defaults``); ``InputError`` names the field that is wrong."""
     metre_name = _field("metre", metre, body.metre).name
     chords = body.chords
     if isinstance(chords, list):
@@ -165,7 +177,7 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
             body.regenerate_bars, body.stages, body.temperature, body.top_k, body.top_p,
             {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
             allow_missing_adapters=body.allow_missing_adapters, variation=body.variation,
-            harmony_guard=body.harmony_guard, max_bars=max_bars,
+            harmony_guard=body.harmony_guard, max_bars=max_bars, defaults=defaults,
             names=BODY_FIELDS)
     except InputError:
         raise

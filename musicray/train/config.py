@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from musicray.request import RunDefaults
+from musicray.run import RunDir
 from musicray.sampling import Sampling, stage_sampling
 from musicray.song import SongError
 from musicray.tokens import SUBTASKS, TASKS, VocabConfig
@@ -224,6 +226,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for override in overrides or []:
         _apply_override(data, override)
     return _build(Config, data, "").validate()
+
+
+def run_config(run_dir: str | Path) -> Config:
+    """The configuration the run's stage 1 was trained with (the defaults where the run has none)."""
+    saved = RunDir(run_dir).stage1_config
+    return load_config(saved if saved.exists() else None)
+
+
+def run_defaults(run_dir: str | Path) -> RunDefaults:
+    """What a request composed with ``run_dir`` takes where it leaves sampling or variation unsaid: the settings the
+    run's evaluation composed with (``eval.sampling``, ``eval.variation``), so that ``generate``, ``serve`` and the
+    page sound as the run's report measured."""
+    evaluated = run_config(run_dir).eval
+    return RunDefaults(stage_settings={stage: dict(values) for stage, values in (evaluated.sampling or {}).items()},
+                       variation=evaluated.variation)
 
 
 def config_to_dict(config: Config) -> dict:
