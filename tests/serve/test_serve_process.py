@@ -1,4 +1,4 @@
-"""`musicray serve` as a user runs it: ready within the time the README states, and Ctrl-C or SIGTERM stops every
+"""`musicray serve` as a user runs it: ready within the bound docs/serving.md states, and Ctrl-C or SIGTERM stops every
 process it started (no Ray process of its local instance outlives it)."""
 
 from __future__ import annotations
