@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from musicray.errors import SongError
 from musicray.harmony import canonical_chord, canonical_key
 from musicray.sampling import SAMPLING_RANGES, SettingRange, Sampling, stage_sampling
-from musicray.song import (TRACKS, Chord, Note, Song, Tempo, form_returns, metre, parse_form, song_from_dict,
-                           song_to_dict)
+from musicray.song import (MAX_SECTION_BARS, SECTION_LABELS, TRACKS, Chord, Note, Section, Song, Tempo, form_returns,
+                           form_string, metre, parse_form, song_from_dict, song_to_dict)
 from musicray.tokens import SUBTASKS
 
 # The base tempo a request may ask for (also the HTTP schema's bounds).
@@ -161,10 +161,42 @@ def regenerated_bars(form: str, labels: str | None = None, bars: str | None = No
 
 
 
+# The labels a continuation of N bars takes, in order of preference: the first melodic phrase label the song's
+# form does not use yet (the new bars are new material, not a return of a section the song has).
+CONTINUATION_LABELS: tuple[str, ...] = ("A", "B", "C", "D", "E", "X")
+# The most bars one continuation adds: far more than a model's context holds, it only stops a mistyped number
+# from building millions of sections before the server's max_bars refuses the form.
+MAX_CONTINUATION_BARS = 1024
+
+
+def continued_form(form: str, extension: str) -> str:
+    """``form`` extended by ``extension``: a number of bars (new sections of at most ``MAX_SECTION_BARS`` bars,
+    labelled with the first of ``CONTINUATION_LABELS`` the form does not use; ``X`` if it uses them all) or a form
+    string of the new part (e.g. ``B8A8``: returns of the song's sections)."""
+    sections = parse_form(form)
+    text = str(extension).strip()
+    if text.isdigit():
+        bars = int(text)
+        if not 1 <= bars <= MAX_CONTINUATION_BARS:
+            raise SongError(f"continue: {text} bars; give 1..{MAX_CONTINUATION_BARS} bars "
+                            "(or a form string such as B8A8)")
+        used = {s.label for s in sections}
+        label = next((label for label in CONTINUATION_LABELS if label not in used), "X")
+        full, rest = divmod(bars, MAX_SECTION_BARS)
+        added = [Section(label, MAX_SECTION_BARS)] * full + ([Section(label, rest)] if rest else [])
+    else:
+        try:
+            added = parse_form(text)
+        except SongError as err:
+            raise SongError(f"continue: {text!r} is neither a number of bars nor a form string "
+                            f"({str(err).removeprefix('form: ')})") from None
+    return form_string(sections + added)
+
+
 def request_from_fields(form: str | None = None, key: str | None = None, metre_name: str | None = None,
                         tempo: float | None = None, seed: int = 0, chords: str | None = None,
                         melody: list[Note] | None = None, given: Song | None = None, regenerate: str | None = None,
-                        regenerate_bars: str | None = None, stages: tuple[str, ...] | list[str] | None = None,
+                        regenerate_bars: str | None = None, continue_bars: str | int | None = None, stages: tuple[str, ...] | list[str] | None = None,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         stage_settings: dict | None = None, use_mask: bool = True,
                         allow_missing_adapters: bool = False, variation: float | None = None,
@@ -178,6 +210,8 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     ``given`` is a whole song whose parts replace their stages (and whose form, key, metre and first tempo are
     used where those are not given); ``melody`` a given main melody; ``chords`` the chord text of
     ``parse_chords``; ``regenerate``/``regenerate_bars`` choose the bars infilling rewrites (needs ``given``);
+    ``continue_bars`` extends the form after the given song's (``form``, or ``given``'s) by a number of bars or a
+    form string (``continued_form``) and composes only the new bars, every given bar kept (infilling);
     ``stage_settings`` is ``{stage: {setting: value}}`` over ``temperature``/``top_k``/``top_p``; ``max_bars``
     caps the form's length (a server's limit)."""
     names = names or {}
@@ -197,18 +231,29 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     if not form:
         raise FieldError(named("form"), f"required (or give {named('given')}, whose form is used)")
     bars = sum(s.bars for s in checked("form", parse_form, form))
+    given_bars = bars   # the bars the given parts fill (all of the form but a continuation)
+    if continue_bars is not None:
+        if given is None:
+            raise FieldError(named("continue_bars"),
+                             f"a continuation extends a given song: give it with {named('given')}")
+        form = checked("continue_bars", continued_form, form, continue_bars)
+        bars = sum(s.bars for s in parse_form(form))
     if max_bars is not None and bars > max_bars:
-        raise FieldError(named("form"), f"{form!r} has {bars} bars; this server composes at most max_bars={max_bars}")
+        field_name = "form" if continue_bars is None else "continue_bars"
+        raise FieldError(named(field_name),
+                         f"{form!r} has {bars} bars; this server composes at most max_bars={max_bars}")
     key = checked("key", canonical_key, key or (given.key if given else "C:maj"))
     metre_name = checked("metre", metre, metre_name or (given.metre if given else "4/4")).name
     if tempo is None:
         tempo = round(given.tempos[0].bpm) if given and given.tempos else 100
     checked("tempo", TEMPO_RANGE.checked, tempo, named("tempo"))
     if given is not None:
-        given = dataclasses.replace(given, tracks={name: [n for n in given.tracks.get(name, []) if n.bar < bars]
-                                                   for name in TRACKS})
+        given = dataclasses.replace(
+            given, chords=[c for c in given.chords if c.bar < given_bars],
+            tempos=[t for t in given.tempos if t.bar < given_bars],
+            tracks={name: [n for n in given.tracks.get(name, []) if n.bar < given_bars] for name in TRACKS})
         if not any(given.tracks.values()):
-            raise FieldError(named("given"), f"no MELODY, BRIDGE or PIANO notes in the first {bars} bars")
+            raise FieldError(named("given"), f"no MELODY, BRIDGE or PIANO notes in the first {given_bars} bars")
     if melody is not None:
         melody = [n for n in melody if n.bar < bars]
         if not melody:
@@ -221,6 +266,8 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                              f"infilling rewrites part of a given song: give it with {named('given')}")
         infilling = checked("regenerate" if regenerate is not None else "regenerate_bars", regenerated_bars, form,
                             regenerate, regenerate_bars)
+    if continue_bars is not None:   # the new bars are written, with whatever else infilling rewrites
+        infilling = tuple(sorted({*(infilling or ()), *range(given_bars, bars)}))
     sampling = Sampling(**{name: checked(name, SAMPLING_RANGES[name].checked, value, named(name))
                            for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))})
     per_stage = checked("stage_settings", stage_sampling, stage_settings or {}, sampling, named("stage_settings"))

@@ -1,6 +1,7 @@
 """The five-stage composer on a random-weight stage-1 model with LoRA adapters."""
 
 import functools
+import json
 import dataclasses
 
 import pytest
@@ -296,3 +297,36 @@ def test_the_harmony_guard_is_on_by_default_and_can_be_switched_off(composer):
     assert all(info["grammar_errors"] == 0 for info in report["stages"].values())
     free, _ = composer.compose(dataclasses.replace(request, harmony_guard=False))
     assert len(outside_guard(free)) > 5
+
+
+def test_continue_keeps_a_pop909_songs_bars_note_for_note_and_composes_only_the_new_ones(run_dir, pop909_root,
+                                                                                          tmp_path, capsys):
+    """``generate --song a.mid --form i4A4 --continue 4``: the first 8 bars of POP909 song 001 come back exactly
+    as they were (performed velocities and tempo map too, not their tokens' bins), four new bars follow in a new
+    section, and nothing sounds past the extended form."""
+    from musicray.cli import main
+    from musicray.data.pop909 import load_song
+    from musicray.midi import read_midi, write_midi
+
+    song, _ = load_song(pop909_root, "001")
+    given_path, out = tmp_path / "a.mid", tmp_path / "continued.mid"
+    write_midi(song, given_path)
+    given = read_midi(given_path)
+    assert main(["generate", "--run", str(run_dir), "--song", str(given_path), "--form", "i4A4", "--continue", "4",
+                 "--seed", "5", "--allow-missing-adapters", "--out", str(out)]) == 0
+    assert "form i4A4B4" in capsys.readouterr().out
+    continued = read_midi(out)
+    assert continued.form == "i4A4B4" and continued.key == given.key
+    kept = set(range(8))
+    for name in ("MELODY", "BRIDGE", "PIANO"):
+        # onsets, pitches, velocities as given; a kept note may only be cut where a new note of its pitch starts
+        assert [(n.bar, n.position, n.pitch, n.velocity) for n in continued.tracks[name] if n.bar in kept] == \
+            [(n.bar, n.position, n.pitch, n.velocity) for n in given.tracks[name] if n.bar in kept]
+    assert [n for n in continued.tracks["MELODY"] if n.bar < 7] == [n for n in given.tracks["MELODY"] if n.bar < 7]
+    assert _bars(continued, kept)["chords"] == _bars(given, kept)["chords"]
+    assert [t for t in continued.tempos if t.bar in kept] == [t for t in given.tempos if t.bar in kept]
+    new = {name: [n for n in notes if n.bar >= 8] for name, notes in continued.tracks.items()}
+    assert new["MELODY"] and new["PIANO"] and any(c.bar >= 8 for c in continued.chords)
+    assert all(n.bar < 12 and n.bar * 16 + n.position + n.duration <= 12 * 16 for _, n in continued.notes())
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["stages"]) == list(SUBTASKS)

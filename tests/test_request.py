@@ -4,14 +4,16 @@ import pytest
 
 from musicray.errors import SongError
 from musicray.request import (
-    FieldError, Request, parse_chords, regenerated_bars, request_from_fields, stage_request, stage_settings,
+    FieldError, Request, continued_form, parse_chords, regenerated_bars, request_from_fields, stage_request,
+    stage_settings,
 )
 from musicray.sampling import Sampling
 from musicray.song import Chord, Note, Section, Song, Tempo
 from musicray.tokens import SUBTASKS
 
 CLI = {"form": "--form", "given": "--song", "melody": "--melody", "regenerate": "--regenerate",
-       "temperature": "--temperature", "stage_settings": "--stage-sampling", "tempo": "--tempo"}
+       "temperature": "--temperature", "stage_settings": "--stage-sampling", "tempo": "--tempo",
+       "continue_bars": "--continue"}
 
 
 def given_song() -> Song:
@@ -35,6 +37,12 @@ ERROR_CASES = {
                               "unknown setting"),
     "infilling without a song": ({"form": "A2", "regenerate": "A"}, CLI, "--regenerate", "give it with --song"),
     "a bad infilling label": ({"given": given_song(), "regenerate": "C"}, {}, "regenerate", "no section"),
+    "a continuation without a song": ({"form": "A2", "continue_bars": 4}, CLI, "--continue", "give it with --song"),
+    "a continuation that is no form": ({"given": given_song(), "continue_bars": "B8Q"}, {}, "continue_bars",
+                                       "neither a number of bars nor a form string"),
+    "a continuation of 0 bars": ({"given": given_song(), "continue_bars": "0"}, CLI, "--continue", "1..1024"),
+    "a continuation past the server's bars": ({"given": given_song(), "continue_bars": 8, "max_bars": 8}, {},
+                                              "continue_bars", "max_bars=8"),
     "a bad chord": ({"form": "A2", "chords": "C:maj X:foo"}, {}, "chords", "bar 2"),
     "a melody past the form": ({"form": "A1", "melody": [Note(3, 0, 60, 4, 80)]}, {"melody": "melody_midi"},
                                "melody_midi", "no MELODY notes in the first 1 bars"),
@@ -85,3 +93,27 @@ def test_regenerated_bars_are_read_from_labels_and_ranges():
                                 (None, "x", "cannot read"), (None, None, "no bar chosen")):
         with pytest.raises(SongError, match=field):
             regenerated_bars("i2A4B4", labels, bars)
+
+
+@pytest.mark.parametrize("form, extension, continued", [
+    ("i4A8B8", "16", "i4A8B8C16"),            # a number: a new section, the first label the form does not use
+    ("A8", "40", "A8B32B8"),                  # longer than a section can be: cut into sections
+    ("A8B8C8D8E8", 4, "A8B8C8D8E8X4"),        # every melodic label used: X
+    ("A8B8", " B8A8 ", "A8B8B8A8"),           # a form string: the new part as given
+])
+def test_a_continuation_extends_the_form(form, extension, continued):
+    assert continued_form(form, extension) == continued
+
+
+def test_a_continuation_keeps_the_given_bars_and_writes_only_the_new_ones():
+    """The new bars are the infilling's; the given song's parts, chords and tempo map up to its form's end stay,
+    and a shorter ``form`` continues the song from there (what comes after it is left out)."""
+    request = request_from_fields(given=given_song(), continue_bars="A2", seed=3)
+    assert request.form == "A2B2A2" and request.regenerate == (4, 5) and request.stages == SUBTASKS
+    assert request.tempos == [Tempo(0, 0, 88.4)] and request.melody == given_song().tracks["MELODY"]
+    assert request.song().n_bars == 6
+    cut = request_from_fields(given=given_song(), form="A2", continue_bars=3)
+    assert cut.form == "A2B3" and cut.regenerate == (2, 3, 4)
+    assert cut.melody == [Note(0, 0, 62, 3, 90)] and cut.piano == [Note(1, 0, 50, 6, 70)]
+    both = request_from_fields(given=given_song(), continue_bars=2, regenerate_bars="2")
+    assert both.regenerate == (1, 4, 5)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from musicray.midi import midi_to_song
-from musicray.request import TEMPO_RANGE, VARIATION_RANGE, FieldError, Request, request_from_fields
+from musicray.request import (MAX_CONTINUATION_BARS, TEMPO_RANGE, VARIATION_RANGE, FieldError, Request,
+                              request_from_fields)
 from musicray.sampling import SAMPLING_RANGES
 from musicray.song import SongError, metre, parse_form
 from musicray.tokens import SUBTASKS
@@ -75,6 +76,11 @@ class GenerateBody(BaseModel):
                                          "e.g. B or A,B; every other bar stays as uploaded")
     regenerate_bars: Optional[str] = Field(
         None, max_length=256, description="infilling (needs song_midi): rewrite these bars, 1-based, e.g. 9-16")
+    continue_bars: Optional[Union[Annotated[int, Field(ge=1, le=MAX_CONTINUATION_BARS)],
+                                  Annotated[str, Field(min_length=1, max_length=MAX_FORM_CHARS)]]] = Field(
+        None, description="continuation (needs song_midi): extend form (the uploaded song's) by this many bars or "
+                          "by a form string of the new part, e.g. 16 or B8A8, and compose only the new bars; every "
+                          "uploaded bar stays as it is")
     stages: Optional[list[Subtask]] = Field(None, min_length=1, max_length=5,
                                             description="sub-tasks to run (default all; with regenerate: the parts "
                                                         "rewritten in the chosen bars)")
@@ -162,7 +168,7 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
     try:
         return request_from_fields(
             body.form, body.key, metre_name, body.tempo, body.seed, chords, melody, given, body.regenerate,
-            body.regenerate_bars, body.stages, body.temperature, body.top_k, body.top_p,
+            body.regenerate_bars, body.continue_bars, body.stages, body.temperature, body.top_k, body.top_p,
             {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
             allow_missing_adapters=body.allow_missing_adapters, variation=body.variation,
             harmony_guard=body.harmony_guard, max_bars=max_bars,
