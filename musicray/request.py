@@ -53,6 +53,10 @@ class Request:
     # Infilling: the bars (0-based) that ``stages`` write anew; every other bar of those stages keeps what the
     # request gives (chords, melody, bridge, piano, tempo), token for token. None: compose as usual.
     regenerate: tuple[int, ...] | None = None
+    # Infilling by track: the tracks rewritten in the ``regenerate`` bars (their stages and dynamics run there;
+    # PIANO, which no stage writes, is voiced anew from the chords); the chords, the tempo and the other tracks
+    # stay as given. None: every part of those bars.
+    regenerate_tracks: tuple[str, ...] | None = None
     tempos: list[Tempo] | None = None  # a given tempo map (kept outside the regenerated bars)
     # Sampling settings of single stages instead of ``sampling`` (e.g. a cooler melody over livelier dynamics).
     stage_sampling: dict[str, Sampling] | None = None
@@ -91,6 +95,11 @@ class Request:
                 raise SongError(f"{field_name}: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
         if self.variation is not None:
             VARIATION_RANGE.checked(self.variation, "variation")
+        if self.regenerate_tracks is not None:
+            unknown = sorted(set(self.regenerate_tracks) - set(TRACKS))
+            if unknown or not self.regenerate_tracks or self.regenerate is None:
+                raise SongError(f"regenerate_tracks: {unknown or list(self.regenerate_tracks)} is not a choice of "
+                                f"{', '.join(TRACKS)} in infilled bars")
         if self.regenerate is not None:
             outside = sorted(b for b in self.regenerate if not 0 <= b < song.n_bars)
             if outside or not self.regenerate:
@@ -193,10 +202,42 @@ def continued_form(form: str, extension: str) -> str:
     return form_string(sections + added)
 
 
+def infilled_tracks(names: tuple[str, ...] | list[str] | str,
+                    stages: tuple[str, ...] | list[str] = SUBTASKS) -> tuple[str, ...]:
+    """The tracks of ``names`` (any case, a list or a comma-separated string) in track order, checked: known,
+    at least one, and written by one of ``stages`` (``musicray.tasks.stages_rewriting``)."""
+    from musicray.tasks import stages_rewriting
+
+    listed = names.split(",") if isinstance(names, str) else list(names)
+    wanted = {str(name).strip().upper() for name in listed if str(name).strip()}
+    unknown = sorted(wanted - set(TRACKS))
+    if unknown or not wanted:
+        raise SongError(f"{', '.join(unknown) or 'no track'}: choose among {', '.join(TRACKS)}")
+    tracks = tuple(name for name in TRACKS if name in wanted)
+    if not stages_rewriting(tracks, tuple(stages)):
+        raise SongError(f"none of the stages {', '.join(stages)} writes {', '.join(tracks)}")
+    return tracks
+
+
+def revoiced_piano(song: Song, bars: tuple[int, ...]) -> list[Note]:
+    """The song's PIANO with ``bars`` voiced anew from its chords (no stage writes PIANO: its own accompaniment is
+    what rewriting it means). Each of those bars restates the chord sounding at its downbeat, so that a bar
+    without a chord change of its own is played too (the old notes there are gone)."""
+    from musicray.accompaniment import voice_piano
+    from musicray.encoding import SoundingChords
+
+    span = set(bars)
+    sounding = SoundingChords(song.chords)
+    restated = [Chord(bar, 0, sounding.at(bar, 0)) for bar in sorted(span) if sounding.at(bar, 0) is not None]
+    voiced = voice_piano(dataclasses.replace(song, chords=sorted(set(song.chords) | set(restated))))
+    return sorted([n for n in song.tracks["PIANO"] if n.bar not in span] + [n for n in voiced if n.bar in span])
+
+
 def request_from_fields(form: str | None = None, key: str | None = None, metre_name: str | None = None,
                         tempo: float | None = None, seed: int = 0, chords: str | None = None,
                         melody: list[Note] | None = None, given: Song | None = None, regenerate: str | None = None,
-                        regenerate_bars: str | None = None, continue_bars: str | int | None = None, stages: tuple[str, ...] | list[str] | None = None,
+                        regenerate_bars: str | None = None, continue_bars: str | int | None = None,
+                        regenerate_tracks: tuple[str, ...] | list[str] | None = None, stages: tuple[str, ...] | list[str] | None = None,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         stage_settings: dict | None = None, use_mask: bool = True,
                         allow_missing_adapters: bool = False, variation: float | None = None,
@@ -212,6 +253,7 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     ``parse_chords``; ``regenerate``/``regenerate_bars`` choose the bars infilling rewrites (needs ``given``);
     ``continue_bars`` extends the form after the given song's (``form``, or ``given``'s) by a number of bars or a
     form string (``continued_form``) and composes only the new bars, every given bar kept (infilling);
+    ``regenerate_tracks`` narrows infilling to some tracks (any case; ``Request.regenerate_tracks``);
     ``stage_settings`` is ``{stage: {setting: value}}`` over ``temperature``/``top_k``/``top_p``; ``max_bars``
     caps the form's length (a server's limit)."""
     names = names or {}
@@ -268,6 +310,15 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                             regenerate, regenerate_bars)
     if continue_bars is not None:   # the new bars are written, with whatever else infilling rewrites
         infilling = tuple(sorted({*(infilling or ()), *range(given_bars, bars)}))
+    tracks = None
+    if regenerate_tracks is not None:
+        if infilling is None or continue_bars is not None:
+            raise FieldError(named("regenerate_tracks"), f"rewrites tracks in chosen bars of a given song: give "
+                             f"them with {named('regenerate_bars')} or {named('regenerate')} (a continuation "
+                             "composes every part of its new bars)")
+        tracks = checked("regenerate_tracks", infilled_tracks, regenerate_tracks, stages or SUBTASKS)
+        if "PIANO" in tracks:
+            given = dataclasses.replace(given, tracks={**given.tracks, "PIANO": revoiced_piano(given, infilling)})
     sampling = Sampling(**{name: checked(name, SAMPLING_RANGES[name].checked, value, named(name))
                            for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))})
     per_stage = checked("stage_settings", stage_sampling, stage_settings or {}, sampling, named("stage_settings"))
@@ -278,7 +329,8 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                    melody=melody or (given.tracks["MELODY"] if given else None),
                    stages=tuple(stages) if stages else SUBTASKS, sampling=sampling, use_mask=use_mask,
                    bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
-                   regenerate=infilling, tempos=given.tempos if given and infilling else None,
+                   regenerate=infilling, regenerate_tracks=tracks,
+                   tempos=given.tempos if given and infilling else None,
                    stage_sampling=per_stage or None, allow_missing_adapters=allow_missing_adapters,
                    variation=variation, harmony_guard=harmony_guard)
 
@@ -295,6 +347,7 @@ def stage_settings(request: Request) -> dict:
                                       for stage, sampling in request.stage_sampling.items()}
     if request.regenerate is not None:
         settings["regenerate"] = list(request.regenerate)
+        settings["regenerate_tracks"] = list(request.regenerate_tracks) if request.regenerate_tracks else None
         settings["given"] = song_to_dict(request.song())
     return settings
 
@@ -312,5 +365,7 @@ def stage_request(song: Song, settings: dict) -> Request:
         request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,
                                       melody=given.tracks["MELODY"], bridge=given.tracks["BRIDGE"],
                                       piano=given.tracks["PIANO"], tempos=given.tempos,
-                                      regenerate=tuple(settings["regenerate"]))
+                                      regenerate=tuple(settings["regenerate"]),
+                                      regenerate_tracks=tuple(settings["regenerate_tracks"])
+                                      if settings.get("regenerate_tracks") else None)
     return request

@@ -153,3 +153,10 @@ def keep_given(song: Song, given: Song, task: str, bars: tuple[int, ...],
             restated.append(Tempo(bar, 0, (before[-1] if before else given_tempos[0]).bpm))
         song.tempos = sorted([t for t in song.tempos if t.bar in span] + restated +
                              [t for t in given_tempos if t.bar not in span])
+
+
+
+def stages_rewriting(tracks: tuple[str, ...], stages: tuple[str, ...] = SUBTASKS) -> list[str]:
+    """Of ``stages``, in stage order, those whose stream writes any of ``tracks`` (infilling by track: the melodic
+    stage of each and dynamics, which performs every track; not chords, not tempo)."""
+    return [name for name in SUBTASKS if name in stages and set(STREAMS[subtask(name).target].tracks) & set(tracks)]

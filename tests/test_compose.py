@@ -330,3 +330,33 @@ def test_continue_keeps_a_pop909_songs_bars_note_for_note_and_composes_only_the_
     assert all(n.bar < 12 and n.bar * 16 + n.position + n.duration <= 12 * 16 for _, n in continued.notes())
     report = json.loads(out.with_suffix(".json").read_text())
     assert list(report["stages"]) == list(SUBTASKS)
+
+
+@pytest.mark.parametrize("tracks", [("MELODY",), ("BRIDGE", "PIANO")])
+def test_infilling_by_track_rewrites_those_tracks_in_the_chosen_bars_and_keeps_everything_else(composer, tracks):
+    """Bars 3-4 of MELODY (or of BRIDGE and PIANO) composed again: those tracks there are new, every other bar of
+    them and every other track in every bar come back as given, velocities included, and so do the chords and
+    the tempo map (no chord or tempo stage runs)."""
+    from musicray.encoding import quantized
+    from musicray.request import request_from_fields
+
+    given, _ = composer.compose(Request("A2B2A2", "D:maj", "4/4", 90, seed=11))
+    given = quantized(given, Vocabulary())
+    request = dataclasses.replace(request_from_fields(given=given, regenerate_bars="3-4", regenerate_tracks=tracks,
+                                                      seed=13), allow_missing_adapters=True)
+    song, report = composer.compose(request)
+    assert list(report["stages"]) == [t for t in ("melody", "secondary") if subtask_writes(t, tracks)] + ["dynamics"]
+    assert song.chords == given.chords and song.tempos == given.tempos
+    for name in ("MELODY", "BRIDGE", "PIANO"):
+        rewritten = {2, 3} if name in tracks else set()
+        assert [n for n in song.tracks[name] if n.bar not in rewritten] == \
+            [n for n in given.tracks[name] if n.bar not in rewritten], name
+        if rewritten:
+            assert [n for n in song.tracks[name] if n.bar in rewritten] != \
+                [n for n in given.tracks[name] if n.bar in rewritten], name
+
+
+def subtask_writes(task: str, tracks) -> bool:
+    from musicray.tasks import subtask
+
+    return subtask(task).track in tracks

@@ -43,6 +43,17 @@ ERROR_CASES = {
     "a continuation of 0 bars": ({"given": given_song(), "continue_bars": "0"}, CLI, "--continue", "1..1024"),
     "a continuation past the server's bars": ({"given": given_song(), "continue_bars": 8, "max_bars": 8}, {},
                                               "continue_bars", "max_bars=8"),
+    "tracks without bars": ({"given": given_song(), "regenerate_tracks": ["MELODY"]}, {}, "regenerate_tracks",
+                            "give them with regenerate_bars"),
+    "tracks of a continuation": ({"given": given_song(), "continue_bars": 2, "regenerate_tracks": ["MELODY"]}, {},
+                                 "regenerate_tracks", "a continuation composes every part"),
+    "an unknown track": ({"given": given_song(), "regenerate": "B", "regenerate_tracks": ["MELODY", "DRUMS"]}, {},
+                         "regenerate_tracks", "DRUMS: choose among MELODY, BRIDGE, PIANO"),
+    "no track": ({"given": given_song(), "regenerate": "B", "regenerate_tracks": []}, {}, "regenerate_tracks",
+                 "no track"),
+    "tracks no stage writes": ({"given": given_song(), "regenerate": "B", "regenerate_tracks": "bridge",
+                                "stages": ["melody", "tempo"]}, {}, "regenerate_tracks",
+                               "none of the stages melody, tempo writes BRIDGE"),
     "a bad chord": ({"form": "A2", "chords": "C:maj X:foo"}, {}, "chords", "bar 2"),
     "a melody past the form": ({"form": "A1", "melody": [Note(3, 0, 60, 4, 80)]}, {"melody": "melody_midi"},
                                "melody_midi", "no MELODY notes in the first 1 bars"),
@@ -117,3 +128,14 @@ def test_a_continuation_keeps_the_given_bars_and_writes_only_the_new_ones():
     assert cut.melody == [Note(0, 0, 62, 3, 90)] and cut.piano == [Note(1, 0, 50, 6, 70)]
     both = request_from_fields(given=given_song(), continue_bars=2, regenerate_bars="2")
     assert both.regenerate == (1, 4, 5)
+
+
+def test_infilling_by_track_names_its_tracks_and_voices_a_rewritten_piano():
+    request = request_from_fields(given=given_song(), regenerate_bars="2", regenerate_tracks="piano, Melody",
+                                  seed=4)
+    assert request.regenerate == (1,) and request.regenerate_tracks == ("MELODY", "PIANO")
+    # bar 2's PIANO is the D minor chord voiced (bass and close triad), not the given note
+    assert [(n.bar, n.pitch) for n in request.piano] == [(1, 38), (1, 62), (1, 65), (1, 69)]
+    back = stage_request(request.song(), stage_settings(request))
+    assert back.regenerate_tracks == request.regenerate_tracks and back.piano == request.piano
+    assert request_from_fields(given=given_song(), regenerate="B").regenerate_tracks is None

@@ -17,10 +17,11 @@ from musicray.midi import midi_to_song
 from musicray.request import (MAX_CONTINUATION_BARS, TEMPO_RANGE, VARIATION_RANGE, FieldError, Request,
                               request_from_fields)
 from musicray.sampling import SAMPLING_RANGES
-from musicray.song import SongError, metre, parse_form
+from musicray.song import TRACKS, SongError, metre, parse_form
 from musicray.tokens import SUBTASKS
 
 Subtask = Literal[SUBTASKS]   # the sub-tasks' names, in stage order
+Track = Literal[TRACKS]
 
 MAX_FORM_CHARS = 512
 MAX_CHORD_TEXT = 16384
@@ -76,6 +77,11 @@ class GenerateBody(BaseModel):
                                          "e.g. B or A,B; every other bar stays as uploaded")
     regenerate_bars: Optional[str] = Field(
         None, max_length=256, description="infilling (needs song_midi): rewrite these bars, 1-based, e.g. 9-16")
+    regenerate_tracks: Optional[list[Track]] = Field(
+        None, min_length=1, max_length=len(TRACKS),
+        description="infilling by track (with regenerate or regenerate_bars): rewrite only these tracks in the "
+                    "chosen bars (their stages and dynamics run; PIANO is voiced anew from the chords); chords, "
+                    "tempo and the other tracks stay as uploaded")
     continue_bars: Optional[Union[Annotated[int, Field(ge=1, le=MAX_CONTINUATION_BARS)],
                                   Annotated[str, Field(min_length=1, max_length=MAX_FORM_CHARS)]]] = Field(
         None, description="continuation (needs song_midi): extend form (the uploaded song's) by this many bars or "
@@ -168,7 +174,8 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int) -> Reques
     try:
         return request_from_fields(
             body.form, body.key, metre_name, body.tempo, body.seed, chords, melody, given, body.regenerate,
-            body.regenerate_bars, body.continue_bars, body.stages, body.temperature, body.top_k, body.top_p,
+            body.regenerate_bars, body.continue_bars, body.regenerate_tracks, body.stages, body.temperature,
+            body.top_k, body.top_p,
             {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
             allow_missing_adapters=body.allow_missing_adapters, variation=body.variation,
             harmony_guard=body.harmony_guard, max_bars=max_bars,
