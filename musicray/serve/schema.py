@@ -113,6 +113,16 @@ class RenderBody(BaseModel):
     midi: str = Field(min_length=1, description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
 
 
+class ExportBody(BaseModel):
+    """``POST /v1/export``: the MIDI file to write as MusicXML."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    midi: str = Field(min_length=1, description="base64 musicray MIDI file, e.g. the midi of a /v1/generate answer")
+    lead_sheet: bool = Field(False, description="the lead sheet (MELODY and chord symbols) instead of the full "
+                                                "score (MELODY, BRIDGE, PIANO)")
+
+
 def _field(name: str, fn, *args):
     try:
         return fn(*args)
@@ -134,6 +144,15 @@ def decode_midi_upload(text: str, max_bytes: int, field: str = "melody_midi") ->
     if len(data) > max_bytes:
         raise InputError(field, f"upload of {len(data)} bytes exceeds max_midi_bytes ({max_bytes} bytes)", 413)
     return data
+
+
+def uploaded_song(text: str, max_midi_bytes: int, field: str = "midi", max_bars: int | None = None):
+    """The song of a base64 MIDI upload (400 naming ``field`` if it is not one; above ``max_bars`` bars too,
+    where given: a song the server could not compose again)."""
+    song = _field(field, midi_to_song, decode_midi_upload(text, max_midi_bytes, field), "upload")
+    if max_bars is not None and song.n_bars > max_bars:
+        raise InputError(field, f"the song has {song.n_bars} bars; this server composes at most max_bars={max_bars}")
+    return song
 
 
 def _uploaded_song(text: str, field: str, metre_name: str, max_midi_bytes: int):
