@@ -330,6 +330,26 @@ def test_continue_keeps_a_pop909_songs_bars_note_for_note_and_composes_only_the_
     assert all(n.bar < 12 and n.bar * 16 + n.position + n.duration <= 12 * 16 for _, n in continued.notes())
     report = json.loads(out.with_suffix(".json").read_text())
     assert list(report["stages"]) == list(SUBTASKS)
+    # What a DAW shows (issue 20 §3): the key and time signatures, the tempo map, a marker per section, the new one
+    # included (tests/test_midi.py checks the writer on every metre).
+    import mido
+    import pretty_midi
+
+    from musicray.harmony import parse_key
+    from musicray.midi import collapse_tempos
+
+    daw = pretty_midi.PrettyMIDI(str(out))
+    assert [(s.numerator, s.denominator) for s in daw.time_signature_changes] == [(4, 4)]
+    tonic, mode = parse_key(given.key)
+    assert [k.key_number for k in daw.key_signature_changes] == [tonic + (12 if mode == "min" else 0)]
+    assert daw.get_tempo_changes()[1].tolist() == pytest.approx([t.bpm for t in collapse_tempos(continued.tempos)],
+                                                                rel=1e-5)
+    ticks, markers = 0, []
+    for message in mido.MidiFile(str(out)).tracks[0]:
+        ticks += message.time
+        if message.type == "marker" and message.text.startswith("section:"):
+            markers.append((message.text, ticks // (4 * 480)))
+    assert markers == [("section:i4", 0), ("section:A4", 4), ("section:B4", 8)]
 
 
 @pytest.mark.parametrize("tracks", [("MELODY",), ("BRIDGE", "PIANO")])
