@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from musicray.errors import SongError
 from musicray.harmony import canonical_chord, canonical_key
 from musicray.sampling import SAMPLING_RANGES, SettingRange, Sampling, stage_sampling
-from musicray.song import (MAX_SECTION_BARS, SECTION_LABELS, TRACKS, Chord, Note, Section, Song, Tempo, form_returns,
-                           form_string, metre, parse_form, song_from_dict, song_to_dict)
+from musicray.song import (MAX_SECTION_BARS, TRACKS, Chord, Note, Section, Song, Tempo, form_returns, form_string,
+                           metre, parse_form, song_from_dict, song_to_dict)
 from musicray.tokens import SUBTASKS
 
 # The base tempo a request may ask for (also the HTTP schema's bounds).
@@ -237,7 +237,8 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                         tempo: float | None = None, seed: int = 0, chords: str | None = None,
                         melody: list[Note] | None = None, given: Song | None = None, regenerate: str | None = None,
                         regenerate_bars: str | None = None, continue_bars: str | int | None = None,
-                        regenerate_tracks: tuple[str, ...] | list[str] | None = None, stages: tuple[str, ...] | list[str] | None = None,
+                        regenerate_tracks: tuple[str, ...] | list[str] | str | None = None,
+                        stages: tuple[str, ...] | list[str] | None = None,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         stage_settings: dict | None = None, use_mask: bool = True,
                         allow_missing_adapters: bool = False, variation: float | None = None,

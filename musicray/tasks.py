@@ -155,7 +155,6 @@ def keep_given(song: Song, given: Song, task: str, bars: tuple[int, ...],
                              [t for t in given_tempos if t.bar not in span])
 
 
-
 def stages_rewriting(tracks: tuple[str, ...], stages: tuple[str, ...] = SUBTASKS) -> list[str]:
     """Of ``stages``, in stage order, those whose stream writes any of ``tracks`` (infilling by track: the melodic
     stage of each and dynamics, which performs every track; not chords, not tempo)."""

@@ -5,8 +5,8 @@ stages to run, sampling settings) and answers a three-track MIDI (MELODY, BRIDGE
 MIDI in base64, its notes (``song``: ``song_to_dict`` of the MIDI, for the page's piano roll) and a per-stage report,
 or as ``audio/midi`` bytes (``Accept: audio/midi`` or ``?format=midi``). ``POST /v1/render`` turns a MIDI file
 into a WAV (``musicray.serve.audio``), ``POST /v1/export`` into MusicXML (``musicray.musicxml``), ``POST /v1/song``
-into the notes the page draws (a song dropped on it). ``GET /`` is the web page (``musicray.serve.page``), ``GET /healthz``
-reports the adapters each deployment holds; ``/docs`` is the OpenAPI UI.
+into the notes the page draws (a song dropped on it). ``GET /`` is the web page (``musicray.serve.page``),
+``GET /healthz`` reports the adapters each deployment holds; ``/docs`` is the OpenAPI UI.
 
 The ingress (``Ingress``) validates the request, builds the empty song and calls the stage deployments through
 ``DeploymentHandle``s in stage order (chord, melody, secondary, dynamics, tempo), passing the song as
