@@ -450,7 +450,7 @@ BAD_REQUESTS = [
     ("an unknown track", {"form": "A2", "song_midi": "SONG", "regenerate_bars": "1", "regenerate_tracks": ["DRUMS"]},
      422, "regenerate_tracks"),
     ("continue without a song", {"form": "A2", "continue_bars": 4}, 400, "continue_bars"),
-    ("continue past max_bars", {"form": "A2", "song_midi": "SONG", "continue_bars": 16}, 400, "continue_bars"),
+    ("continue past max_bars", {"form": "A2", "song_midi": "SONG", "continue_bars": 100}, 400, "continue_bars"),
     ("continue with no form", {"form": "A2", "song_midi": "SONG", "continue_bars": "B2?"}, 400, "continue_bars"),
     ("continue by 0 bars", {"form": "A2", "song_midi": "SONG", "continue_bars": 0}, 422, "continue_bars"),
     ("song and melody both", {"form": "A2", "song_midi": "SONG", "melody_midi": "SONG"}, 400, "song_midi"),
