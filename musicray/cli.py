@@ -63,7 +63,9 @@ def _data_inspect(args: argparse.Namespace) -> None:
 # The command line's names of ``request_from_fields``'s fields, for its messages.
 GENERATE_OPTIONS = {"form": "--form", "key": "--key", "metre": "--metre", "tempo": "--tempo", "chords": "--chords",
                     "melody": "--melody", "given": "--song", "regenerate": "--regenerate",
-                    "regenerate_bars": "--regenerate-bars", "temperature": "--temperature", "top_k": "--top-k",
+                    "regenerate_bars": "--regenerate-bars", "continue_bars": "--continue",
+                    "regenerate_tracks": "--regenerate-tracks",
+                    "temperature": "--temperature", "top_k": "--top-k",
                     "top_p": "--top-p", "stage_settings": "--stage-sampling", "variation": "--variation"}
 
 
@@ -80,7 +82,9 @@ def _generate(args: argparse.Namespace) -> None:
         args.form, args.key, args.metre, args.tempo, args.seed, chords,
         melody=read_midi(args.melody).tracks["MELODY"] if args.melody else None,
         given=read_midi(args.song) if args.song else None, regenerate=args.regenerate,
-        regenerate_bars=args.regenerate_bars, stages=args.stages, temperature=args.temperature, top_k=args.top_k,
+        regenerate_bars=args.regenerate_bars, continue_bars=args.continue_bars,
+        regenerate_tracks=args.regenerate_tracks, stages=args.stages,
+        temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stage_settings=_stage_settings(args.stage_sampling), use_mask=not args.no_mask,
         allow_missing_adapters=args.no_adapters or args.allow_missing_adapters, variation=args.variation,
         harmony_guard=not args.no_harmony_guard, defaults=run_defaults(args.run),
@@ -321,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "other bar stays as given, note for note")
     gen.add_argument("--regenerate-bars", metavar="RANGES",
                      help="infilling: rewrite these bars (1-based, e.g. 9-16 or 1-4,9) of the --song")
+    gen.add_argument("--regenerate-tracks", nargs="+", metavar="TRACK",
+                     help="infilling by track: rewrite only these of MELODY, BRIDGE, PIANO in the chosen bars (their "
+                          "stages and dynamics run; PIANO is voiced anew from the chords); chords, tempo and the "
+                          "other tracks stay as given")
+    gen.add_argument("--continue", dest="continue_bars", metavar="BARS|FORM",
+                     help="continue the --song: extend its form (--form, default the song's) by this many bars or "
+                          "by a form string of the new part (e.g. B8A8) and compose only the new bars; every given "
+                          "bar stays as it is, note for note")
     gen.add_argument("--stages", nargs="+", default=list(SUBTASKS), choices=SUBTASKS,
                      help="stages to run (with --regenerate: the parts rewritten in the chosen bars)")
     gen.add_argument("--variation", type=float,

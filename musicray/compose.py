@@ -26,7 +26,7 @@ from musicray.model import MusicTokenizer, load_music_model
 from musicray.request import Request, parse_chords, regenerated_bars  # noqa: F401 (read as compose's too)
 from musicray.run import RunDir
 from musicray.song import Song, SongError
-from musicray.tasks import SUBTASK_RECORDS, subtask
+from musicray.tasks import SUBTASK_RECORDS, keep_given, stages_rewriting, subtask
 from musicray.tokens import SUBTASKS
 
 # Each stage's token cap per bar (``SubTask.tokens_per_bar``); a planner's ``tokens_per_bar`` overrides it.
@@ -166,10 +166,14 @@ class StagePlanner:
 
     @staticmethod
     def after_stage(song: Song, task: str, request: Request) -> None:
-        """What follows a stage that rewrote bars of a given song (``SubTask.after_infilling``: rewritten chords
-        re-voice the given accompaniment of those bars, which was written for the old chords)."""
+        """What follows a stage that rewrote bars of a given song: what it did not rewrite goes back exactly as
+        given (``keep_given``), then ``SubTask.after_infilling`` (rewritten chords re-voice the given
+        accompaniment of those bars, which was written for the old chords)."""
+        if request.regenerate is None:
+            return
+        keep_given(song, request.song(), task, tuple(request.regenerate), request.regenerate_tracks)
         after = subtask(task).after_infilling
-        if after is not None and request.regenerate is not None:
+        if after is not None:
             after(song, tuple(request.regenerate))
 
     def adapter_of(self, task: str) -> str | None:
@@ -181,6 +185,8 @@ class StagePlanner:
     def stages_for(request: Request) -> list[str]:
         """The stages a request runs, in order; a part the request gives (``SubTask.given_by``: chords, melody,
         secondary melody) replaces its stage."""
+        if request.regenerate_tracks is not None:   # infilling by track: the stages that write those tracks
+            return stages_rewriting(request.regenerate_tracks, request.stages)
         if request.regenerate is not None:   # infilling rewrites the chosen bars of every requested stage
             return [task for task in SUBTASKS if task in request.stages]
         return [task for task, record in SUBTASK_RECORDS.items() if task in request.stages

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from musicray.errors import SongError
 from musicray.harmony import canonical_chord, canonical_key
 from musicray.sampling import SAMPLING_RANGES, SettingRange, Sampling, stage_sampling
-from musicray.song import (TRACKS, Chord, Note, Song, Tempo, form_returns, metre, parse_form, song_from_dict,
-                           song_to_dict)
+from musicray.song import (MAX_SECTION_BARS, TRACKS, Chord, Note, Section, Song, Tempo, form_returns, form_string,
+                           metre, parse_form, song_from_dict, song_to_dict)
 from musicray.tokens import SUBTASKS
 
 # The base tempo a request may ask for (also the HTTP schema's bounds).
@@ -63,6 +63,10 @@ class Request:
     # Infilling: the bars (0-based) that ``stages`` write anew; every other bar of those stages keeps what the
     # request gives (chords, melody, bridge, piano, tempo), token for token. None: compose as usual.
     regenerate: tuple[int, ...] | None = None
+    # Infilling by track: the tracks rewritten in the ``regenerate`` bars (their stages and dynamics run there;
+    # PIANO, which no stage writes, is voiced anew from the chords); the chords, the tempo and the other tracks
+    # stay as given. None: every part of those bars.
+    regenerate_tracks: tuple[str, ...] | None = None
     tempos: list[Tempo] | None = None  # a given tempo map (kept outside the regenerated bars)
     # Sampling settings of single stages instead of ``sampling`` (e.g. a cooler melody over livelier dynamics).
     stage_sampling: dict[str, Sampling] | None = None
@@ -114,6 +118,11 @@ class Request:
                 raise SongError(f"{field_name}: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
         if self.variation is not None:
             VARIATION_RANGE.checked(self.variation, "variation")
+        if self.regenerate_tracks is not None:
+            unknown = sorted(set(self.regenerate_tracks) - set(TRACKS))
+            if unknown or not self.regenerate_tracks or self.regenerate is None:
+                raise SongError(f"regenerate_tracks: {unknown or list(self.regenerate_tracks)} is not a choice of "
+                                f"{', '.join(TRACKS)} in infilled bars")
         if self.regenerate is not None:
             outside = sorted(b for b in self.regenerate if not 0 <= b < song.n_bars)
             if outside or not self.regenerate:
@@ -184,10 +193,75 @@ def regenerated_bars(form: str, labels: str | None = None, bars: str | None = No
 
 
 
+# The labels a continuation of N bars takes, in order of preference: the first melodic phrase label the song's
+# form does not use yet (the new bars are new material, not a return of a section the song has).
+CONTINUATION_LABELS: tuple[str, ...] = ("A", "B", "C", "D", "E", "X")
+# The most bars one continuation adds: far more than a model's context holds, it only stops a mistyped number
+# from building millions of sections before the server's max_bars refuses the form.
+MAX_CONTINUATION_BARS = 1024
+
+
+def continued_form(form: str, extension: str) -> str:
+    """``form`` extended by ``extension``: a number of bars (new sections of at most ``MAX_SECTION_BARS`` bars,
+    labelled with the first of ``CONTINUATION_LABELS`` the form does not use; ``X`` if it uses them all) or a form
+    string of the new part (e.g. ``B8A8``: returns of the song's sections)."""
+    sections = parse_form(form)
+    text = str(extension).strip()
+    if text.isdigit():
+        bars = int(text)
+        if not 1 <= bars <= MAX_CONTINUATION_BARS:
+            raise SongError(f"continue: {text} bars; give 1..{MAX_CONTINUATION_BARS} bars "
+                            "(or a form string such as B8A8)")
+        used = {s.label for s in sections}
+        label = next((label for label in CONTINUATION_LABELS if label not in used), "X")
+        full, rest = divmod(bars, MAX_SECTION_BARS)
+        added = [Section(label, MAX_SECTION_BARS)] * full + ([Section(label, rest)] if rest else [])
+    else:
+        try:
+            added = parse_form(text)
+        except SongError as err:
+            raise SongError(f"continue: {text!r} is neither a number of bars nor a form string "
+                            f"({str(err).removeprefix('form: ')})") from None
+    return form_string(sections + added)
+
+
+def infilled_tracks(names: tuple[str, ...] | list[str] | str,
+                    stages: tuple[str, ...] | list[str] = SUBTASKS) -> tuple[str, ...]:
+    """The tracks of ``names`` (any case, a list or a comma-separated string) in track order, checked: known,
+    at least one, and written by one of ``stages`` (``musicray.tasks.stages_rewriting``)."""
+    from musicray.tasks import stages_rewriting
+
+    listed = names.split(",") if isinstance(names, str) else list(names)
+    wanted = {str(name).strip().upper() for name in listed if str(name).strip()}
+    unknown = sorted(wanted - set(TRACKS))
+    if unknown or not wanted:
+        raise SongError(f"{', '.join(unknown) or 'no track'}: choose among {', '.join(TRACKS)}")
+    tracks = tuple(name for name in TRACKS if name in wanted)
+    if not stages_rewriting(tracks, tuple(stages)):
+        raise SongError(f"none of the stages {', '.join(stages)} writes {', '.join(tracks)}")
+    return tracks
+
+
+def revoiced_piano(song: Song, bars: tuple[int, ...]) -> list[Note]:
+    """The song's PIANO with ``bars`` voiced anew from its chords (no stage writes PIANO: its own accompaniment is
+    what rewriting it means). Each of those bars restates the chord sounding at its downbeat, so that a bar
+    without a chord change of its own is played too (the old notes there are gone)."""
+    from musicray.accompaniment import voice_piano
+    from musicray.encoding import SoundingChords
+
+    span = set(bars)
+    sounding = SoundingChords(song.chords)
+    restated = [Chord(bar, 0, sounding.at(bar, 0)) for bar in sorted(span) if sounding.at(bar, 0) is not None]
+    voiced = voice_piano(dataclasses.replace(song, chords=sorted(set(song.chords) | set(restated))))
+    return sorted([n for n in song.tracks["PIANO"] if n.bar not in span] + [n for n in voiced if n.bar in span])
+
+
 def request_from_fields(form: str | None = None, key: str | None = None, metre_name: str | None = None,
                         tempo: float | None = None, seed: int = 0, chords: str | None = None,
                         melody: list[Note] | None = None, given: Song | None = None, regenerate: str | None = None,
-                        regenerate_bars: str | None = None, stages: tuple[str, ...] | list[str] | None = None,
+                        regenerate_bars: str | None = None, continue_bars: str | int | None = None,
+                        regenerate_tracks: tuple[str, ...] | list[str] | str | None = None,
+                        stages: tuple[str, ...] | list[str] | None = None,
                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         stage_settings: dict | None = None, use_mask: bool = True,
                         allow_missing_adapters: bool = False, variation: float | None = None,
@@ -201,6 +275,9 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     ``given`` is a whole song whose parts replace their stages (and whose form, key, metre and first tempo are
     used where those are not given); ``melody`` a given main melody; ``chords`` the chord text of
     ``parse_chords``; ``regenerate``/``regenerate_bars`` choose the bars infilling rewrites (needs ``given``);
+    ``continue_bars`` extends the form after the given song's (``form``, or ``given``'s) by a number of bars or a
+    form string (``continued_form``) and composes only the new bars, every given bar kept (infilling);
+    ``regenerate_tracks`` narrows infilling to some tracks (any case; ``Request.regenerate_tracks``);
     ``stage_settings`` is ``{stage: {setting: value}}`` over ``temperature``/``top_k``/``top_p``; ``max_bars``
     caps the form's length (a server's limit). ``temperature``/``top_k``/``top_p`` left None sample at 1, no cut.
 
@@ -225,18 +302,29 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     if not form:
         raise FieldError(named("form"), f"required (or give {named('given')}, whose form is used)")
     bars = sum(s.bars for s in checked("form", parse_form, form))
+    given_bars = bars   # the bars the given parts fill (all of the form but a continuation)
+    if continue_bars is not None:
+        if given is None:
+            raise FieldError(named("continue_bars"),
+                             f"a continuation extends a given song: give it with {named('given')}")
+        form = checked("continue_bars", continued_form, form, continue_bars)
+        bars = sum(s.bars for s in parse_form(form))
     if max_bars is not None and bars > max_bars:
-        raise FieldError(named("form"), f"{form!r} has {bars} bars; this server composes at most max_bars={max_bars}")
+        field_name = "form" if continue_bars is None else "continue_bars"
+        raise FieldError(named(field_name),
+                         f"{form!r} has {bars} bars; this server composes at most max_bars={max_bars}")
     key = checked("key", canonical_key, key or (given.key if given else "C:maj"))
     metre_name = checked("metre", metre, metre_name or (given.metre if given else "4/4")).name
     if tempo is None:
         tempo = round(given.tempos[0].bpm) if given and given.tempos else 100
     checked("tempo", TEMPO_RANGE.checked, tempo, named("tempo"))
     if given is not None:
-        given = dataclasses.replace(given, tracks={name: [n for n in given.tracks.get(name, []) if n.bar < bars]
-                                                   for name in TRACKS})
+        given = dataclasses.replace(
+            given, chords=[c for c in given.chords if c.bar < given_bars],
+            tempos=[t for t in given.tempos if t.bar < given_bars],
+            tracks={name: [n for n in given.tracks.get(name, []) if n.bar < given_bars] for name in TRACKS})
         if not any(given.tracks.values()):
-            raise FieldError(named("given"), f"no MELODY, BRIDGE or PIANO notes in the first {bars} bars")
+            raise FieldError(named("given"), f"no MELODY, BRIDGE or PIANO notes in the first {given_bars} bars")
     if melody is not None:
         melody = [n for n in melody if n.bar < bars]
         if not melody:
@@ -249,6 +337,17 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                              f"infilling rewrites part of a given song: give it with {named('given')}")
         infilling = checked("regenerate" if regenerate is not None else "regenerate_bars", regenerated_bars, form,
                             regenerate, regenerate_bars)
+    if continue_bars is not None:   # the new bars are written, with whatever else infilling rewrites
+        infilling = tuple(sorted({*(infilling or ()), *range(given_bars, bars)}))
+    tracks = None
+    if regenerate_tracks is not None:
+        if infilling is None or continue_bars is not None:
+            raise FieldError(named("regenerate_tracks"), f"rewrites tracks in chosen bars of a given song: give "
+                             f"them with {named('regenerate_bars')} or {named('regenerate')} (a continuation "
+                             "composes every part of its new bars)")
+        tracks = checked("regenerate_tracks", infilled_tracks, regenerate_tracks, stages or SUBTASKS)
+        if "PIANO" in tracks:
+            given = dataclasses.replace(given, tracks={**given.tracks, "PIANO": revoiced_piano(given, infilling)})
     globals_given = {name: value for name, value in (("temperature", temperature), ("top_k", top_k),
                                                       ("top_p", top_p)) if value is not None}
     sampling = Sampling(**{name: checked(name, SAMPLING_RANGES[name].checked, value, named(name))
@@ -270,7 +369,8 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                    melody=melody or (given.tracks["MELODY"] if given else None),
                    stages=tuple(stages) if stages else SUBTASKS, sampling=sampling, use_mask=use_mask,
                    bridge=given.tracks["BRIDGE"] if given else None, piano=given.tracks["PIANO"] if given else None,
-                   regenerate=infilling, tempos=given.tempos if given and infilling else None,
+                   regenerate=infilling, regenerate_tracks=tracks,
+                   tempos=given.tempos if given and infilling else None,
                    stage_sampling=per_stage or None, allow_missing_adapters=allow_missing_adapters,
                    variation=variation, harmony_guard=harmony_guard, from_run=tuple(from_run))
 
@@ -287,6 +387,7 @@ def stage_settings(request: Request) -> dict:
                                       for stage, sampling in request.stage_sampling.items()}
     if request.regenerate is not None:
         settings["regenerate"] = list(request.regenerate)
+        settings["regenerate_tracks"] = list(request.regenerate_tracks) if request.regenerate_tracks else None
         settings["given"] = song_to_dict(request.song())
     return settings
 
@@ -304,5 +405,7 @@ def stage_request(song: Song, settings: dict) -> Request:
         request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,
                                       melody=given.tracks["MELODY"], bridge=given.tracks["BRIDGE"],
                                       piano=given.tracks["PIANO"], tempos=given.tempos,
-                                      regenerate=tuple(settings["regenerate"]))
+                                      regenerate=tuple(settings["regenerate"]),
+                                      regenerate_tracks=tuple(settings["regenerate_tracks"])
+                                      if settings.get("regenerate_tracks") else None)
     return request

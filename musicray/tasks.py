@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from musicray.accompaniment import revoice_bars, voice_piano
 from musicray.encoding import (OPTIONAL_INPUTS, STREAMS, TASK_INPUTS, TASK_TARGET, bar_contents, base_tempo,
                                decode_header, quantized)
-from musicray.song import Song
+from musicray.song import Song, Tempo
 from musicray.tokens import SUBTASKS, Vocabulary
 
 
@@ -125,3 +125,37 @@ assert tuple(SUBTASK_RECORDS) == SUBTASKS, "one record per sub-task, in stage or
 def subtask(name: str) -> SubTask:
     """The record of sub-task ``name``."""
     return SUBTASK_RECORDS[name]
+
+
+def keep_given(song: Song, given: Song, task: str, bars: tuple[int, ...],
+               tracks: tuple[str, ...] | None = None) -> None:
+    """After ``task`` rewrote ``bars`` (0-based) of ``tracks`` (None: every track) of a ``given`` song, put back
+    what the stage writes everywhere else exactly as given: its notes and its tempo map. The stage kept those
+    bars token for token, but tokens are the canonical song (velocities and tempi in the vocabulary's bins, one
+    note per onset and pitch, pitches in the written range), and a musician's own bars stay as they wrote them.
+    Chords are kept by the tokens already (each bar restates the chord sounding at its downbeat); a track the
+    given song has no notes in is musicray's own (the PIANO voiced from the chords) and stays as the stage left
+    it."""
+    stream = STREAMS[subtask(task).target]
+    span = set(bars)
+    for name in (name for name in stream.tracks if given.tracks[name]):
+        rewritten = span if tracks is None or name in tracks else set()
+        song.tracks[name] = sorted([n for n in song.tracks[name] if n.bar in rewritten] +
+                                   [n for n in given.tracks[name] if n.bar not in rewritten])
+    if stream.tempo and given.tempos:
+        kept = [bar for bar in range(song.n_bars) if bar not in span]
+        given_tempos = sorted(given.tempos)
+        restated = []   # a kept bar after a rewritten one starts at the tempo the given song has there
+        for bar in kept:
+            if (bar > 0 and bar - 1 not in span) or any(t.bar == bar and t.position == 0 for t in given_tempos):
+                continue
+            before = [t for t in given_tempos if (t.bar, t.position) <= (bar, 0)]
+            restated.append(Tempo(bar, 0, (before[-1] if before else given_tempos[0]).bpm))
+        song.tempos = sorted([t for t in song.tempos if t.bar in span] + restated +
+                             [t for t in given_tempos if t.bar not in span])
+
+
+def stages_rewriting(tracks: tuple[str, ...], stages: tuple[str, ...] = SUBTASKS) -> list[str]:
+    """Of ``stages``, in stage order, those whose stream writes any of ``tracks`` (infilling by track: the melodic
+    stage of each and dynamics, which performs every track; not chords, not tempo)."""
+    return [name for name in SUBTASKS if name in stages and set(STREAMS[subtask(name).target].tracks) & set(tracks)]

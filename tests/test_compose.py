@@ -1,6 +1,7 @@
 """The five-stage composer on a random-weight stage-1 model with LoRA adapters."""
 
 import functools
+import json
 import dataclasses
 
 import pytest
@@ -313,3 +314,86 @@ def test_the_harmony_guard_is_on_by_default_and_can_be_switched_off(composer):
     assert all(info["grammar_errors"] == 0 for info in report["stages"].values())
     free, _ = composer.compose(dataclasses.replace(request, harmony_guard=False))
     assert len(outside_guard(free)) > 5
+
+
+def test_continue_keeps_a_pop909_songs_bars_note_for_note_and_composes_only_the_new_ones(run_dir, pop909_root,
+                                                                                          tmp_path, capsys):
+    """``generate --song a.mid --form i4A4 --continue 4``: the first 8 bars of POP909 song 001 come back exactly
+    as they were (performed velocities and tempo map too, not their tokens' bins), four new bars follow in a new
+    section, and nothing sounds past the extended form."""
+    from musicray.cli import main
+    from musicray.data.pop909 import load_song
+    from musicray.midi import read_midi, write_midi
+
+    song, _ = load_song(pop909_root, "001")
+    given_path, out = tmp_path / "a.mid", tmp_path / "continued.mid"
+    write_midi(song, given_path)
+    given = read_midi(given_path)
+    assert main(["generate", "--run", str(run_dir), "--song", str(given_path), "--form", "i4A4", "--continue", "4",
+                 "--seed", "5", "--allow-missing-adapters", "--out", str(out)]) == 0
+    assert "form i4A4B4" in capsys.readouterr().out
+    continued = read_midi(out)
+    assert continued.form == "i4A4B4" and continued.key == given.key
+    kept = set(range(8))
+    for name in ("MELODY", "BRIDGE", "PIANO"):
+        # onsets, pitches, velocities as given; a kept note may only be cut where a new note of its pitch starts
+        assert [(n.bar, n.position, n.pitch, n.velocity) for n in continued.tracks[name] if n.bar in kept] == \
+            [(n.bar, n.position, n.pitch, n.velocity) for n in given.tracks[name] if n.bar in kept]
+    assert [n for n in continued.tracks["MELODY"] if n.bar < 7] == [n for n in given.tracks["MELODY"] if n.bar < 7]
+    assert _bars(continued, kept)["chords"] == _bars(given, kept)["chords"]
+    assert [t for t in continued.tempos if t.bar in kept] == [t for t in given.tempos if t.bar in kept]
+    new = {name: [n for n in notes if n.bar >= 8] for name, notes in continued.tracks.items()}
+    assert new["MELODY"] and new["PIANO"] and any(c.bar >= 8 for c in continued.chords)
+    assert all(n.bar < 12 and n.bar * 16 + n.position + n.duration <= 12 * 16 for _, n in continued.notes())
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["stages"]) == list(SUBTASKS)
+    # What a DAW shows (issue 20 §3): the key and time signatures, the tempo map, a marker per section, the new one
+    # included (tests/test_midi.py checks the writer on every metre).
+    import mido
+    import pretty_midi
+
+    from musicray.harmony import parse_key
+    from musicray.midi import collapse_tempos
+
+    daw = pretty_midi.PrettyMIDI(str(out))
+    assert [(s.numerator, s.denominator) for s in daw.time_signature_changes] == [(4, 4)]
+    tonic, mode = parse_key(given.key)
+    assert [k.key_number for k in daw.key_signature_changes] == [tonic + (12 if mode == "min" else 0)]
+    assert daw.get_tempo_changes()[1].tolist() == pytest.approx([t.bpm for t in collapse_tempos(continued.tempos)],
+                                                                rel=1e-5)
+    ticks, markers = 0, []
+    for message in mido.MidiFile(str(out)).tracks[0]:
+        ticks += message.time
+        if message.type == "marker" and message.text.startswith("section:"):
+            markers.append((message.text, ticks // (4 * 480)))
+    assert markers == [("section:i4", 0), ("section:A4", 4), ("section:B4", 8)]
+
+
+@pytest.mark.parametrize("tracks", [("MELODY",), ("BRIDGE", "PIANO")])
+def test_infilling_by_track_rewrites_those_tracks_in_the_chosen_bars_and_keeps_everything_else(composer, tracks):
+    """Bars 3-4 of MELODY (or of BRIDGE and PIANO) composed again: those tracks there are new, every other bar of
+    them and every other track in every bar come back as given, velocities included, and so do the chords and
+    the tempo map (no chord or tempo stage runs)."""
+    from musicray.encoding import quantized
+    from musicray.request import request_from_fields
+
+    given, _ = composer.compose(Request("A2B2A2", "D:maj", "4/4", 90, seed=11))
+    given = quantized(given, Vocabulary())
+    request = dataclasses.replace(request_from_fields(given=given, regenerate_bars="3-4", regenerate_tracks=tracks,
+                                                      seed=13), allow_missing_adapters=True)
+    song, report = composer.compose(request)
+    assert list(report["stages"]) == [t for t in ("melody", "secondary") if subtask_writes(t, tracks)] + ["dynamics"]
+    assert song.chords == given.chords and song.tempos == given.tempos
+    for name in ("MELODY", "BRIDGE", "PIANO"):
+        rewritten = {2, 3} if name in tracks else set()
+        assert [n for n in song.tracks[name] if n.bar not in rewritten] == \
+            [n for n in given.tracks[name] if n.bar not in rewritten], name
+        if rewritten:
+            assert [n for n in song.tracks[name] if n.bar in rewritten] != \
+                [n for n in given.tracks[name] if n.bar in rewritten], name
+
+
+def subtask_writes(task: str, tracks) -> bool:
+    from musicray.tasks import subtask
+
+    return subtask(task).track in tracks

@@ -6,15 +6,16 @@ import pytest
 
 from musicray.errors import SongError
 from musicray.request import (
-    FieldError, Request, RunDefaults, parse_chords, regenerated_bars, request_from_fields, stage_request,
-    stage_settings,
+    FieldError, Request, RunDefaults, continued_form, parse_chords, regenerated_bars, request_from_fields,
+    stage_request, stage_settings,
 )
 from musicray.sampling import Sampling
 from musicray.song import Chord, Note, Section, Song, Tempo
 from musicray.tokens import SUBTASKS
 
 CLI = {"form": "--form", "given": "--song", "melody": "--melody", "regenerate": "--regenerate",
-       "temperature": "--temperature", "stage_settings": "--stage-sampling", "tempo": "--tempo"}
+       "temperature": "--temperature", "stage_settings": "--stage-sampling", "tempo": "--tempo",
+       "continue_bars": "--continue"}
 
 
 def given_song() -> Song:
@@ -38,6 +39,23 @@ ERROR_CASES = {
                               "unknown setting"),
     "infilling without a song": ({"form": "A2", "regenerate": "A"}, CLI, "--regenerate", "give it with --song"),
     "a bad infilling label": ({"given": given_song(), "regenerate": "C"}, {}, "regenerate", "no section"),
+    "a continuation without a song": ({"form": "A2", "continue_bars": 4}, CLI, "--continue", "give it with --song"),
+    "a continuation that is no form": ({"given": given_song(), "continue_bars": "B8Q"}, {}, "continue_bars",
+                                       "neither a number of bars nor a form string"),
+    "a continuation of 0 bars": ({"given": given_song(), "continue_bars": "0"}, CLI, "--continue", "1..1024"),
+    "a continuation past the server's bars": ({"given": given_song(), "continue_bars": 8, "max_bars": 8}, {},
+                                              "continue_bars", "max_bars=8"),
+    "tracks without bars": ({"given": given_song(), "regenerate_tracks": ["MELODY"]}, {}, "regenerate_tracks",
+                            "give them with regenerate_bars"),
+    "tracks of a continuation": ({"given": given_song(), "continue_bars": 2, "regenerate_tracks": ["MELODY"]}, {},
+                                 "regenerate_tracks", "a continuation composes every part"),
+    "an unknown track": ({"given": given_song(), "regenerate": "B", "regenerate_tracks": ["MELODY", "DRUMS"]}, {},
+                         "regenerate_tracks", "DRUMS: choose among MELODY, BRIDGE, PIANO"),
+    "no track": ({"given": given_song(), "regenerate": "B", "regenerate_tracks": []}, {}, "regenerate_tracks",
+                 "no track"),
+    "tracks no stage writes": ({"given": given_song(), "regenerate": "B", "regenerate_tracks": "bridge",
+                                "stages": ["melody", "tempo"]}, {}, "regenerate_tracks",
+                               "none of the stages melody, tempo writes BRIDGE"),
     "a bad chord": ({"form": "A2", "chords": "C:maj X:foo"}, {}, "chords", "bar 2"),
     "a melody past the form": ({"form": "A1", "melody": [Note(3, 0, 60, 4, 80)]}, {"melody": "melody_midi"},
                                "melody_midi", "no MELODY notes in the first 1 bars"),
@@ -124,3 +142,38 @@ def test_regenerating_a_label_repeats_its_rewritten_first_occurrence_unless_told
     assert by_label.regenerate == (0, 1, 4, 5) and by_label.returns() == [(4, 0), (5, 1)]
     assert request_from_fields(given=given, regenerate="A", variation=0.5).variation == 0.5
     assert request_from_fields(given=given, regenerate_bars="1-2").variation is None   # bars stay literal
+
+
+@pytest.mark.parametrize("form, extension, continued", [
+    ("i4A8B8", "16", "i4A8B8C16"),            # a number: a new section, the first label the form does not use
+    ("A8", "40", "A8B32B8"),                  # longer than a section can be: cut into sections
+    ("A8B8C8D8E8", 4, "A8B8C8D8E8X4"),        # every melodic label used: X
+    ("A8B8", " B8A8 ", "A8B8B8A8"),           # a form string: the new part as given
+])
+def test_a_continuation_extends_the_form(form, extension, continued):
+    assert continued_form(form, extension) == continued
+
+
+def test_a_continuation_keeps_the_given_bars_and_writes_only_the_new_ones():
+    """The new bars are the infilling's; the given song's parts, chords and tempo map up to its form's end stay,
+    and a shorter ``form`` continues the song from there (what comes after it is left out)."""
+    request = request_from_fields(given=given_song(), continue_bars="A2", seed=3)
+    assert request.form == "A2B2A2" and request.regenerate == (4, 5) and request.stages == SUBTASKS
+    assert request.tempos == [Tempo(0, 0, 88.4)] and request.melody == given_song().tracks["MELODY"]
+    assert request.song().n_bars == 6
+    cut = request_from_fields(given=given_song(), form="A2", continue_bars=3)
+    assert cut.form == "A2B3" and cut.regenerate == (2, 3, 4)
+    assert cut.melody == [Note(0, 0, 62, 3, 90)] and cut.piano == [Note(1, 0, 50, 6, 70)]
+    both = request_from_fields(given=given_song(), continue_bars=2, regenerate_bars="2")
+    assert both.regenerate == (1, 4, 5)
+
+
+def test_infilling_by_track_names_its_tracks_and_voices_a_rewritten_piano():
+    request = request_from_fields(given=given_song(), regenerate_bars="2", regenerate_tracks="piano, Melody",
+                                  seed=4)
+    assert request.regenerate == (1,) and request.regenerate_tracks == ("MELODY", "PIANO")
+    # bar 2's PIANO is the D minor chord voiced (bass and close triad), not the given note
+    assert [(n.bar, n.pitch) for n in request.piano] == [(1, 38), (1, 62), (1, 65), (1, 69)]
+    back = stage_request(request.song(), stage_settings(request))
+    assert back.regenerate_tracks == request.regenerate_tracks and back.piano == request.piano
+    assert request_from_fields(given=given_song(), regenerate="B").regenerate_tracks is None

@@ -28,6 +28,12 @@ STAGES_CASES = {
     "a given piano replaces no stage": ({"piano": NOTE}, list(SUBTASKS)),
     "a subset": ({"stages": ("tempo", "chord")}, ["chord", "tempo"]),
     "infilling runs what it is asked": ({"chords": [Chord(0, 0, "C:maj")], "regenerate": (0,)}, list(SUBTASKS)),
+    "infilling a melody": ({"regenerate": (0,), "regenerate_tracks": ("MELODY",)}, ["melody", "dynamics"]),
+    "infilling both melodies": ({"regenerate": (0,), "regenerate_tracks": ("MELODY", "BRIDGE")},
+                                ["melody", "secondary", "dynamics"]),
+    "infilling the accompaniment": ({"regenerate": (0,), "regenerate_tracks": ("PIANO",)}, ["dynamics"]),
+    "infilling a melody, no dynamics asked": ({"regenerate": (0,), "regenerate_tracks": ("MELODY",),
+                                               "stages": ("melody", "tempo")}, ["melody"]),
 }
 
 
@@ -45,3 +51,24 @@ def test_the_tempo_stage_alone_forces_its_first_bar_and_dynamics_alone_prepare()
     subtask("dynamics").prepare(song, vocab)
     assert song.tracks["PIANO"], "dynamics perform the PIANO part: it is voiced before they run"
     assert vocab.describe(list(subtask("tempo").forced_first_bar(song, vocab))) == "<Tempo_96>"
+
+
+def test_keep_given_puts_back_what_a_stage_did_not_rewrite_exactly_as_given():
+    """After dynamics rewrote bar 1's MELODY: bar 0 and bar 1's other tracks come back with their own velocities
+    (here off the vocabulary's bins); after the tempo stage, a kept bar after a rewritten one starts at the given
+    song's tempo there."""
+    from musicray.song import Section, Song, Tempo
+    from musicray.tasks import keep_given
+
+    def song(velocity, tempos):
+        notes = {"MELODY": [Note(0, 0, 60, 4, velocity), Note(1, 0, 62, 4, velocity)],
+                 "BRIDGE": [Note(1, 4, 55, 4, velocity)], "PIANO": []}
+        return Song("s", "C:maj", "4/4", [Section("A", 3)], tracks=notes, tempos=tempos)
+
+    given = song(77, [Tempo(0, 0, 88.4), Tempo(0, 8, 90.0)])
+    composed = song(95, [Tempo(0, 0, 88.0), Tempo(1, 0, 120.0), Tempo(2, 0, 89.0)])
+    keep_given(composed, given, "dynamics", (1,), ("MELODY",))
+    assert [n.velocity for n in composed.tracks["MELODY"]] == [77, 95]
+    assert [n.velocity for n in composed.tracks["BRIDGE"]] == [77]
+    keep_given(composed, given, "tempo", (1,))
+    assert composed.tempos == [Tempo(0, 0, 88.4), Tempo(0, 8, 90.0), Tempo(1, 0, 120.0), Tempo(2, 0, 90.0)]

@@ -4,8 +4,9 @@
 stages to run, sampling settings) and answers a three-track MIDI (MELODY, BRIDGE, PIANO), as JSON with the
 MIDI in base64, its notes (``song``: ``song_to_dict`` of the MIDI, for the page's piano roll) and a per-stage report,
 or as ``audio/midi`` bytes (``Accept: audio/midi`` or ``?format=midi``). ``POST /v1/render`` turns a MIDI file
-into a WAV (``musicray.serve.audio``). ``GET /`` is the web page (``musicray.serve.page``), ``GET /healthz``
-reports the adapters each deployment holds; ``/docs`` is the OpenAPI UI.
+into a WAV (``musicray.serve.audio``), ``POST /v1/export`` into MusicXML (``musicray.musicxml``), ``POST /v1/song``
+into the notes the page draws (a song dropped on it). ``GET /`` is the web page (``musicray.serve.page``),
+``GET /healthz`` reports the adapters each deployment holds; ``/docs`` is the OpenAPI UI.
 
 The ingress (``Ingress``) validates the request, builds the empty song and calls the stage deployments through
 ``DeploymentHandle``s in stage order (chord, melody, secondary, dynamics, tempo), passing the song as
@@ -46,7 +47,8 @@ from musicray.serve.config import (
 from musicray.serve.audio import AudioUnavailable, Renderer
 from musicray.serve.page import INDEX, static_files
 from musicray.request import stage_settings
-from musicray.serve.schema import GenerateBody, InputError, RenderBody, request_song, to_request
+from musicray.serve.schema import (ExportBody, GenerateBody, InputError, RenderBody, request_song, to_request,
+                                   uploaded_song)
 from musicray.serve.stages import StageComposer
 from musicray.song import SongError, song_from_dict, song_to_dict
 from musicray.tasks import subtask
@@ -131,6 +133,26 @@ def midi_bytes(song) -> bytes:
     buffer = io.BytesIO()
     song_to_midi(song).dump(file=buffer, charset=TEXT_CHARSET)
     return buffer.getvalue()
+
+
+def musicxml_bytes(song, lead_sheet: bool) -> bytes:
+    """The song's MusicXML (``musicray.musicxml``: what ``musicray export --musicxml`` writes)."""
+    import tempfile
+
+    from musicray.musicxml import write_musicxml
+
+    with tempfile.TemporaryDirectory(prefix="musicray-export-") as folder:
+        return write_musicxml(song, Path(folder) / "song.musicxml", lead_sheet).read_bytes()
+
+
+def song_answer(data: bytes) -> dict:
+    """A MIDI file as the page shows a song: the file, its notes and grid (the fields a /v1/generate answer has
+    for them)."""
+    song = midi_to_song(data)
+    spec = song.spec
+    return {"midi": base64.b64encode(data).decode("ascii"), "form": song.form, "bars": song.n_bars, "key": song.key,
+            "metre": song.metre, "song": song_to_dict(song),
+            "grid": {"beats_per_bar": spec.beats_per_bar, "positions_per_beat": spec.positions_per_beat}}
 
 
 def song_as_written(data: bytes) -> dict:
@@ -325,6 +347,30 @@ class Ingress:
             "Content-Disposition": 'attachment; filename="musicray.wav"', "X-Musicray-Renderer": audio.renderer,
             "X-Musicray-Seconds": f"{audio.seconds:.3f}"})
 
+
+    @api.post("/v1/song", summary="read a MIDI file as the page shows a song (e.g. one dropped on it)",
+              responses={400: {"description": "midi is not base64 or not a MIDI file, or has more than max_bars"},
+                         413: {"description": "midi is larger than max_midi_bytes"}})
+    async def song(self, body: RenderBody) -> JSONResponse:
+        # Written again by musicray: the page then sends back a file whose markers carry key, chords and form.
+        song = uploaded_song(body.midi, self.max_midi_bytes, max_bars=self.max_bars)
+        answer = await asyncio.to_thread(song_answer, midi_bytes(song))
+        return JSONResponse({**answer, "seed": None, "stages": {}, "seconds": 0.0})
+
+    @api.post("/v1/export", summary="a MIDI file as MusicXML (full score or lead sheet) for score editors",
+              responses={200: {"content": {"application/vnd.recordare.musicxml+xml": {}},
+                               "description": "uncompressed MusicXML"},
+                         400: {"description": "midi is not base64 or not a MIDI file"},
+                         413: {"description": "midi is larger than max_midi_bytes"}})
+    async def export(self, body: ExportBody) -> Response:
+        song = uploaded_song(body.midi, self.max_midi_bytes)
+        try:
+            data = await asyncio.to_thread(musicxml_bytes, song, body.lead_sheet)
+        except SongError as err:
+            raise InputError("midi", str(err)) from None
+        name = "musicray-lead-sheet.musicxml" if body.lead_sheet else "musicray.musicxml"
+        return Response(content=data, media_type="application/vnd.recordare.musicxml+xml",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     async def _compose_by_stage(self, song, settings: dict, plan: list[str]) -> tuple:
         """One handle call per stage, each to that sub-task's deployment (which batches it with other songs)."""

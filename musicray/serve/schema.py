@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from musicray.midi import midi_to_song
-from musicray.request import TEMPO_RANGE, VARIATION_RANGE, FieldError, Request, RunDefaults, request_from_fields
+from musicray.request import (MAX_CONTINUATION_BARS, TEMPO_RANGE, VARIATION_RANGE, FieldError, Request,
+                              RunDefaults, request_from_fields)
 from musicray.sampling import SAMPLING_RANGES
-from musicray.song import FORM_PATTERN, SongError, metre, parse_form
+from musicray.song import FORM_PATTERN, TRACKS, SongError, metre, parse_form
 from musicray.tokens import SUBTASKS
 
 Subtask = Literal[SUBTASKS]   # the sub-tasks' names, in stage order
+Track = Literal[TRACKS]
 
 MAX_FORM_CHARS = 512
 # A base64 text as ``decode_midi_upload`` accepts it (whitespace around it allowed), for the API's schema.
@@ -86,6 +88,16 @@ class GenerateBody(BaseModel):
                                          "e.g. B or A,B; every other bar stays as uploaded")
     regenerate_bars: Optional[str] = Field(
         None, max_length=256, description="infilling (needs song_midi): rewrite these bars, 1-based, e.g. 9-16")
+    regenerate_tracks: Optional[list[Track]] = Field(
+        None, min_length=1, max_length=len(TRACKS),
+        description="infilling by track (with regenerate or regenerate_bars): rewrite only these tracks in the "
+                    "chosen bars (their stages and dynamics run; PIANO is voiced anew from the chords); chords, "
+                    "tempo and the other tracks stay as uploaded")
+    continue_bars: Optional[Union[Annotated[int, Field(ge=1, le=MAX_CONTINUATION_BARS)],
+                                  Annotated[str, Field(min_length=1, max_length=MAX_FORM_CHARS)]]] = Field(
+        None, description="continuation (needs song_midi): extend form (the uploaded song's) by this many bars or "
+                          "by a form string of the new part, e.g. 16 or B8A8, and compose only the new bars; every "
+                          "uploaded bar stays as it is")
     stages: Optional[list[Subtask]] = Field(None, min_length=1, max_length=5,
                                             description="sub-tasks to run (default all; with regenerate: the parts "
                                                         "rewritten in the chosen bars)")
@@ -112,6 +124,16 @@ class RenderBody(BaseModel):
     midi: str = Field(min_length=1, json_schema_extra=MIDI_UPLOAD, description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
 
 
+class ExportBody(BaseModel):
+    """``POST /v1/export``: the MIDI file to write as MusicXML."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    midi: str = Field(min_length=1, description="base64 musicray MIDI file, e.g. the midi of a /v1/generate answer")
+    lead_sheet: bool = Field(False, description="the lead sheet (MELODY and chord symbols) instead of the full "
+                                                "score (MELODY, BRIDGE, PIANO)")
+
+
 def _field(name: str, fn, *args):
     try:
         return fn(*args)
@@ -133,6 +155,15 @@ def decode_midi_upload(text: str, max_bytes: int, field: str = "melody_midi") ->
     if len(data) > max_bytes:
         raise InputError(field, f"upload of {len(data)} bytes exceeds max_midi_bytes ({max_bytes} bytes)", 413)
     return data
+
+
+def uploaded_song(text: str, max_midi_bytes: int, field: str = "midi", max_bars: int | None = None):
+    """The song of a base64 MIDI upload (400 naming ``field`` if it is not one; above ``max_bars`` bars too,
+    where given: a song the server could not compose again)."""
+    song = _field(field, midi_to_song, decode_midi_upload(text, max_midi_bytes, field), "upload")
+    if max_bars is not None and song.n_bars > max_bars:
+        raise InputError(field, f"the song has {song.n_bars} bars; this server composes at most max_bars={max_bars}")
+    return song
 
 
 def _uploaded_song(text: str, field: str, metre_name: str, max_midi_bytes: int):
@@ -174,7 +205,8 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int,
     try:
         return request_from_fields(
             body.form, body.key, metre_name, body.tempo, body.seed, chords, melody, given, body.regenerate,
-            body.regenerate_bars, body.stages, body.temperature, body.top_k, body.top_p,
+            body.regenerate_bars, body.continue_bars, body.regenerate_tracks, body.stages, body.temperature,
+            body.top_k, body.top_p,
             {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
             allow_missing_adapters=body.allow_missing_adapters, variation=body.variation,
             harmony_guard=body.harmony_guard, max_bars=max_bars, defaults=defaults,

@@ -363,3 +363,139 @@ def test_an_uploaded_melody_replaces_the_melody_stage(browser, serve_url, tmp_pa
         ".map(Number))")
     assert sorted((bar, position, pitch) for bar, position, pitch, _, _ in drawn) == \
         sorted((n.bar, n.position, n.pitch) for n in melody)
+
+
+# -- versions: bars and tracks composed again, a continuation, undo, a dropped song, MusicXML --------------------
+def test_export_answers_musicxml_that_music21_reads_back_and_song_reads_a_midi_file(serve_url):
+    from music21 import converter, harmony
+
+    from musicray.midi import midi_to_song
+    from musicray.song import song_to_dict
+
+    out = generate(serve_url, {"form": "A2B2", "key": "F:maj", "seed": 9})
+    for lead_sheet, parts in ((False, 3), (True, 1)):
+        response = requests.post(serve_url + "/v1/export", json={"midi": out["midi"], "lead_sheet": lead_sheet},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/vnd.recordare.musicxml+xml"
+        score = converter.parseData(response.content.decode(), format="musicxml")
+        assert len(score.parts) == parts and len(score.parts[0].getElementsByClass("Measure")) == 4
+        assert [h.figure for h in score.recurse().getElementsByClass(harmony.ChordSymbol)]
+    read = requests.post(serve_url + "/v1/song", json={"midi": out["midi"]}, timeout=60)
+    assert read.status_code == 200, read.text
+    answer = read.json()
+    assert (answer["form"], answer["key"], answer["bars"], answer["seed"]) == ("A2B2", "F:maj", 4, None)
+    assert answer["song"] == {**song_to_dict(midi_to_song(base64.b64decode(out["midi"]))), "song_id": "upload"}
+    for path, body, status in (("/v1/export", {"midi": base64.b64encode(b"RIFF....").decode()}, 400),
+                               ("/v1/song", {"midi": "%%%"}, 400), ("/v1/song", {"midi": song_midi(20, 90.0)}, 400),
+                               ("/v1/export", {"midi": out["midi"], "lead_sheet": "yes"}, 422)):
+        response = requests.post(serve_url + path, json=body, timeout=60)
+        assert response.status_code == status and response.json()["field"] in ("midi", "lead_sheet"), response.text
+
+
+def roll_notes(driver) -> list:
+    """Every note the roll draws: [track, bar, position, pitch, duration, velocity]."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#roll rect.note')].map((r) => [r.classList[1],"
+        " ...r.dataset.note.split(',').map(Number)])")
+
+
+def onsets(notes: list, keep) -> list:
+    """(track, bar, position, pitch, velocity) of the notes ``keep(track, bar)`` chooses (``onsets_before``)."""
+    return sorted((t, b, p, pitch, v) for t, b, p, pitch, _, v in notes if keep(t, b))
+
+
+def wait_done(driver, error_id: str = "regenerate-error") -> None:
+    from selenium.webdriver.common.by import By
+
+    wait_for(driver, "document.body.dataset.state === 'done' || document.body.dataset.state === 'error'")
+    assert driver.execute_script("return document.body.dataset.state") == "done", \
+        driver.find_element(By.ID, error_id).text
+
+
+def drag_over_bars(driver, first: int, last: int) -> None:
+    """Press in bar ``first`` (0-based) of the roll and release in bar ``last``, as a mouse does."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    x0, x1, y = driver.execute_script("""
+        const roll = document.getElementById('roll');
+        roll.scrollIntoView({block: 'center'});
+        const box = roll.getBoundingClientRect();
+        const line = (bar) => box.left + Number(roll.querySelector(`line[data-bar='${bar}']`).getAttribute('x1'));
+        const middle = (bar) => bar === 0 ? (box.left + 58 + line(1)) / 2 : (line(bar) + line(bar + 1)) / 2;
+        return [middle(arguments[0]), middle(arguments[1]), box.top + box.height / 3];
+    """, first, last)
+    actions = ActionChains(driver)
+    actions.w3c_actions.pointer_action.move_to_location(int(x0), int(y)).pointer_down() \
+        .move_to_location(int((x0 + x1) / 2), int(y)).move_to_location(int(x1), int(y)).pointer_up()
+    actions.perform()
+
+
+def test_page_recomposes_chosen_bars_and_tracks_continues_undoes_and_takes_a_dropped_song(browser, serve_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(serve_url + "/")
+    wait_for(browser, "document.body.dataset.state === 'ready'", 60)
+    fill(browser, form="A2B2", key="C:maj", metre="4/4", tempo="100", seed="3")
+    browser.find_element(By.ID, "compose").click()
+    wait_done(browser, "general-error")
+    first = roll_notes(browser)
+    assert first
+
+    # Drag over bars 2-3, keep only MELODY ticked, compose again: MELODY there is new, all else as it was.
+    drag_over_bars(browser, 1, 2)
+    assert browser.find_element(By.ID, "selection-bars").text == "2–3"
+    assert browser.find_element(By.CSS_SELECTOR, "#roll rect.selection").get_attribute("data-bars") == "2-3"
+    for track in ("BRIDGE", "PIANO"):
+        browser.find_element(By.CSS_SELECTOR, f"input[name=regenerate-tracks][value={track}]").click()
+    browser.find_element(By.ID, "recompose").click()
+    wait_done(browser)
+    second = roll_notes(browser)
+    chosen = lambda track, bar: track == "MELODY" and bar in (1, 2)  # noqa: E731
+    assert onsets(second, lambda t, b: not chosen(t, b)) == onsets(first, lambda t, b: not chosen(t, b))
+    assert "seed 4" in browser.find_element(By.ID, "summary").text
+    versions = browser.find_elements(By.CSS_SELECTOR, "#versions li")
+    assert [v.get_attribute("data-version") for v in versions] == ["1", "2"]
+    assert "bars 2-3 of MELODY again" in versions[1].text
+
+    # Undo: the first version is back, note for note.
+    browser.find_element(By.ID, "undo").click()
+    wait_for(browser, "document.querySelectorAll('#versions li').length === 1", 30)
+    assert roll_notes(browser) == first
+    assert not browser.find_element(By.ID, "undo").is_enabled()
+
+    # Continue by 2 bars: A2B2C2, the four given bars unchanged, new notes after them.
+    fill(browser, **{"continue-bars": "2"})
+    browser.find_element(By.ID, "continue").click()
+    wait_done(browser)
+    assert browser.find_element(By.ID, "summary").text.startswith("A2B2C2 ")
+    continued = roll_notes(browser)
+    assert onsets(continued, lambda t, b: b < 4) == onsets(first, lambda t, b: True)
+    assert any(bar >= 4 for _, bar, *_ in continued)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#roll g.section")) == 3
+
+    # Every version downloadable: its MIDI, and its MusicXML from v1/export.
+    for item in browser.find_elements(By.CSS_SELECTOR, "#versions li"):
+        assert item.find_element(By.CSS_SELECTOR, "a.midi").get_attribute("href").startswith("blob:")
+    link = browser.find_element(By.CSS_SELECTOR, "#versions li[data-version='1'] a.musicxml")
+    link.click()
+    wait_for(browser, "document.querySelector(\"#versions li[data-version='1'] a.musicxml\").dataset.state"
+                      " === 'ready'", 120)
+    xml = browser.execute_async_script(
+        "fetch(arguments[0]).then((r) => r.text()).then(arguments[1])", link.get_attribute("href"))
+    assert "<score-partwise" in xml and xml.count("<part id=") == 3
+
+    # A MIDI file dropped on the page becomes the song on show, as it is.
+    dropped = song_midi(4, 90.0)
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const files = new DataTransfer();
+        files.items.add(new File([bytes], 'mine.mid', {type: 'audio/midi'}));
+        document.body.dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true, cancelable: true}));
+    """, dropped)
+    wait_for(browser, "document.querySelectorAll('#versions li').length === 3", 60)
+    wait_done(browser)
+    assert "as uploaded" in browser.find_element(By.ID, "summary").text
+    assert browser.find_element(By.ID, "form").get_attribute("value") == "A4"
+    assert sorted((t, b, p, pitch) for t, b, p, pitch, _, _ in roll_notes(browser)) == \
+        [("MELODY", bar, 0, 64) for bar in range(4)]

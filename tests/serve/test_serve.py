@@ -375,6 +375,24 @@ def test_regenerate_rewrites_one_section_of_an_uploaded_song(request, url):
                                                                       if n.bar in (2, 3)]
 
 
+def test_continue_bars_extends_an_uploaded_song_and_keeps_every_given_bar(serve_url):
+    """Continuation over HTTP: form A2B2 continued by two bars is A2B2C2; the uploaded bars come back note for
+    note, chord for chord, and the two new bars have a melody."""
+    from musicray.midi import midi_to_song
+
+    first = generate(serve_url, {"form": "A2B2", "seed": 31})
+    given = midi_to_song(base64.b64decode(first["midi"]))
+    out = generate(serve_url, {"form": "A2B2", "seed": 32, "song_midi": first["midi"], "continue_bars": 2})
+    assert out["form"] == "A2B2C2" and out["bars"] == 6 and list(out["stages"]) == list(SUBTASKS)
+    song = check_midi(base64.b64decode(out["midi"]), "A2B2C2")["song"]
+    kept = range(4)
+    for name in ("MELODY", "BRIDGE", "PIANO"):
+        assert [(n.bar, n.position, n.pitch, n.velocity) for n in song.tracks[name] if n.bar in kept] == \
+            [(n.bar, n.position, n.pitch, n.velocity) for n in given.tracks[name]]
+    assert [c for c in song.chords if c.bar in kept] == given.chords
+    assert any(n.bar >= 4 for n in song.tracks["MELODY"])
+
+
 BAD_REQUESTS = [
     # (case, JSON body or raw bytes, status, field the message must name)
     ("malformed form", {"form": "A2B"}, 400, "form"),
@@ -427,6 +445,14 @@ BAD_REQUESTS = [
     ("regenerate an absent label", {"form": "A2", "song_midi": "SONG", "regenerate": "B"}, 400, "regenerate"),
     ("regenerate bars outside the form", {"form": "A2", "song_midi": "SONG", "regenerate_bars": "2-5"}, 400,
      "regenerate_bars"),
+    ("tracks without bars", {"form": "A2", "song_midi": "SONG", "regenerate_tracks": ["MELODY"]}, 400,
+     "regenerate_tracks"),
+    ("an unknown track", {"form": "A2", "song_midi": "SONG", "regenerate_bars": "1", "regenerate_tracks": ["DRUMS"]},
+     422, "regenerate_tracks"),
+    ("continue without a song", {"form": "A2", "continue_bars": 4}, 400, "continue_bars"),
+    ("continue past max_bars", {"form": "A2", "song_midi": "SONG", "continue_bars": 100}, 400, "continue_bars"),
+    ("continue with no form", {"form": "A2", "song_midi": "SONG", "continue_bars": "B2?"}, 400, "continue_bars"),
+    ("continue by 0 bars", {"form": "A2", "song_midi": "SONG", "continue_bars": 0}, 422, "continue_bars"),
     ("song and melody both", {"form": "A2", "song_midi": "SONG", "melody_midi": "SONG"}, 400, "song_midi"),
     ("song not MIDI", {"form": "A2", "song_midi": _midi_b64(b"RIFF....WAVEfmt ")}, 400, "song_midi"),
     ("invalid JSON", b'{"form": "A2",', 422, "body"),

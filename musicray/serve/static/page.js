@@ -1,15 +1,20 @@
 // The page's behaviour: read the form, call the API (POST v1/generate, then v1/render for the audio), show the
 // stages, the piano roll, the player and the downloads; put the API's error message beside the field it names.
+// Every song shown is a version: a section, a selection of bars and tracks, or a continuation composed again
+// makes the next one, Undo goes back to the one before, each stays downloadable (MIDI; MusicXML through
+// v1/export). A MIDI file dropped on the page becomes a version as it is (v1/song).
 // URLs are relative, so the page works under any route prefix.
 import { drawRoll } from "./roll.js";
 
 const STAGES = ["chord", "melody", "secondary", "dynamics", "tempo"];
 const ROOTS = ["C", "C#", "Db", "D", "Eb", "E", "F", "F#", "Gb", "G", "Ab", "A", "Bb", "B"];
 // Fields an infilling request adds: their errors belong beside the roll, not beside the form.
-const REGENERATE_FIELDS = new Set(["regenerate", "regenerate_bars", "song_midi", "body"]);
+const REGENERATE_FIELDS = new Set(["regenerate", "regenerate_bars", "regenerate_tracks", "continue_bars", "song_midi",
+                                   "midi", "body"]);
+const TRACKS = ["MELODY", "BRIDGE", "PIANO"];
 
 const $ = (id) => document.getElementById(id);
-const state = { answer: null, requested: STAGES, roll: null, urls: [] };
+const state = { answer: null, requested: STAGES, roll: null, urls: [], versions: [], selection: null };
 
 // -- reading the form ----------------------------------------------------------------------------------------------
 function integerOrText(value) {
@@ -147,19 +152,32 @@ function base64Blob(text, type) {
   return new Blob([bytes], { type });
 }
 
-function showResult(answer, requested) {
+/** A new version: listed with its downloads, then shown. */
+function showResult(answer, requested, what = "composed") {
+  const version = { answer, requested, what, number: state.versions.length + 1,
+                    name: `musicray-v${state.versions.length + 1}-${answer.form}`
+                      + (answer.seed === null ? "" : `-seed${answer.seed}`) };
+  version.midiURL = URL.createObjectURL(base64Blob(answer.midi, "audio/midi"));  // kept while the version is
+  state.versions.push(version);
+  listVersions();
+  show(version);
+}
+
+function show(version) {
+  const { answer, requested } = version;
   state.urls.forEach((url) => URL.revokeObjectURL(url));
   state.urls = [];
   state.answer = answer;
   state.requested = requested;
   showStages(answer.stages, requested);
-  $("summary").textContent = `${answer.form} · ${answer.key} · ${answer.metre} · ${answer.bars} bars · seed `
-    + `${answer.seed} · composed in ${answer.seconds.toFixed(1)} s`;
+  $("summary").textContent = `${answer.form} · ${answer.key} · ${answer.metre} · ${answer.bars} bars · `
+    + (answer.seed === null ? "as uploaded" : `seed ${answer.seed} · composed in ${answer.seconds.toFixed(1)} s`);
   $("result").hidden = false;
-  state.roll = drawRoll($("roll"), answer.song, answer.grid, { onSection: regenerate });
-  const name = `musicray-${answer.form}-seed${answer.seed}`;
-  Object.assign($("download-midi"), { href: objectURL(base64Blob(answer.midi, "audio/midi")),
-                                      download: `${name}.mid` });
+  state.roll = drawRoll($("roll"), answer.song, answer.grid, { onSection: regenerate, onSelect: selectBars });
+  selectBars(null);
+  $("undo").disabled = state.versions.length < 2;
+  const name = version.name;
+  Object.assign($("download-midi"), { href: version.midiURL, download: `${name}.mid` });
   $("download-wav").hidden = true;
   document.body.dataset.state = "done";
   renderAudio(answer, name);
@@ -222,28 +240,134 @@ async function compose(event) {
   showResult(payload, requested);
 }
 
+// -- versions -------------------------------------------------------------------------------------------------------
+function listVersions() {
+  const list = $("versions");
+  list.replaceChildren();
+  for (const version of state.versions) {
+    const item = document.createElement("li");
+    item.dataset.version = version.number;
+    const { answer } = version;
+    item.append(`v${version.number} · ${version.what} · ${answer.form} · ${answer.bars} bars `);
+    const midi = Object.assign(document.createElement("a"), { className: "midi", href: version.midiURL,
+                                                              download: `${version.name}.mid`, textContent: "MIDI" });
+    const xml = Object.assign(document.createElement("a"), { className: "musicxml", href: "#",
+                                                             textContent: "MusicXML" });
+    xml.addEventListener("click", (event) => exportMusicXML(event, xml, version));
+    item.append(midi, " ", xml);
+    list.appendChild(item);
+  }
+  $("versions-box").hidden = !state.versions.length;
+}
+
+/** The version's MusicXML (full score) from v1/export, then downloaded; later clicks download the same file. */
+async function exportMusicXML(event, link, version) {
+  if (link.dataset.state === "ready") return;  // the href is the file now: the browser downloads it
+  event.preventDefault();
+  if (link.dataset.state === "exporting") return;
+  link.dataset.state = "exporting";
+  const response = await postJSON("v1/export", { midi: version.answer.midi });
+  if (!response.ok) {
+    const payload = await payloadOf(response);
+    link.dataset.state = "error";
+    $("regenerate-error").textContent = `MusicXML: ${payload.detail || payload.message}`;
+    return;
+  }
+  Object.assign(link, { href: URL.createObjectURL(await response.blob()), download: `${version.name}.musicxml` });
+  link.dataset.state = "ready";
+  link.click();
+}
+
+function undo() {
+  if (state.versions.length < 2 || $("compose").disabled) return;
+  clearErrors();
+  URL.revokeObjectURL(state.versions.pop().midiURL);
+  listVersions();
+  show(state.versions[state.versions.length - 1]);
+}
+
+/** The bars dragged over on the roll (0-based, end exclusive), or null. */
+function selectBars(range) {
+  state.selection = range;
+  $("selection-bars").textContent = range ? `${range.start + 1}–${range.end}` : "none (drag across the roll)";
+  $("recompose").disabled = !range;
+}
+
+function chosenTracks() {
+  return [...document.querySelectorAll("input[name=regenerate-tracks]:checked")].map((box) => box.value);
+}
+
+// -- dropping a song -------------------------------------------------------------------------------------------------
+async function dropSong(event) {
+  event.preventDefault();
+  const file = event.dataTransfer && event.dataTransfer.files[0];
+  if (!file || $("compose").disabled) return;
+  clearErrors();
+  let midi;
+  try {
+    midi = await fileAsBase64({ files: [file] });
+  } catch (err) {
+    showError({ field: "midi", detail: `cannot read ${file.name}: ${err.message}` }, 0, true);
+    return;
+  }
+  const done = startProgress(`reading ${file.name}…`, []);
+  const response = await postJSON("v1/song", { midi });
+  done();
+  const payload = await payloadOf(response);
+  if (!response.ok) {
+    restoreStages();
+    return showError(payload, response.status, true);
+  }
+  $("form").value = payload.form;
+  $("key").value = payload.key;
+  $("metre").value = payload.metre;
+  if (payload.song.tempos.length) $("tempo").value = Math.round(payload.song.tempos[0][2]);
+  showResult(payload, [], `uploaded ${file.name}`);
+}
+
 /** After a refused request: the stages of the song on show again, or none. */
 function restoreStages() {
   if (state.answer) showStages(state.answer.stages, state.requested);
   else $("report").hidden = true;
 }
 
-/** "Regenerate this section": the song goes back as song_midi with that section's bars to rewrite, and a new
- * seed (shown in the form) so the bars come out different. */
-async function regenerate(section, index) {
+/** "Regenerate this section": the song goes back as song_midi with that section's bars to rewrite. */
+function regenerate(section, index) {
+  const bars = `${section.start + 1}-${section.end}`;
+  recompose({ regenerate_bars: bars }, `section ${section.label} (bars ${bars}) again`, index);
+}
+
+/** The selected bars of the chosen tracks composed again (all three: every part of those bars). */
+function recomposeSelection() {
+  if (!state.selection) return;
+  const bars = `${state.selection.start + 1}-${state.selection.end}`;
+  const tracks = chosenTracks();
+  const fields = { regenerate_bars: bars };
+  if (tracks.length !== TRACKS.length) fields.regenerate_tracks = tracks;  // none: the API says what is wrong
+  const which = tracks.length === TRACKS.length ? "" : ` of ${tracks.join(", ") || "no track"}`;
+  recompose(fields, `bars ${bars}${which} again`, null);
+}
+
+function continueSong() {
+  const bars = $("continue-bars").value.trim();
+  recompose({ continue_bars: integerOrText(bars) }, `continued by ${bars}`, null);
+}
+
+/** The song on show goes back as song_midi with ``fields`` saying what to compose again, and a new seed (shown in
+ * the form) so that comes out different; the answer is the next version. */
+async function recompose(fields, what, index) {
   const answer = state.answer;
   if (!answer || $("compose").disabled) return;
   clearErrors();
-  const seed = (Number(answer.seed) + 1) % 2 ** 31;
+  const seed = (Number(answer.seed ?? $("seed").value) + 1) % 2 ** 31;
   $("seed").value = seed;
-  const bars = `${section.start + 1}-${section.end}`;
   const body = { form: answer.song.form, key: answer.song.key, metre: answer.song.metre,
-                 tempo: integerOrText($("tempo").value), seed, song_midi: answer.midi, regenerate_bars: bars };
+                 tempo: integerOrText($("tempo").value), seed, song_midi: answer.midi, ...fields };
   const stages = chosenStages();
   if (stages) body.stages = stages;
   const requested = stages || STAGES;
   state.roll.busy(index);
-  const done = startProgress(`composing section ${section.label} (bars ${bars}) again…`, requested);
+  const done = startProgress(`composing: ${what}…`, requested);
   const response = await postJSON("v1/generate", body);
   done();
   const payload = await payloadOf(response);
@@ -252,7 +376,7 @@ async function regenerate(section, index) {
     restoreStages();
     return showError(payload, response.status, true);
   }
-  showResult(payload, requested);
+  showResult(payload, requested, what);
 }
 
 function fillKeys() {
@@ -269,4 +393,9 @@ function fillKeys() {
 fillKeys();
 followPlayback();
 $("compose-form").addEventListener("submit", compose);
+$("recompose").addEventListener("click", recomposeSelection);
+$("continue").addEventListener("click", continueSong);
+$("undo").addEventListener("click", undo);
+document.addEventListener("dragover", (event) => event.preventDefault());
+document.addEventListener("drop", dropSong);
 document.body.dataset.state = "ready";

@@ -1,5 +1,6 @@
-// The piano roll of a composed song, drawn as SVG: sections (clickable), chord symbols, the notes of the three
-// tracks, then velocity and tempo curves on the same time axis, so one horizontal scroll moves them together.
+// The piano roll of a composed song, drawn as SVG: sections (their band clickable), chord symbols, the notes of
+// the three tracks, then velocity and tempo curves on the same time axis, so one horizontal scroll moves them
+// together. Dragging across the roll selects a range of bars.
 // Time is in seconds (through the song's tempo changes), so the playhead follows the audio exactly.
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -98,10 +99,11 @@ function pitchRange(song) {
 
 /**
  * Draw `song` (song_to_dict JSON) with `grid` ({beats_per_bar, positions_per_beat}) into the <svg> `svg`.
- * `onSection(section)` is called with {label, start, end} (0-based bars, end exclusive) when a section is clicked.
- * Returns {setTime(seconds), busy(section or null)}.
+ * `onSection(section)` is called with {label, start, end} (0-based bars, end exclusive) when a section's band is
+ * clicked; `onSelect(range)` with {start, end} (the same) when bars are dragged over.
+ * Returns {setTime(seconds), busy(section or null), select(range or null)}.
  */
-export function drawRoll(svg, song, grid, { onSection } = {}) {
+export function drawRoll(svg, song, grid, { onSection, onSelect } = {}) {
   svg.replaceChildren();
   const time = timeline(song, grid);
   const sections = parseForm(song.form);
@@ -134,7 +136,10 @@ export function drawRoll(svg, song, grid, { onSection } = {}) {
     const caption = x1 - x0 > 90 ? `${section.label}  bars ${bars}  ↻` : section.label;
     text(g, x0 + 6, 16, caption);
     el("title", {}, g).textContent = `Regenerate section ${section.label} (bars ${bars})`;
-    g.addEventListener("click", () => onSection && onSection(section, i));
+    g.addEventListener("click", (event) => {
+      // Below its band a section's column is where bars are dragged over (selectBars), not a button.
+      if (!event.target.classList.contains("column") && onSection) onSection(section, i);
+    });
     return g;
   });
 
@@ -156,7 +161,7 @@ export function drawRoll(svg, song, grid, { onSection } = {}) {
   // Bar lines (thin) and section boundaries (dark, through every lane).
   for (let bar = 1; bar < time.nBars; bar++) {
     el("line", { class: "bar-line", x1: xStep(bar), x2: xStep(bar), y1: rollTop, y2: rollBottom,
-                 stroke: "#e6e8ee" }, svg);
+                 stroke: "#e6e8ee", "data-bar": bar }, svg);
   }
   for (const section of sections.slice(1)) {
     el("line", { class: "bar-line", x1: xStep(section.start), x2: xStep(section.start), y1: SECTION_H - 2,
@@ -195,6 +200,22 @@ export function drawRoll(svg, song, grid, { onSection } = {}) {
   drawTempo(svg, time, x, tempoTop, plotW);
   drawAxis(svg, time, x, height - AXIS_H + 12);
 
+  const selection = el("rect", { class: "selection", x: GUTTER, y: SECTION_H, width: 0,
+                                  height: height - AXIS_H - SECTION_H, visibility: "hidden" }, svg);
+  const select = (range) => {
+    if (range) {
+      Object.assign(range, { start: Math.max(0, range.start), end: Math.min(time.nBars, range.end) });
+      selection.setAttribute("x", xStep(range.start));
+      selection.setAttribute("width", xStep(range.end) - xStep(range.start));
+      selection.dataset.bars = `${range.start + 1}-${range.end}`;
+    } else {
+      delete selection.dataset.bars;
+    }
+    selection.setAttribute("visibility", range ? "visible" : "hidden");
+    return range;
+  };
+  selectBars(svg, time, xStep, select, onSelect);
+
   const playhead = el("line", { class: "playhead", x1: GUTTER, x2: GUTTER, y1: 0, y2: height - AXIS_H,
                                 stroke: "#111", "stroke-width": 1.5, visibility: "hidden" }, svg);
   return {
@@ -207,6 +228,37 @@ export function drawRoll(svg, song, grid, { onSection } = {}) {
     busy(index) {
       sectionGroups.forEach((g, i) => g.classList.toggle("busy", i === index));
     },
+    select,
+  };
+}
+
+// Press on the roll below the section bands and drag: the bars between press and release are selected (a press
+// without a drag selects its bar). The handler is the svg's one onmousedown: a redrawn roll replaces it.
+function selectBars(svg, time, xStep, select, onSelect) {
+  const barAt = (clientX) => {
+    const px = clientX - svg.getBoundingClientRect().left;
+    let bar = 0;
+    while (bar + 1 < time.nBars && xStep(bar + 1) <= px) bar++;
+    return bar;
+  };
+  svg.onmousedown = (event) => {
+    if (event.button !== 0 || event.clientY - svg.getBoundingClientRect().top < SECTION_H) return;
+    event.preventDefault();
+    const first = barAt(event.clientX);
+    const range = (clientX) => {
+      const bar = barAt(clientX);
+      return { start: Math.min(first, bar), end: Math.max(first, bar) + 1 };
+    };
+    select(range(event.clientX));
+    const move = (e) => select(range(e.clientX));
+    const up = (e) => {
+      window.removeEventListener("mousemove", move);
+      window.removeEventListener("mouseup", up);
+      const chosen = select(range(e.clientX));
+      if (onSelect) onSelect(chosen);
+    };
+    window.addEventListener("mousemove", move);
+    window.addEventListener("mouseup", up);
   };
 }
 
