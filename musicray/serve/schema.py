@@ -121,7 +121,8 @@ class RenderBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    midi: str = Field(min_length=1, json_schema_extra=MIDI_UPLOAD, description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
+    midi: str = Field(min_length=1, json_schema_extra=MIDI_UPLOAD,
+                      description="base64 Standard MIDI File, e.g. the midi of a /v1/generate answer")
 
 
 class ExportBody(BaseModel):
@@ -129,7 +130,8 @@ class ExportBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    midi: str = Field(min_length=1, description="base64 musicray MIDI file, e.g. the midi of a /v1/generate answer")
+    midi: str = Field(min_length=1, json_schema_extra=MIDI_UPLOAD,
+                      description="base64 musicray MIDI file, e.g. the midi of a /v1/generate answer")
     lead_sheet: bool = Field(False, description="the lead sheet (MELODY and chord symbols) instead of the full "
                                                 "score (MELODY, BRIDGE, PIANO)")
 
