@@ -80,7 +80,7 @@ def requests_for(count: int, form: str, first_seed: int):
 
 def measure_vllm(run: Path, levels: list[int], form: str, device: str, engine_args: dict, caps: dict) -> dict:
     from musicray.compose import Composer
-    from musicray.serve.vllm_engine import VllmStages
+    from musicray.engine.vllm_engine import VllmStages
 
     started = time.perf_counter()
     stages = VllmStages(run, tokens_per_bar=caps, device=device, engine_args=engine_args)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from musicray.decode import generate
+from musicray.engine.decode import generate
 from musicray.encoding import decode_body, encode_quantized, section_windows
 from musicray.eval.metrics import chord_tone_ratio, tempo_change_stats
 from musicray.eval.relations import relation_scores

@@ -508,7 +508,7 @@ def test_native_stream_sends_stage_starts_and_ends_then_the_midi(serve_url):
 
 def test_engine_setting_is_checked_and_auto_resolves():
     from musicray.serve.config import serve_config
-    from musicray.serve.engines import vllm_available
+    from musicray.engine.available import vllm_available
     from musicray.song import SongError
 
     with pytest.raises(SongError, match="engine"):

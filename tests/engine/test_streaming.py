@@ -44,7 +44,7 @@ def test_an_adapter_vllm_cannot_load_is_refused_before_the_engine_starts(tmp_pat
     from peft import LoraConfig, get_peft_model
 
     from musicray.model import load_music_model
-    from musicray.serve.vllm_engine import VllmStages
+    from musicray.engine.vllm_engine import VllmStages
     from musicray.song import SongError
 
     run = tmp_path / "run"
