@@ -46,8 +46,8 @@ import torch
 
 from docs_section import write_section
 from musicray.data.synth import synth_song
-from musicray.engine.decode import generate
 from musicray.encoding import bar_contents, encode, quantized
+from musicray.engine.decode import generate
 from musicray.grammar import Grammar, Plan
 from musicray.model import TinyConfig, add_music_tokens, build_tiny
 from musicray.sampling import Sampling

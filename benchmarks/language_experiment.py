@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from musicray.engine.decode import generate
+from musicray.data.layout import DataDir
 from musicray.encoding import decode_body, encode_quantized, section_windows
+from musicray.engine.decode import generate
 from musicray.eval.metrics import chord_tone_ratio, tempo_change_stats
 from musicray.eval.relations import relation_scores
 from musicray.grammar import Grammar, Plan
@@ -100,7 +101,7 @@ def generate_windows(model, music, data_dir: Path, args) -> dict:
 
     vocab = music.vocab
     grammar = Grammar(vocab)
-    table = pd.read_parquet(data_dir / "songs.parquet")
+    table = pd.read_parquet(DataDir(data_dir).songs)
     windows = []
     for text in table[table["split"] == "test"]["song_json"]:
         for window in section_windows(song_from_dict(json.loads(text)), args.max_bars):

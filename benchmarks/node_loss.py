@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from musicray.run import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 # A slow, shared machine: the new worker group may wait a while for the replacement node; the controller polls
 # its workers often so that the dead one is noticed soon.
@@ -65,12 +67,12 @@ def train_workers(node) -> list[int]:
 
 
 def registered_checkpoint(run_dir: Path) -> bool:
-    snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
+    snapshot = RunDir(run_dir).ray_experiment("stage1") / "checkpoint_manager_snapshot.json"
     return snapshot.exists() and "checkpoint_0" in snapshot.read_text(errors="replace")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    with (run_dir / "stage1" / "metrics.csv").open() as f:
+    with RunDir(run_dir).stage1_metrics.open() as f:
         return [{k: (float(v) if v else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 

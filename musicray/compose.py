@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from musicray.accompaniment import voice_piano  # also read as musicray.compose.voice_piano
-from musicray.engine.decode import generate
 from musicray.encoding import available_inputs, decode_body, encode, given_bars, task_inputs
+from musicray.engine.decode import generate
 from musicray.errors import MissingRunPart
 from musicray.grammar import Grammar, Plan
 from musicray.harmony_guard import guard_plan

@@ -16,6 +16,7 @@ import torch
 from musicray.errors import SongError
 from musicray.model import INSTRUCTIONS, add_music_tokens, load_base, resolve_base, save_music_model
 from musicray.pretrained import INSTALL, SMOLLM2, ShippedBase, gguf_file
+from musicray.run import RunDir
 from musicray.tokens import Vocabulary
 
 SMOL = "smollm2-135m-instruct"
@@ -109,7 +110,7 @@ def test_training_steps_then_composing_a_song_under_the_grammar(smol_music, pop9
     del optimizer
 
     run = tmp_path / "run"
-    save_music_model(model.eval(), music, run / "stage1" / "model")
+    save_music_model(model.eval(), music, RunDir(run).stage1_model)
     composer = Composer(run)
     song, report = composer.compose(Request("A2", key="G:maj", tempo=90, seed=3, stages=("chord", "melody"),
                                             allow_missing_adapters=True))   # a stage-1 model, no adapters

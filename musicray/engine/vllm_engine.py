@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from musicray.compose import StageFailed, StageInput, StagePlanner
+from musicray.engine.bar_events import BarEvents
 from musicray.grammar import Grammar
 from musicray.request import Request
 from musicray.run import RunDir
-from musicray.engine.bar_events import BarEvents
 from musicray.song import Song, SongError
 from musicray.tasks import subtask
 from musicray.tokens import SUBTASKS

@@ -26,8 +26,8 @@ import torch
 
 from musicray.compose import Composer
 from musicray.data.prepare import load_table
-from musicray.engine.decode import generate
 from musicray.encoding import base_tempo, section_windows
+from musicray.engine.decode import generate
 from musicray.grammar import GrammarError, Plan
 from musicray.request import Request
 from musicray.sampling import Sampling

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from musicray.data.layout import DataDir
 from musicray.encoding import TASK_TARGET, encode
 from musicray.eval import metrics as m
 from musicray.eval.generation import (
@@ -49,7 +50,7 @@ from musicray.eval.structure import SOURCES as STRUCTURE_SOURCES
 from musicray.eval.structure import structure_report
 from musicray.eval.teacher_forced import Scores, held_out_dataset, teacher_forced
 from musicray.grammar import Grammar, Plan
-from musicray.run import ABLATIONS, RunDir
+from musicray.run import ABLATIONS, EvalDir, RunDir
 from musicray.sampling import Sampling, stage_sampling
 from musicray.song import Song, SongError
 from musicray.tokens import SUBTASKS, Vocabulary
@@ -75,9 +76,9 @@ def check_inputs(run_dir: Path, data_dir: Path) -> None:
     if not Path(run_dir).is_dir():
         raise SongError(f"--run: {run_dir} does not exist")
     RunDir(run_dir).require("stage-1 model")
-    if not (Path(data_dir) / "songs.parquet").exists():
-        raise SongError(f"--data: {data_dir} is not a prepared data dir (no songs.parquet); run `musicray data "
-                        "prepare` or `musicray data synth`, or pass the data dir the run was trained on")
+    if not DataDir(data_dir).is_prepared():
+        raise SongError(f"--data: {data_dir} is not a prepared data dir (no {DataDir(data_dir).songs.name}); run "
+                        "`musicray data prepare` or `musicray data synth`, or pass the data dir the run was trained on")
 
 
 def run_config(run_dir: Path) -> Config:
@@ -285,12 +286,12 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         notes.append(f"language ablation not run: no stage-1 model in {arm_dir} (the pipeline trains it when "
                      "eval.language_ablation is true)")
 
-    songs_out = out_dir / "songs"
-    songs_out.mkdir(exist_ok=True)
-    _write_songs(windows, generated, songs_out)
+    report_dir = EvalDir(out_dir)
+    report_dir.songs.mkdir(exist_ok=True)
+    _write_songs(windows, generated, report_dir.songs)
 
     with clock.part("plots"):
-        plots = _plots(run_dir, out_dir, windows, generated)
+        plots = _plots(RunDir(run_dir), report_dir, windows, generated)
 
     with clock.part("metrics of the generated and real songs"):
         metrics = _generated_vs_real(generated, windows, test_songs, grammar)
@@ -317,9 +318,9 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         "seconds": {**clock.seconds, "total": round(time.perf_counter() - clock.started, 2)},
         "sources": [*SOURCES, *STRUCTURE_SOURCES],
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "report.md").write_text(render_markdown(report))
-    log(f"   wrote {out_dir / 'report.md'} and report.json")
+    report_dir.report_json.write_text(json.dumps(report, indent=1))
+    report_dir.report_md.write_text(render_markdown(report))
+    log(f"   wrote {report_dir.report_md} and {report_dir.report_json.name}")
     return report
 
 
@@ -451,7 +452,7 @@ def _ablations(generated, unmasked, generated_plain, stages, stages_plain, tf_ad
     if loss_arm is None:
         rows.append({"ablation": "mask in the stage-1 loss", "variant": f"{other}: not run"})
     else:
-        rows.append({"ablation": "mask in the stage-1 loss", "variant": f"{other} ({ABLATIONS_DIR}/mask_loss_{other})",
+        rows.append({"ablation": "mask in the stage-1 loss", "variant": f"{other} ({ABLATIONS_DIR}/{Path(loss_arm['dir']).name})",
                      **tf_figures(loss_arm["teacher_forced"]), **stream_figures(loss_arm["stages"])})
     rows += [
         {"ablation": "LoRA adapters", "variant": "adapters (mask on)", **song_figures(generated),
@@ -510,11 +511,10 @@ def _write_songs(windows: list[Window], generated: list[Composed], out: Path) ->
              "stages": composed.stages}, indent=1))
 
 
-def _plots(run_dir: Path, out_dir: Path, windows: list[Window], generated: list[Composed]) -> dict:
-    """Each plot's path (relative to out_dir), or why it was skipped."""
+def _plots(run: RunDir, out: EvalDir, windows: list[Window], generated: list[Composed]) -> dict:
+    """Each plot's path (relative to the report's folder), or why it was skipped."""
     from musicray.eval import plots
 
-    target = out_dir / "plots"
     song, real = generated[0].song, windows[0].song
     jobs = {
         "piano_roll_generated": lambda p: plots.piano_roll(
@@ -522,13 +522,13 @@ def _plots(run_dir: Path, out_dir: Path, windows: list[Window], generated: list[
         "piano_roll_real": lambda p: plots.piano_roll(real, p, f"real: test song {windows[0].source_id}, form "
                                                               f"{real.form}, {real.key}, {real.metre}"),
         "performance_curves": lambda p: plots.performance_curves(song, real, p),
-        "training_curves": lambda p: plots.training_curves(RunDir(run_dir).stage1_metrics, p),
-        "sweep_table": lambda p: plots.sweep_table(RunDir(run_dir).trials_csv, p),
+        "training_curves": lambda p: plots.training_curves(run.stage1_metrics, p),
+        "sweep_table": lambda p: plots.sweep_table(run.trials_csv, p),
     }
     result = {}
     for name, draw in jobs.items():
         try:
-            result[name] = str(draw(target / f"{name}.png").relative_to(out_dir))
+            result[name] = str(draw(out.plot(name)).relative_to(out.root))
         except (FileNotFoundError, ValueError) as err:
             result[name] = f"skipped: {err}"
     return result

@@ -133,8 +133,8 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
     data_dir = data_dir or resolve_data_dir(config, progress=progress)
     run.stage1.mkdir(parents=True, exist_ok=True)
     run.stage1_done.unlink(missing_ok=True)    # unfinished until the model is exported again
-    stage_dir, init_dir = run.stage1, run.stage1_init
-    if not (init_dir / "config.json").exists():
+    init_dir = run.stage1_init
+    if not run.has_init_model():
         build_init_model(config, init_dir)
     _write_config(config, run.stage1_config)
 
@@ -142,7 +142,7 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "data_dir": str(data_dir), "init_dir": str(init_dir),
-                           "stage_dir": str(stage_dir), "ds_config": ds_config},
+                           "run_dir": str(run.root), "ds_config": ds_config},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker},
                                      placement_strategy=s.placement_strategy),

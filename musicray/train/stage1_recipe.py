@@ -17,9 +17,9 @@ import shutil
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 from musicray.errors import SongError
+from musicray.run import RunDir
 from musicray.train.config import Config
 from musicray.train.stage1_metrics import MetricsLog
 from musicray.train.stage1_models import torch_dtype
@@ -44,13 +44,13 @@ def masked_or_plain_loss(mask_loss: bool, music, device):
 
 class Stage1Recipe:
     """One Ray Train worker of the stage-1 full fine-tune. ``loop`` is the trainer's ``train_loop_config``:
-    ``config``, ``data_dir``, ``init_dir``, ``stage_dir`` and ``ds_config`` (the filled-in DeepSpeed JSON)."""
+    ``config``, ``data_dir``, ``init_dir``, ``run_dir`` and ``ds_config`` (the filled-in DeepSpeed JSON)."""
 
     def __init__(self, loop: dict):
         self.config: Config = loop["config"]
         self.settings = self.config.stage1
         self.data_dir, self.init_dir = loop["data_dir"], loop["init_dir"]
-        self.stage_dir = Path(loop["stage_dir"])
+        self.run = RunDir(loop["run_dir"])
         self.ds_config = loop["ds_config"]
 
     # -- setup -------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ class Stage1Recipe:
         self.start_step = self._load_checkpoint()
         self.batches = self._skip_to(self.start_step)
         self.loss_fn = masked_or_plain_loss(s.mask_loss, self.music, self.device)
-        self.log = MetricsLog(self.stage_dir, self.start_step) if self.rank == 0 else None
+        self.log = MetricsLog(self.run, self.start_step) if self.rank == 0 else None
 
     def _setup_data(self) -> None:
         from musicray.train.data import (

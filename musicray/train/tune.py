@@ -294,7 +294,7 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
         results = tuner.fit()
 
     table, best = trials_table(results, stage2)
-    write_table(table, run.tune)
+    write_table(table, run)
     if progress:
         print("\n".join(chosen_lines(table)), flush=True)
     missing = [s for s in stage2.subtasks if s not in best]
@@ -305,7 +305,7 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
     adapters = {}
     for subtask in stage2.subtasks:
         result, checkpoint, metrics = best[subtask]
-        adapters[subtask] = export_adapter(checkpoint, run.adapter(subtask), {
+        adapters[subtask] = export_adapter(checkpoint, run, subtask, {
             "subtask": subtask, **{k: result.config[k] for k in HYPERPARAMETERS}, "val_loss": metrics[METRIC],
             "step": metrics.get("step"), "trial_id": _trial_id(result), "seed": result.config.get("seed"),
             "stage1_model": str(stage1), "data_dir": str(data_dir)})
@@ -376,14 +376,16 @@ def to_markdown(table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(table, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "trials.csv", index=False)
-    (out / "trials.md").write_text(to_markdown(table))
+def write_table(table, run: RunDir) -> None:
+    run.tune.mkdir(parents=True, exist_ok=True)
+    table.to_csv(run.trials_csv, index=False)
+    run.trials_md.write_text(to_markdown(table))
 
 
-def export_adapter(checkpoint, out: Path, hyperparameters: dict) -> Path:
-    """Copy the PEFT adapter files of a Tune checkpoint to ``out`` with ``hyperparameters.json``."""
+def export_adapter(checkpoint, run: RunDir, subtask: str, hyperparameters: dict) -> Path:
+    """Copy the PEFT adapter files of a Tune checkpoint to the run's adapter of ``subtask``, with its
+    ``hyperparameters``."""
+    out = run.adapter(subtask)
     with checkpoint.as_directory() as source:
         source = Path(source)
         missing = [name for name in ADAPTER_FILES if not (source / name).exists()]
@@ -394,5 +396,5 @@ def export_adapter(checkpoint, out: Path, hyperparameters: dict) -> Path:
         out.mkdir(parents=True)
         for name in ADAPTER_FILES:
             shutil.copy2(source / name, out / name)
-    (out / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=1, default=str))
+    run.hyperparameters(subtask).write_text(json.dumps(hyperparameters, indent=1, default=str))
     return out

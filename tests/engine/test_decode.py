@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from musicray.engine.decode import GrammarLogitsProcessor, generate
 from musicray.encoding import TASK_TARGET, encode
+from musicray.engine.decode import GrammarLogitsProcessor, generate
 from musicray.grammar import Grammar, Plan, small_tensor_threads
 from musicray.model import add_music_tokens, load_base
 from musicray.sampling import Sampling

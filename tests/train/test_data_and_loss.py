@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from musicray.data.layout import DataDir
 from musicray.encoding import encode_quantized, quantized, round_trip_song, section_windows
 from musicray.grammar import Grammar, validate_examples
 from musicray.model import add_music_tokens, load_base
@@ -74,7 +75,7 @@ def test_load_examples_teaches_chords_with_and_without_a_melody(tmp_path, synthe
 
     songs = [quantized(s, VOCAB) for s in synthetic_songs[:3]]
     pd.DataFrame([{"song_id": s.song_id, "split": "test", "song_json": json.dumps(song_to_dict(s))} for s in songs]
-                 ).to_parquet(tmp_path / "songs.parquet")
+                 ).to_parquet(DataDir(tmp_path).songs)
     examples = load_examples(tmp_path, ["chord", "melody"], "test", VOCAB, max_bars=8)
     windows = [w for s in songs for w in section_windows(s, 8)]
     with_melody = [w for w in windows if w.tracks["MELODY"]]
