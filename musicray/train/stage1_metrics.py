@@ -10,8 +10,23 @@ from pathlib import Path
 
 from musicray.run import RunDir
 
+# ``val_missing``: why a step that validates has no ``val_loss`` (no validation split, or too few of its examples
+# for every worker); empty where it has one. Last, so that its text never shifts the columns a reader splits.
 METRIC_COLUMNS = ("step", "loss", "learning_rate", "tokens_per_s", "labelled_tokens_per_s", "tokens",
-                  "labelled_tokens", "step_s", "val_loss", "start_step", "time")
+                  "labelled_tokens", "step_s", "val_loss", "start_step", "time", "val_missing")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics CSV: figures as floats, ``val_missing`` as text, None where a cell is empty."""
+    with path.open(newline="") as f:
+        return [{key: (value if key == "val_missing" else float(value)) if value else None
+                 for key, value in row.items()} for row in csv.DictReader(f)]
+
+
+def validation_missing(path: Path) -> str | None:
+    """Why stage 1 logged no validation loss (the ``val_missing`` of its metrics), or None where it did."""
+    reasons = [row.get("val_missing") for row in read_metrics(path)] if path.exists() else []
+    return next((reason for reason in reversed(reasons) if reason), None)
 
 
 class MetricsLog:

@@ -9,7 +9,6 @@ end with its loss and weights.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir
 from musicray.train.deepspeed_config import deepspeed_config
 from musicray.train.finetune import train_stage1
+from musicray.train.stage1_metrics import read_metrics
 from musicray.train.loss import causal_lm_loss
 
 pytest.importorskip("deepspeed")
@@ -54,8 +54,7 @@ def tiny_config(cache_dir: Path, **extra):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    with RunDir(run_dir).stage1_metrics.open() as f:
-        return [{k: (float(v) if v else None) for k, v in row.items()} for row in csv.DictReader(f)]
+    return read_metrics(RunDir(run_dir).stage1_metrics)
 
 
 def fixed_batch_loss(model_dir: Path, data_dir: Path, masked: bool = False) -> float:
@@ -169,6 +168,19 @@ def test_stage1_trains_and_exports(zero, request, cache_dir, tmp_path):
     init = load_music_model(run.stage1_init)[0].state_dict()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, init[k])]
     assert "lm_head.weight" in changed and "model.embed_tokens.weight" in changed
+
+
+def test_stage1_without_a_validation_split_says_so(ray_cluster, cache_dir, tmp_path):
+    """Six synthetic songs (seed 0) put none in the validation split: stage 1 trains on, and says so in its
+    metrics and on the driver (a worker's own warning stays in its log)."""
+    config = tiny_config(cache_dir, data__songs=6, stage1__max_steps=2, stage1__checkpoint_every=2)
+    with pytest.warns(UserWarning, match="stage 1: trained without a validation loss: .* no songs in its validation "
+                                         "split"):
+        train_stage1(config, tmp_path / "run", progress=False)
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["val_loss"] is None for r in rows)
+    assert rows[0]["val_missing"] is None   # step 1 does not validate
+    assert rows[1]["val_missing"].endswith("has no songs in its validation split")
 
 
 @pytest.mark.parametrize("mask_loss", [False, True], ids=["plain-padded", "masked-packed"])

@@ -181,6 +181,10 @@ def test_trials_table(tuned):
         exported = json.loads(RunDir(run_dir).hyperparameters(subtask).read_text())
         assert exported["val_loss"] == pytest.approx(chosen["best_val_loss"])
         assert exported["trial_id"] == chosen["trial_id"]
+        assert exported["val_source"] == chosen["val_source"]
+    # Each trial says where its validation loss came from (test_validation_falls_back_to_held_out_train: why).
+    sources = table.groupby("subtask")["val_source"].unique()
+    assert list(sources["chord"]) == ["validation"] and list(sources["dynamics"]) == ["train (held out)"]
     markdown = RunDir(run_dir).trials_md.read_text()
     assert markdown.startswith("| trial_id | subtask |") and len(markdown.strip().splitlines()) == 12
 
