@@ -46,10 +46,11 @@ import torch
 
 from docs_section import write_section
 from musicray.data.synth import synth_song
-from musicray.encoding import bar_contents, encode, quantized
+from musicray.encoding import bar_contents, encode
 from musicray.engine.decode import generate
 from musicray.grammar import Grammar, Plan
 from musicray.model import TinyConfig, add_music_tokens, build_tiny
+from musicray.quantize import quantized
 from musicray.sampling import Sampling
 from musicray.song import Section
 from musicray.tokens import Vocabulary

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from musicray.data.layout import DataDir
-from musicray.encoding import decode_body, encode_quantized, section_windows
+from musicray.encoding import decode_body, encode_quantized
 from musicray.engine.decode import generate
 from musicray.eval.metrics import chord_tone_ratio, tempo_change_stats
 from musicray.eval.relations import relation_scores
@@ -43,6 +43,7 @@ from musicray.tokens import LEGACY_LANGUAGE, VocabConfig, Vocabulary
 from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir, shuffled_batches
 from musicray.train.loss import causal_lm_loss
+from musicray.windows import section_windows
 
 LANGUAGES = {"absolute": VocabConfig(**LEGACY_LANGUAGE), "relative": VocabConfig()}
 TASKS = ["melody", "tempo"]

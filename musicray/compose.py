@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from musicray.accompaniment import voice_piano  # also read as musicray.compose.voice_piano
-from musicray.encoding import available_inputs, decode_body, encode, given_bars, task_inputs
+from musicray.encoding import decode_body, encode, given_bars
 from musicray.engine.decode import generate
 from musicray.errors import MissingRunPart
 from musicray.grammar import Grammar, Plan
@@ -26,6 +26,7 @@ from musicray.model import MusicTokenizer, load_music_model
 from musicray.request import Request, parse_chords, regenerated_bars  # noqa: F401 (read as compose's too)
 from musicray.run import RunDir
 from musicray.song import Song, SongError
+from musicray.streams import available_inputs, task_inputs
 from musicray.tasks import SUBTASK_RECORDS, subtask
 from musicray.tokens import SUBTASKS
 

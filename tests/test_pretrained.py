@@ -80,8 +80,10 @@ def test_music_tokens_are_whole_on_the_real_bpe_and_the_chat_template_stays(smol
 def pop909_batch(pop909_root, smol_music):
     """Two tasks of the first 4-bar window of POP909 song 001, rendered through the SmolLM2 chat template."""
     from musicray.data.pop909 import load_song
-    from musicray.encoding import encode_quantized, quantized, section_windows
+    from musicray.encoding import encode_quantized
+    from musicray.quantize import quantized
     from musicray.train.data import RenderedDataset, collate
+    from musicray.windows import section_windows
 
     _, music, _ = smol_music
     window = section_windows(quantized(load_song(pop909_root, "001")[0], music.vocab), 4)[0]

@@ -22,7 +22,8 @@ import ray
 from tqdm import tqdm
 
 from musicray.data.layout import SONGS_TABLE, DataDir
-from musicray.encoding import CANONICAL_FORMAT, SongTokens, quantized
+from musicray.encoding import SongTokens
+from musicray.quantize import CANONICAL_FORMAT, quantized
 from musicray.song import TRACKS, Song, SongError, song_to_dict
 from musicray.tokens import TASKS, Vocabulary
 

@@ -11,11 +11,14 @@ import torch
 
 from musicray.data.layout import DataDir
 from musicray.data.prepare import Pop909Source, SynthSource, load_table, prepare
-from musicray.encoding import CANONICAL_FORMAT, TASK_TARGET, Example, available_inputs, encode_quantized, section_windows
+from musicray.encoding import encode_quantized
 from musicray.grammar import Plan
 from musicray.model import MusicTokenizer
+from musicray.quantize import CANONICAL_FORMAT
 from musicray.song import SongError, song_from_dict
+from musicray.streams import TASK_TARGET, Example, available_inputs
 from musicray.train.config import DEFAULT_MAX_BARS, Config
+from musicray.windows import section_windows
 
 
 def resolve_data_dir(config: Config, progress: bool = True) -> Path:

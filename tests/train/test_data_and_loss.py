@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from musicray.data.layout import DataDir
-from musicray.encoding import encode_quantized, quantized, round_trip_song, section_windows
+from musicray.encoding import encode_quantized, round_trip_song
 from musicray.grammar import Grammar, validate_examples
 from musicray.model import add_music_tokens, load_base
+from musicray.quantize import quantized
 from musicray.song import SongError
 from musicray.tokens import TASKS, Vocabulary
 from musicray.train.config import Config, load_config
@@ -16,6 +17,7 @@ from musicray.train.data import (
     RenderedDataset, collate, collate_packed, load_examples, pack, packed_batches, validation_examples,
 )
 from musicray.train.loss import answer_masks, causal_lm_loss
+from musicray.windows import section_windows
 
 VOCAB = Vocabulary()
 GRAMMAR = Grammar(VOCAB)
