@@ -50,7 +50,7 @@ class Stage1Recipe:
         self.config: Config = loop["config"]
         self.settings = self.config.stage1
         self.data_dir, self.init_dir = loop["data_dir"], loop["init_dir"]
-        self.run = RunDir(loop["run_dir"])
+        self.run_dir = RunDir(loop["run_dir"])
         self.ds_config = loop["ds_config"]
 
     # -- setup -------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ class Stage1Recipe:
         self.start_step = self._load_checkpoint()
         self.batches = self._skip_to(self.start_step)
         self.loss_fn = masked_or_plain_loss(s.mask_loss, self.music, self.device)
-        self.log = MetricsLog(self.run, self.start_step) if self.rank == 0 else None
+        self.log = MetricsLog(self.run_dir, self.start_step) if self.rank == 0 else None
 
     def _setup_data(self) -> None:
         from musicray.train.data import (
