@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from musicray.data.layout import SONGS_TABLE, DataDir
 from musicray.tokens import TASKS
 
 TIMING_FIELDS = ("seconds",)
@@ -57,10 +58,11 @@ def compare_json(old: Path, new: Path, ignore: tuple[str, ...] = ()) -> str | No
 def compare(old_dir: Path, new_dir: Path) -> dict[str, str | None]:
     """File name -> None (equal) or what differs."""
     results = {}
-    for name in ("songs", *TASKS):
-        results[f"{name}.parquet"] = compare_table(old_dir / f"{name}.parquet", new_dir / f"{name}.parquet")
-    results["vocabulary.json"] = compare_json(old_dir / "vocabulary.json", new_dir / "vocabulary.json")
-    results["report.json"] = compare_json(old_dir / "report.json", new_dir / "report.json", TIMING_FIELDS)
+    old, new = DataDir(old_dir), DataDir(new_dir)
+    for name in (SONGS_TABLE, *TASKS):
+        results[new.table(name).name] = compare_table(old.table(name), new.table(name))
+    results[new.vocabulary.name] = compare_json(old.vocabulary, new.vocabulary)
+    results[new.report.name] = compare_json(old.report, new.report, TIMING_FIELDS)
     return results
 
 

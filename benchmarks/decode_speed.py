@@ -3,7 +3,7 @@
 One run measures, on one random-weight model (``--size``: the tiny preset, or a LLaMA-3-shaped 1B / 8B with the
 tiny tokenizer, for a GPU) and the same prompts and seeds:
 
-    masked vs unmasked   ``musicray.decode.generate`` with and without the mask: decode tokens/s (rows x steps
+    masked vs unmasked   ``musicray.engine.decode.generate`` with and without the mask: decode tokens/s (rows x steps
                          over the decode loop's time, the prompt's prefill excluded) at each batch size;
                          goal: masked >= 0.97 x unmasked
     mask per token       the mask's own time (``Generated.mask_seconds``: masking the scores and stepping every
@@ -46,10 +46,11 @@ import torch
 
 from docs_section import write_section
 from musicray.data.synth import synth_song
-from musicray.decode import generate
-from musicray.encoding import bar_contents, encode, quantized
+from musicray.encoding import bar_contents, encode
+from musicray.engine.decode import generate
 from musicray.grammar import Grammar, Plan
 from musicray.model import TinyConfig, add_music_tokens, build_tiny
+from musicray.quantize import quantized
 from musicray.sampling import Sampling
 from musicray.song import Section
 from musicray.tokens import Vocabulary

@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_speed import SIZES  # noqa: E402
 
+from musicray.run import RunDir
+
 # Memory bandwidth of the GPUs this is likely to meet (GB/s), for the bound.
 HBM_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864}
 
@@ -59,12 +61,12 @@ def build_run(shape: str, root: Path, device: str, dtype) -> Path:
     finally:
         torch.set_default_dtype(default)
     run = root / f"run-{shape}"
-    save_music_model(model, music, run / "stage1" / "model")
+    save_music_model(model, music, RunDir(run).stage1_model)
     for k, task in enumerate(SUBTASKS):
         torch.manual_seed(100 + k)
         adapted = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                                                    init_lora_weights=False))
-        adapted.save_pretrained(run / "adapters" / task, save_embedding_layers=False)
+        adapted.save_pretrained(RunDir(run).adapter(task), save_embedding_layers=False)
         model = adapted.unload()
     del model
     gc.collect()
@@ -80,7 +82,7 @@ def requests_for(count: int, form: str, first_seed: int):
 
 def measure_vllm(run: Path, levels: list[int], form: str, device: str, engine_args: dict, caps: dict) -> dict:
     from musicray.compose import Composer
-    from musicray.serve.vllm_engine import VllmStages
+    from musicray.engine.vllm_engine import VllmStages
 
     started = time.perf_counter()
     stages = VllmStages(run, tokens_per_bar=caps, device=device, engine_args=engine_args)
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape}: building", flush=True)
             tick = time.perf_counter()
             run = build_run(shape, Path(tmp), args.device, dtype)
-            weights = sum(f.stat().st_size for f in (run / "stage1" / "model").glob("*.safetensors"))
+            weights = sum(f.stat().st_size for f in RunDir(run).stage1_model.glob("*.safetensors"))
             entry = {"build_s": time.perf_counter() - tick, "weight_bytes": weights}
             # Both engines in the same dtype (vLLM's "auto" could pick another than the native loop's).
             engine_args = {"dtype": str(dtype).removeprefix("torch."),

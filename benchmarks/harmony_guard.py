@@ -111,7 +111,7 @@ def pop909_test_songs(root: Path, vocab) -> list[Song]:
     """The kept POP909 songs of the test split, quantized as the preparation job stores them."""
     from musicray.data.pop909 import load_song, song_ids
     from musicray.data.prepare import split_of
-    from musicray.encoding import quantized
+    from musicray.quantize import quantized
     from musicray.song import SongError
 
     songs = []

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from musicray.decode import generate
-from musicray.encoding import decode_body, encode_quantized, section_windows
+from musicray.data.layout import DataDir
+from musicray.encoding import decode_body, encode_quantized
+from musicray.engine.decode import generate
 from musicray.eval.metrics import chord_tone_ratio, tempo_change_stats
 from musicray.eval.relations import relation_scores
 from musicray.grammar import Grammar, Plan
@@ -42,6 +43,7 @@ from musicray.tokens import LEGACY_LANGUAGE, VocabConfig, Vocabulary
 from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir, shuffled_batches
 from musicray.train.loss import causal_lm_loss
+from musicray.windows import section_windows
 
 LANGUAGES = {"absolute": VocabConfig(**LEGACY_LANGUAGE), "relative": VocabConfig()}
 TASKS = ["melody", "tempo"]
@@ -100,7 +102,7 @@ def generate_windows(model, music, data_dir: Path, args) -> dict:
 
     vocab = music.vocab
     grammar = Grammar(vocab)
-    table = pd.read_parquet(data_dir / "songs.parquet")
+    table = pd.read_parquet(DataDir(data_dir).songs)
     windows = []
     for text in table[table["split"] == "test"]["song_json"]:
         for window in section_windows(song_from_dict(json.loads(text)), args.max_bars):

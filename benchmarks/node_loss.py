@@ -23,7 +23,6 @@ tests/train/test_finetune_multinode.py runs it with small settings and checks wh
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import secrets
@@ -34,6 +33,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from musicray.run import RunDir
+from musicray.train.stage1_metrics import read_metrics as read_metrics_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 # A slow, shared machine: the new worker group may wait a while for the replacement node; the controller polls
@@ -65,13 +67,12 @@ def train_workers(node) -> list[int]:
 
 
 def registered_checkpoint(run_dir: Path) -> bool:
-    snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
+    snapshot = RunDir(run_dir).ray_experiment("stage1") / "checkpoint_manager_snapshot.json"
     return snapshot.exists() and "checkpoint_0" in snapshot.read_text(errors="replace")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    with (run_dir / "stage1" / "metrics.csv").open() as f:
-        return [{k: (float(v) if v else None) for k, v in row.items()} for row in csv.DictReader(f)]
+    return read_metrics_csv(RunDir(run_dir).stage1_metrics)
 
 
 def lost_time(rows: list[dict], killed_at: float) -> dict:

@@ -117,6 +117,7 @@ def run_musicray(root: Path, limit: int | None, workers: int) -> dict:
     import pandas as pd
     import ray
 
+    from musicray.data.layout import DataDir
     from musicray.data.prepare import Pop909Source, ensure_ray, prepare
     from musicray.tokens import TASKS
 
@@ -131,7 +132,7 @@ def run_musicray(root: Path, limit: int | None, workers: int) -> dict:
         cpu = cpu_seconds() - cpu  # Ray's processes are this process's descendants until ray.shutdown()
         tokens = 0
         for task in TASKS:
-            table = pd.read_parquet(Path(out) / f"{task}.parquet", columns=["prompt_len", "target_len"])
+            table = pd.read_parquet(DataDir(out).table(task), columns=["prompt_len", "target_len"])
             tokens += int(table["prompt_len"].sum() + table["target_len"].sum())
     ray.shutdown()
     return {"startup": up - started, "work": done - up, "total": done - started, "cpu": cpu, "tokens": tokens,

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from docs_section import DOCS, write_section
+from musicray.run import RunDir
 from musicray.serve.launch import free_port  # noqa: F401  (serve_vllm.py imports it from here too)
 
 SECTION = "## Serving"
@@ -52,12 +53,12 @@ def build_tiny_run(root: Path) -> Path:
     run = root / "run"
     model, tokenizer = load_base("tiny", root / "cache")
     torch.manual_seed(0)
-    save_music_model(model, add_music_tokens(model, tokenizer, Vocabulary()), run / "stage1" / "model")
+    save_music_model(model, add_music_tokens(model, tokenizer, Vocabulary()), RunDir(run).stage1_model)
     for i, subtask in enumerate(SUBTASKS):
         torch.manual_seed(100 + i)
-        base, _ = load_music_model(run / "stage1" / "model")
+        base, _ = load_music_model(RunDir(run).stage1_model)
         get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                                        init_lora_weights=False)).save_pretrained(run / "adapters" / subtask)
+                                        init_lora_weights=False)).save_pretrained(RunDir(run).adapter(subtask))
     return run
 
 

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from musicray.data.pop909 import default_pop909_dir, load_song, read_index
-from musicray.encoding import DEFAULT_BPM, bar_tempos
+from musicray.quantize import bar_tempos
 from musicray.song import Song, SongError
+from musicray.streams import DEFAULT_BPM
 from musicray.tokens import Vocabulary
 
 VOCAB = Vocabulary()
@@ -90,7 +91,7 @@ def measure_song(task: tuple[Path, dict]) -> dict:
     performed = beat_tempos(song)
     bars_exact = np.array(bar_tempos(song))
     bars_int = np.array([VOCAB.quantize_tempo(b) for b in bars_exact], dtype=float)
-    base = float(VOCAB.quantize_tempo(statistics.median(bars_int)))  # encoding.base_tempo of the quantized song
+    base = float(VOCAB.quantize_tempo(statistics.median(bars_int)))  # quantize.base_tempo of the quantized song
     tracks = {
         "per beat, integer": quantize(performed),
         "per bar, integer": np.repeat(bars_int, bpb),

@@ -51,6 +51,7 @@ import torch
 
 from musicray.data.prepare import ensure_ray
 from musicray.model import load_music_model
+from musicray.run import RunDir
 from musicray.train.config import load_config
 from musicray.train.data import (
     RenderedDataset,
@@ -109,7 +110,7 @@ def ray_loop(config_path: Path, sets: list[str], workers: int, cpus: int, run_di
     started = time.perf_counter()
     train_stage1(config, run_dir, progress=False)
     wall = time.perf_counter() - started
-    with (run_dir / "stage1" / "metrics.csv").open() as f:
+    with RunDir(run_dir).stage1_metrics.open() as f:
         keep = ("step", "loss", "step_s", "tokens", "labelled_tokens", "time")
         rows = [{k: float(v) for k, v in row.items() if k in keep} for row in csv.DictReader(f)]
     return rows, wall

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from musicray.encoding import NEUTRAL_VELOCITY
 from musicray.harmony import chord_bass_pitch_class, chord_pitch_classes
 from musicray.song import Note, Song
+from musicray.streams import NEUTRAL_VELOCITY
 
 
 def voice_piano(song: Song, velocity: int = NEUTRAL_VELOCITY) -> list[Note]:

@@ -91,7 +91,7 @@ def _generate(args: argparse.Namespace) -> None:
         names=GENERATE_OPTIONS)
     adapters = () if args.no_adapters else SUBTASKS
     if args.stream:
-        from musicray.serve.streaming import compose_streaming
+        from musicray.engine.streaming import compose_streaming
 
         song, report = compose_streaming(args.run, request, adapters=adapters)
     else:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from musicray.accompaniment import voice_piano  # also read as musicray.compose.voice_piano
-from musicray.decode import generate
-from musicray.encoding import available_inputs, decode_body, encode, given_bars, task_inputs
+from musicray.encoding import decode_body, encode, given_bars
+from musicray.engine.decode import generate
 from musicray.errors import MissingRunPart
 from musicray.grammar import Grammar, Plan
 from musicray.harmony_guard import guard_plan
@@ -26,6 +26,7 @@ from musicray.model import MusicTokenizer, load_music_model
 from musicray.request import Request, parse_chords, regenerated_bars  # noqa: F401 (read as compose's too)
 from musicray.run import RunDir
 from musicray.song import Song, SongError
+from musicray.streams import available_inputs, task_inputs
 from musicray.tasks import SUBTASK_RECORDS, keep_given, stages_rewriting, subtask
 from musicray.tokens import SUBTASKS
 
@@ -59,7 +60,7 @@ class StagePlanner:
     """The model-free half of a stage: ``begin_stage`` (prepare the song; prompt, plan, budget and seed) before
     decoding, ``end_stage`` (check the answer, write it into the song, what follows) after it, and which stages a
     request runs (``stages_for``, ``check_adapters``). Every engine shares it (``Composer``: musicray's own loop;
-    the vLLM engine of ``musicray.serve``) and the evaluation builds its single stages with ``stage_inputs``, so
+    the vLLM engine of ``musicray.engine``) and the evaluation builds its single stages with ``stage_inputs``, so
     all compose from the same prompts under the same grammar; an engine only decodes."""
 
     def __init__(self, music: MusicTokenizer, grammar: Grammar, adapters: list[str],
@@ -195,7 +196,7 @@ class StagePlanner:
 
 class Composer(StagePlanner):
     """The stage-1 model with every sub-task adapter loaded, decoding with musicray's own loop
-    (``musicray.decode.generate``); one ``compose`` call makes one song."""
+    (``musicray.engine.decode.generate``); one ``compose`` call makes one song."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", adapters: tuple[str, ...] = SUBTASKS,
                  tokens_per_bar: dict[str, int] | None = None, dtype: torch.dtype = torch.float32):

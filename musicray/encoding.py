@@ -7,7 +7,7 @@ An example is a *prompt* (header + inputs) and a *target* (one stream of the son
     target  = body_t <End>
 
 A body walks the form: ``<Sec_A8>`` opens a section, ``<Bar>`` each of its bars, then the bar's events by
-position. What a bar holds depends on the stream (``STREAMS``):
+position. What a bar holds depends on the stream (``musicray.streams.STREAMS``):
 
     song      <Bar> <Tempo|TempoChange> (<Pos> [<Chord> [<Bass>]] (<Track> (<Pitch> <Dur> <Vel>)+)*)*
     chord     <Bar> (<Pos> <Chord> [<Bass>])*          the chord sounding at the downbeat is restated there
@@ -25,196 +25,25 @@ language a chord is a degree of the key, a pitch counts semitones above the root
 onset (above the key's tonic where no chord sounds, or where the example has not given the chords yet: a body
 read before the chord stream), and a bar's tempo is the change from the bar before (the body's first bar, and
 changes beyond ``max_tempo_change``, absolute). Both languages decode to the same song.
+
+The tables this module writes and reads by are ``musicray.streams``'s (the grammar reads them too, without the
+encoder); the song ``decode(encode(song))`` reproduces is ``musicray.quantize.quantized``'s; ``musicray.windows`` cuts
+songs into the section windows training examples come from.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import statistics
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from musicray.harmony import (CHORD_QUALITIES, NO_CHORD, canonical_key, chord_label, key_tonic, parse_chord,
-                              reference_pitch_class)
-from musicray.song import (TRACKS, Chord, Note, Section, Song, SongError, Tempo, note_rows, notes_from_rows,
-                           one_per_onset_and_pitch_rows)
-from musicray.tokens import REPRESENTABLE_PITCHES, TASKS, Vocabulary
-
-
-@dataclass(frozen=True)
-class Stream:
-    """What one body carries in each bar."""
-
-    tempo: bool = False
-    chords: bool = False
-    tracks: tuple[str, ...] = ()
-    track_markers: bool = False
-    velocity: bool = False
-    velocities_only: bool = False
-
-
-STREAMS: dict[str, Stream] = {
-    "song": Stream(tempo=True, chords=True, tracks=TRACKS, track_markers=True, velocity=True),
-    "chord": Stream(chords=True),
-    "melody": Stream(tracks=("MELODY",)),
-    "secondary": Stream(tracks=("BRIDGE",)),
-    "notes": Stream(tracks=TRACKS, track_markers=True),
-    "dynamics": Stream(tracks=TRACKS, velocities_only=True),
-    "tempo": Stream(tempo=True),
-}
-
-# The stream each task generates, and the streams its prompt gives as input (the earlier stages' outputs).
-TASK_TARGET: dict[str, str] = {t: t for t in TASKS}
-TASK_INPUTS: dict[str, tuple[str, ...]] = {
-    "song": (),
-    "chord": (),
-    "melody": ("chord",),
-    "secondary": ("chord", "melody"),
-    "dynamics": ("notes",),
-    "tempo": ("melody",),
-}
-# Inputs a task's prompt may carry besides its own: chords written *for* a given melody (a user's own tune)
-# see it; trained both ways, the chord adapter serves with and without one.
-OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"chord": ("melody",)}
-# The song fields each stream carries, and those an example of each task carries (prompt and target together).
-STREAM_FIELDS: dict[str, tuple[str, ...]] = {
-    "chord": ("chords",), "melody": ("MELODY",), "secondary": ("BRIDGE",),
-    "notes": ("MELODY", "BRIDGE", "PIANO"), "tempo": ("tempo",),
-}
-TASK_FIELDS: dict[str, tuple[str, ...]] = {
-    "song": ("chords", "MELODY", "BRIDGE", "PIANO", "velocity", "tempo"),
-    "chord": ("chords",),
-    "melody": ("chords", "MELODY"),
-    "secondary": ("chords", "MELODY", "BRIDGE"),
-    "dynamics": ("MELODY", "BRIDGE", "PIANO", "velocity"),
-    "tempo": ("MELODY", "tempo"),
-}
-
-CHORD_QUALITY_NAMES: tuple[str, ...] = tuple(CHORD_QUALITIES)
-# Version of the canonical song (``quantized``) that prepared data stores: 2 keeps every note inside the form
-# and its pitch in the range every language writes. Prepared data of another version is prepared again.
-CANONICAL_FORMAT = 2
-# Notes of a stream without velocity decode with this one; it is a bin centre so quantization keeps it.
-NEUTRAL_VELOCITY = 82
-DEFAULT_BPM = 120.0
-
-
-@dataclass
-class Example:
-    task: str
-    prompt: list[int]
-    target: list[int]
-    song_id: str = ""
-    meta: dict = field(default_factory=dict)
-
-
-# -- canonical (quantized) songs ------------------------------------------------------------------------------
-
-def bar_tempos(song: Song) -> list[float]:
-    """Each bar's mean tempo: beats per bar over the bar's duration, with the tempo sounding at each beat."""
-    spec = song.spec
-    tempos = sorted(song.tempos)
-    result, index, current = [], 0, (tempos[0].bpm if tempos else DEFAULT_BPM)
-    for bar in range(song.n_bars):
-        seconds = 0.0
-        for beat in range(spec.beats_per_bar):
-            here = (bar, beat * spec.positions_per_beat)
-            while index < len(tempos) and (tempos[index].bar, tempos[index].position) <= here:
-                current = tempos[index].bpm
-                index += 1
-            seconds += 60.0 / current
-        result.append(spec.beats_per_bar * 60.0 / seconds)
-    return result
-
-
-def base_tempo(song: Song, vocab: Vocabulary) -> int:
-    """The header's tempo: the median bar tempo, robust to a rubato intro and a final ritardando."""
-    return vocab.quantize_tempo(statistics.median(bar_tempos(song)))
-
-
-def canonical_chords(chords: list[Chord]) -> list[Chord]:
-    """Sorted, canonical labels, the last of simultaneous changes kept, repeats merged, a chord at the start."""
-    by_time: dict[tuple[int, int], str] = {}
-    for chord in sorted(chords):
-        by_time[(chord.bar, chord.position)] = chord_label(*parse_chord(chord.label))
-    if (0, 0) not in by_time:
-        by_time[(0, 0)] = NO_CHORD
-    merged: list[Chord] = []
-    for (bar, position), label in sorted(by_time.items()):
-        if not merged or merged[-1].label != label:
-            merged.append(Chord(bar, position, label))
-    return merged
-
-
-def representable_pitch(pitch):
-    """The pitch moved by octaves into the range every language can write (MIDI 11..116); an int or an array."""
-    low, high = REPRESENTABLE_PITCHES
-    octaves_up = (low - pitch + 11) // 12      # > 0 only below the range
-    octaves_down = (pitch - high + 11) // 12   # > 0 only above it
-    return pitch + 12 * (octaves_up * (octaves_up > 0) - octaves_down * (octaves_down > 0))
-
-
-def canonical_notes(song: Song, track: str, vocab: Vocabulary) -> list[Note]:
-    """A track's notes binned (velocity), moved into the representable pitch range, clipped (duration: to the
-    vocabulary's longest and to the form's end), one note per (onset, pitch): the longest, then the loudest.
-    Computed on arrays: one Python call per note and step was most of the time quantizing took."""
-    bar, position, pitch, duration, velocity = note_rows(song.tracks.get(track, [])).T
-    steps_to_form_end = (song.n_bars - bar) * song.spec.positions_per_bar - position   # as Song.inside_form
-    rows = np.stack([bar, position, representable_pitch(pitch),
-                     vocab.quantize_durations(np.minimum(duration, steps_to_form_end)),
-                     vocab.quantize_velocities(velocity)], axis=1)
-    return notes_from_rows(one_per_onset_and_pitch_rows(rows))
-
-
-def one_per_onset_and_pitch(notes: list[Note]) -> list[Note]:
-    """The notes, sorted, with one note per (onset, pitch): the longest, then the loudest (MIDI cannot hold two)."""
-    return notes_from_rows(one_per_onset_and_pitch_rows(note_rows(notes)))
-
-
-def quantized(song: Song, vocab: Vocabulary) -> Song:
-    """The song as the vocabulary can express it; ``decode(encode(song)) == project(quantized(song), task)``."""
-    return Song(
-        song_id=song.song_id,
-        key=canonical_key(song.key),
-        metre=song.metre,
-        sections=list(song.sections),
-        chords=canonical_chords(song.chords),
-        tracks={name: canonical_notes(song, name, vocab) for name in TRACKS},
-        tempos=[Tempo(bar, 0, float(bpm)) for bar, bpm in enumerate(bar_tempo_tokens(song, vocab))],
-    )
-
-
-def bar_tempo_tokens(song: Song, vocab: Vocabulary) -> list[int]:
-    """Integer bpm per bar whose rebuilt downbeats track the performed ones: each bar's value is rounded from
-    the tempo that would reach the *performed* end of the bar from where the rebuilt bars have got to."""
-    beats = song.spec.beats_per_bar
-    performed = rebuilt = 0.0
-    tokens = []
-    for bpm in bar_tempos(song):
-        performed += beats * 60.0 / bpm
-        remaining = performed - rebuilt
-        token = vocab.quantize_tempo(beats * 60.0 / remaining) if remaining > 0 else vocab.config.tempo_max
-        tokens.append(token)
-        rebuilt += beats * 60.0 / token
-    return tokens
-
-
-def task_inputs(task: str, optional: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The input streams of a ``task`` prompt: its own, then the ``optional`` ones it accepts, in stage order."""
-    unknown = set(optional) - set(OPTIONAL_INPUTS.get(task, ()))
-    if unknown:
-        raise SongError(f"inputs: task {task!r} takes no {sorted(unknown)} input "
-                        f"(optional inputs: {list(OPTIONAL_INPUTS.get(task, ())) or 'none'})")
-    return TASK_INPUTS[task] + tuple(name for name in OPTIONAL_INPUTS.get(task, ()) if name in optional)
-
-
-def available_inputs(song: Song, task: str) -> tuple[str, ...]:
-    """The optional inputs of ``task`` the song has something for (a melody-less window gives no melody)."""
-    present = {"chords": bool(song.chords), "tempo": bool(song.tempos),
-               **{name: bool(song.tracks.get(name)) for name in TRACKS}}
-    return tuple(name for name in OPTIONAL_INPUTS.get(task, ()) if any(present[f] for f in STREAM_FIELDS[name]))
+from musicray.harmony import NO_CHORD, chord_label, key_tonic, parse_chord, reference_pitch_class
+from musicray.quantize import base_tempo, canonical_chords, one_per_onset_and_pitch, quantized, representable_pitch
+from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, note_rows
+from musicray.streams import (CHORD_QUALITY_NAMES, DEFAULT_BPM, NEUTRAL_VELOCITY, STREAM_FIELDS, STREAMS, TASK_FIELDS,
+                              TASK_TARGET, Example, Stream, decode_header, task_inputs)
+from musicray.tokens import TASKS, Vocabulary
 
 
 def project(song: Song, task: str, base_bpm: float | None = None, optional: tuple[str, ...] = ()) -> Song:
@@ -513,44 +342,6 @@ def encode_quantized(song: Song, task: str, vocab: Vocabulary, optional: tuple[s
     return SongTokens(song, vocab).example(task, optional)
 
 
-# -- decoding -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Header:
-    task: str
-    key: str
-    metre: str
-    bpm: int
-    sections: list[Section]
-    inputs: dict[str, list[int]]
-
-
-def decode_header(prompt: list[int], vocab: Vocabulary) -> Header:
-    families = [vocab.family[i] for i in prompt[:4]]
-    if families != ["Task", "Key", "Metre", "Tempo"]:
-        raise SongError(f"prompt: expected <Task_..><Key_..><Metre_..><Tempo_..> first, got "
-                        f"{vocab.describe(prompt[:4])}")
-    text = [vocab.tokens[i][1:-1].split("_", 1)[1] for i in prompt[:4]]
-    sections, i = [], 4
-    while i < len(prompt) and vocab.family[prompt[i]] == "Sec":
-        label = vocab.tokens[prompt[i]][5:-1]
-        sections.append(Section(label[0], int(label[1:])))
-        i += 1
-    if not sections:
-        raise SongError("prompt: the header names no section")
-    inputs: dict[str, list[int]] = {}
-    current = None
-    for token in prompt[i:]:
-        if vocab.family[token] == "Input":
-            current = vocab.tokens[token][7:-1]
-            inputs[current] = []
-        elif current is None:
-            raise SongError(f"prompt: unexpected {vocab.tokens[token]} after the header")
-        else:
-            inputs[current].append(token)
-    return Header(text[0], text[1], text[2], int(text[3]), sections, inputs)
-
-
 def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary) -> None:
     """Add what a (grammatical) body of ``stream_name`` says to ``song`` in place.
 
@@ -648,46 +439,3 @@ def round_trip_song(song: Song, task: str, vocab: Vocabulary, optional: tuple[st
     expected = quantized(song, vocab)
     example = encode(song, task, vocab, optional)
     return project(expected, task, base_tempo(expected, vocab), optional), decode(example, vocab)
-
-
-def section_windows(song: Song, max_bars: int | None) -> list[Song]:
-    """The song cut at section boundaries into windows of at most ``max_bars`` bars (a longer section is a
-    window of its own), each renumbered from bar 0 with the chord and tempo sounding at its start.
-
-    Windows keep every grammar invariant (whole sections, exact bar counts), so long songs can train a model
-    with a short context.
-    """
-    if not max_bars or song.n_bars <= max_bars:
-        return [song]
-    groups: list[list[int]] = [[]]
-    bars_in_group = 0
-    for index, section in enumerate(song.sections):
-        if groups[-1] and bars_in_group + section.bars > max_bars:
-            groups.append([])
-            bars_in_group = 0
-        groups[-1].append(index)
-        bars_in_group += section.bars
-    starts = song.section_starts() + [song.n_bars]
-    windows = []
-    for n, group in enumerate(groups):
-        first, last = starts[group[0]], starts[group[-1] + 1]
-
-        def inside(item) -> bool:
-            return first <= item.bar < last
-
-        def shift(item):
-            return dataclasses.replace(item, bar=item.bar - first)
-
-        sounding = [c for c in song.chords if (c.bar, c.position) <= (first, 0)]
-        chords = ([Chord(0, 0, sounding[-1].label)] if sounding else []) + \
-            [shift(c) for c in song.chords if inside(c) and (c.bar, c.position) != (first, 0)]
-        tempo_before = [t for t in song.tempos if (t.bar, t.position) <= (first, 0)]
-        tempos = ([Tempo(0, 0, tempo_before[-1].bpm)] if tempo_before else []) + \
-            [shift(t) for t in song.tempos if inside(t) and (t.bar, t.position) != (first, 0)]
-        window = Song(
-            f"{song.song_id}#{n}", song.key, song.metre, [song.sections[i] for i in group], chords=chords,
-            tracks={name: [shift(x) for x in notes if inside(x)] for name, notes in song.tracks.items()},
-            tempos=tempos)
-        window.tracks = {name: [window.inside_form(x) for x in notes] for name, notes in window.tracks.items()}
-        windows.append(window)
-    return windows

@@ -1,6 +1,6 @@
 """The music grammar: one automaton, written as tables, compiled once into tensors.
 
-The tables say, per stream (see ``musicray.encoding.STREAMS``), which token family may follow which
+The tables say, per stream (see ``musicray.streams.STREAMS``), which token family may follow which
 (``GRAPH``), which counter must allow a family (``GUARDS``), which families must rise within a scope
 (``RISING``/``RESETS``: positions within a bar, tracks within a position, pitches within a track), which
 family spends a per-bar quota (``QUOTA``: one velocity per given note in the dynamics stream), and how many
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from musicray.encoding import TASK_TARGET, decode_header
 from musicray.song import Section, SongError, metre
+from musicray.streams import TASK_TARGET, decode_header
 from musicray.tokens import FAMILIES, Vocabulary
 
 _BAR_CLOSE = ("Bar", "Sec", "End")

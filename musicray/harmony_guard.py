@@ -21,11 +21,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from musicray.encoding import STREAMS, SoundingChords, canonical_chords
+from musicray.encoding import SoundingChords
 from musicray.grammar import Plan
 from musicray.harmony import (CHORD_QUALITIES, DEGREE_NAMES, chord_pitch_classes, key_tonic, parse_chord, parse_key,
                               reference_pitch_class, scale_pitch_classes)
+from musicray.quantize import canonical_chords
 from musicray.song import Song, SongError
+from musicray.streams import STREAMS
 from musicray.tokens import Vocabulary
 
 GUARD_TABLES_PATH = Path(__file__).with_name("harmony_guard.json")

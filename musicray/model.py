@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from musicray.encoding import Example
 from musicray.pretrained import SHIPPED, convert
 from musicray.song import SongError
+from musicray.streams import Example
 from musicray.tokens import Vocabulary
 
 TINY = "tiny"

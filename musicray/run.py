@@ -13,9 +13,11 @@ Layout of ``RUN/``::
     songs/                 the pipeline's demo songs (MIDI + JSON report)
     ablations/mask_loss_<on|off>/   a run dir of its own: stage 1 with stage1.mask_loss flipped
     ablations/language_<name>/      a run dir of its own: stage 1 in the contrasting music language
-    eval/                  the evaluation report (report.md, report.json, plots/)
+    eval/                  the evaluation report (``EvalDir``: report.md, report.json, plots/, songs/)
     pipeline.json          the pipeline's seconds per stage
     ray/                   Ray Train / Tune experiment state (stage1/ checkpoints, stage2/ trials)
+
+The prepared-data folder has its own owner, ``musicray.data.layout.DataDir``.
 
 Only the standard library is imported here, so any module (the CLI included) may use it cheaply.
 """
@@ -72,6 +74,10 @@ class RunDir:
         return self.stage1 / "metrics.csv"
 
     @property
+    def stage1_tensorboard(self) -> Path:
+        return self.stage1 / "tensorboard"
+
+    @property
     def stage1_done(self) -> Path:
         return self.stage1 / "done.json"
 
@@ -82,6 +88,10 @@ class RunDir:
 
     def adapter(self, subtask: str) -> Path:
         return self.adapters / subtask
+
+    def hyperparameters(self, subtask: str) -> Path:
+        """The chosen trial's settings, beside its adapter."""
+        return self.adapter(subtask) / "hyperparameters.json"
 
     @property
     def tune(self) -> Path:
@@ -105,6 +115,11 @@ class RunDir:
         """``storage_path`` of the Ray Train (``stage1``) and Ray Tune (``stage2``) runs."""
         return self.root / "ray"
 
+    def ray_experiment(self, stage: str) -> Path:
+        """Ray's local state of one experiment (``stage1``: Train checkpoints; ``stage2``: Tune trials), when
+        ``ray_storage`` keeps it in the run dir."""
+        return self.ray / stage
+
     # -- what comes after training -------------------------------------------------------------------------------
     @property
     def songs(self) -> Path:
@@ -115,24 +130,37 @@ class RunDir:
         return self.root / "eval"
 
     @property
+    def evaluation(self) -> "EvalDir":
+        """The evaluation report's folder as ``musicray pipeline`` writes it (``musicray eval --out`` may put one
+        anywhere)."""
+        return EvalDir(self.eval)
+
+    @property
     def eval_report(self) -> Path:
-        return self.eval / "report.md"
+        return self.evaluation.report_md
 
     @property
     def pipeline_json(self) -> Path:
         return self.root / "pipeline.json"
 
+    @property
+    def ablations(self) -> Path:
+        return self.root / ABLATIONS
+
     def ablation(self, mask_loss: bool) -> "RunDir":
         """The run dir of the loss-mask ablation arm ``mask_loss`` (stage 1 only)."""
-        return RunDir(self.root / ABLATIONS / f"mask_loss_{'on' if mask_loss else 'off'}")
+        return RunDir(self.ablations / f"mask_loss_{'on' if mask_loss else 'off'}")
 
     def language_ablation(self, language: str) -> "RunDir":
         """The run dir of the language ablation arm (stage 1 only) in ``language`` (``VocabConfig.language``)."""
-        return RunDir(self.root / ABLATIONS / f"language_{language.replace(',', '_').replace('=', '-')}")
+        return RunDir(self.ablations / f"language_{language.replace(',', '_').replace('=', '-')}")
 
     # -- what is there ---------------------------------------------------------------------------------------------
     def has_model(self) -> bool:
         return (self.stage1_model / "config.json").exists() and (self.stage1_model / "vocabulary.json").exists()
+
+    def has_init_model(self) -> bool:
+        return (self.stage1_init / "config.json").exists()
 
     def has_adapter(self, subtask: str) -> bool:
         return (self.adapter(subtask) / "adapter_config.json").exists()
@@ -146,8 +174,7 @@ class RunDir:
         ``stage-1 metrics``), or ``MissingRunPart`` naming the field, the path and the command that makes it."""
         checks = {
             "stage-1 model": (self.stage1_model, self.has_model, "config.json and vocabulary.json"),
-            "stage-1 initial model": (self.stage1_init, lambda: (self.stage1_init / "config.json").exists(),
-                                      "config.json"),
+            "stage-1 initial model": (self.stage1_init, self.has_init_model, "config.json"),
             "adapter": (self.adapter(subtask or ""), lambda: self.has_adapter(subtask or ""), "adapter_config.json"),
             "sweep table": (self.trials_csv, self.trials_csv.exists, "the file"),
             "stage-1 metrics": (self.stage1_metrics, self.stage1_metrics.exists, "the file"),
@@ -164,3 +191,38 @@ class RunDir:
                                  "or pass the run dir that holds it)")
         raise MissingRunPart(f"{field}: {self.root} has no {name} ({path}: {what} missing); make it with {made_by} "
                              "or pass the run dir that holds it")
+
+
+@dataclass(frozen=True)
+class EvalDir:
+    """The paths of an evaluation report's folder (``musicray eval --out``; ``RUN/eval`` in a pipeline run)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root).expanduser().resolve())
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def report_json(self) -> Path:
+        """Every figure of the evaluation."""
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        """The tables, with links to the plots."""
+        return self.root / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def plot(self, name: str) -> Path:
+        return self.plots / f"{name}.png"
+
+    @property
+    def songs(self) -> Path:
+        """The composed windows and their real counterparts, as MIDI (and each composed one's stage report)."""
+        return self.root / "songs"

@@ -3,7 +3,7 @@
 Time is symbolic: an event sits at ``(bar, position)`` where ``position`` counts grid steps from the bar's
 downbeat (``Metre.positions_per_beat`` steps per beat) and a duration is a number of grid steps. Expression
 (velocity, tempo) is kept as performed; the vocabulary bins it when a song is encoded
-(``musicray.encoding.quantized`` gives the binned song that ``decode(encode(song))`` reproduces).
+(``musicray.quantize.quantized`` gives the binned song that ``decode(encode(song))`` reproduces).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ voice the PIANO part, which they perform too), what it redoes after infilling (r
 PIANO of those bars), which of a form's returning bars it copies from their first occurrence (``Request.variation``),
 which request field gives its part instead (then the stage does not run), its LoRA adapter,
 what a streamed bar event carries, and the name of its Serve stage method. Adding a sub-task is a new row here
-(plus its stream in ``musicray.encoding`` and its token in ``musicray.tokens``).
+(plus its stream in ``musicray.streams`` and its token in ``musicray.tokens``).
 
 Low in the import graph on purpose: it reads the encoding, tokens and songs, and nothing that runs a model.
 """
@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from musicray.accompaniment import revoice_bars, voice_piano
-from musicray.encoding import (OPTIONAL_INPUTS, STREAMS, TASK_INPUTS, TASK_TARGET, bar_contents, base_tempo,
-                               decode_header, quantized)
+from musicray.encoding import bar_contents
+from musicray.quantize import base_tempo, quantized
 from musicray.song import Song, Tempo
+from musicray.streams import OPTIONAL_INPUTS, STREAMS, TASK_INPUTS, TASK_TARGET, decode_header
 from musicray.tokens import SUBTASKS, Vocabulary
 
 

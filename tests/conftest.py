@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from musicray.run import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tests' models and grammar tensors are tiny, and Ray workers share the same cores: intra-op threads in this
@@ -21,12 +23,12 @@ def save_random_run(run: Path, subtasks, cache: Path):
 
     model, tokenizer = load_base("tiny", cache)
     music = add_music_tokens(model, tokenizer, Vocabulary())
-    save_music_model(model, music, run / "stage1" / "model")
+    save_music_model(model, music, RunDir(run).stage1_model)
     for seed, subtask in enumerate(subtasks):
         torch.manual_seed(seed)
         peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         # LoRA weights only, as stage 2 saves them (the music rows live in the stage-1 model; vLLM loads no others)
-        peft.save_pretrained(run / "adapters" / subtask, save_embedding_layers=False)
+        peft.save_pretrained(RunDir(run).adapter(subtask), save_embedding_layers=False)
         model = peft.unload()
     return model, music
 

@@ -73,7 +73,8 @@ def test_a_given_melody_gets_chords_written_for_it(composer):
 
 
 def test_stages_subset_performs_a_given_song(composer, synthetic_songs):
-    from musicray.encoding import quantized, section_windows
+    from musicray.quantize import quantized
+    from musicray.windows import section_windows
 
     given = next(w for w in section_windows(quantized(synthetic_songs[0], Vocabulary()), 4)
                  if all(w.tracks.values()))
@@ -154,7 +155,7 @@ def _bars(song, bars):
 @pytest.mark.parametrize("stages", [SUBTASKS, ("melody",), ("chord", "tempo")])
 def test_infilling_rewrites_the_chosen_bars_and_keeps_the_rest_note_for_note(composer, stages):
     from musicray.compose import regenerated_bars
-    from musicray.encoding import quantized
+    from musicray.quantize import quantized
 
     given, _ = composer.compose(Request("A2B2A2", "D:maj", "4/4", 90, seed=11))
     given = quantized(given, Vocabulary())

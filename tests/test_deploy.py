@@ -31,6 +31,7 @@ import yaml
 
 from musicray.cli import build_parser
 from musicray.pipeline import DEMO_SONGS, preset_config
+from musicray.run import RunDir
 from musicray.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -448,10 +449,10 @@ def test_pipeline_job_runs_through_ray_job_submit(tmp_path):
             os.killpg(head.pid, 9)
         log.close()
         ray_tmp.cleanup()
-    summary = json.loads((run / "pipeline.json").read_text())
+    summary = json.loads(RunDir(run).pipeline_json.read_text())
     skipped = [name for name, stage in summary["stages"].items() if stage["skipped"]]
     assert summary["run_dir"] == str(run)
     assert skipped == ["ablation: stage 1 with stage1.mask_loss=true"]  # eval.mask_loss_ablation=false above
-    assert len(list((run / "songs").glob("*.mid"))) == len(DEMO_SONGS)
-    assert (run / "eval" / "report.md").exists()
-    assert (run / "stage1" / "model" / "config.json").exists() and (run / "tune" / "trials.csv").exists()
+    assert len(list(RunDir(run).songs.glob("*.mid"))) == len(DEMO_SONGS)
+    assert RunDir(run).eval_report.exists()
+    assert (RunDir(run).stage1_model / "config.json").exists() and RunDir(run).trials_csv.exists()

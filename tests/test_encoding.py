@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from song_strategies import songs
 
-from musicray.encoding import OPTIONAL_INPUTS, TASK_INPUTS, Example, SongTokens, base_tempo, decode, encode, \
-    encode_quantized, project, quantized, representable_pitch, round_trip_song, section_windows
-from musicray.harmony import CHORD_QUALITIES, CANONICAL_BASS_DEGREES, PITCH_CLASS_NAMES, chord_label
-from musicray.song import METRES, SECTION_LABELS, TRACKS, Chord, Note, Section, Song, SongError, Tempo, song_from_dict
+from musicray.encoding import SongTokens, decode, encode, encode_quantized, project, round_trip_song
+from musicray.quantize import base_tempo, quantized, representable_pitch
+from musicray.song import Chord, Note, Section, Song, SongError, Tempo, song_from_dict
+from musicray.streams import OPTIONAL_INPUTS, TASK_INPUTS, Example
 from musicray.tokens import LEGACY_LANGUAGE, TASKS, VocabConfig, Vocabulary
 
 VOCAB = Vocabulary()
@@ -31,25 +32,6 @@ def test_round_trip_synthetic(task, language, synthetic_songs):
             assert decoded == expected, (song.song_id, task, optional)
 
 
-@st.composite
-def songs(draw):
-    metre = METRES[draw(st.sampled_from(sorted(METRES)))]
-    sections = draw(st.lists(st.builds(Section, st.sampled_from(SECTION_LABELS), st.integers(1, 4)),
-                             min_size=1, max_size=3))
-    n_bars = sum(s.bars for s in sections)
-    time = st.tuples(st.integers(0, n_bars - 1), st.integers(0, metre.positions_per_bar - 1))
-    label = st.one_of(st.just("N"), st.builds(
-        lambda root, quality, bass: chord_label(root, quality, bass),
-        st.integers(0, 11), st.sampled_from(list(CHORD_QUALITIES)), st.sampled_from(("",) + CANONICAL_BASS_DEGREES)))
-    chords = draw(st.lists(st.builds(lambda t, lab: Chord(t[0], t[1], lab), time, label), max_size=8))
-    note = st.builds(lambda t, p, d, v: Note(t[0], t[1], p, d, v), time, st.integers(0, 127), st.integers(1, 100),
-                     st.integers(1, 127))
-    tracks = {name: draw(st.lists(note, max_size=12)) for name in TRACKS}
-    tempos = draw(st.lists(st.builds(lambda t, bpm: Tempo(t[0], t[1], bpm), time, st.floats(20, 300)), max_size=6))
-    key = f"{draw(st.sampled_from(PITCH_CLASS_NAMES))}:{draw(st.sampled_from(['maj', 'min']))}"
-    return Song("hyp", key, metre.name, sections, chords, tracks, tempos)
-
-
 @settings(max_examples=150, deadline=None)
 @given(song=songs(), task=st.sampled_from(TASKS), language=st.sampled_from(sorted(LANGUAGES)))
 def test_round_trip_hypothesis(song, task, language):
@@ -57,29 +39,6 @@ def test_round_trip_hypothesis(song, task, language):
     for optional in [(), *((name,) for name in OPTIONAL_INPUTS.get(task, ()))]:
         expected, decoded = round_trip_song(song, task, LANGUAGES[language], optional)
         assert decoded == expected
-
-
-@settings(max_examples=60, deadline=None)
-@given(song=songs())
-def test_quantized_is_a_fixed_point(song):
-    once = quantized(song, VOCAB)
-    assert quantized(once, VOCAB) == once
-    # no note sounds past the form's end, and every pitch is writable in every language
-    steps = once.spec.positions_per_bar
-    for _, note in once.notes():
-        assert (note.bar * steps + note.position + note.duration) <= once.n_bars * steps
-        assert 11 <= note.pitch <= 116
-
-
-@settings(max_examples=40, deadline=None)
-@given(song=songs(), max_bars=st.integers(1, 4))
-def test_windows_round_trip_and_end_inside_their_form(song, max_bars):
-    for window in section_windows(quantized(song, VOCAB), max_bars):
-        steps = window.spec.positions_per_bar
-        assert all(n.bar * steps + n.position + n.duration <= window.n_bars * steps for _, n in window.notes())
-        for task in TASKS:
-            expected, decoded = round_trip_song(window, task, VOCAB)
-            assert decoded == expected
 
 
 def test_relative_language_writes_degrees_chord_intervals_and_tempo_changes():

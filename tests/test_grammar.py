@@ -6,9 +6,10 @@ import random
 import pytest
 import torch
 
-from musicray.encoding import STREAMS, decode_body, encode
+from musicray.encoding import decode_body, encode
 from musicray.grammar import STREAM_NAMES, Grammar, Plan, small_tensor_threads, validate_examples
 from musicray.song import METRES, SECTION_LABELS, Section, Song, parse_form
+from musicray.streams import STREAMS
 from musicray.tokens import SUBTASKS, TASKS, Vocabulary
 
 VOCAB = Vocabulary()
@@ -188,7 +189,7 @@ def test_valid_handmade_sequence(stream, plan, text):
 
 def test_every_pop909_encoding_validates(pop909_prepared):
     """Every task example of every kept POP909 song: prompt inputs and target have zero grammar errors."""
-    from musicray.encoding import Example
+    from musicray.streams import Example
 
     _, tables = pop909_prepared
     examples = [Example(task, list(row.prompt), list(row.target), row.song_id)

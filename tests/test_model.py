@@ -96,9 +96,12 @@ def test_prompt_ids_equal_the_chat_template_for_every_task(synthetic_songs):
     """The cached template frame around the music tokens gives exactly what the tokenizer's chat template gives."""
     import tempfile
 
-    from musicray.encoding import OPTIONAL_INPUTS, encode, section_windows, quantized
+    from musicray.encoding import encode
     from musicray.model import add_music_tokens, load_base
+    from musicray.quantize import quantized
+    from musicray.streams import OPTIONAL_INPUTS
     from musicray.tokens import TASKS
+    from musicray.windows import section_windows
 
     model, tokenizer = load_base("tiny", tempfile.mkdtemp())
     music = add_music_tokens(model, tokenizer, VOCAB)

@@ -16,6 +16,7 @@ import torch
 from musicray.errors import SongError
 from musicray.model import INSTRUCTIONS, add_music_tokens, load_base, resolve_base, save_music_model
 from musicray.pretrained import INSTALL, SMOLLM2, ShippedBase, gguf_file
+from musicray.run import RunDir
 from musicray.tokens import Vocabulary
 
 SMOL = "smollm2-135m-instruct"
@@ -79,8 +80,10 @@ def test_music_tokens_are_whole_on_the_real_bpe_and_the_chat_template_stays(smol
 def pop909_batch(pop909_root, smol_music):
     """Two tasks of the first 4-bar window of POP909 song 001, rendered through the SmolLM2 chat template."""
     from musicray.data.pop909 import load_song
-    from musicray.encoding import encode_quantized, quantized, section_windows
+    from musicray.encoding import encode_quantized
+    from musicray.quantize import quantized
     from musicray.train.data import RenderedDataset, collate
+    from musicray.windows import section_windows
 
     _, music, _ = smol_music
     window = section_windows(quantized(load_song(pop909_root, "001")[0], music.vocab), 4)[0]
@@ -109,7 +112,7 @@ def test_training_steps_then_composing_a_song_under_the_grammar(smol_music, pop9
     del optimizer
 
     run = tmp_path / "run"
-    save_music_model(model.eval(), music, run / "stage1" / "model")
+    save_music_model(model.eval(), music, RunDir(run).stage1_model)
     composer = Composer(run)
     song, report = composer.compose(Request("A2", key="G:maj", tempo=90, seed=3, stages=("chord", "melody"),
                                             allow_missing_adapters=True))   # a stage-1 model, no adapters

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from musicray.errors import MissingRunPart, SongError
-from musicray.run import RunDir
+from musicray.data.layout import DataDir
+from musicray.run import EvalDir, RunDir
 
 
 def test_layout(tmp_path):
@@ -19,10 +20,26 @@ def test_layout(tmp_path):
         run.ablation(True).stage1_model: "ablations/mask_loss_on/stage1/model",
         run.ablation(False).root: "ablations/mask_loss_off",
         run.language_ablation("absolute").stage1_model: "ablations/language_absolute/stage1/model",
+        run.stage1_tensorboard: "stage1/tensorboard", run.hyperparameters("tempo"): "adapters/tempo/hyperparameters.json",
+        run.ray_experiment("stage1"): "ray/stage1", run.evaluation.report_json: "eval/report.json",
+        run.evaluation.plot("piano_roll_real"): "eval/plots/piano_roll_real.png", run.evaluation.songs: "eval/songs",
     }
     for path, relative in parts.items():
         assert path == tmp_path / "run" / relative
+    assert EvalDir(tmp_path / "out").report_md == tmp_path / "out" / "report.md"
     assert RunDir("~/x").root.is_absolute() and not str(RunDir("~/x")).startswith("~")
+
+
+def test_data_layout(tmp_path):
+    """The prepared-data folder: what ``musicray data prepare`` writes and training and the evaluation read."""
+    data = DataDir(tmp_path)
+    parts = {data.songs: "songs.parquet", data.table("melody"): "melody.parquet", data.table("song"): "song.parquet",
+             data.vocabulary: "vocabulary.json", data.report: "report.json"}
+    for path, relative in parts.items():
+        assert path == tmp_path / relative
+    assert not data.is_prepared()
+    data.songs.write_bytes(b"")
+    assert data.is_prepared()
 
 
 @pytest.mark.parametrize("part, subtask, present, message", [

@@ -3,10 +3,10 @@
 import pytest
 
 from musicray.compose import StagePlanner
-from musicray.encoding import STREAMS, TASK_INPUTS
+from musicray.engine.bar_events import BAR_READERS
 from musicray.request import Request
-from musicray.serve.bar_events import BAR_READERS
 from musicray.song import Chord, Note
+from musicray.streams import STREAMS, TASK_INPUTS
 from musicray.tasks import SUBTASK_RECORDS, subtask
 from musicray.tokens import SUBTASKS, Vocabulary
 

@@ -1,13 +1,9 @@
 """Dataset preparation on Ray: songs -> quantized songs -> examples of every task -> Parquet tables.
 
-Output directory::
-
-    songs.parquet        one row per kept song: id, split, key, metre, form, counts, the song as JSON
-    song.parquet         whole-song sequences (stage 1, full fine-tune)
-    chord.parquet ...    one table per sub-task (chord, melody, secondary, dynamics, tempo)
-    vocabulary.json      the vocabulary the ids refer to
-    report.json          total, kept, skipped songs by reason (with each song's message), split sizes, the kept
-                         songs' bars and notes and what was dropped inside them by reason
+The output directory's layout is ``musicray.data.layout.DataDir``'s: the songs table (one row per kept song: id,
+split, key, metre, form, counts, the song as JSON), whole-song sequences (stage 1), one table per sub-task, the
+vocabulary, and the report (total, kept, skipped songs by reason with each song's message, split sizes, the kept
+songs' bars and notes and what was dropped inside them by reason).
 """
 
 from __future__ import annotations
@@ -25,7 +21,9 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from musicray.encoding import CANONICAL_FORMAT, SongTokens, quantized
+from musicray.data.layout import SONGS_TABLE, DataDir
+from musicray.encoding import SongTokens
+from musicray.quantize import CANONICAL_FORMAT, quantized
 from musicray.song import TRACKS, Song, SongError, song_to_dict
 from musicray.tokens import TASKS, Vocabulary
 
@@ -171,19 +169,20 @@ def prepare(source, out: str | Path, vocab: Vocabulary | None = None, limit: int
     results.sort(key=lambda r: r["song_id"])
     report = write_tables(results, out, vocab)
     report["seconds"] = round(time.perf_counter() - started, 2)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    DataDir(out).report.write_text(json.dumps(report, indent=1))
     return report
 
 
 def write_tables(results: list[dict], out: Path, vocab: Vocabulary) -> dict:
     import pandas as pd   # here and in load_table only: the Ray workers, which import this module, never need it
 
+    data = DataDir(out)
     kept = [r for r in results if "song" in r]
     skipped = [r for r in results if "skipped" in r]
-    pd.DataFrame([r["song"] for r in kept]).to_parquet(out / "songs.parquet", index=False)
+    pd.DataFrame([r["song"] for r in kept]).to_parquet(data.songs, index=False)
     for task in TASKS:
-        pd.DataFrame([r["examples"][task] for r in kept]).to_parquet(out / f"{task}.parquet", index=False)
-    vocab.save(out / "vocabulary.json")
+        pd.DataFrame([r["examples"][task] for r in kept]).to_parquet(data.table(task), index=False)
+    vocab.save(data.vocabulary)
     splits = Counter(r["song"]["split"] for r in kept)
     # What a source dropped inside the songs it kept, by reason (a source's stats may say, as ``dropped``).
     dropped: Counter = Counter()
@@ -199,19 +198,19 @@ def write_tables(results: list[dict], out: Path, vocab: Vocabulary) -> dict:
         "skipped": dict(sorted(Counter(r["skipped"] for r in skipped).items())),
         "skipped_songs": [{k: r[k] for k in ("song_id", "skipped", "message")} for r in skipped],
         "splits": {name: splits.get(name, 0) for name, _ in SPLITS},
-        "tables": ["songs", *TASKS],
+        "tables": [SONGS_TABLE, *TASKS],
     }
 
 
 def load_report(data_dir: str | Path) -> dict:
-    return json.loads((Path(data_dir) / "report.json").read_text())
+    return json.loads(DataDir(data_dir).report.read_text())
 
 
 def load_table(data_dir: str | Path, name: str, split: str | None = None) -> "pandas.DataFrame":
     """A prepared table ("songs" or a task), optionally one split only."""
     import pandas as pd
 
-    path = Path(data_dir) / f"{name}.parquet"
+    path = DataDir(data_dir).table(name)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such table; run `musicray data prepare` or `musicray data synth` first")
     table = pd.read_parquet(path)

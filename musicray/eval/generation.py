@@ -26,13 +26,14 @@ import torch
 
 from musicray.compose import Composer
 from musicray.data.prepare import load_table
-from musicray.decode import generate
-from musicray.encoding import base_tempo, section_windows
+from musicray.engine.decode import generate
 from musicray.grammar import GrammarError, Plan
+from musicray.quantize import base_tempo
 from musicray.request import Request
 from musicray.sampling import Sampling
 from musicray.song import Section, Song, SongError, form_returns, song_from_dict
 from musicray.tokens import Vocabulary
+from musicray.windows import section_windows
 
 TEST_SPLIT = "test"
 

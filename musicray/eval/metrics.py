@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from musicray.encoding import bar_tempos
 from musicray.harmony import chord_pitch_classes
+from musicray.quantize import bar_tempos
 from musicray.song import TRACKS, Note, Section, Song
 from musicray.tokens import Vocabulary
 
@@ -209,7 +209,7 @@ def velocity_stats(song: Song) -> dict[str, dict[str, float | int | None]]:
 def tempo_change_stats(song: Song) -> dict[str, float | None]:
     """The per-bar tempo curve's change rate and range. Defined here (no paper fixes them).
 
-    The curve is each bar's mean tempo (``musicray.encoding.bar_tempos``: beats per bar over the bar's duration,
+    The curve is each bar's mean tempo (``musicray.quantize.bar_tempos``: beats per bar over the bar's duration,
     bpm of the metre's beat), rounded to whole bpm, the resolution of musicray's tempo tokens. ``change_rate`` is
     the share of the n_bars - 1 bar boundaries where the rounded tempo changes (None for one bar);
     ``range_bpm`` is max - min of the curve; ``mean_bpm`` its mean.

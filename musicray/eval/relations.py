@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from musicray.encoding import SoundingChords, decode_header, decode_body
+from musicray.encoding import SoundingChords, decode_body
 from musicray.harmony import chord_pitch_classes, reference_pitch_class, scale_pitch_classes
 from musicray.model import MusicTokenizer
 from musicray.song import TRACKS, Song, Tempo
+from musicray.streams import decode_header
 from musicray.train.data import RenderedDataset, collate
 
 

@@ -7,7 +7,7 @@ file's ``http_options`` (host, port). A plain YAML mapping of the settings works
 
 Settings (all optional but ``run_dir``):
 
-* ``engine``: ``vllm`` (``musicray.serve.vllm_engine``: vLLM's async engine, continuous batching, the grammar as
+* ``engine``: ``vllm`` (``musicray.engine.vllm_engine``: vLLM's async engine, continuous batching, the grammar as
   its logits processor), ``native`` (musicray's own KV-cached loop behind ``@serve.batch``) or ``auto`` (the
   default: vllm where it is installed, else native).
 * ``multiplexed``: false = one deployment per sub-task (each holds the stage-1 model and its own adapter);
@@ -114,7 +114,7 @@ def serve_config(config: dict | None = None, **overrides) -> dict:
     if merged["engine"] not in ENGINES:
         raise SongError(f"config: engine must be one of {', '.join(ENGINES)}, got {merged['engine']!r}")
     if merged["engine"] == "auto":
-        from musicray.serve.engines import vllm_available
+        from musicray.engine.available import vllm_available
 
         merged["engine"] = "vllm" if vllm_available() else "native"
     if merged["multiplexed"] is None:

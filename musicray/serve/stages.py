@@ -8,7 +8,7 @@
 
 Each sub-task has its own ``@serve.batch`` method (``with_stage_methods``: named by its record), so concurrent requests for a
 sub-task become one ``Composer.run_stage`` call: a single decode over the batch, one grammar state per row,
-the mask computed in process (``musicray.decode``). The multiplexed deployment also batches whole songs
+the mask computed in process (``musicray.engine.decode``). The multiplexed deployment also batches whole songs
 (``compose``): the ingress makes one call per song, and a batch of concurrent songs goes through all its
 stages together, so every stage decodes the whole batch instead of the few songs that happen to reach it at
 the same moment. Requests in a batch that differ in sampling settings are run as separate groups. Songs travel

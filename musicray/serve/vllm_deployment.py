@@ -25,7 +25,7 @@ from musicray.song import SongError, song_from_dict, song_to_dict
 @with_stage_methods("_stage", batched=False)
 class VllmComposer:
     def __init__(self, run_dir: str, subtasks: list[str], options: dict, config: dict):
-        from musicray.serve.vllm_engine import VllmStages
+        from musicray.engine.vllm_engine import VllmStages
 
         device = config.get("device", "auto")
         if device == "auto":

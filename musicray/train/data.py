@@ -9,12 +9,16 @@ from pathlib import Path
 
 import torch
 
+from musicray.data.layout import DataDir
 from musicray.data.prepare import Pop909Source, SynthSource, load_table, prepare
-from musicray.encoding import CANONICAL_FORMAT, TASK_TARGET, Example, available_inputs, encode_quantized, section_windows
+from musicray.encoding import encode_quantized
 from musicray.grammar import Plan
 from musicray.model import MusicTokenizer
+from musicray.quantize import CANONICAL_FORMAT
 from musicray.song import SongError, song_from_dict
+from musicray.streams import TASK_TARGET, Example, available_inputs
 from musicray.train.config import DEFAULT_MAX_BARS, Config
+from musicray.windows import section_windows
 
 
 def resolve_data_dir(config: Config, progress: bool = True) -> Path:
@@ -31,11 +35,11 @@ def resolve_data_dir(config: Config, progress: bool = True) -> Path:
         source = Pop909Source(str(default_pop909_dir()))
     else:
         out = Path(data.source).expanduser()
-        if not (out / "songs.parquet").exists():
-            raise SongError(f"data.source: {out} is not a prepared data dir (no songs.parquet); "
+        if not DataDir(out).is_prepared():
+            raise SongError(f"data.source: {out} is not a prepared data dir (no {DataDir(out).songs.name}); "
                             "use synth, pop909 or run `musicray data prepare`")
         return out
-    report = out / "report.json"
+    report = DataDir(out).report
     if not report.exists() or json.loads(report.read_text()).get("canonical_format") != CANONICAL_FORMAT:
         prepare(source, out, limit=data.limit, progress=progress)   # absent, or cached by an older musicray
     return out

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import yaml
@@ -55,7 +56,7 @@ from musicray.rerun import RESUME, RUN, SKIP, decide, read_saved, stage_keys, wr
 from musicray.run import RunDir
 from musicray.train.config import Config, config_to_dict
 from musicray.train.deepspeed_config import deepspeed_config
-from musicray.train.stage1_metrics import ProgressTail
+from musicray.train.stage1_metrics import ProgressTail, validation_missing
 from musicray.train.stage1_models import build_init_model, export_model
 from musicray.train.stage1_recipe import train_loop_per_worker
 from musicray.train.storage import ray_storage
@@ -133,8 +134,8 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
     data_dir = data_dir or resolve_data_dir(config, progress=progress)
     run.stage1.mkdir(parents=True, exist_ok=True)
     run.stage1_done.unlink(missing_ok=True)    # unfinished until the model is exported again
-    stage_dir, init_dir = run.stage1, run.stage1_init
-    if not (init_dir / "config.json").exists():
+    init_dir = run.stage1_init
+    if not run.has_init_model():
         build_init_model(config, init_dir)
     _write_config(config, run.stage1_config)
 
@@ -142,7 +143,7 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "data_dir": str(data_dir), "init_dir": str(init_dir),
-                           "stage_dir": str(stage_dir), "ds_config": ds_config},
+                           "run_dir": str(run.root), "ds_config": ds_config},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker},
                                      placement_strategy=s.placement_strategy),
@@ -155,6 +156,9 @@ def train_stage1(config: Config, run_dir: str | Path, resume: bool = False, prog
         result = trainer.fit()
     if result.checkpoint is None:
         raise SongError(f"stage 1 reported no checkpoint (max_steps: {s.max_steps})")
+    why = validation_missing(run.stage1_metrics)
+    if why is not None:   # the workers' own warning stays in their logs
+        warnings.warn(f"stage 1: trained without a validation loss: {why}", stacklevel=2)
     # A local checkpoint is read where it is; one in a bucket is downloaded to a temporary directory first.
     with result.checkpoint.as_directory() as checkpoint_dir:
         model = export_model(Path(checkpoint_dir), init_dir, run.stage1_model, s.precision)

@@ -1,5 +1,6 @@
-"""Stage 1's metrics: rank 0 appends a row per logged step to ``stage1/metrics.csv`` (and TensorBoard), and the
-driver tails that file into a progress bar (worker output is not shown on the driver)."""
+"""Stage 1's metrics: rank 0 appends a row per logged step to the run's ``stage1_metrics`` CSV (and TensorBoard:
+``stage1_tensorboard``), and the driver tails that file into a progress bar (worker output is not shown on the
+driver)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,34 @@ import csv
 import threading
 from pathlib import Path
 
+from musicray.run import RunDir
+
+# ``val_missing``: why a step that validates has no ``val_loss`` (no validation split, or too few of its examples
+# for every worker); empty where it has one. Last, so that its text never shifts the columns a reader splits.
 METRIC_COLUMNS = ("step", "loss", "learning_rate", "tokens_per_s", "labelled_tokens_per_s", "tokens",
-                  "labelled_tokens", "step_s", "val_loss", "start_step", "time")
+                  "labelled_tokens", "step_s", "val_loss", "start_step", "time", "val_missing")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics CSV: figures as floats, ``val_missing`` as text, None where a cell is empty."""
+    with path.open(newline="") as f:
+        return [{key: (value if key == "val_missing" else float(value)) if value else None
+                 for key, value in row.items()} for row in csv.DictReader(f)]
+
+
+def validation_missing(path: Path) -> str | None:
+    """Why stage 1 logged no validation loss (the ``val_missing`` of its metrics), or None where it did."""
+    reasons = [row.get("val_missing") for row in read_metrics(path)] if path.exists() else []
+    return next((reason for reason in reversed(reasons) if reason), None)
 
 
 class MetricsLog:
     """metrics.csv and TensorBoard, on rank 0."""
 
-    def __init__(self, stage_dir: Path, start_step: int):
+    def __init__(self, run: RunDir, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        path = stage_dir / "metrics.csv"
+        path = run.stage1_metrics
         new = not path.exists() or path.stat().st_size == 0
         self.file = path.open("a", newline="")
         self.csv = csv.writer(self.file, lineterminator="\n")
@@ -25,7 +43,7 @@ class MetricsLog:
             self.csv.writerow(METRIC_COLUMNS)
             self.file.flush()
         # purge_step hides events a failed attempt logged after the checkpoint it restarts from.
-        self.tb = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(str(run.stage1_tensorboard), purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict) -> None:
         self.csv.writerow(["" if row.get(c) is None else row[c] for c in METRIC_COLUMNS])

@@ -17,9 +17,9 @@ import shutil
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 from musicray.errors import SongError
+from musicray.run import RunDir
 from musicray.train.config import Config
 from musicray.train.stage1_metrics import MetricsLog
 from musicray.train.stage1_models import torch_dtype
@@ -44,13 +44,13 @@ def masked_or_plain_loss(mask_loss: bool, music, device):
 
 class Stage1Recipe:
     """One Ray Train worker of the stage-1 full fine-tune. ``loop`` is the trainer's ``train_loop_config``:
-    ``config``, ``data_dir``, ``init_dir``, ``stage_dir`` and ``ds_config`` (the filled-in DeepSpeed JSON)."""
+    ``config``, ``data_dir``, ``init_dir``, ``run_dir`` and ``ds_config`` (the filled-in DeepSpeed JSON)."""
 
     def __init__(self, loop: dict):
         self.config: Config = loop["config"]
         self.settings = self.config.stage1
         self.data_dir, self.init_dir = loop["data_dir"], loop["init_dir"]
-        self.stage_dir = Path(loop["stage_dir"])
+        self.run_dir = RunDir(loop["run_dir"])
         self.ds_config = loop["ds_config"]
 
     # -- setup -------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ class Stage1Recipe:
         self.start_step = self._load_checkpoint()
         self.batches = self._skip_to(self.start_step)
         self.loss_fn = masked_or_plain_loss(s.mask_loss, self.music, self.device)
-        self.log = MetricsLog(self.stage_dir, self.start_step) if self.rank == 0 else None
+        self.log = MetricsLog(self.run_dir, self.start_step) if self.rank == 0 else None
 
     def _setup_data(self) -> None:
         from musicray.train.data import (
@@ -110,10 +110,14 @@ class Stage1Recipe:
         val_set = RenderedDataset(examples, self.music, data.max_length) if examples else []
         # The same count on every rank (ZeRO-3 gathers parameters collectively in each forward).
         n_val = min(VAL_BATCHES, (len(val_set) // self.world) // s.micro_batch_size) if len(val_set) else 0
-        if n_val == 0 and self.rank == 0:   # the metrics' val_loss column stays empty: say why
-            why = missing or (f"{len(val_set)} validation examples cannot give {self.world} workers a micro-batch "
-                              f"of {s.micro_batch_size}")
-            warnings.warn(f"stage 1: no validation loss: {why}", stacklevel=1)
+        # Without validation batches the metrics' val_loss stays empty: the reason goes into their val_missing
+        # column (the driver warns with it after training) and into this worker's log.
+        self.val_missing = None
+        if n_val == 0:
+            self.val_missing = missing or (f"{len(val_set)} validation examples cannot give {self.world} workers a "
+                                           f"micro-batch of {s.micro_batch_size}")
+            if self.rank == 0:
+                warnings.warn(f"stage 1: no validation loss: {self.val_missing}", stacklevel=1)
         # Padding is masked out of attention and labels; any id will do where the tokenizer names no pad token.
         tokenizer = self.music.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.music.eot_id
@@ -225,6 +229,7 @@ class Stage1Recipe:
             row = self.train_step(step)
             save = step % s.checkpoint_every == 0 or step == s.max_steps
             row["val_loss"] = self.validate() if save else None
+            row["val_missing"] = self.val_missing if save else None
             if self.log is not None and (step % s.log_every == 0 or save):
                 self.log.write({**row, "time": round(time.time(), 3)})
             if save:

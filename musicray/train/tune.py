@@ -177,8 +177,9 @@ def train_adapter(config: dict, settings: dict) -> None:
     model.train()
 
     batch_size = int(settings["micro_batch_size"])
-    train, val, _ = subtask_datasets(settings["data_dir"], subtask, music, settings["max_length"],
-                                     max_bars=settings["max_bars"])
+    # Where the validation loss comes from goes into every report: the held-out tenth of train is another measure.
+    train, val, val_source = subtask_datasets(settings["data_dir"], subtask, music, settings["max_length"],
+                                              max_bars=settings["max_bars"])
     batch_size = min(batch_size, len(train))
     pad_id = music.tokenizer.pad_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -199,8 +200,8 @@ def train_adapter(config: dict, settings: dict) -> None:
         losses.append(float(loss))
         if step % eval_every == 0 or step == max_steps:
             val_loss = evaluate(model, val, batch_size, int(settings["eval_batches"]), pad_id, device)
-            metrics = {"val_loss": val_loss, "train_loss": sum(losses) / len(losses), "step": step,
-                       "subtask": subtask}
+            metrics = {"val_loss": val_loss, "val_source": val_source, "train_loss": sum(losses) / len(losses),
+                       "step": step, "subtask": subtask}
             losses = []
             with tempfile.TemporaryDirectory() as tmp:
                 # save_embedding_layers=False: the adapter is LoRA only (the vocabulary lives in the stage-1
@@ -294,7 +295,7 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
         results = tuner.fit()
 
     table, best = trials_table(results, stage2)
-    write_table(table, run.tune)
+    write_table(table, run)
     if progress:
         print("\n".join(chosen_lines(table)), flush=True)
     missing = [s for s in stage2.subtasks if s not in best]
@@ -305,9 +306,9 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
     adapters = {}
     for subtask in stage2.subtasks:
         result, checkpoint, metrics = best[subtask]
-        adapters[subtask] = export_adapter(checkpoint, run.adapter(subtask), {
+        adapters[subtask] = export_adapter(checkpoint, run, subtask, {
             "subtask": subtask, **{k: result.config[k] for k in HYPERPARAMETERS}, "val_loss": metrics[METRIC],
-            "step": metrics.get("step"), "trial_id": _trial_id(result), "seed": result.config.get("seed"),
+            "val_source": metrics.get("val_source"), "step": metrics.get("step"), "trial_id": _trial_id(result), "seed": result.config.get("seed"),
             "stage1_model": str(stage1), "data_dir": str(data_dir)})
     write_done(run.tune_done, "stage2", stage2_keys(config, run))
     return adapters
@@ -349,6 +350,7 @@ def trials_table(results, stage2: Stage2Config):
                      "learning_rate": cfg.get("learning_rate"),
                      "target_modules": ",".join(modules) if isinstance(modules, list) else modules,
                      "best_val_loss": best_loss, "best_step": top[1].get("step") if top else None,
+                     "val_source": top[1].get("val_source") if top else None,
                      "steps": steps, "stopped_early": result.error is None and steps < stage2.max_steps,
                      "status": "error" if result.error is not None else "done", "chosen": False})
         subtask = cfg.get("subtask")
@@ -376,14 +378,16 @@ def to_markdown(table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(table, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "trials.csv", index=False)
-    (out / "trials.md").write_text(to_markdown(table))
+def write_table(table, run: RunDir) -> None:
+    run.tune.mkdir(parents=True, exist_ok=True)
+    table.to_csv(run.trials_csv, index=False)
+    run.trials_md.write_text(to_markdown(table))
 
 
-def export_adapter(checkpoint, out: Path, hyperparameters: dict) -> Path:
-    """Copy the PEFT adapter files of a Tune checkpoint to ``out`` with ``hyperparameters.json``."""
+def export_adapter(checkpoint, run: RunDir, subtask: str, hyperparameters: dict) -> Path:
+    """Copy the PEFT adapter files of a Tune checkpoint to the run's adapter of ``subtask``, with its
+    ``hyperparameters``."""
+    out = run.adapter(subtask)
     with checkpoint.as_directory() as source:
         source = Path(source)
         missing = [name for name in ADAPTER_FILES if not (source / name).exists()]
@@ -394,5 +398,5 @@ def export_adapter(checkpoint, out: Path, hyperparameters: dict) -> Path:
         out.mkdir(parents=True)
         for name in ADAPTER_FILES:
             shutil.copy2(source / name, out / name)
-    (out / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=1, default=str))
+    run.hyperparameters(subtask).write_text(json.dumps(hyperparameters, indent=1, default=str))
     return out

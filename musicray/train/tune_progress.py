@@ -8,6 +8,8 @@ import sys
 
 from ray.tune import Callback
 
+VALIDATION = "validation"   # the split a trial's val_loss comes from when the data has one that fits
+
 
 class TrialLines(Callback):
     """Prints ``[3/10] melody trial 1a2b: val_loss 2.31 (best 2.28 at step 40), 80 steps, rank 8, lr 0.0031``
@@ -32,6 +34,8 @@ class TrialLines(Callback):
         best = self.best.get(trial.trial_id)
         figures = (f"val_loss {last['val_loss']:.3f} (best {best:.3f}), {steps} steps"
                    if last.get("val_loss") is not None and best is not None else "no validation loss")
+        if last.get("val_source") not in (None, VALIDATION):   # say where a substitute validation loss came from
+            figures += f" (validated on {last['val_source']}: no validation example fits)"
         print(f"   [{self.done}/{self.total}] {config.get('subtask')} trial {trial.trial_id}: {outcome}; {figures}; "
               f"rank {config.get('rank')}, lr {float(config.get('learning_rate', math.nan)):.2g}",
               file=self.stream, flush=True)

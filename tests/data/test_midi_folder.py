@@ -19,6 +19,7 @@ from musicray.data.midi_folder import (
 )
 from musicray.data.prepare import load_report, load_table
 from musicray.harmony import canonical_chord
+from musicray.run import RunDir
 from musicray.song import Note, SongError, form_string
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,8 +266,8 @@ def test_the_tiny_preset_trains_on_it(prepared, tmp_path):
     finally:
         ray.shutdown()
     assert status == 0
-    assert (run / "stage1" / "model" / "vocabulary.json").exists()
-    rows = (run / "stage1" / "metrics.csv").read_text().strip().splitlines()
+    assert (RunDir(run).stage1_model / "vocabulary.json").exists()
+    rows = RunDir(run).stage1_metrics.read_text().strip().splitlines()
     assert len(rows) == 1 + 3  # a header and one row per step
 
 

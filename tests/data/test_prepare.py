@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from musicray.data import pop909
+from musicray.data.layout import DataDir
 from musicray.data.prepare import Pop909Source, SynthSource, cyclic_gc_paused, load_report, load_table, prepare, \
     prepare_one, split_of
 from musicray.song import song_from_dict
@@ -25,8 +26,8 @@ def test_split_is_a_function_of_the_song_id():
 def test_synth_tables(tmp_path):
     report = prepare(SynthSource(16, seed=3), tmp_path, num_cpus=2, progress=False)
     assert report["total"] == report["kept"] == 16 and report["skipped"] == {}
-    assert {p.name for p in tmp_path.iterdir()} >= {f"{t}.parquet" for t in ("songs", *TASKS)} | {
-        "vocabulary.json", "report.json"}
+    data = DataDir(tmp_path)
+    assert all(path.exists() for path in (data.songs, data.vocabulary, data.report, *map(data.table, TASKS)))
     for task in SUBTASKS:
         table = load_table(tmp_path, task)
         assert len(table) == 16 and set(table.columns) >= {"song_id", "split", "prompt", "target"}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from musicray.model import add_music_tokens, load_base, save_music_model
+from musicray.run import RunDir
 from musicray.tokens import LEGACY_LANGUAGE, SUBTASKS, VocabConfig, Vocabulary
 
 # Synthetic songs whose id hashes into the test split (split_of), and one train song.
@@ -29,14 +30,14 @@ def write_training_records(run) -> None:
     """stage1/metrics.csv and tune/trials.csv in the columns finetune.py and tune.py write."""
     from musicray.train.stage1_metrics import METRIC_COLUMNS
 
-    with (run / "stage1" / "metrics.csv").open("w", newline="") as f:
+    with RunDir(run).stage1_metrics.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(METRIC_COLUMNS)
         for step in range(1, 6):
             writer.writerow([step, 6.0 - step * 0.3, 1e-3, 900, 400, 512, 200, 0.5, 5.5 if step == 5 else "", 0,
                              1_700_000_000 + step])
-    (run / "tune").mkdir()
-    with (run / "tune" / "trials.csv").open("w", newline="") as f:
+    RunDir(run).tune.mkdir()
+    with RunDir(run).trials_csv.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial_id", "subtask", "rank", "alpha", "dropout", "learning_rate", "target_modules",
                          "best_val_loss", "best_step", "steps", "stopped_early", "status", "chosen"])
@@ -65,9 +66,9 @@ def eval_run(tmp_path_factory, make_random_run):
     with torch.no_grad():   # another stage-1 model: this one with its embeddings moved
         embeddings = model.get_input_embeddings().weight
         embeddings.add_(0.5 * embeddings.std() * torch.randn_like(embeddings))
-    save_music_model(model, music, run / "ablations" / "mask_loss_on" / "stage1" / "model")
+    save_music_model(model, music, RunDir(run).ablation(True).stage1_model)
     base, tokenizer = load_base("tiny", run / "cache")
     absolute = add_music_tokens(base, tokenizer, Vocabulary(VocabConfig(**LEGACY_LANGUAGE)))
-    save_music_model(base, absolute, run / "ablations" / "language_absolute" / "stage1" / "model")
+    save_music_model(base, absolute, RunDir(run).language_ablation("absolute").stage1_model)
     shutil.rmtree(run / "cache")
     return run

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from musicray.compose import Composer
-from musicray.encoding import base_tempo, encode
+from musicray.encoding import encode
 from musicray.eval import metrics as m
 from musicray.eval.generation import (
     compose_batch,
@@ -18,6 +18,7 @@ from musicray.eval.generation import (
     split_songs,
     stage_streams,
 )
+from musicray.quantize import base_tempo
 from musicray.song import Chord, Note, Song, SongError, Tempo, parse_form
 from musicray.tokens import SUBTASKS, Vocabulary
 

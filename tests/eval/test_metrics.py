@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from musicray.encoding import TASK_TARGET, encode, quantized
+from musicray.encoding import encode
 from musicray.eval import metrics as m
 from musicray.grammar import Grammar, GrammarError, Plan
+from musicray.quantize import quantized
 from musicray.song import Chord, Note, Section, Song, Tempo, parse_form
+from musicray.streams import TASK_TARGET
 from musicray.tokens import SUBTASKS, Vocabulary
 
 VOCAB = Vocabulary()

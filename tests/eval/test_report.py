@@ -7,6 +7,7 @@ import pytest
 
 from musicray.cli import main
 from musicray.eval.report import evaluate_run, settings_for
+from musicray.run import EvalDir, RunDir
 from musicray.tokens import SUBTASKS
 from musicray.train.config import EvalConfig
 
@@ -25,7 +26,7 @@ def report_dir(eval_run, eval_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(report_dir):
-    return json.loads((report_dir / "report.json").read_text())
+    return json.loads(EvalDir(report_dir).report_json.read_text())
 
 
 def test_report_json_has_every_part(report):
@@ -60,7 +61,7 @@ def test_relations_are_scored_against_the_real_tokens(report, report_dir):
     # Synthetic melodies are written on chord tones and in the key; a random-weight model's are not.
     assert relations["real_chord_tone"] > relations["chord_tone_mass"]
     assert relations["real_in_scale"] > max(0.95, relations["scale_mass"])
-    assert "## Relations the model learnt" in (report_dir / "report.md").read_text()
+    assert "## Relations the model learnt" in EvalDir(report_dir).report_md.read_text()
 
 
 def test_teacher_forced_table_has_adapter_and_stage1_scores(report):
@@ -109,11 +110,11 @@ def test_plots_and_songs_are_written(report, report_dir):
     for name in PLOTS:
         path = report_dir / report["plots"][name]
         assert path.suffix == ".png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list((report_dir / "songs").glob("*.generated.mid"))) == 2
+    assert len(list(EvalDir(report_dir).songs.glob("*.generated.mid"))) == 2
 
 
 def test_report_md_shows_the_tables_and_links_the_plots(report_dir, report):
-    text = (report_dir / "report.md").read_text()
+    text = EvalDir(report_dir).report_md.read_text()
     for heading in ("## Generated vs real", "## Teacher-forced scores", "## Ablations", "## Plots", "## Sources"):
         assert heading in text
     assert "| chord_tone_ratio |" in text and "| generation mask | off (adapters) |" in text
@@ -125,7 +126,7 @@ def test_report_md_shows_the_tables_and_links_the_plots(report_dir, report):
 
 def test_a_run_without_the_ablation_arms_says_not_run(eval_run, eval_data, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(eval_run, run, ignore=shutil.ignore_patterns("ablations"))
+    shutil.copytree(eval_run, run, ignore=shutil.ignore_patterns(RunDir(eval_run).ablations.name))
     report = evaluate_run(run, eval_data, tmp_path / "out", EvalConfig(songs=1, max_bars=1, max_examples=2),
                           progress=False)
     assert report["ablations"]["loss_mask"]["other"] == "not run"
@@ -133,11 +134,11 @@ def test_a_run_without_the_ablation_arms_says_not_run(eval_run, eval_data, tmp_p
     assert any("loss-mask ablation not run" in note for note in report["notes"])
     assert report["ablations"]["language"]["other"] == "not run"
     assert report["ablations"]["table"][7]["variant"] == "absolute: not run"
-    (tmp_path / "run" / "stage1" / "metrics.csv").unlink()
+    RunDir(run).stage1_metrics.unlink()
     report = evaluate_run(run, eval_data, tmp_path / "out2", EvalConfig(songs=1, max_bars=1, max_examples=2),
                           progress=False)
     assert report["plots"]["training_curves"].startswith("skipped:")
-    assert "training_curves: skipped:" in (tmp_path / "out2" / "report.md").read_text()
+    assert "training_curves: skipped:" in EvalDir(tmp_path / "out2").report_md.read_text()
 
 
 def test_cli_eval_writes_the_report(eval_run, eval_data, tmp_path, capsys):
@@ -145,8 +146,8 @@ def test_cli_eval_writes_the_report(eval_run, eval_data, tmp_path, capsys):
     assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(out), "--songs", "1",
                  "--max-bars", "1", "--max-examples", "2", "--stage-sampling", "melody:temperature=0.8",
                  "--quiet"]) == 0
-    assert "report.md" in capsys.readouterr().out
-    report = json.loads((out / "report.json").read_text())
+    assert EvalDir(out).report_md.name in capsys.readouterr().out
+    report = json.loads(EvalDir(out).report_json.read_text())
     assert report["settings"]["max_examples"] == 2
     assert report["settings"]["sampling"] == {"melody": {"temperature": 0.8}}
     assert any(note.startswith("sampling: melody at temperature 0.8; the other stages temperature 1")
@@ -154,11 +155,11 @@ def test_cli_eval_writes_the_report(eval_run, eval_data, tmp_path, capsys):
 
 
 def test_settings_come_from_the_run_config_and_flags(eval_run, tmp_path):
-    (eval_run / "stage1" / "config.yaml").write_text("eval:\n  songs: 3\n  seed: 7\n")
+    RunDir(eval_run).stage1_config.write_text("eval:\n  songs: 3\n  seed: 7\n")
     try:
         settings = settings_for(eval_run, songs=None, seed=9)
     finally:
-        (eval_run / "stage1" / "config.yaml").unlink()
+        RunDir(eval_run).stage1_config.unlink()
     assert (settings.songs, settings.seed, settings.max_bars) == (3, 9, EvalConfig().max_bars)
 
 
@@ -177,7 +178,7 @@ def _without(run, tmp, name):
 
 
 def test_a_run_without_adapters_is_evaluated_on_stage1_alone(eval_run, eval_data, tmp_path):
-    run = _without(eval_run, tmp_path, "adapters")
+    run = _without(eval_run, tmp_path, RunDir(eval_run).adapters.name)
     report = evaluate_run(run, eval_data, tmp_path / "out", EvalConfig(songs=1, max_bars=2, max_examples=2,
                                                                        batch_size=2), progress=False)
     assert all(report["teacher_forced"][task]["adapter"] is None for task in SUBTASKS)
@@ -223,6 +224,6 @@ def test_report_has_the_structure_and_key_table(report, report_dir):
     assert whole["low"] <= whole["mean"] <= whole["high"] <= 1.0
     classifier = structure["classifier"]
     assert (classifier["real_songs"], classifier["generated_songs"], classifier["folds"]) == (2, 2, 2)
-    text = (report_dir / "report.md").read_text()
+    text = EvalDir(report_dir).report_md.read_text()
     assert "## Structure and key" in text and "| scale_consistency_melody |" in text
     assert "real vs generated" in text and "MusPy: A Toolkit for Symbolic Music Generation" in text

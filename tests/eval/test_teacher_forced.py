@@ -6,6 +6,7 @@ import torch
 from musicray.eval.teacher_forced import held_out_dataset, teacher_forced
 from musicray.grammar import Grammar
 from musicray.model import load_music_model
+from musicray.run import RunDir
 from musicray.song import SongError
 from musicray.train.data import collate
 from musicray.train.loss import causal_lm_loss
@@ -15,7 +16,7 @@ from .conftest import TRAIN_SONGS, write_data
 
 @pytest.fixture(scope="module")
 def model(eval_run):
-    return load_music_model(eval_run / "stage1" / "model")
+    return load_music_model(RunDir(eval_run).stage1_model)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ requests = pytest.importorskip("requests")
 mido = pytest.importorskip("mido")
 miditoolkit = pytest.importorskip("miditoolkit")
 
+from musicray.run import RunDir  # noqa: E402
 from musicray.tokens import SUBTASKS  # noqa: E402
 
 from .conftest import serving  # noqa: E402
@@ -51,13 +52,13 @@ def run_dir(tmp_path_factory):
     model, tokenizer = load_base("tiny", root / "cache")
     torch.manual_seed(0)  # the new music-token embeddings are drawn at random: the same model every run
     music = add_music_tokens(model, tokenizer, Vocabulary())
-    save_music_model(model, music, run / "stage1" / "model")
+    save_music_model(model, music, RunDir(run).stage1_model)
     for i, subtask in enumerate(SUBTASKS):
         torch.manual_seed(100 + i)
-        base, _ = load_music_model(run / "stage1" / "model")
+        base, _ = load_music_model(RunDir(run).stage1_model)
         adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                                                   init_lora_weights=False))
-        adapted.save_pretrained(run / "adapters" / subtask)
+        adapted.save_pretrained(RunDir(run).adapter(subtask))
     return run
 
 
@@ -534,7 +535,7 @@ def test_native_stream_sends_stage_starts_and_ends_then_the_midi(serve_url):
 
 def test_engine_setting_is_checked_and_auto_resolves():
     from musicray.serve.config import serve_config
-    from musicray.serve.engines import vllm_available
+    from musicray.engine.available import vllm_available
     from musicray.song import SongError
 
     with pytest.raises(SongError, match="engine"):

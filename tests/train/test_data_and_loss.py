@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from musicray.encoding import encode_quantized, quantized, round_trip_song, section_windows
+from musicray.data.layout import DataDir
+from musicray.encoding import encode_quantized, round_trip_song
 from musicray.grammar import Grammar, validate_examples
 from musicray.model import add_music_tokens, load_base
+from musicray.quantize import quantized
 from musicray.song import SongError
 from musicray.tokens import TASKS, Vocabulary
 from musicray.train.config import Config, load_config
@@ -15,6 +17,7 @@ from musicray.train.data import (
     RenderedDataset, collate, collate_packed, load_examples, pack, packed_batches, validation_examples,
 )
 from musicray.train.loss import answer_masks, causal_lm_loss
+from musicray.windows import section_windows
 
 VOCAB = Vocabulary()
 GRAMMAR = Grammar(VOCAB)
@@ -74,7 +77,7 @@ def test_load_examples_teaches_chords_with_and_without_a_melody(tmp_path, synthe
 
     songs = [quantized(s, VOCAB) for s in synthetic_songs[:3]]
     pd.DataFrame([{"song_id": s.song_id, "split": "test", "song_json": json.dumps(song_to_dict(s))} for s in songs]
-                 ).to_parquet(tmp_path / "songs.parquet")
+                 ).to_parquet(DataDir(tmp_path).songs)
     examples = load_examples(tmp_path, ["chord", "melody"], "test", VOCAB, max_bars=8)
     windows = [w for s in songs for w in section_windows(s, 8)]
     with_melody = [w for w in windows if w.tracks["MELODY"]]

@@ -9,7 +9,6 @@ end with its loss and weights.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -22,11 +21,13 @@ import torch
 
 from musicray.cli import main
 from musicray.model import load_music_model
+from musicray.run import RunDir
 from musicray.song import SongError
 from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir
 from musicray.train.deepspeed_config import deepspeed_config
 from musicray.train.finetune import train_stage1
+from musicray.train.stage1_metrics import read_metrics
 from musicray.train.loss import causal_lm_loss
 
 pytest.importorskip("deepspeed")
@@ -53,8 +54,7 @@ def tiny_config(cache_dir: Path, **extra):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    with (run_dir / "stage1" / "metrics.csv").open() as f:
-        return [{k: (float(v) if v else None) for k, v in row.items()} for row in csv.DictReader(f)]
+    return read_metrics(RunDir(run_dir).stage1_metrics)
 
 
 def fixed_batch_loss(model_dir: Path, data_dir: Path, masked: bool = False) -> float:
@@ -144,7 +144,7 @@ def test_stage1_trains_and_exports(zero, request, cache_dir, tmp_path):
                          stage1__checkpoint_every=3)
         assert main(["train", "--config", str(TINY), "--out", str(run_dir), "--no-progress",
                      *[arg for value in sets for arg in ("--set", value)]]) == 0
-    stage = run_dir / "stage1"
+    run = RunDir(run_dir)
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(r["start_step"] == 0 and r["tokens_per_s"] > 0 and r["labelled_tokens_per_s"] > 0 for r in rows)
@@ -154,20 +154,33 @@ def test_stage1_trains_and_exports(zero, request, cache_dir, tmp_path):
     for row, ref in zip(rows, ref_rows):
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert row["learning_rate"] == pytest.approx(ref["learning_rate"])
-    checkpoints = sorted(p.name for p in (run_dir / "ray" / "stage1").glob("checkpoint_0*"))
+    checkpoints = sorted(p.name for p in RunDir(run_dir).ray_experiment("stage1").glob("checkpoint_0*"))
     assert checkpoints[-1] == f"checkpoint_{steps:06d}" and len(checkpoints) <= 2
-    assert (stage / "config.yaml").exists() and load_config(stage / "config.yaml").stage1.max_steps == steps
-    assert any((stage / "tensorboard").iterdir())
+    assert run.stage1_config.exists() and load_config(run.stage1_config).stage1.max_steps == steps
+    assert any(run.stage1_tensorboard.iterdir())
 
-    model, music = load_music_model(stage / "model")   # from_pretrained, tokenizer, vocabulary.json
+    model, music = load_music_model(run.stage1_model)   # from_pretrained, tokenizer, vocabulary.json
     vocab = music.vocab
     ids = music.tokenizer.encode("".join(vocab.tokens), add_special_tokens=False)
     assert ids == list(range(music.offset, music.offset + len(vocab)))
     assert model.get_input_embeddings().weight.shape[0] == len(music.tokenizer) >= music.offset + len(vocab)
-    assert json.loads((stage / "model" / "musicray.json").read_text())["step"] == steps
-    init = load_music_model(stage / "init")[0].state_dict()
+    assert json.loads((run.stage1_model / "musicray.json").read_text())["step"] == steps
+    init = load_music_model(run.stage1_init)[0].state_dict()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, init[k])]
     assert "lm_head.weight" in changed and "model.embed_tokens.weight" in changed
+
+
+def test_stage1_without_a_validation_split_says_so(ray_cluster, cache_dir, tmp_path):
+    """Six synthetic songs (seed 0) put none in the validation split: stage 1 trains on, and says so in its
+    metrics and on the driver (a worker's own warning stays in its log)."""
+    config = tiny_config(cache_dir, data__songs=6, stage1__max_steps=2, stage1__checkpoint_every=2)
+    with pytest.warns(UserWarning, match="stage 1: trained without a validation loss: .* no songs in its validation "
+                                         "split"):
+        train_stage1(config, tmp_path / "run", progress=False)
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["val_loss"] is None for r in rows)
+    assert rows[0]["val_missing"] is None   # step 1 does not validate
+    assert rows[1]["val_missing"].endswith("has no songs in its validation split")
 
 
 @pytest.mark.parametrize("mask_loss", [False, True], ids=["plain-padded", "masked-packed"])
@@ -183,8 +196,8 @@ def test_loss_falls(mask_loss, request, cache_dir, tmp_path):
         # packed rows are nearly full: 2 workers x 2 rows of up to 256 tokens
         assert all(r["tokens"] > 0.8 * 2 * 2 * 256 for r in metrics(run_dir))
     data_dir = resolve_data_dir(tiny_config(cache_dir), progress=False)
-    before = fixed_batch_loss(run_dir / "stage1" / "init", data_dir, masked=mask_loss)
-    after = fixed_batch_loss(run_dir / "stage1" / "model", data_dir, masked=mask_loss)
+    before = fixed_batch_loss(RunDir(run_dir).stage1_init, data_dir, masked=mask_loss)
+    after = fixed_batch_loss(RunDir(run_dir).stage1_model, data_dir, masked=mask_loss)
     print(f"fixed-batch loss ({'masked' if mask_loss else 'plain'}): {before:.4f} -> {after:.4f}")
     assert after < before - 0.3, (before, after)
     rows = metrics(run_dir)
@@ -207,7 +220,7 @@ def test_resume_matches_uninterrupted(reference, cache_dir, tmp_path):
     for row, ref_row in zip(rows, ref):
         assert row["loss"] == pytest.approx(ref_row["loss"], rel=1e-5), row["step"]
     assert rows[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5)
-    assert_same_weights(run_dir / "stage1" / "model", reference / "stage1" / "model")
+    assert_same_weights(RunDir(run_dir).stage1_model, RunDir(reference).stage1_model)
 
 
 def _train_workers() -> list[int]:
@@ -225,7 +238,7 @@ def _train_workers() -> list[int]:
 
 
 def _registered_checkpoints(run_dir: Path) -> list[str]:
-    snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
+    snapshot = RunDir(run_dir).ray_experiment("stage1") / "checkpoint_manager_snapshot.json"
     try:
         text = snapshot.read_text()
     except OSError:
@@ -266,4 +279,4 @@ def test_killed_worker_restarts_from_checkpoint(reference, cache_dir, tmp_path):
     assert [r["step"] for r in after] == list(range(restart + 1, STEPS + 1))
     for row in after:   # the restarted workers continue exactly where the checkpoint left off
         assert row["loss"] == pytest.approx(ref[int(row["step"]) - 1]["loss"], rel=1e-5), row["step"]
-    assert_same_weights(run_dir / "stage1" / "model", reference / "stage1" / "model")
+    assert_same_weights(RunDir(run_dir).stage1_model, RunDir(reference).stage1_model)

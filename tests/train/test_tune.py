@@ -8,6 +8,7 @@ import torch
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from musicray.run import RunDir
 from musicray.train.config import Config, DataConfig, Stage2Config
 from musicray.cli import main
 from musicray.train.per_subtask_scheduler import PerSubtaskScheduler
@@ -124,7 +125,7 @@ def tuned(tmp_path_factory):
     cache, run_dir = root / "cache", root / "run"
     model, tokenizer = load_base("tiny", cache)
     music = add_music_tokens(model, tokenizer, Vocabulary())
-    save_music_model(model, music, run_dir / "stage1" / "model")     # stands in for stage 1
+    save_music_model(model, music, RunDir(run_dir).stage1_model)     # stands in for stage 1
     config = Config(cache_dir=str(cache), data=DataConfig(songs=8, max_length=320),
                     stage2=Stage2Config(trials_per_subtask=2, max_steps=4, eval_every=2, eval_batches=1,
                                         micro_batch_size=2, cpus_per_trial=1, seed=0))
@@ -142,20 +143,20 @@ def test_five_adapters_exported_and_change_the_model(tuned):
 
     run_dir, adapters = tuned
     assert list(adapters) == list(SUBTASKS)
-    base, music = load_music_model(run_dir / "stage1" / "model")
+    base, music = load_music_model(RunDir(run_dir).stage1_model)
     base.eval()
     ids = torch.tensor([music.to_llm(list(range(1, 40)))])
     with torch.no_grad():
         before = base(input_ids=ids).logits
     for subtask in SUBTASKS:
-        out = run_dir / "adapters" / subtask
+        out = RunDir(run_dir).adapter(subtask)
         assert adapters[subtask] == out
         assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
-        chosen = json.loads((out / "hyperparameters.json").read_text())
+        chosen = json.loads(RunDir(run_dir).hyperparameters(subtask).read_text())
         assert chosen["subtask"] == subtask and chosen["val_loss"] > 0
         assert set(chosen) >= {"rank", "alpha", "dropout", "learning_rate", "target_modules"}
         assert json.loads((out / "adapter_config.json").read_text())["r"] == chosen["rank"]
-        fresh, _ = load_music_model(run_dir / "stage1" / "model")
+        fresh, _ = load_music_model(RunDir(run_dir).stage1_model)
         adapted = PeftModel.from_pretrained(fresh, out).eval()
         with torch.no_grad():
             after = adapted(input_ids=ids).logits
@@ -165,7 +166,7 @@ def test_five_adapters_exported_and_change_the_model(tuned):
 
 def test_trials_table(tuned):
     run_dir, _ = tuned
-    table = pd.read_csv(run_dir / "tune" / "trials.csv")
+    table = pd.read_csv(RunDir(run_dir).trials_csv)
     assert len(table) == 10
     assert sorted(table["subtask"].unique()) == sorted(SUBTASKS)
     assert (table.groupby("subtask").size() == 2).all()
@@ -177,10 +178,14 @@ def test_trials_table(tuned):
     for subtask, rows in table.groupby("subtask"):
         chosen = rows[rows["chosen"]].iloc[0]
         assert chosen["best_val_loss"] == rows["best_val_loss"].min()
-        exported = json.loads((run_dir / "adapters" / subtask / "hyperparameters.json").read_text())
+        exported = json.loads(RunDir(run_dir).hyperparameters(subtask).read_text())
         assert exported["val_loss"] == pytest.approx(chosen["best_val_loss"])
         assert exported["trial_id"] == chosen["trial_id"]
-    markdown = (run_dir / "tune" / "trials.md").read_text()
+        assert exported["val_source"] == chosen["val_source"]
+    # Each trial says where its validation loss came from (test_validation_falls_back_to_held_out_train: why).
+    sources = table.groupby("subtask")["val_source"].unique()
+    assert list(sources["chord"]) == ["validation"] and list(sources["dynamics"]) == ["train (held out)"]
+    markdown = RunDir(run_dir).trials_md.read_text()
     assert markdown.startswith("| trial_id | subtask |") and len(markdown.strip().splitlines()) == 12
 
 
@@ -190,8 +195,8 @@ def test_validation_falls_back_to_held_out_train(tuned):
     from musicray.train.tune import subtask_datasets
 
     run_dir, _ = tuned
-    _, music = load_music_model(run_dir / "stage1" / "model")
-    data_dir = json.loads((run_dir / "adapters" / "chord" / "hyperparameters.json").read_text())["data_dir"]
+    _, music = load_music_model(RunDir(run_dir).stage1_model)
+    data_dir = json.loads(RunDir(run_dir).hyperparameters("chord").read_text())["data_dir"]
     train, val, source = subtask_datasets(data_dir, "chord", music, 320)
     assert source == "validation" and len(val) > 0
     # The synthetic validation song's dynamics prompts are longer than 320 tokens: held out from train instead.

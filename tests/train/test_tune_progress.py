@@ -10,9 +10,9 @@ import pandas as pd
 from musicray.train.tune_progress import TrialLines, chosen_lines
 
 
-def trial(trial_id, subtask, step, loss):
+def trial(trial_id, subtask, step, loss, val_source="validation"):
     return SimpleNamespace(trial_id=trial_id, config={"subtask": subtask, "rank": 4, "learning_rate": 0.003},
-                           last_result={"step": step, "val_loss": loss})
+                           last_result={"step": step, "val_loss": loss, "val_source": val_source})
 
 
 def test_one_line_per_finished_trial():
@@ -31,6 +31,17 @@ def test_one_line_per_finished_trial():
     assert text[0].strip().startswith("[1/3] melody trial a_0: done; val_loss 2.500 (best 2.400), 80 steps")
     assert "stopped early" in text[1] and "[2/3]" in text[1]
     assert "[3/3] tempo trial a_2: failed; no validation loss" in text[2]
+    assert all("validated on" not in line for line in text)
+
+
+def test_a_trial_validated_on_held_out_train_says_so():
+    out = io.StringIO()
+    lines = TrialLines(total=1, max_steps=80, stream=out)
+    held_out = trial("d_0", "dynamics", 80, 2.5, "train (held out)")
+    lines.on_trial_result(0, [], held_out, {"val_loss": 2.5})
+    lines.on_trial_complete(0, [], held_out)
+    assert "val_loss 2.500 (best 2.500), 80 steps (validated on train (held out): no validation example fits)" \
+        in out.getvalue()
 
 
 def test_chosen_lines():

@@ -2,7 +2,7 @@
 
 ``VllmStages`` starts a ``vllm.v1`` ``AsyncLLM`` on a run dir (``enable_lora``, one ``LoRARequest`` per sub-task,
 chosen per request, so one engine step decodes a batch that mixes sub-tasks) with the grammar as its logits
-processor (``musicray.serve.grammar_processor``). ``compose`` runs one song's stages in order, each as one engine
+processor (``musicray.engine.grammar_processor``). ``compose`` runs one song's stages in order, each as one engine
 request that joins the running batch at the engine's next step (continuous batching: no batch to wait for, and
 a song's next stage starts as soon as its previous one ends). It yields events as it goes (a stage starts, a bar
 is complete, a stage ends), so that a caller can stream them; prompts, plans, budgets and the check of every
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from musicray.compose import StageFailed, StageInput, StagePlanner
+from musicray.engine.bar_events import BarEvents
 from musicray.grammar import Grammar
 from musicray.request import Request
 from musicray.run import RunDir
-from musicray.serve.bar_events import BarEvents
 from musicray.song import Song, SongError
 from musicray.tasks import subtask
 from musicray.tokens import SUBTASKS
@@ -59,7 +59,7 @@ class VllmStages:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from musicray.model import MusicTokenizer
-        from musicray.serve.grammar_processor import FQCN
+        from musicray.engine.grammar_processor import FQCN
         from musicray.tokens import Vocabulary
 
         run = RunDir(run_dir)
@@ -159,7 +159,7 @@ class VllmStages:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from musicray.serve.grammar_processor import EXTRA_ARGS_KEY, grammar_args
+        from musicray.engine.grammar_processor import EXTRA_ARGS_KEY, grammar_args
 
         if len(stage.prompt) + stage.budget + 1 > self.max_model_len:
             raise SongError(f"form: the {stage.task} stage needs up to {len(stage.prompt) + stage.budget + 1} tokens, "

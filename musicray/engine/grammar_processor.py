@@ -9,7 +9,7 @@ Each opted-in row keeps its own ``GrammarState`` row (``musicray.grammar``: the 
 stepped with the tokens the engine appended to the request's output since the last step, so a row never
 re-parses its prefix. All rows live in one batched state, rebuilt (``GrammarState.take`` / ``concat_states``)
 only when the batch's makeup changes; the mask of the whole batch is then one call of the native loop's
-``allowed_tokens``. Rows mask exactly as ``musicray.decode.generate`` does: music tokens by the grammar, the
+``allowed_tokens``. Rows mask exactly as ``musicray.engine.decode.generate`` does: music tokens by the grammar, the
 end-of-turn token only after ``<End>``.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from musicray.decode import NEG_INF, allowed_tokens, consume
+from musicray.engine.decode import NEG_INF, allowed_tokens, consume
 from musicray.grammar import STREAM_NAMES, Grammar, GrammarState, Plan, concat_states
 from musicray.model import MUSICRAY_JSON
 from musicray.song import MAX_SECTION_BARS, SECTION_LABELS, Section, SongError
@@ -32,7 +32,7 @@ from musicray.tokens import Vocabulary
 
 EXTRA_ARGS_KEY = "musicray_grammar"
 STATS_ENV = "MUSICRAY_GRAMMAR_STATS"
-FQCN = "musicray.serve.grammar_processor:GrammarLogitsProcessor"
+FQCN = "musicray.engine.grammar_processor:GrammarLogitsProcessor"
 
 
 def grammar_args(stream: str, plan: Plan, budget: int) -> dict:

@@ -31,12 +31,12 @@ def compose_streaming(run_dir: str | Path, request: Request, adapters: tuple[str
                       out: TextIO = sys.stdout) -> tuple[Song, dict]:
     """Compose ``request`` on a vLLM engine for ``run_dir``, printing its events to ``out`` as they come;
     (song, report) as ``Composer.compose`` answers."""
-    from musicray.serve.engines import vllm_available
+    from musicray.engine.available import vllm_available
 
     if not vllm_available():
         raise SongError('--stream: composing bar by bar needs vLLM (pip install -e ".[vllm]"); '
                         "without it, drop --stream")
-    from musicray.serve.vllm_engine import VllmStages
+    from musicray.engine.vllm_engine import VllmStages
 
     song = request.song()
     stages = VllmStages(run_dir, adapters)

@@ -14,11 +14,12 @@ pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
-from musicray.decode import allowed_tokens  # noqa: E402
+from musicray.engine.decode import allowed_tokens  # noqa: E402
+from musicray.engine.grammar_processor import (  # noqa: E402
+    EXTRA_ARGS_KEY, GrammarLogitsProcessor, grammar_args, read_grammar_args)
 from musicray.grammar import Grammar, Plan  # noqa: E402
 from musicray.model import load_music_model  # noqa: E402
-from musicray.serve.grammar_processor import (  # noqa: E402
-    EXTRA_ARGS_KEY, GrammarLogitsProcessor, grammar_args, read_grammar_args)
+from musicray.run import RunDir  # noqa: E402
 from musicray.song import parse_form  # noqa: E402
 
 
@@ -26,7 +27,7 @@ from musicray.song import parse_form  # noqa: E402
 def model_dir(tmp_path_factory, make_random_run):
     run = tmp_path_factory.mktemp("processor") / "run"
     make_random_run(run, [], tmp_path_factory.mktemp("cache"))
-    return run / "stage1" / "model"
+    return RunDir(run).stage1_model
 
 
 @pytest.fixture(scope="module")

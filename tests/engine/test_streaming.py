@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from musicray.midi import read_midi  # noqa: E402
+from musicray.run import RunDir  # noqa: E402
 from musicray.tokens import SUBTASKS  # noqa: E402
 
 
@@ -44,14 +45,14 @@ def test_an_adapter_vllm_cannot_load_is_refused_before_the_engine_starts(tmp_pat
     from peft import LoraConfig, get_peft_model
 
     from musicray.model import load_music_model
-    from musicray.serve.vllm_engine import VllmStages
+    from musicray.engine.vllm_engine import VllmStages
     from musicray.song import SongError
 
     run = tmp_path / "run"
     make_random_run(run, [], tmp_path / "cache")
-    model, _ = load_music_model(run / "stage1" / "model")
+    model, _ = load_music_model(RunDir(run).stage1_model)
     torch.manual_seed(0)
     adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    adapted.save_pretrained(run / "adapters" / "melody", save_embedding_layers=True)
+    adapted.save_pretrained(RunDir(run).adapter("melody"), save_embedding_layers=True)
     with pytest.raises(SongError, match=r"adapters: .*melody.*(embed_tokens|lm_head)"):
         VllmStages(run)

@@ -5,12 +5,13 @@ import random
 import pytest
 import torch
 
-from musicray.decode import GrammarLogitsProcessor, generate
-from musicray.encoding import TASK_TARGET, encode
+from musicray.encoding import encode
+from musicray.engine.decode import GrammarLogitsProcessor, generate
 from musicray.grammar import Grammar, Plan, small_tensor_threads
 from musicray.model import add_music_tokens, load_base
 from musicray.sampling import Sampling
 from musicray.song import METRES, SECTION_LABELS, Section, Song, TRACKS, Tempo
+from musicray.streams import TASK_TARGET
 from musicray.tokens import SUBTASKS, Vocabulary
 
 VOCAB = Vocabulary()
@@ -109,7 +110,8 @@ def test_unmasked_ablation_runs_and_is_not_held_to_the_grammar(model, synthetic_
 def test_jump_forward_feeds_forced_runs_at_once_and_keeps_the_output(model, synthetic_songs):
     """Half the bars given (infilling): jump-forward decodes the same tokens as the step-by-step loop, for
     sampled and greedy decoding, with fewer model calls than tokens."""
-    from musicray.encoding import bar_contents, quantized
+    from musicray.encoding import bar_contents
+    from musicray.quantize import quantized
 
     model, music, grammar = model
     song = quantized(synthetic_songs[4], VOCAB)
