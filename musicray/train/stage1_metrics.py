@@ -37,16 +37,18 @@ class MetricsLog:
 
         path = run.stage1_metrics
         new = not path.exists() or path.stat().st_size == 0
+        # A run resumed from before a column was added keeps its file's columns: rows stay under their header.
+        self.columns = METRIC_COLUMNS if new else tuple(path.read_text().splitlines()[0].split(","))
         self.file = path.open("a", newline="")
         self.csv = csv.writer(self.file, lineterminator="\n")
         if new:
-            self.csv.writerow(METRIC_COLUMNS)
+            self.csv.writerow(self.columns)
             self.file.flush()
         # purge_step hides events a failed attempt logged after the checkpoint it restarts from.
         self.tb = SummaryWriter(str(run.stage1_tensorboard), purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict) -> None:
-        self.csv.writerow(["" if row.get(c) is None else row[c] for c in METRIC_COLUMNS])
+        self.csv.writerow(["" if row.get(c) is None else row[c] for c in self.columns])
         self.file.flush()
         step = row["step"]
         for key in ("loss", "learning_rate", "tokens_per_s", "labelled_tokens_per_s"):
