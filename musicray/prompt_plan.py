@@ -80,18 +80,25 @@ class PromptPlanner:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
 
-    def plan(self, prompt: str) -> PromptPlan:
+    def plan(self, prompt: str, max_bars: int | None = None) -> PromptPlan:
+        """The plan of ``prompt``; with ``max_bars`` (a server's limit) the form only takes sections that fit."""
         if not prompt or not prompt.strip():
             raise SongError("prompt: empty; describe the song in words, e.g. 'a gentle ballad in 3/4'")
+        shortest = min(section.bars for section in SECTION_WORDS.values())
+        if max_bars is not None and max_bars < shortest:
+            raise SongError(f"prompt: a planned form has sections of at least {shortest} bars; this server composes "
+                            f"at most max_bars={max_bars}")
         text = self.tokenizer.apply_chat_template(
             [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt.strip()}],
             add_generation_prompt=True, tokenize=False) + FORM_OPEN
         sections: list[str] = []
+        bars_left = max_bars if max_bars is not None else MAX_SECTIONS * max(s.bars for s in SECTION_WORDS.values())
         while True:
-            word = self._choose(text, tuple(SECTION_WORDS))
+            word = self._choose(text, tuple(w for w, s in SECTION_WORDS.items() if s.bars <= bars_left))
             sections.append(word)
             text += word
-            if len(sections) == MAX_SECTIONS:
+            bars_left -= SECTION_WORDS[word].bars
+            if len(sections) == MAX_SECTIONS or bars_left < shortest:
                 break
             # another section, or the end of the form: the likelier continuation of the JSON
             ending = self._choose(text, (SECTION_NEXT, FORM_CLOSE))

@@ -106,3 +106,39 @@ def test_the_plan_command_prints_the_plan_as_json(tmp_path, capsys):
     plan = json.loads(out[out.index("{\n"):])
     assert set(plan) == {"form", "key", "metre", "tempo", "tempo_direction", "sections"}
     Request(plan["form"], plan["key"], plan["metre"], plan["tempo"]).song()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, make_random_run):
+    """The tiny random run (its stage-1 model has the tiny base's chat template): plans arbitrary but valid."""
+    run = tmp_path_factory.mktemp("prompt-run") / "run"
+    make_random_run(run, ("chord",), tmp_path_factory.mktemp("cache"))
+    return run
+
+
+@pytest.mark.parametrize("planner_options", [[], ["--base", "tiny"]], ids=["the run's stage-1 model", "--base"])
+def test_generate_with_a_prompt_composes_the_plan_and_says_which_fields_it_took(tiny_run, tmp_path, capsys,
+                                                                                 planner_options):
+    from musicray.cli import main
+    from musicray.midi import read_midi
+
+    prompt, out = "a waltz in G major", tmp_path / "song.mid"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["generate", "--run", str(tiny_run), "--prompt", prompt, "--tempo", "90", "--stages", "chord",
+                 *planner_options, *cache, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = (load_planner(planner_options[1] if planner_options else None, None if planner_options else tiny_run,
+                         tmp_path / "cache").plan(prompt))
+    song = read_midi(out)
+    assert (song.form, song.key, song.metre) == (plan.form, plan.key, plan.metre)
+    assert f"from the --prompt's plan: form {plan.form}, key {plan.key}, metre {plan.metre}; stated instead: " \
+           f"tempo; tempo direction {plan.tempo_direction}" in printed
+    assert json.loads(out.with_suffix(".json").read_text())["stages"]["chord"]["grammar_errors"] == 0
+
+
+def test_generate_refuses_an_empty_prompt_naming_it(tiny_run, tmp_path, capsys):
+    from musicray.cli import main
+
+    assert main(["generate", "--run", str(tiny_run), "--prompt", " ", "--out", str(tmp_path / "song.mid")]) != 0
+    assert capsys.readouterr().err.strip().endswith("--prompt: empty; describe the song in words, e.g. 'a gentle "
+                                                    "ballad in 3/4'")
