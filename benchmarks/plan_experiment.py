@@ -1,11 +1,11 @@
 """Songs planned from words, measured: the share of the attributes ``musicray.prompt_plan.CHECKED_PROMPTS`` state that
 the plans honour, with the instruct base and with music-tuned runs (their stage-1 model, adapters off: does full
-fine-tuning on music tokens erase the text skill?), with and without the plan's worked examples (``EXAMPLES``).
+fine-tuning on music tokens erase the text skill?).
 
     .venv/bin/python benchmarks/plan_experiment.py --planner base:smollm2-135m-instruct --planner run:RUN_DIR \\
         --out runs/plan-experiment.json
 
-Prints one Markdown row per planner and examples setting (docs/results.md keeps the figures), and each miss.
+Prints one Markdown row per planner (docs/results.md keeps the figures), and each miss.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ import torch
 
 from musicray.compose import Request
 from musicray.model import load_base, load_music_model
-from musicray.prompt_plan import CHECKED_PROMPTS, EXAMPLES, PromptPlanner, missed_attributes
+from musicray.prompt_plan import CHECKED_PROMPTS, PromptPlanner, missed_attributes
 from musicray.run import RunDir
 
 
-def planner_for(spec: str, cache_dir: str, examples) -> PromptPlanner:
+def planner_for(spec: str, cache_dir: str) -> PromptPlanner:
     kind, _, name = spec.partition(":")
     if kind == "base":
-        return PromptPlanner(*load_base(name, cache_dir), examples=examples)
+        return PromptPlanner(*load_base(name, cache_dir))
     if kind == "run":
         model, music = load_music_model(RunDir(name).require("stage-1 model"))
-        return PromptPlanner(model, music.tokenizer, examples=examples)
+        return PromptPlanner(model, music.tokenizer)
     raise SystemExit(f"--planner {spec}: expected base:NAME or run:DIR")
 
 
@@ -54,26 +54,21 @@ def measure(planner: PromptPlanner) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--planner", action="append", required=True, help="base:NAME or run:DIR (repeatable)")
-    parser.add_argument("--examples", choices=("with", "without", "both"), default="both",
-                        help="plan with the worked examples, without them, or both")
     parser.add_argument("--cache-dir", default="~/.cache/musicray")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = {"with": [True], "without": [False], "both": [False, True]}[args.examples]
     results = []
     for spec in args.planner:
-        for with_examples in settings:
-            planner = planner_for(spec, args.cache_dir, EXAMPLES if with_examples else ())
-            result = {"planner": spec, "examples": with_examples, **measure(planner)}
-            results.append(result)
-            print(f"| {spec} | {'with' if with_examples else 'without'} | {result['honoured']} / {result['stated']} "
-                  f"({result['share']:.0%}) | {result['valid']} / {len(CHECKED_PROMPTS)} | {result['seconds_median']} s "
-                  f"({result['seconds_min']}-{result['seconds_max']}) |", flush=True)
-            for row in result["prompts"]:
-                for miss in row["missed"]:
-                    print(f"    miss: {row['prompt']!r}: {miss[0]} planned {miss[1]}, stated {miss[2]}", flush=True)
+        result = {"planner": spec, **measure(planner_for(spec, args.cache_dir))}
+        results.append(result)
+        print(f"| {spec} | {result['honoured']} / {result['stated']} ({result['share']:.0%}) | {result['valid']} / "
+              f"{len(CHECKED_PROMPTS)} | {result['seconds_median']} s ({result['seconds_min']}-{result['seconds_max']}) |",
+              flush=True)
+        for row in result["prompts"]:
+            for miss in row["missed"]:
+                print(f"    miss: {row['prompt']!r}: {miss[0]} planned {miss[1]}, stated {miss[2]}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"load_average": os.getloadavg(), "results": results}, indent=1))
 

