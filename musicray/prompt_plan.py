@@ -126,8 +126,9 @@ class PromptPlanner:
         """The value of ``values`` the model finds likeliest after ``text`` (summed log-probability of its tokens).
 
         The text and each continuation are tokenized together (BPE may merge across the boundary); the ids all
-        continuations share are run once, and its KV cache, repeated per value, scores every value's remaining ids
-        in one batched forward pass (right-padded: a causal model's scores before the padding are unaffected)."""
+        continuations share are run once (only those the previous choice did not run: ``_context``), and their KV
+        cache, repeated per value, scores every value's remaining ids in one batched forward pass (right-padded: a
+        causal model's scores before the padding are unaffected)."""
         full = [self.tokenizer(text + value, add_special_tokens=False)["input_ids"] for value in values]
         shared = min(_common_prefix(full[0], ids) for ids in full)
         shared = min(shared, min(len(ids) for ids in full) - 1)   # every value keeps at least one token to score
@@ -145,7 +146,6 @@ class PromptPlanner:
         taken = logits.gather(-1, ids[..., None])[..., 0] * mask[:, shared:]
         scores = taken.sum(-1)
         return values[int(scores.argmax())]
-
 
     @torch.no_grad()
     def _context(self, ids: list[int]):
