@@ -66,7 +66,8 @@ GENERATE_OPTIONS = {"form": "--form", "key": "--key", "metre": "--metre", "tempo
                     "regenerate_bars": "--regenerate-bars", "continue_bars": "--continue",
                     "regenerate_tracks": "--regenerate-tracks",
                     "temperature": "--temperature", "top_k": "--top-k",
-                    "top_p": "--top-p", "stage_settings": "--stage-sampling", "variation": "--variation"}
+                    "top_p": "--top-p", "stage_settings": "--stage-sampling", "variation": "--variation",
+                    "prompt": "--prompt"}
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -87,7 +88,8 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stage_settings=_stage_settings(args.stage_sampling), use_mask=not args.no_mask,
         allow_missing_adapters=args.no_adapters or args.allow_missing_adapters, variation=args.variation,
-        harmony_guard=not args.no_harmony_guard, defaults=run_defaults(args.run),
+        harmony_guard=not args.no_harmony_guard, defaults=run_defaults(args.run), prompt=args.prompt,
+        planner=_planner(args),
         names=GENERATE_OPTIONS)
     adapters = () if args.no_adapters else SUBTASKS
     if args.stream:
@@ -103,6 +105,27 @@ def _generate(args: argparse.Namespace) -> None:
           f"{report_path}")
     if request.from_run:
         print(f"as the run's evaluation composed (its config's eval settings): {json.dumps(request.taken_from_run())}")
+    if request.plan is not None:
+        print(f"from the --prompt's plan: {_plan_summary(request)}")
+
+
+def _planner(args: argparse.Namespace):
+    """What reads ``generate --prompt``: the --base instruct model, else the run's stage-1 model (no adapters:
+    the plan is text); loaded only when a prompt is read."""
+    def plan(prompt: str, max_bars: int | None):
+        from musicray.prompt_plan import load_planner
+
+        return load_planner(args.base, None if args.base else args.run, args.cache_dir).plan(prompt, max_bars)
+    return plan
+
+
+def _plan_summary(request) -> str:
+    """The fields taken from the plan with their values, then those stated instead of it."""
+    taken = ", ".join(f"{name} {getattr(request, name)}" for name in request.from_plan) or "nothing"
+    stated = [name for name in ("form", "key", "metre", "tempo") if name not in request.from_plan]
+    direction = request.plan["tempo_direction"]
+    return (f"{taken}{'; stated instead: ' + ', '.join(stated) if stated else ''}; tempo direction {direction} "
+            "(not applied: the tempo stage writes the tempo)")
 
 
 def _stage_summary(stages: dict[str, dict]) -> str:
@@ -311,10 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="compose a song with the trained model and adapters")
     gen.add_argument("--run", type=Path, required=True, help="run dir with stage1/model and adapters/")
-    gen.add_argument("--form", help="sections as label + bars, e.g. i4A8B8A8o4 (default: the --song's form)")
-    gen.add_argument("--key", help="ROOT:maj or ROOT:min (default: the --song's key, else C:maj)")
-    gen.add_argument("--metre", help="4/4, 3/4, 2/4, 12/8 or 6/8 (default: the --song's metre, else 4/4)")
-    gen.add_argument("--tempo", type=int, help="base tempo, bpm (default: the --song's first tempo, else 100)")
+    gen.add_argument("--form", help="sections as label + bars, e.g. i4A8B8A8o4 (default: the --song's form, else "
+                                    "the --prompt's plan)")
+    gen.add_argument("--key", help="ROOT:maj or ROOT:min (default: the --song's key, else the --prompt's plan, "
+                                   "else C:maj)")
+    gen.add_argument("--metre", help="4/4, 3/4, 2/4, 12/8 or 6/8 (default: the --song's metre, else the --prompt's "
+                                     "plan, else 4/4)")
+    gen.add_argument("--tempo", type=int, help="base tempo, bpm (default: the --song's first tempo, else the "
+                                               "--prompt's plan, else 100)")
+    gen.add_argument("--prompt", help='the song in words, e.g. "a gentle ballad in 3/4, verse-chorus-verse": an '
+                                      'instruct model plans form, key, metre and tempo (as musicray plan); the '
+                                      'options above override the plan')
+    gen.add_argument("--base", help="the instruct model that plans --prompt: a name (smollm2-135m-instruct) or a "
+                                    "directory (default: the run's stage-1 model, adapters off)")
+    gen.add_argument("--cache-dir", default="~/.cache/musicray", help="where a named --base is converted")
     gen.add_argument("--chords", type=Path, help="chords (file or inline): one per bar, cycled; C:maj,G:maj splits a bar")
     gen.add_argument("--melody", type=Path, help="your own melody (MIDI); its MELODY track replaces the melody stage")
     gen.add_argument("--song", type=Path,

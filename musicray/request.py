@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 from musicray.errors import SongError
 from musicray.harmony import canonical_chord, canonical_key
@@ -91,6 +92,10 @@ class Request:
         if "variation" in self.from_run:
             taken["variation"] = self.variation
         return taken
+    # Songs planned from words: the plan a prompt was given (``musicray.prompt_plan.PromptPlan.to_dict``) and the
+    # fields of this request taken from it (those the request did not state itself); for the front ends' answers.
+    plan: dict | None = None
+    from_plan: tuple[str, ...] = ()
 
     def sampling_for(self, stage: str) -> Sampling:
         """How ``stage``'s tokens are drawn: its own settings where ``stage_sampling`` has them, else ``sampling``."""
@@ -267,6 +272,7 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                         allow_missing_adapters: bool = False, variation: float | None = None,
                         harmony_guard: bool = True,
                         max_bars: int | None = None, defaults: RunDefaults | None = None,
+                        prompt: str | None = None, planner: Callable[[str, int | None], object] | None = None,
                         names: dict[str, str] | None = None) -> Request:
     """The request the command line or an HTTP body describes, checked; ``FieldError`` names the field at fault
     as the front end calls it (``names`` maps this function's argument names to those, e.g. ``given`` to
@@ -284,7 +290,11 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     ``defaults`` (the run's evaluated settings) fill what the request leaves unsaid: its per-stage sampling where
     no sampling setting is given (stage settings given are laid over it), its variation where none is given; and
     a request that regenerates sections by label without a variation gets 0, so that every rewritten occurrence of
-    a label repeats the first (``regenerate_bars`` stays literal). ``Request.from_run`` names what was taken."""
+    a label repeats the first (``regenerate_bars`` stays literal). ``Request.from_run`` names what was taken.
+
+    ``prompt`` is the song in words: ``planner(prompt, max_bars)`` (e.g. ``musicray.prompt_plan.PromptPlanner.plan``)
+    turns it into a plan whose form, key, metre and tempo fill what neither the fields nor ``given`` state (stated
+    fields win); the request's ``from_plan`` names the fields taken from the plan."""
     names = names or {}
 
     def named(argument: str) -> str:
@@ -298,9 +308,21 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
         except SongError as err:
             raise FieldError(named(argument), str(err)) from None
 
-    form = form or (given.form if given else None)
+    plan = None
+    if prompt is not None:
+        if planner is None:
+            raise FieldError(named("prompt"), "this front end has no planner to read a prompt with")
+        if not prompt.strip():   # before a planner (a model) is loaded for it
+            raise FieldError(named("prompt"), "empty; describe the song in words, e.g. 'a gentle ballad in 3/4'")
+        plan = checked("prompt", planner, prompt, max_bars)
+    # What the plan fills: a field neither stated nor brought by a given song.
+    from_plan = tuple(name for name, value in (("form", form), ("key", key), ("metre", metre_name), ("tempo", tempo))
+                      if plan is not None and value is None and given is None)
+    planned = {name: getattr(plan, name) for name in from_plan}
+    form = form or (given.form if given else None) or planned.get("form")
     if not form:
-        raise FieldError(named("form"), f"required (or give {named('given')}, whose form is used)")
+        raise FieldError(named("form"), f"required (or give {named('given')}, whose form is used, or "
+                                        f"{named('prompt')}, whose plan is)")
     bars = sum(s.bars for s in checked("form", parse_form, form))
     given_bars = bars   # the bars the given parts fill (all of the form but a continuation)
     if continue_bars is not None:
@@ -313,10 +335,10 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
         field_name = "form" if continue_bars is None else "continue_bars"
         raise FieldError(named(field_name),
                          f"{form!r} has {bars} bars; this server composes at most max_bars={max_bars}")
-    key = checked("key", canonical_key, key or (given.key if given else "C:maj"))
-    metre_name = checked("metre", metre, metre_name or (given.metre if given else "4/4")).name
+    key = checked("key", canonical_key, key or (given.key if given else planned.get("key", "C:maj")))
+    metre_name = checked("metre", metre, metre_name or (given.metre if given else planned.get("metre", "4/4"))).name
     if tempo is None:
-        tempo = round(given.tempos[0].bpm) if given and given.tempos else 100
+        tempo = round(given.tempos[0].bpm) if given and given.tempos else planned.get("tempo", 100)
     checked("tempo", TEMPO_RANGE.checked, tempo, named("tempo"))
     if given is not None:
         given = dataclasses.replace(
@@ -372,7 +394,8 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                    regenerate=infilling, regenerate_tracks=tracks,
                    tempos=given.tempos if given and infilling else None,
                    stage_sampling=per_stage or None, allow_missing_adapters=allow_missing_adapters,
-                   variation=variation, harmony_guard=harmony_guard, from_run=tuple(from_run))
+                   variation=variation, harmony_guard=harmony_guard, from_run=tuple(from_run),
+                   plan=plan.to_dict() if plan is not None else None, from_plan=from_plan)
 
 
 def stage_settings(request: Request) -> dict:

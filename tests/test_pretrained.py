@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from musicray.pretrained import INSTALL, SMOLLM2, ShippedBase, gguf_file
 from musicray.run import RunDir
 from musicray.tokens import Vocabulary
 
+ROOT = Path(__file__).resolve().parents[1]
 SMOL = "smollm2-135m-instruct"
 
 
@@ -120,3 +122,68 @@ def test_training_steps_then_composing_a_song_under_the_grammar(smol_music, pop9
     assert all(note.bar < 2 for note in song.tracks["MELODY"])
     assert {"chord", "melody"} <= set(report["stages"]), report
     assert all(stage["grammar_errors"] == 0 for stage in report["stages"].values())
+
+
+
+# Both training stages on the smol base, as small as they go: two stage-1 steps (Ray Train + DeepSpeed, one worker)
+# and one stage-2 trial of two steps for the chord adapter (Ray Tune), on 2-bar windows of the first POP909 songs.
+SMOL_TINY_RUN = ["data.source=pop909", "data.limit=6", "data.max_bars=2", "data.max_length=384",
+                 "stage1.tasks=[chord,melody]", "stage1.cpus_per_worker=1", "stage1.micro_batch_size=1",
+                 "stage1.max_steps=2", "stage1.checkpoint_every=2", "stage1.warmup_steps=1",
+                 "stage2.subtasks=[chord]", "stage2.trials_per_subtask=1", "stage2.max_steps=2", "stage2.eval_every=2",
+                 "stage2.eval_batches=1", "stage2.micro_batch_size=1", "stage2.cpus_per_trial=1"]
+
+
+@pytest.fixture(scope="module")
+def smol_trained_run(smol_base, pop909_root, tmp_path_factory):
+    """A run on the smol base through both training stages (``SMOL_TINY_RUN``): stage-1 model and chord adapter."""
+    import ray
+
+    from musicray.train.config import load_config
+    from musicray.train.finetune import train_stage1
+    from musicray.train.tune import tune_adapters
+
+    pytest.importorskip("deepspeed")
+    cache, _ = smol_base
+    config = load_config(ROOT / "configs" / "pop909_smol.yaml", [f"cache_dir={cache}", *SMOL_TINY_RUN])
+    run = tmp_path_factory.mktemp("smol-run")
+    try:
+        train_stage1(config, run, progress=False)
+        adapters = tune_adapters(config, run, progress=False)
+    finally:
+        ray.shutdown()
+    assert list(adapters) == ["chord"]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["native", "vllm"])
+def test_both_stages_train_on_the_smol_base_and_both_engines_compose_with_the_adapter(smol_trained_run, engine):
+    """Stage 1 and a stage-2 adapter on SmolLM2 (head_dim 64), then a song on musicray's own loop and on vLLM's
+    engine: the chord stage with its adapter, the melody on the stage-1 model alone, both under the grammar."""
+    import io
+
+    from musicray.compose import Composer, Request
+    from musicray.run import RunDir
+
+    run = RunDir(smol_trained_run)
+    metrics = (smol_trained_run / "stage1" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 1 + 2   # header and two steps
+    chosen = json.loads((smol_trained_run / "adapters" / "chord" / "hyperparameters.json").read_text())
+    assert chosen["subtask"] == "chord" and chosen["val_loss"] > 0
+    assert run.require("stage-1 model")
+    request = Request("A2", key="G:maj", tempo=90, seed=3, stages=("chord", "melody"), allow_missing_adapters=True)
+    if engine == "native":
+        song, report = Composer(smol_trained_run, adapters=("chord",)).compose(request)
+    else:
+        pytest.importorskip("vllm")
+        from musicray.serve.streaming import compose_streaming
+
+        printed = io.StringIO()
+        song, report = compose_streaming(smol_trained_run, request, adapters=("chord",), out=printed)
+        assert "== chord (2 bars, adapter chord)" in printed.getvalue()
+    assert song.n_bars == 2 and song.chords and song.tracks["MELODY"]
+    stages = report["stages"]
+    assert list(stages) == ["chord", "melody"], report
+    assert stages["chord"]["adapter"] == "chord" and not stages["melody"].get("adapter")
+    assert all(stage.get("grammar_errors", 0) == 0 for stage in stages.values())

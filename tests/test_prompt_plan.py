@@ -11,21 +11,11 @@ import torch
 
 from musicray.compose import Request
 from musicray.errors import SongError
-from musicray.prompt_plan import (KEY_MODES_IN_WORDS, PLAN_GRAMMAR, SECTION_WORDS, PromptPlanner, load_planner)
+from musicray.prompt_plan import (CHECKED_PROMPTS, KEY_MODES_IN_WORDS, PLAN_GRAMMAR, SECTION_WORDS, PromptPlanner,
+                                  load_planner, missed_attributes)
 from musicray.song import form_string
 
-# Prompts and the attributes they state (a plan honours one when its field equals the value given here).
-PROMPTS: list[tuple[str, dict]] = [
-    ("a gentle ballad in 3/4, verse-chorus-verse, slowing at the end",
-     {"metre": "3/4", "sections": ("verse", "chorus", "verse"), "tempo_direction": "slowing"}),
-    ("an upbeat dance song in A minor at 128 bpm", {"key": "A:min", "tempo": 128}),
-    ("a song in D major in 6/8 at 90 bpm", {"key": "D:maj", "metre": "6/8", "tempo": 90}),
-    ("intro, verse, chorus, outro in 4/4 with a steady tempo",
-     {"sections": ("intro", "verse", "chorus", "outro"), "metre": "4/4", "tempo_direction": "steady"}),
-    ("a sad song in E minor at 70 bpm, speeding up at the end",
-     {"key": "E:min", "tempo": 70, "tempo_direction": "speeding up"}),
-]
-HONOURED_AT_LEAST = 0.75   # measured 12 of 14 (0.86; docs/results.md, "Songs planned from words"); one miss of margin
+HONOURED_AT_LEAST = 0.7   # measured 21 of 28 (0.75; docs/results.md, "Songs planned from words"); one miss of margin
 
 
 @pytest.mark.parametrize("field", PLAN_GRAMMAR, ids=lambda field: field.name)
@@ -84,18 +74,15 @@ def test_an_empty_prompt_is_refused(planner):
 
 
 def test_prompts_become_valid_plans_that_honour_what_they_state(planner: PromptPlanner):
-    honoured, stated, missed = 0, 0, []
-    for prompt, attributes in PROMPTS:
+    stated, missed = 0, []
+    for prompt, attributes in CHECKED_PROMPTS:
         plan = planner.plan(prompt)
         Request(plan.form, plan.key, plan.metre, plan.tempo).song()   # every plan is valid
         assert json.loads(json.dumps(plan.to_dict()))["form"] == plan.form
-        for name, value in attributes.items():
-            stated += 1
-            if getattr(plan, name) == value:
-                honoured += 1
-            else:
-                missed.append((prompt, name, getattr(plan, name), value))
-    assert honoured / stated >= HONOURED_AT_LEAST, missed
+        assert plan.form == form_string([SECTION_WORDS[word] for word in plan.sections])
+        stated += len(attributes)
+        missed += [(prompt, *miss) for miss in missed_attributes(plan, attributes)]
+    assert 1 - len(missed) / stated >= HONOURED_AT_LEAST, missed
 
 
 def test_the_plan_command_prints_the_plan_as_json(tmp_path, capsys):
@@ -106,3 +93,39 @@ def test_the_plan_command_prints_the_plan_as_json(tmp_path, capsys):
     plan = json.loads(out[out.index("{\n"):])
     assert set(plan) == {"form", "key", "metre", "tempo", "tempo_direction", "sections"}
     Request(plan["form"], plan["key"], plan["metre"], plan["tempo"]).song()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, make_random_run):
+    """The tiny random run (its stage-1 model has the tiny base's chat template): plans arbitrary but valid."""
+    run = tmp_path_factory.mktemp("prompt-run") / "run"
+    make_random_run(run, ("chord",), tmp_path_factory.mktemp("cache"))
+    return run
+
+
+@pytest.mark.parametrize("planner_options", [[], ["--base", "tiny"]], ids=["the run's stage-1 model", "--base"])
+def test_generate_with_a_prompt_composes_the_plan_and_says_which_fields_it_took(tiny_run, tmp_path, capsys,
+                                                                                 planner_options):
+    from musicray.cli import main
+    from musicray.midi import read_midi
+
+    prompt, out = "a waltz in G major", tmp_path / "song.mid"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["generate", "--run", str(tiny_run), "--prompt", prompt, "--tempo", "90", "--stages", "chord",
+                 *planner_options, *cache, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = (load_planner(planner_options[1] if planner_options else None, None if planner_options else tiny_run,
+                         tmp_path / "cache").plan(prompt))
+    song = read_midi(out)
+    assert (song.form, song.key, song.metre) == (plan.form, plan.key, plan.metre)
+    assert f"from the --prompt's plan: form {plan.form}, key {plan.key}, metre {plan.metre}; stated instead: " \
+           f"tempo; tempo direction {plan.tempo_direction}" in printed
+    assert json.loads(out.with_suffix(".json").read_text())["stages"]["chord"]["grammar_errors"] == 0
+
+
+def test_generate_refuses_an_empty_prompt_naming_it(tiny_run, tmp_path, capsys):
+    from musicray.cli import main
+
+    assert main(["generate", "--run", str(tiny_run), "--prompt", " ", "--out", str(tmp_path / "song.mid")]) != 0
+    assert capsys.readouterr().err.strip().endswith("--prompt: empty; describe the song in words, e.g. 'a gentle "
+                                                    "ballad in 3/4'")

@@ -177,3 +177,49 @@ def test_infilling_by_track_names_its_tracks_and_voices_a_rewritten_piano():
     back = stage_request(request.song(), stage_settings(request))
     assert back.regenerate_tracks == request.regenerate_tracks and back.piano == request.piano
     assert request_from_fields(given=given_song(), regenerate="B").regenerate_tracks is None
+
+
+def planned_in_words(prompt: str, max_bars: int | None):
+    """A planner that writes one fixed plan (the request builder's part is what is tested here; the model's is
+    tests/test_prompt_plan.py's), after checking that it is handed the prompt and the server's limit."""
+    from musicray.prompt_plan import PromptPlan
+
+    assert prompt == "a waltz in D minor, verse-chorus" and max_bars in (None, 64)
+    return PromptPlan("A8B8", "E:maj", "6/8", 84, "slowing", ("verse", "chorus"))
+
+
+PROMPT_CASES = {
+    # stated fields, the request's (form, key, metre, tempo), the fields taken from the plan
+    "nothing stated": ({}, ("A8B8", "E:maj", "6/8", 84), ("form", "key", "metre", "tempo")),
+    "a stated form and tempo win": ({"form": "A2", "tempo": 120}, ("A2", "E:maj", "6/8", 120), ("key", "metre")),
+    "every field stated": ({"form": "A2", "key": "G:maj", "metre_name": "4/4", "tempo": 90, "max_bars": 64},
+                           ("A2", "G:maj", "4/4", 90), ()),
+    "a given song brings its own": ({"given": given_song()}, ("A2B2", "D:min", "3/4", 88), ()),
+}
+
+
+@pytest.mark.parametrize("fields, expected, from_plan", PROMPT_CASES.values(), ids=PROMPT_CASES.keys())
+def test_a_prompts_plan_fills_the_fields_not_stated(fields, expected, from_plan):
+    request = request_from_fields(**fields, prompt="a waltz in D minor, verse-chorus", planner=planned_in_words)
+    assert (request.form, request.key, request.metre, request.tempo) == expected
+    assert request.from_plan == from_plan and request.plan["tempo_direction"] == "slowing"
+    request.song().check()
+
+
+@pytest.mark.parametrize("prompt, planner, words", [
+    ("a waltz", None, "no planner"),
+    ("   ", planned_in_words, "empty"),   # refused before the planner is called
+])
+def test_a_prompt_without_a_planner_or_words_is_refused_naming_it(prompt, planner, words):
+    with pytest.raises(FieldError, match=f"^--prompt: .*{words}") as caught:
+        request_from_fields(prompt=prompt, planner=planner, names={"prompt": "--prompt"})
+    assert caught.value.field == "--prompt"
+
+
+def test_a_planners_refusal_names_the_prompt():
+    def refusing(prompt, max_bars):
+        raise SongError("base_model: some-base needs the package(s) gguf, not installed")
+
+    with pytest.raises(FieldError, match="^prompt: base_model: some-base") as caught:
+        request_from_fields(prompt="a song", planner=refusing)
+    assert caught.value.field == "prompt"

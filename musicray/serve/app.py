@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -188,6 +189,13 @@ def _finished_midi(song) -> bytes:
         raise StageFailed("finish", f"finish: the composed song cannot be written: {err}", 500) from None
 
 
+def _planned(request) -> dict:
+    """The answer's account of a prompt: the plan and the request's fields taken from it (none without a prompt)."""
+    if request.plan is None:
+        return {}
+    return {"plan": request.plan, "from_plan": list(request.from_plan)}
+
+
 def _failed(task: str, error: dict) -> StageFailed:
     # The ingress has validated the request, so a stage failing is the server's fault (e.g. a model output that
     # does not decode), not the client's: a 500 naming the stage.
@@ -211,6 +219,7 @@ class Ingress:
         self.files = static_files()
         # What a request leaves unsaid is composed as the run's evaluation composed (eval.sampling/variation).
         self.run_defaults = run_defaults(config["run_dir"])
+        self.planner, self.planner_lock = None, threading.Lock()
 
     # The page names its files and the API relatively, so it works under any route prefix (Starlette redirects
     # /prefix to /prefix/).
@@ -255,7 +264,7 @@ class Ingress:
                        format: Optional[Literal["json", "midi"]] = Query(
                            None, description="midi: answer audio/midi bytes (as Accept: audio/midi)")) -> Response:
         started = time.perf_counter()
-        request = to_request(body, self.max_bars, self.max_midi_bytes, self.run_defaults)
+        request = await self._request(body)
         song = request_song(request)
         settings = stage_settings(request)
         plan = Composer.stages_for(request)
@@ -270,7 +279,8 @@ class Ingress:
         if format == "midi" or (format is None and any(t in accept for t in MIDI_TYPES)):
             return Response(content=data, media_type="audio/midi", headers={
                 "Content-Disposition": 'attachment; filename="musicray.mid"', "X-Musicray-Form": song.form,
-                "X-Musicray-Bars": str(song.n_bars), "X-Musicray-Seconds": str(seconds)})
+                "X-Musicray-Bars": str(song.n_bars), "X-Musicray-Seconds": str(seconds),
+                **({"X-Musicray-From-Plan": ",".join(request.from_plan)} if request.plan is not None else {})})
         try:
             written = await asyncio.to_thread(song_as_written, data)
         except SongError as err:  # our own MIDI that does not read back: the server's fault
@@ -280,7 +290,7 @@ class Ingress:
                              "key": song.key, "metre": song.metre, "seed": request.seed, "stages": stages,
                              "seconds": seconds, "song": written, "from_run": request.taken_from_run(),
                              "grid": {"beats_per_bar": spec.beats_per_bar,
-                                      "positions_per_beat": spec.positions_per_beat}})
+                                      "positions_per_beat": spec.positions_per_beat}, **_planned(request)})
 
     @api.post("/v1/generate/stream", summary="compose a song, streamed as Server-Sent Events",
               responses={200: {"content": {"text/event-stream": {}},
@@ -292,13 +302,13 @@ class Ingress:
                          422: {"description": "a field has the wrong type or is out of range"}})
     async def generate_stream(self, body: GenerateBody) -> Response:
         # The request is checked before the stream starts: bad input is the same 4xx as /v1/generate.
-        request = to_request(body, self.max_bars, self.max_midi_bytes, self.run_defaults)
+        request = await self._request(body)
         song = request_song(request)
         return StreamingResponse(self._stream(song, stage_settings(request), Composer.stages_for(request),
-                                              request.seed),
+                                              request.seed, _planned(request)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _stream(self, song, settings: dict, plan: list[str], seed: int):
+    async def _stream(self, song, settings: dict, plan: list[str], seed: int, planned: dict):
         """The SSE body: each stage's events as its deployment yields them (vLLM: bars as they are generated;
         native: a stage's start and end), then the song. A client that leaves cancels the stage calls."""
         started, infos = time.perf_counter(), {}
@@ -323,11 +333,28 @@ class Ingress:
                                 "bars": song.n_bars, "key": song.key, "metre": song.metre, "seed": seed,
                                 "stages": _stage_reports({task: {**info, "wall_seconds": info.get("seconds")}
                                                           for task, info in infos.items()}),
-                                "seconds": round(time.perf_counter() - started, 3)})
+                                "seconds": round(time.perf_counter() - started, 3), **planned})
         except StageFailed as err:
             yield _sse("error", {"detail": str(err), "stage": err.stage, "status": err.status})
         except Exception as err:   # a deployment that died mid-stream: the client hears why
             yield _sse("error", {"detail": f"{type(err).__name__}: {err}", "stage": "compose", "status": 503})
+
+    async def _request(self, body: GenerateBody):
+        """The body's composer request; a prompt is planned in a worker thread (a model's forward passes)."""
+        if body.prompt is None:
+            return to_request(body, self.max_bars, self.max_midi_bytes, defaults=self.run_defaults)
+        return await asyncio.to_thread(to_request, body, self.max_bars, self.max_midi_bytes, self._plan,
+                                       self.run_defaults)
+
+    def _plan(self, prompt: str, max_bars: int):
+        """The plan of a prompt, by the config's ``planner`` (loaded on the first prompt; one plan at a time)."""
+        from musicray.prompt_plan import load_planner
+
+        with self.planner_lock:
+            if self.planner is None:
+                base = self.config["planner"]
+                self.planner = load_planner(base, None if base else self.config["run_dir"])
+            return self.planner.plan(prompt, max_bars)
 
     def _stream_calls(self, plan: list[str]) -> list[tuple[str, list[str]]]:
         """(deployment's sub-task, stages it runs) per call: one call for the whole song where one vLLM deployment

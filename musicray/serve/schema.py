@@ -30,6 +30,7 @@ BASE64_PATTERN = r"^\s*(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{
 # (a 400 naming the field), and generated clients and fuzzers draw only texts the API can decode.
 MIDI_UPLOAD = {"contentEncoding": "base64", "contentMediaType": "audio/midi", "pattern": BASE64_PATTERN}
 MAX_CHORD_TEXT = 16384
+MAX_PROMPT_CHARS = 1000
 
 
 class InputError(FieldError):
@@ -68,8 +69,14 @@ class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"form": "i4A8B8A8o4", "key": "G:maj", "tempo": 96, "seed": 7}]})
 
-    form: str = Field(min_length=1, max_length=MAX_FORM_CHARS, json_schema_extra={"pattern": FORM_PATTERN},
-                      description="sections as phrase label + bars, e.g. i4A8B8A8o4 (labels i A B C D E X b x o)")
+    form: Optional[str] = Field(None, min_length=1, max_length=MAX_FORM_CHARS, json_schema_extra={"pattern": FORM_PATTERN},
+                                description="sections as phrase label + bars, e.g. i4A8B8A8o4 (labels i A B C D E X "
+                                            "b x o); required unless song_midi or prompt gives it")
+    prompt: Optional[str] = Field(
+        None, min_length=1, max_length=MAX_PROMPT_CHARS,
+        description="the song in words, e.g. \"a gentle ballad in 3/4, verse-chorus-verse\": an instruct model plans "
+                    "form, key, metre and tempo (as musicray plan); the fields this body states override the plan, "
+                    "and the answer's from_plan names those taken from it")
     key: str = Field("C:maj", min_length=1, max_length=16, description="ROOT:maj or ROOT:min, e.g. Eb:min")
     metre: str = Field("4/4", min_length=1, max_length=8, description="4/4, 3/4, 2/4, 12/8 or 6/8")
     tempo: int = Field(100, **TEMPO_RANGE.schema_bounds(), description=TEMPO_RANGE.help)
@@ -179,10 +186,17 @@ def _uploaded_song(text: str, field: str, metre_name: str, max_midi_bytes: int):
 BODY_FIELDS = {"given": "song_midi", "melody": "melody_midi", "stage_settings": "stage_sampling"}
 
 
-def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int,
+def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int, planner=None,
                defaults: RunDefaults | None = None) -> Request:
     """The composer request a body describes (``musicray.request.request_from_fields``, as the command line's, with
-    the served run's ``defaults``); ``InputError`` names the field that is wrong."""
+    the served run's ``defaults``); ``InputError`` names the field that is wrong. ``planner`` reads ``prompt``
+    (``request_from_fields``'s).
+
+    key, metre and tempo have defaults in the schema, but with a prompt only those the body states override its
+    plan (and the metre of an upload, checked against the body's, stays)."""
+    stated = set(body.model_fields_set) | ({"key", "metre", "tempo"} if body.prompt is None else set())
+    if body.melody_midi is not None or body.song_midi is not None:
+        stated.add("metre")
     metre_name = _field("metre", metre, body.metre).name
     chords = body.chords
     if isinstance(chords, list):
@@ -192,7 +206,7 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int,
             if not entry.strip() or len(entry.split()) != 1:
                 raise InputError("chords", f"entry {i} {entry!r} must be one bar's chords without spaces "
                                            "(C:maj,G:maj splits a bar)")
-        bars = sum(s.bars for s in _field("form", parse_form, body.form))
+        bars = sum(s.bars for s in _field("form", parse_form, body.form)) if body.form is not None else len(chords)
         if len(chords) > bars:
             raise InputError("chords", f"{len(chords)} entries for {bars} bars; give one entry per bar")
         chords = " ".join(chords)
@@ -206,12 +220,15 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int,
         if body.song_midi is not None else None
     try:
         return request_from_fields(
-            body.form, body.key, metre_name, body.tempo, body.seed, chords, melody, given, body.regenerate,
+            body.form, *(value if name in stated else None for name, value in (
+                ("key", body.key), ("metre", metre_name), ("tempo", body.tempo))), body.seed, chords, melody, given,
+            body.regenerate,
             body.regenerate_bars, body.continue_bars, body.regenerate_tracks, body.stages, body.temperature,
             body.top_k, body.top_p,
             {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
             allow_missing_adapters=body.allow_missing_adapters, variation=body.variation,
             harmony_guard=body.harmony_guard, max_bars=max_bars, defaults=defaults,
+            prompt=body.prompt, planner=planner,
             names=BODY_FIELDS)
     except InputError:
         raise

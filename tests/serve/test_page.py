@@ -499,3 +499,28 @@ def test_page_recomposes_chosen_bars_and_tracks_continues_undoes_and_takes_a_dro
     assert browser.find_element(By.ID, "form").get_attribute("value") == "A4"
     assert sorted((t, b, p, pitch) for t, b, p, pitch, _, _ in roll_notes(browser)) == \
         [("MELODY", bar, 0, 64) for bar in range(4)]
+
+
+def test_words_in_the_prompt_box_are_planned_and_a_field_edited_by_hand_wins(browser, serve_url):
+    """The prompt goes to the API with only the planned fields edited by hand (here the tempo); the plan's form, key
+    and metre come back into the form, and the API plans the same body the same way."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(serve_url + "/")
+    wait_for(browser, "document.body.dataset.state === 'ready'", 60)
+    fill(browser, prompt="a waltz in G major, verse-chorus", tempo="90", seed="5")
+    browser.find_element(By.CSS_SELECTOR, "input[name=stages][value=secondary]").click()   # fewer stages: quicker
+    browser.find_element(By.ID, "compose").click()
+    wait_for(browser, "document.body.dataset.state === 'done' || document.body.dataset.state === 'error'")
+    assert browser.execute_script("return document.body.dataset.state") == "done", \
+        browser.find_element(By.ID, "general-error").text
+    answer = generate(serve_url, {"prompt": "a waltz in G major, verse-chorus", "tempo": 90, "seed": 5,
+                                  "stages": ["chord", "melody", "dynamics", "tempo"]})
+    assert answer["from_plan"] == ["form", "key", "metre"]
+    shown = {name: browser.find_element(By.ID, name).get_attribute("value") for name in ("form", "key", "metre",
+                                                                                          "tempo")}
+    assert shown == {**{name: answer["plan"][name] for name in ("form", "key", "metre")}, "tempo": "90"}
+    assert browser.find_element(By.ID, "summary").text.startswith(f"{answer['form']} · {answer['key']} · ")
+    summary = browser.find_element(By.ID, "plan-summary").text
+    assert summary.startswith(f"planned from your words: form {answer['form']} · key {answer['key']} · metre "
+                              f"{answer['metre']} (sections "), summary

@@ -403,7 +403,10 @@ BAD_REQUESTS = [
     ("zero bars", {"form": "A0"}, 400, "form"),
     ("absurd section", {"form": "A999999"}, 400, "form"),
     ("longer than max_bars", {"form": "A8B8A8"}, 400, "max_bars"),
-    ("form missing", {"key": "C:maj"}, 422, "form"),
+    ("form missing", {"key": "C:maj"}, 400, "form"),   # required unless song_midi or prompt gives it
+    ("empty prompt", {"prompt": ""}, 422, "prompt"),
+    ("blank prompt", {"prompt": "   "}, 400, "prompt"),
+    ("prompt not a string", {"prompt": ["a", "waltz"]}, 422, "prompt"),
     ("form not a string", {"form": 12}, 422, "form"),
     ("unknown key root", {"form": "A2", "key": "H:maj"}, 400, "key"),
     ("unknown key mode", {"form": "A2", "key": "C:dorian"}, 400, "key"),
@@ -533,6 +536,27 @@ def test_native_stream_sends_stage_starts_and_ends_then_the_midi(serve_url):
     assert events == ["stage", "stage_done"] * len(SUBTASKS) + ["song"]
 
 
+def test_a_prompt_is_planned_by_the_runs_model_and_stated_fields_win(serve_url, run_dir):
+    """The served run's stage-1 model (adapters off) plans the prompt, within the server's max_bars; the body's tempo
+    overrides the plan; the answer names the fields taken from the plan, JSON, MIDI headers and stream alike."""
+    from musicray.midi import midi_to_song
+    from musicray.prompt_plan import load_planner
+
+    body = {"prompt": "a waltz in G major, verse-chorus", "tempo": 90, "seed": 2, "stages": ["chord", "melody"]}
+    plan = load_planner(run=run_dir).plan(body["prompt"], CONFIG["max_bars"])
+    out = generate(serve_url, body)
+    assert out["plan"] == json.loads(json.dumps(plan.to_dict())) and out["from_plan"] == ["form", "key", "metre"]
+    assert (out["form"], out["key"], out["metre"]) == (plan.form, plan.key, plan.metre)
+    assert out["bars"] <= CONFIG["max_bars"] and list(out["stages"]) == ["chord", "melody"]
+    assert midi_to_song(base64.b64decode(out["midi"])).tempos[0].bpm == 90
+    midi = requests.post(serve_url + "/v1/generate?format=midi", json=body, timeout=300)
+    assert midi.headers["X-Musicray-From-Plan"] == "form,key,metre" and midi.content == base64.b64decode(out["midi"])
+    with requests.post(serve_url + "/v1/generate/stream", json=body, stream=True, timeout=300) as response:
+        data = [json.loads(line[len("data: "):]) for line in response.iter_lines(decode_unicode=True)
+                if line.startswith("data: ")]
+    assert data[-1]["from_plan"] == ["form", "key", "metre"] and data[-1]["midi"] == out["midi"]
+
+
 def test_engine_setting_is_checked_and_auto_resolves():
     from musicray.serve.config import serve_config
     from musicray.engine.available import vllm_available
@@ -545,6 +569,19 @@ def test_engine_setting_is_checked_and_auto_resolves():
     assert serve_config({"engine": "native"})["multiplexed"] is False
     assert serve_config({"engine": "vllm"})["multiplexed"] is True
     assert serve_config({"engine": "vllm", "multiplexed": False})["multiplexed"] is False
+
+
+@pytest.mark.parametrize("planner, accepted", [(None, True), ("smollm2-135m-instruct", True), ("", False),
+                                              (3, False)])
+def test_the_planner_setting_is_a_base_name_or_null(planner, accepted):
+    from musicray.serve.config import serve_config
+    from musicray.song import SongError
+
+    if accepted:
+        assert serve_config({"engine": "native", "planner": planner})["planner"] == planner
+    else:
+        with pytest.raises(SongError, match="^config: planner must be"):
+            serve_config({"engine": "native", "planner": planner})
 
 
 def test_build_app_refuses_a_run_dir_without_a_model(tmp_path):

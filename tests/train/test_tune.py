@@ -106,6 +106,18 @@ def test_search_space():
         search_space(Stage2Config(search={"ranks": [4]}))
 
 
+@pytest.mark.parametrize("config_file", ["configs/tiny.yaml", "configs/pop909_tiny.yaml", "configs/pop909_small.yaml",
+                                         "configs/pop909_smol.yaml", "configs/llama3_8b.yaml"])
+def test_every_shipped_configs_search_space_is_valid(config_file):
+    """Stage 2 reads its search space only when it starts, after stage 1's hours: a preset's mistake shows here."""
+    from pathlib import Path
+
+    from musicray.train.config import load_config
+
+    space = search_space(load_config(Path(__file__).resolve().parents[2] / config_file).stage2)
+    assert space["subtask"]["grid_search"] and space["learning_rate"]
+
+
 def test_missing_stage1_model_says_to_train_first(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="musicray train"):
         tune_adapters(Config(cache_dir=str(tmp_path / "cache")), tmp_path / "run")

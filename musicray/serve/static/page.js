@@ -49,7 +49,7 @@ async function composeBody() {
   if (whole !== undefined) body.song_midi = whole;
   const stages = chosenStages();
   if (stages) body.stages = stages;
-  return body;
+  return withPrompt(body);
 }
 
 // -- errors ----------------------------------------------------------------------------------------------------------
@@ -238,6 +238,7 @@ async function compose(event) {
     return showError(payload, response.status, false);
   }
   showResult(payload, requested);
+  showPlan(payload);
 }
 
 // -- versions -------------------------------------------------------------------------------------------------------
@@ -379,6 +380,35 @@ async function recompose(fields, what, index) {
   showResult(payload, requested, what);
 }
 
+// -- songs planned from words --------------------------------------------------------------------------------------
+// With words in the prompt box the server plans form, key, metre and tempo; of those fields only the ones edited by
+// hand are sent (they override the plan), and the plan's values are shown in the form afterwards.
+const PLANNED_FIELDS = ["form", "key", "metre", "tempo"];
+
+function markEdited(event) {
+  if (PLANNED_FIELDS.includes(event.target.id)) event.target.dataset.edited = "yes";
+}
+
+function withPrompt(body) {
+  const prompt = $("prompt").value.trim();
+  if (prompt) {
+    body.prompt = prompt;
+    for (const name of PLANNED_FIELDS) if (!$(name).dataset.edited) delete body[name];
+  }
+  return body;
+}
+
+function showPlan(answer) {
+  if (!answer.plan) {
+    $("plan-summary").textContent = "";
+    return;
+  }
+  for (const name of answer.from_plan) $(name).value = answer.plan[name];
+  const taken = answer.from_plan.map((name) => `${name} ${answer.plan[name]}`).join(" · ") || "nothing";
+  $("plan-summary").textContent = `planned from your words: ${taken} (sections ${answer.plan.sections.join(", ")}; `
+    + `tempo direction ${answer.plan.tempo_direction}, not applied yet)`;
+}
+
 function fillKeys() {
   const list = $("keys");
   for (const mode of ["maj", "min"]) {
@@ -398,4 +428,5 @@ $("continue").addEventListener("click", continueSong);
 $("undo").addEventListener("click", undo);
 document.addEventListener("dragover", (event) => event.preventDefault());
 document.addEventListener("drop", dropSong);
+$("compose-form").addEventListener("input", markEdited);
 document.body.dataset.state = "ready";
