@@ -166,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
           f"({report['step_s']['min']:.1f}-{report['step_s']['max']:.1f})", flush=True)
 
     if args.resume_check:
-        import torch
-
         from musicray.model import load_music_model
 
         stopped = load_config(ROOT / "configs" / "rehearsal.yaml", [*sets, f"stage1.max_steps={args.every}"])
@@ -178,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         report["resume"] = {"loss_diff": max(abs(x - y) for x, y in zip(losses(out / "run"),
                                                                           losses(out / "resumed"))),
                             "weight_diff": max((a[k] - b[k]).abs().max().item() for k in a)}
-        del a, b, torch
+        del a, b
         print(f"resume: largest loss difference {report['resume']['loss_diff']:.2e}, weights "
               f"{report['resume']['weight_diff']:.2e}", flush=True)
 
@@ -194,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     report["load_at_end"] = os.getloadavg()[0]
     report["out"] = str(out)
     native, served = report["compose"]["native"], report["compose"]["vllm"]
-    print(f"compose {args.form}: native {native['s']:.0f} s ({native['tokens']} tokens); vLLM start {served['startup_s']:.0f} s, "
-          f"song {served['s']:.0f} s ({served['tokens']} tokens, adapters {served['adapters']}); driver peak RSS "
-          f"{report['driver_peak_rss_gib']} GiB", flush=True)
+    print(f"compose {args.form}: native {native['s']:.0f} s ({native['tokens']} tokens); vLLM start "
+          f"{served['startup_s']:.0f} s, song {served['s']:.0f} s ({served['tokens']} tokens, adapters "
+          f"{served['adapters']}); driver peak RSS {report['driver_peak_rss_gib']} GiB", flush=True)
     if args.json:
         print(json.dumps(report))
     return 0
