@@ -247,6 +247,12 @@ def trial_node_loss(out: Path, steps: int, every: int) -> dict:
         if run.trials_csv.exists():
             table = pd.read_csv(run.trials_csv)
             report["trials"] = table[["subtask", "status", "steps"]].to_dict("records")
+        # Each trial's reports in order: a trial started again from its checkpoint goes on from that step (from
+        # scratch, it would report its first steps twice).
+        report["reported_steps"] = {}
+        for progress in trials.glob("*/progress.csv"):
+            rows = pd.read_csv(progress)
+            report["reported_steps"][str(rows["subtask"].iloc[0])] = [int(step) for step in rows["step"]]
     finally:
         ray.shutdown()
         cluster.shutdown()

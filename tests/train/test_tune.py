@@ -224,3 +224,5 @@ def test_a_trial_on_a_lost_node_is_run_again_and_finishes(tmp_path):
     assert sorted(report["adapters"]) == ["chord", "melody"]
     assert sorted((t["subtask"], t["status"], t["steps"]) for t in report["trials"]) == [
         ("chord", "done", 30), ("melody", "done", 30)]
+    # The lost trial went on from its checkpoint: no step was reported twice.
+    assert report["reported_steps"] == {"chord": [10, 20, 30], "melody": [10, 20, 30]}
