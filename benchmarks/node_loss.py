@@ -17,6 +17,11 @@ gone and when both new worker processes were up), ``redo_s`` (the steps after th
 (their sum: how much later the run ends than it would have without the loss), beside ``start_s``, the first worker
 group's start (from train_stage1's call to its first step), which a restart repeats in part.
 With --repeat N, the median and spread of each. docs/benchmarks.md records its output.
+
+``--stage2`` loses the node under a stage-2 trial instead: two Ray Tune trials (chord, melody; one per node) train
+LoRA adapters on the tiny model with the music tokens; the second node is removed while its trial trains and a
+replacement joins; Tune (``FailureConfig(stage2.max_failures)``) starts that trial again from its last reported
+checkpoint, and both adapters are exported.
 tests/train/test_finetune_multinode.py runs it with small settings and checks what it reports.
 """
 
@@ -168,6 +173,94 @@ def node_loss(out: Path, steps: int, every: int) -> dict:
     return report
 
 
+def trial_actors(node) -> list[int]:
+    """PIDs of the Ray Tune trial actors (function trainables) running on ``node``."""
+    import psutil
+
+    pids = []
+    for info in node.all_processes.get("raylet", []):
+        try:
+            for child in psutil.Process(info.process.pid).children(recursive=True):
+                if "ImplicitFunc" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def trial_node_loss(out: Path, steps: int, every: int) -> dict:
+    """Stage 2 on two nodes (one trial each): the second node is removed while its trial trains, a new one joins,
+    and Tune (``FailureConfig(stage2.max_failures)``) runs that trial again from its last reported checkpoint."""
+    import pandas as pd
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from musicray.model import add_music_tokens, load_base, save_music_model
+    from musicray.run import RunDir
+    from musicray.tokens import Vocabulary
+    from musicray.train.config import load_config
+    from musicray.train.data import resolve_data_dir
+    from musicray.train.tune import tune_adapters
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"cache_dir={out / 'cache'}", "data.songs=16", "data.max_length=256", "stage2.subtasks=[chord, melody]",
+        "stage2.trials_per_subtask=1", f"stage2.max_steps={steps}", f"stage2.eval_every={every}",
+        "stage2.max_failures=2", "stage2.cpus_per_trial=1", "stage2.grace_period=100"])
+    run = RunDir(out / "run")
+    # Stage 2's base: the tiny model with the music tokens (stage 1's training is not what this measures).
+    model, tokenizer = load_base(config.base_model, out / "cache")
+    save_music_model(model, add_music_tokens(model, tokenizer, Vocabulary(config.vocab)), run.stage1_model)
+    ray_tmp = tempfile.mkdtemp(prefix="mr-")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    outcome: dict = {}
+    report: dict = {"steps": steps, "eval_every": every}
+    try:
+        data_dir = resolve_data_dir(config, progress=False)
+
+        def tune():
+            try:
+                outcome["adapters"] = {k: str(v) for k, v in tune_adapters(config, run.root, progress=False,
+                                                                           data_dir=data_dir).items()}
+            except Exception as error:  # noqa: BLE001 - reported in the result
+                outcome["error"] = repr(error)
+
+        started = time.time()
+        thread = threading.Thread(target=tune)
+        thread.start()
+        deadline = time.time() + 600
+        # Both trials have reported (and checkpointed) once: the second node's trial is under way there.
+        trials = run.root / "ray" / "stage2"
+        while thread.is_alive() and time.time() < deadline and not (
+                trial_actors(second) and len(list(trials.glob("*/checkpoint_0*"))) >= 2):
+            time.sleep(0.05)
+        report["trials_before"] = {"head": len(trial_actors(cluster.head_node)), "second": len(trial_actors(second))}
+        killed_at = time.time()
+        cluster.remove_node(second, allow_graceful=False)
+        replacement = cluster.add_node(num_cpus=1)
+        thread.join(timeout=max(1.0, deadline - time.time()))
+        report["wall_s"] = round(time.time() - started, 2)
+        report["after_loss_s"] = round(time.time() - killed_at, 2)
+        report["replacement_used"] = replacement.node_id in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        report.update(outcome)
+        if run.trials_csv.exists():
+            table = pd.read_csv(run.trials_csv)
+            report["trials"] = table[["subtask", "status", "steps"]].to_dict("records")
+        # Each trial's reports in order: a trial started again from its checkpoint goes on from that step (from
+        # scratch, it would report its first steps twice).
+        report["reported_steps"] = {}
+        for progress in trials.glob("*/progress.csv"):
+            rows = pd.read_csv(progress)
+            report["reported_steps"][str(rows["subtask"].iloc[0])] = [int(step) for step in rows["step"]]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="stage-1 steps in all")
@@ -175,11 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs (the median and spread of each figure)")
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary dir)")
     parser.add_argument("--json", action="store_true", help="print each run's report as one JSON line")
+    parser.add_argument("--stage2", action="store_true",
+                        help="lose the node under a Ray Tune trial of stage 2 instead (--steps: the trial's steps, "
+                             "--every: between its reports)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="musicray-node-loss-"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.update(RAY_ENV)
     start_token_auth(out)
+    if args.stage2:
+        report = trial_node_loss(out, args.steps, args.every)
+        print(json.dumps(report), flush=True)
+        return 0 if "adapters" in report else 1
     reports = []
     for index in range(args.repeat):
         report = node_loss(out / f"repeat{index}", args.steps, args.every)

@@ -22,7 +22,8 @@ from musicray.errors import SongError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESETS: dict[str, str] = {"tiny": "configs/tiny.yaml", "pop909-tiny": "configs/pop909_tiny.yaml",
-                           "pop909-small": "configs/pop909_small.yaml", "pop909-smol": "configs/pop909_smol.yaml"}
+                           "pop909-small": "configs/pop909_small.yaml", "pop909-smol": "configs/pop909_smol.yaml",
+                           "rehearsal": "configs/rehearsal.yaml"}
 DEMO_SONGS: tuple[dict, ...] = (
     {"form": "i2A4B4o2", "key": "C:maj", "metre": "4/4", "tempo": 96},
     {"form": "A4B4A4", "key": "A:min", "metre": "4/4", "tempo": 80},

@@ -86,6 +86,9 @@ class Stage2Config:
     cpus_per_trial: float = _help("CPUs per trial", 1)
     gpus_per_trial: float = _help("GPUs per trial (fractions share a GPU)", 0)
     max_concurrent_trials: int | None = _help("cap on trials running at once (default: what resources allow)", None)
+    max_failures: int = _help("times a trial is restarted after its process or node dies (from its last reported "
+                              "checkpoint when it has one, else from scratch); a trial that raises an error in its "
+                              "own code fails the same way again and is not worth retrying more than this", 2)
     search: dict = _help("search space: rank, alpha, dropout, learning_rate ([low, high], log-uniform), "
                          "target_modules (list of choices)", factory=lambda: {
                              "rank": [4, 8], "alpha": [8, 16], "dropout": [0.0, 0.05],

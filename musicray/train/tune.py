@@ -38,6 +38,7 @@ from musicray.train.per_subtask_scheduler import PerSubtaskScheduler
 from musicray.train.storage import ray_storage
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TRAINER_STATE = "trainer_state.pt"   # beside a trial checkpoint's adapter: its step and optimizer state
 HYPERPARAMETERS = ("rank", "alpha", "dropout", "learning_rate", "target_modules")
 SEARCH_KEYS = HYPERPARAMETERS
 METRIC, MODE = "val_loss", "min"
@@ -93,6 +94,8 @@ def _check_stage2(stage2: Stage2Config) -> None:
         raise SongError(f"stage2.reduction_factor: must be > 1, got {stage2.reduction_factor}")
     if not stage2.subtasks:
         raise SongError("stage2.subtasks: empty")
+    if int(stage2.max_failures) < 0:
+        raise SongError(f"stage2.max_failures: must be at least 0, got {stage2.max_failures}")
     if stage2.max_concurrent_trials is not None and stage2.max_concurrent_trials < 1:
         raise SongError(f"stage2.max_concurrent_trials: must be at least 1, got {stage2.max_concurrent_trials}")
 
@@ -163,6 +166,10 @@ def train_adapter(config: dict, settings: dict) -> None:
     from musicray.train.loss import causal_lm_loss
 
     subtask, seed = config["subtask"], int(config.get("seed", 0))
+    # reuse_actors: before this actor takes the next trial, Tune waits this long for the last one's thread to end
+    # (default 2 s) and fails the next trial when it has not; a loaded machine or a large model needs longer. Read
+    # in this actor's process at its next reset, so it is set here.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
     torch.set_num_threads(max(1, int(settings["cpus_per_trial"])))
     use_gpu = settings["gpus_per_trial"] > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
@@ -186,8 +193,13 @@ def train_adapter(config: dict, settings: dict) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=float(config["learning_rate"]), weight_decay=0.0)
     batches = shuffled_batches(train, batch_size, seed)
     max_steps, eval_every = int(settings["max_steps"]), int(settings["eval_every"])
+    # A trial restarted after its process or node died (FailureConfig) goes on from its last reported checkpoint:
+    # the adapter's weights, the optimizer's state and the position in the same batch stream.
+    start = _restore(model, optimizer, tune.get_checkpoint())
+    for _ in range(start):
+        next(batches)
     losses: list[float] = []
-    for step in range(1, max_steps + 1):
+    for step in range(start + 1, max_steps + 1):
         batch = collate(next(batches), pad_id)
         labels = batch["labels"].to(device)
         logits = model(input_ids=batch["input_ids"].to(device),
@@ -207,7 +219,23 @@ def train_adapter(config: dict, settings: dict) -> None:
                 # save_embedding_layers=False: the adapter is LoRA only (the vocabulary lives in the stage-1
                 # model), and PEFT does not go looking for the base model's config to decide.
                 model.save_pretrained(tmp, save_embedding_layers=False)
+                torch.save({"step": step, "optimizer": optimizer.state_dict()}, Path(tmp) / TRAINER_STATE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _restore(model, optimizer, checkpoint) -> int:
+    """Load a trial checkpoint's adapter and optimizer state into ``model`` and ``optimizer``; its step (0: none)."""
+    if checkpoint is None:
+        return 0
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as path:
+        set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")))
+        state = torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -288,6 +316,8 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
             name=STAGE, **storage.run_config(), verbose=1 if verbose else 0,
             callbacks=[TrialLines(len(stage2.subtasks) * stage2.trials_per_subtask, stage2.max_steps)]
             if progress and not verbose else None,
+            # A trial whose actor dies with its node (or is killed) is started again elsewhere, up to max_failures.
+            failure_config=tune.FailureConfig(max_failures=stage2.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order=MODE)))
     # Tune prints its experiment header even at verbose=0; TrialLines keeps the stdout it was made with.

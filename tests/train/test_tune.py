@@ -1,6 +1,8 @@
 """Stage 2: the per-sub-task ASHA scheduler, and a real Ray Tune run of five sub-tasks x two trials."""
 
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -216,3 +218,28 @@ def test_validation_falls_back_to_held_out_train(tuned):
     assert source == "train (held out)" and len(val) >= 1 and len(train) >= 2
     with pytest.raises(SongError, match="max_length=40"):
         subtask_datasets(data_dir, "chord", music, 40)
+
+
+@pytest.mark.slow
+def test_a_trial_on_a_lost_node_is_run_again_and_finishes(tmp_path):
+    """benchmarks/node_loss.py --stage2 in a fresh interpreter (a Ray cluster of its own): two trials, one per node;
+    the second node is removed after both have reported once; the lost trial is started again (FailureConfig) from
+    its checkpoint, and both sub-tasks end with every step and an exported adapter."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "benchmarks/node_loss.py", "--stage2", "--steps", "30", "--every", "10",
+                           "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, check=False,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(report))
+    assert report["trials_before"] == {"head": 1, "second": 1}
+    assert sorted(report["adapters"]) == ["chord", "melody"]
+    assert sorted((t["subtask"], t["status"], t["steps"]) for t in report["trials"]) == [
+        ("chord", "done", 30), ("melody", "done", 30)]
+    # The lost trial went on from its checkpoint: no step was reported twice.
+    assert report["reported_steps"] == {"chord": [10, 20, 30], "melody": [10, 20, 30]}
