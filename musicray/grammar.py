@@ -238,11 +238,14 @@ class GrammarState:
     # Small batches step on a mirror of the rows in plain Python (``_RowState``, see ``Grammar.row_batch``): while it
     # is set, the tensors of _MIRRORED fields are stale and ``sync()`` writes them back.
     rows: list | None = None
+    rows_done: torch.Tensor | None = None   # ``done`` of the rows, kept until they step
 
     @property
     def done(self) -> torch.Tensor:
         if self.rows is not None:
-            return torch.tensor([row.node == _END for row in self.rows], device=self.node.device)
+            if self.rows_done is None:
+                self.rows_done = torch.tensor([row.node == _END for row in self.rows], device=self.node.device)
+            return self.rows_done
         return self.node == _END
 
     def sync(self) -> "GrammarState":
@@ -256,7 +259,7 @@ class GrammarState:
                     width = max(len(v) for v in values)
                     values = [v + [0] * (width - len(v)) for v in values]   # forced_tokens grows with history
                 setattr(self, name, torch.tensor(values, dtype=old.dtype, device=old.device))
-            self.family_cache = None
+            self.family_cache = self.rows_done = None
         return self
 
     def row(self, i: int) -> dict:
@@ -276,7 +279,8 @@ class GrammarState:
 # Every per-row tensor of a GrammarState, and for the per-plan tables (whose width depends on the batch's longest
 # form) the value start() leaves beyond a plan's end: concatenating states pads with it.
 _ROW_FIELDS: tuple[str, ...] = tuple(name for name in GrammarState.__dataclass_fields__
-                                     if name not in ("family_cache", "has_forced", "has_copies", "has_guard", "rows"))
+                                     if name not in ("family_cache", "has_forced", "has_copies", "has_guard", "rows",
+                                                     "rows_done"))
 # The fields a _RowState mirrors as Python ints (per row) or lists (per-row tables); the harmony guard's tables are
 # read from the tensors (they never change).
 _MIRRORED: tuple[str, ...] = tuple(name for name in _ROW_FIELDS if not name.startswith("guard_"))
@@ -616,6 +620,7 @@ class Grammar:
             rows = self._rows(state)
             active = [True] * len(rows) if active is None else active.tolist()
             ok = [self._row_step(row, token, on) for row, token, on in zip(rows, tokens.tolist(), active)]
+            state.rows_done = None
             return torch.tensor(ok, dtype=torch.bool, device=self.device)
         state.sync()
         tokens = tokens.to(self.device)
