@@ -95,9 +95,9 @@ _FAMILY = {name: i for i, name in enumerate(FAMILIES)}
 _START = len(FAMILIES)
 _END = _FAMILY["End"]
 _NO_LIMIT = 1 << 30
-# Batches up to this size step on Python rows (``Grammar._row_step``) rather than tensors: measured on CPU
-# (docs/benchmarks.md, "Decoding"), a row costs about as much as a whole tensor step costs per row at 32-64 rows.
-ROW_BATCH = 32
+# Batches up to this size step on Python rows (``Grammar._row_step``) rather than tensors: on CPU a row costs about
+# what a tensor step costs per row at 256-512 rows (docs/benchmarks.md, "Decoding: reading the figures").
+ROW_BATCH = 256
 # Distinct row masks kept (a mask is one vocabulary of bools; a long song needs a few thousand keys).
 ROW_MASK_CACHE = 1 << 16
 
