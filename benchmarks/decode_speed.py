@@ -21,10 +21,11 @@ tiny tokenizer, for a GPU) and the same prompts and seeds:
 
 Prompts are melody-task prompts of seeded synthetic songs with long forms, so that masked rows do not close
 their song within ``--tokens`` steps and both runs decode the same number of steps. Runs are interleaved
-``--repeat`` times; the tables give the median with the range of the runs. On CPU every run uses ``--threads`` torch threads (default 1, as the serve replicas do).
+``--repeat`` times; the tables give the median with the range of the runs. On CPU every run uses ``--threads``
+torch threads (default 1, as the serve replicas do).
 
     python benchmarks/decode_speed.py [--size tiny] [--device cpu] [--batch 1 8 32] [--tokens 128]
-                                      [--repeat 3] [--threads 1] [--no-docs]
+                                      [--repeat 3] [--threads 1] [--no-docs] [--no-context] [--no-jump]
 
 About two minutes on two cores with the defaults. Prints a table and writes it as the "Decoding (SIZE model)" section
 of docs/benchmarks.md (replacing an earlier section of that name only).

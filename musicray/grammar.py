@@ -24,6 +24,10 @@ where the bar may close) and the fewest tokens that finish the form still fit th
 The compiled ``Grammar`` runs a whole batch at once, each row with its own stream, plan and state:
 ``start`` → ``mask`` (allowed next tokens, [batch, vocab]) → ``step`` (consume one token per row). The same
 engine validates sequences (``validate``), masks logits during generation and masks the training loss.
+It has two implementations of one automaton, both read from the same compiled tables: the tensor engine (a batch
+as tensors: ~150 small ops per mask + step whatever the batch, cheapest per row for large batches) and the row
+engine (``Grammar.row_batch``: small batches, each row stepped in plain Python and its token mask looked up by a
+small key, XGrammar's precomputed per-state masks); tests/test_grammar.py holds them to the same masks.
 """
 
 from __future__ import annotations
