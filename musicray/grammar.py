@@ -24,6 +24,10 @@ where the bar may close) and the fewest tokens that finish the form still fit th
 The compiled ``Grammar`` runs a whole batch at once, each row with its own stream, plan and state:
 ``start`` → ``mask`` (allowed next tokens, [batch, vocab]) → ``step`` (consume one token per row). The same
 engine validates sequences (``validate``), masks logits during generation and masks the training loss.
+It has two implementations of one automaton, both read from the same compiled tables: the tensor engine (a batch
+as tensors: ~150 small ops per mask + step whatever the batch, cheapest per row for large batches) and the row
+engine (``Grammar.row_batch``: small batches, each row stepped in plain Python and its token mask looked up by a
+small key, XGrammar's precomputed per-state masks); tests/test_grammar.py holds them to the same masks.
 """
 
 from __future__ import annotations
@@ -93,7 +97,13 @@ UNTIL_FORM_END: tuple[str, ...] = ("Dur",)
 
 _FAMILY = {name: i for i, name in enumerate(FAMILIES)}
 _START = len(FAMILIES)
+_END = _FAMILY["End"]
 _NO_LIMIT = 1 << 30
+# Batches up to this size step on Python rows (``Grammar._row_step``) rather than tensors: on CPU a row costs about
+# what a tensor step costs per row at 256-512 rows (docs/benchmarks.md, "Decoding: reading the figures").
+ROW_BATCH = 256
+# Distinct row masks kept (a mask is one vocabulary of bools; a long song needs a few thousand keys).
+ROW_MASK_CACHE = 1 << 16
 
 
 def _budget_tables() -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,17 +239,41 @@ class GrammarState:
     has_forced: bool = False      # some row's plan forces bars (else the forced-bar bookkeeping is skipped)
     has_copies: bool = False      # some row's plan copies bars (else the history is not written)
     has_guard: bool = False       # some row's plan has a harmony guard (else the mask skips it)
+    # Small batches step on a mirror of the rows in plain Python (``_RowState``, see ``Grammar.row_batch``): while it
+    # is set, the tensors of _MIRRORED fields are stale and ``sync()`` writes them back.
+    rows: list | None = None
+    rows_done: torch.Tensor | None = None   # ``done`` of the rows, kept until they step
 
     @property
     def done(self) -> torch.Tensor:
-        return self.node == _FAMILY["End"]
+        if self.rows is not None:
+            if self.rows_done is None:
+                self.rows_done = torch.tensor([row.node == _END for row in self.rows], device=self.node.device)
+            return self.rows_done
+        return self.node == _END
+
+    def sync(self) -> "GrammarState":
+        """Write the Python rows' fields back into the tensors (the tensor engine reads them) and drop the rows."""
+        if self.rows is not None:
+            rows, self.rows = self.rows, None
+            for name in _MIRRORED:
+                values = [getattr(row, name) for row in rows]
+                old = getattr(self, name)
+                if old.dim() == 2:
+                    width = max(len(v) for v in values)
+                    values = [v + [0] * (width - len(v)) for v in values]   # forced_tokens grows with history
+                setattr(self, name, torch.tensor(values, dtype=old.dtype, device=old.device))
+            self.family_cache = self.rows_done = None
+        return self
 
     def row(self, i: int) -> dict:
+        self.sync()
         return {name: int(getattr(self, name)[i]) for name in
                 ("stream", "node", "section", "n_sections", "bars_left", "bar", "quota_left", "at_position")}
 
     def take(self, rows: torch.Tensor | list[int]) -> "GrammarState":
         """The state of ``rows`` (in that order) as a batch of its own; the rows' tables keep their width."""
+        self.sync()
         index = torch.as_tensor(rows, dtype=torch.long, device=self.node.device)
         taken = {name: getattr(self, name).index_select(0, index) for name in _ROW_FIELDS}
         return GrammarState(**taken, has_forced=self.has_forced, has_copies=self.has_copies,
@@ -249,7 +283,11 @@ class GrammarState:
 # Every per-row tensor of a GrammarState, and for the per-plan tables (whose width depends on the batch's longest
 # form) the value start() leaves beyond a plan's end: concatenating states pads with it.
 _ROW_FIELDS: tuple[str, ...] = tuple(name for name in GrammarState.__dataclass_fields__
-                                     if name not in ("family_cache", "has_forced", "has_copies", "has_guard"))
+                                     if name not in ("family_cache", "has_forced", "has_copies", "has_guard", "rows",
+                                                     "rows_done"))
+# The fields a _RowState mirrors as Python ints (per row) or lists (per-row tables); the harmony guard's tables are
+# read from the tensors (they never change).
+_MIRRORED: tuple[str, ...] = tuple(name for name in _ROW_FIELDS if not name.startswith("guard_"))
 _TABLE_PADDING: dict[str, int] = {"section_values": -10, "section_bars": 0, "quotas": 0, "bars_after": 0,
                                   "quota_after": 0, "forced_tokens": 0, "forced_start": 0, "forced_length": -1,
                                   "forced_extra_after": 0, "copy_source": 0, "bar_offset": 0, "bar_length": 0,
@@ -260,6 +298,8 @@ def concat_states(states: list[GrammarState]) -> GrammarState:
     """One batch of the rows of ``states`` in order (each row steps as it did in its own batch): rows come and go
     in a serving engine's running batch while each keeps its grammar state."""
     fields = {}
+    for state in states:
+        state.sync()
     for name in _ROW_FIELDS:
         parts = [getattr(state, name) for state in states]
         if name in _TABLE_PADDING:
@@ -275,9 +315,11 @@ def concat_states(states: list[GrammarState]) -> GrammarState:
 class Grammar:
     """The tables compiled against one vocabulary, on one device."""
 
-    def __init__(self, vocab: Vocabulary, device: str | torch.device = "cpu"):
+    def __init__(self, vocab: Vocabulary, device: str | torch.device = "cpu", row_batch: int = ROW_BATCH):
+        """``row_batch``: the largest batch that steps on Python rows instead of tensors (0: always tensors)."""
         self.vocab = vocab
         self.device = torch.device(device)
+        self.row_batch = row_batch
         n_fam = len(FAMILIES)
         allowed = torch.zeros(len(STREAM_NAMES), n_fam + 1, n_fam, dtype=torch.bool)
         guard = torch.zeros(len(STREAM_NAMES), n_fam, dtype=torch.long)
@@ -329,6 +371,7 @@ class Grammar:
         fam_index = torch.arange(n_fam)
         self.copy_counted = (~bar_close[None, :] & (fam_index[None, :] != self.quota_family.cpu()[:, None])).to(**to)
         self.chord_ids, self.pitch_ids = self._block("Chord"), self._block("Pitch")
+        self._compile_rows()
 
     def _block(self, family: str) -> slice:
         """The ids of a family as a slice (the vocabulary lays each family out in one run, by value)."""
@@ -460,6 +503,7 @@ class Grammar:
 
     def tokens_to_finish(self, state: GrammarState) -> torch.Tensor:
         """[batch]: the fewest tokens that complete the form from a point where the bar may close."""
+        state.sync()
         later_bars = self._later_bars(state)
         bars = state.quota_after.gather(1, state.bar.clamp(max=state.quota_after.shape[1] - 1)[:, None])[:, 0]
         forced = state.forced_extra_after.gather(1, state.bar.clamp(max=state.forced_extra_after.shape[1] - 1)[:, None])
@@ -488,6 +532,7 @@ class Grammar:
 
     def family_mask(self, state: GrammarState) -> torch.Tensor:
         """[batch, families]: which families may come next."""
+        state.sync()
         if state.family_cache is None:
             allowed = self.allowed[state.stream, state.node] & self._guards(state).gather(1, self.guard[state.stream])
             if not state.has_forced:
@@ -538,6 +583,8 @@ class Grammar:
 
     def mask(self, state: GrammarState) -> torch.Tensor:
         """[batch, vocab] bool: the tokens each row may emit next."""
+        if self._on_rows(state):
+            return self._mask_rows(state)
         # Each token takes its family's verdict and its family's value bounds: three gathers over the vocabulary.
         family = self.token_family.expand(state.node.shape[0], -1)
         allowed = self.family_mask(state).gather(1, family) & (self.token_value > state.low.gather(1, family)) \
@@ -554,6 +601,11 @@ class Grammar:
 
     def accepts(self, state: GrammarState, tokens: torch.Tensor) -> torch.Tensor:
         """[batch] bool: whether each row may emit its token now."""
+        if self._on_rows(state):
+            rows = self._rows(state)
+            return torch.tensor([self._row_accepts(row, token) for row, token in zip(rows, tokens.tolist())],
+                                dtype=torch.bool, device=self.device)
+        state.sync()
         family, value = self.token_family[tokens], self.token_value[tokens]
         rows = torch.arange(tokens.shape[0], device=self.device)
         ok = self.family_mask(state)[rows, family] & (value > state.low[rows, family]) \
@@ -568,6 +620,13 @@ class Grammar:
 
         Returns which rows accepted their token.
         """
+        if self._on_rows(state):
+            rows = self._rows(state)
+            active = [True] * len(rows) if active is None else active.tolist()
+            ok = [self._row_step(row, token, on) for row, token, on in zip(rows, tokens.tolist(), active)]
+            state.rows_done = None
+            return torch.tensor(ok, dtype=torch.bool, device=self.device)
+        state.sync()
         tokens = tokens.to(self.device)
         ok = self.accepts(state, tokens)
         if active is not None:
@@ -718,6 +777,231 @@ class Grammar:
             keep &= ~self._next_forced(state)[0]
         return torch.where(keep[:, None], guarded, allowed)
 
+    # -- the row engine: the same automaton on one row's Python ints (small batches) -------------------------------
+    # A tensor step is ~150 small torch ops whatever the batch, ~2 us each on CPU: at batch 1 that is the whole cost.
+    # The row engine reads the same compiled tables as Python lists, steps each row with scalar arithmetic, and
+    # masks the way XGrammar does: the token mask is a function of a small key (the families the counters allow
+    # with their value bounds, a given token, the harmony guard's set), built once per key and then looked up.
+    def _compile_rows(self) -> None:
+        """The tables as Python lists (see ``__init__``), and each family's value range to canonicalize bounds."""
+        n_fam = len(FAMILIES)
+        self._next_families = [[tuple(f for f in range(n_fam) if bool(self.allowed[s, node, f]))
+                                for node in range(n_fam + 1)] for s in range(len(STREAM_NAMES))]
+        self._guard_of, self._copy_counted = self.guard.tolist(), self.copy_counted.tolist()
+        self._close_cost, self._finish_drop = self.close_cost.tolist(), self.finish_drop.tolist()
+        self._bar_cost, self._quota_family = self.bar_cost.tolist(), self.quota_family.tolist()
+        self._position_family, self._position_limit = self.position_family.tolist(), self.position_limit.tolist()
+        self._downbeat_first, self._rising = self.downbeat_first.tolist(), self.rising.tolist()
+        self._resets = [tuple(torch.nonzero(self.resets[f]).flatten().tolist()) for f in range(n_fam)]
+        self._bar_close = self.bar_close.tolist()
+        self._until_form_end = tuple(torch.nonzero(self.until_form_end).flatten().tolist())
+        self._token_family, self._token_value = self.token_family.tolist(), self.token_value.tolist()
+        values = [[v for v, f in zip(self._token_value, self._token_family) if f == fam] or [0] for fam in range(n_fam)]
+        self._value_span = [(min(v) - 1, max(v) + 1) for v in values]
+        self._row_masks: dict[tuple, torch.Tensor] = {}
+        self._guard_ids: dict[tuple[bytes, bytes], int] = {}
+        self._guards_by_id: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _on_rows(self, state: GrammarState) -> bool:
+        return state.rows is not None or state.node.shape[0] <= self.row_batch
+
+    def _rows(self, state: GrammarState) -> list["_RowState"]:
+        """The state's Python rows, read from its tensors on first use."""
+        if state.rows is None:
+            columns = {name: getattr(state, name).tolist() for name in _MIRRORED}
+            rows = [_RowState(**{name: columns[name][i] for name in _MIRRORED}) for i in range(len(columns["node"]))]
+            if state.has_guard:
+                bars = state.guard_pitch_at.shape[1] // self.vocab.max_positions
+                for i, row in enumerate(rows):
+                    chords, pitch_sets, pitch_at = state.guard_chords[i], state.guard_pitch_sets[i], \
+                        state.guard_pitch_at[i]
+                    if bool(chords.all()) and bool((pitch_at < 0).all()):
+                        continue   # an unguarded row of a guarded batch
+                    key = (chords.cpu().numpy().tobytes(), pitch_sets.cpu().numpy().tobytes())
+                    if key not in self._guard_ids:
+                        self._guard_ids[key] = len(self._guards_by_id)
+                        self._guards_by_id.append((chords, pitch_sets))
+                    row.guard_id, row.pitch_at, row.pitch_at_bars = self._guard_ids[key], pitch_at.tolist(), bars
+            state.rows, state.family_cache = rows, None
+        return state.rows
+
+    def _row_to_finish(self, r: "_RowState") -> int:
+        """``tokens_to_finish`` of one row."""
+        if r.node == _END:
+            return 0
+        later = r.bars_after[min(r.section, len(r.bars_after) - 1)] if r.section < r.n_sections else 0
+        bar = min(r.bar, len(r.quota_after) - 1)
+        return ((r.bars_left + later) * self._bar_cost[r.stream] + (r.n_sections - r.section) + 1 + r.quota_left
+                + r.quota_after[bar] + r.forced_extra_after[bar] + (r.forced_end - r.forced_next))
+
+    def _row_families(self, r: "_RowState") -> tuple[int, ...]:
+        """``family_mask`` of one row, as the allowed families (copies ending early are ended here as there)."""
+        if r.families is not None:
+            return r.families
+        s = r.stream
+        closed = r.bars_left == 0 and r.quota_left == 0
+        guards = (True, r.bars_left > 0 and r.quota_left == 0, closed and r.section < r.n_sections,
+                  closed and r.section == r.n_sections, r.quota_left > 0, r.bar > 1,
+                  r.at_position < self._position_limit[s])
+        guard_of = self._guard_of[s]
+        allowed = [f for f in self._next_families[s][r.node] if guards[guard_of[f]]]
+        forcing = r.forced_next < r.forced_end
+        if forcing:
+            given = r.forced_tokens[min(r.forced_next, len(r.forced_tokens) - 1)]
+            family, value = self._token_family[given], self._token_value[given]
+            if r.in_copied_bar and not (family in allowed and r.low[family] < value < r.high[family]):
+                r.forced_end, r.in_forced_bar, r.in_copied_bar, forcing = r.forced_next, False, False, False
+        if forcing:
+            r.families = (family,) if family in allowed else ()
+            return r.families
+        if r.node != _END:   # a finished row pads with <End> whatever its budget
+            room = r.budget - 1 - self._row_to_finish(r)
+            close_cost, finish_drop, counted = self._close_cost[s], self._finish_drop[s], self._copy_counted[s]
+            copies = r.copies_of_open_bar
+            if copies:
+                length = r.bar_length[min(r.bar, len(r.bar_length) - 1)]
+                minimum = self._bar_cost[s] - 1
+            kept = []
+            for f in allowed:
+                after = room - close_cost[f]
+                if copies and counted[f]:
+                    after -= copies * (max(0, length + 1 + close_cost[f] - minimum) - max(0, length - minimum))
+                if after >= -finish_drop[f]:
+                    kept.append(f)
+            allowed = kept
+        if r.in_forced_bar:   # after a forced bar's content only what closes the bar may come
+            allowed = [f for f in allowed if self._bar_close[f]]
+        r.families = tuple(allowed)
+        return r.families
+
+    def _given(self, r: "_RowState") -> int:
+        """The row's next given token, or -1 when none is."""
+        if r.forced_next < r.forced_end:
+            return r.forced_tokens[min(r.forced_next, len(r.forced_tokens) - 1)]
+        return -1
+
+    def _row_accepts(self, r: "_RowState", token: int) -> bool:
+        family, value = self._token_family[token], self._token_value[token]
+        families = self._row_families(r)
+        given = self._given(r)
+        return family in families and r.low[family] < value < r.high[family] and (given < 0 or token == given)
+
+    def _mask_rows(self, state: GrammarState) -> torch.Tensor:
+        masks = []
+        for r in self._rows(state):
+            families = self._row_families(r)
+            given = self._given(r)
+            if given >= 0:
+                key = ("given", given if self._row_accepts(r, given) else -1)
+            else:
+                # Bounds outside a family's values allow the same tokens as its span's ends: one key for them all.
+                bounds = tuple((f, max(r.low[f], self._value_span[f][0]), min(r.high[f], self._value_span[f][1]))
+                               for f in families)
+                if r.guard_id >= 0:
+                    positions = self.vocab.max_positions
+                    onset = min(r.bar, r.pitch_at_bars - 1) * positions + max(r.low[_FAMILY["Pos"]], 0)
+                    key = ("guarded", bounds, r.guard_id, r.pitch_at[onset])
+                else:
+                    key = ("free", bounds)
+            mask = self._row_masks.get(key)
+            if mask is None:
+                if len(self._row_masks) >= ROW_MASK_CACHE:
+                    self._row_masks.clear()
+                mask = self._row_masks[key] = self._build_row_mask(key)
+            masks.append(mask)
+        return torch.stack(masks)
+
+    def _build_row_mask(self, key: tuple) -> torch.Tensor:
+        """[vocab] bool: the tokens a row mask key allows (once per key): ("given", token or -1), ("free", bounds)
+        or ("guarded", bounds, guard, pitch set), bounds being (family, low, high) per allowed family."""
+        mask = torch.zeros(len(self.vocab), dtype=torch.bool, device=self.device)
+        if key[0] == "given":
+            if key[1] >= 0:
+                mask[key[1]] = True
+            return mask
+        for family, low, high in key[1]:
+            mask |= (self.token_family == family) & (self.token_value > low) & (self.token_value < high)
+        if key[0] == "guarded":
+            guard_id, pitch_set = key[2:]
+            chords, pitch_sets = self._guards_by_id[guard_id]
+            guarded = mask.clone()
+            guarded[self.chord_ids] &= chords
+            if pitch_set >= 0:
+                n_pitches = self.pitch_ids.stop - self.pitch_ids.start
+                guarded[self.pitch_ids] &= pitch_sets[pitch_set * n_pitches:(pitch_set + 1) * n_pitches]
+            if bool(guarded.any()):
+                mask = guarded
+        return mask
+
+    def _row_step(self, r: "_RowState", token: int, active: bool) -> bool:
+        """``step`` of one row."""
+        if not (active and self._row_accepts(r, token)):
+            r.families = None
+            return False
+        s, family, value = r.stream, self._token_family[token], self._token_value[token]
+        r.node = family
+        r.budget -= 1
+        if family == _FAMILY["Sec"]:
+            r.bars_left = r.section_bars[min(r.section, len(r.section_bars) - 1)]
+            r.section += 1
+            following = r.section_values[min(r.section, len(r.section_values) - 1)]
+            r.low[family], r.high[family] = following - 1, following + 1
+        if r.history_base >= 0 and not self._bar_close[family] and r.bar > 0:
+            self._row_write_history(r, token, family)
+        if r.forced_next < r.forced_end:
+            r.forced_next += 1
+        if family == _FAMILY["Bar"]:
+            r.bars_left -= 1
+            r.bar += 1
+            index = min(r.bar, len(r.forced_start) - 1)
+            length, start = r.forced_length[index], r.forced_start[index]
+            r.in_forced_bar, r.forced_next, r.forced_end = length >= 0, start, start + max(length, 0)
+            r.bar_offset[index] = r.written
+            source = r.copy_source[index]
+            r.in_copied_bar = source > 0
+            if source > 0:
+                r.forced_next = r.history_base + r.bar_offset[source]
+                r.forced_end = r.forced_next + r.bar_length[source]
+                r.in_forced_bar = True
+            r.copies_of_open_bar = r.copy_source.count(r.bar)
+            r.quota_left = r.quotas[min(r.bar, len(r.quotas) - 1)]
+            if self._downbeat_first[s]:
+                r.high[_FAMILY["Pos"]] = 1
+        elif family == _FAMILY["Sec"] or family == _END:
+            r.in_forced_bar = r.in_copied_bar = False
+        if family == self._quota_family[s]:
+            r.quota_left -= 1
+        if family == _FAMILY["Pos"]:
+            r.high[family] = r.positions
+            r.at_position = 0
+            later = r.bars_after[min(r.section, len(r.bars_after) - 1)] if r.section < r.n_sections else 0
+            steps_left = (r.bars_left + later) * r.positions + r.positions - value
+            for bounded in self._until_form_end:
+                r.high[bounded] = steps_left + 1
+        elif family == self._position_family[s]:
+            r.at_position += 1
+        if self._rising[family]:
+            r.low[family] = value
+        for reset in self._resets[family]:
+            r.low[reset] = -1
+        r.families = None
+        return True
+
+    def _row_write_history(self, r: "_RowState", token: int, family: int) -> None:
+        """``_write_history`` of one row."""
+        where = r.history_base + r.written
+        if where >= len(r.forced_tokens):
+            r.forced_tokens.extend([0] * len(r.forced_tokens))
+        r.forced_tokens[where] = token
+        r.written += 1
+        bar = min(r.bar, len(r.bar_length) - 1)
+        r.bar_length[bar] += 1
+        if r.bar_length[bar] > self._bar_cost[r.stream] - 1 and self._copy_counted[r.stream][family]:
+            later = 0   # bars after k that copy the open bar, for k from the last down
+            for k in range(len(r.copy_source) - 1, -1, -1):
+                r.forced_extra_after[k] += later
+                later += r.copy_source[k] == r.bar
+
     # -- validation --------------------------------------------------------------------------------------------
     def validate(self, ids: list[int], stream: str, plan: Plan) -> list[GrammarError]:
         return self.validate_batch([ids], [stream], [plan])[0]
@@ -766,6 +1050,7 @@ class Grammar:
 
     def explain(self, state: GrammarState, i: int, token: int) -> str:
         """Why row ``i`` may not emit ``token`` now (for error messages; not on the hot path)."""
+        state.sync()
         row = state.row(i)
         stream = STREAM_NAMES[row["stream"]]
         fam = self.vocab.family[token]
@@ -823,6 +1108,18 @@ class Grammar:
         row = state.row(i)
         return (f"sequence ends without <End> at section {row['section']}/{row['n_sections']} with "
                 f"{row['bars_left']} bar(s) left in it")
+
+
+class _RowState:
+    """One row of a GrammarState as Python ints and lists (the _MIRRORED fields), for the row engine."""
+
+    __slots__ = _MIRRORED + ("families", "guard_id", "pitch_at", "pitch_at_bars")
+
+    def __init__(self, **fields):
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.families: tuple[int, ...] | None = None   # _row_families of the current state
+        self.guard_id, self.pitch_at, self.pitch_at_bars = -1, [], 1
 
 
 def example_bodies(example, vocab: Vocabulary) -> list[tuple[str, list[int], str, Plan]]:

@@ -1,14 +1,17 @@
 """The grammar automaton: real encodings validate, random logits through the mask stay grammatical, and
 hand-made invalid sequences get the expected error."""
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
 from musicray.encoding import decode_body, encode
-from musicray.grammar import STREAM_NAMES, Grammar, Plan, small_tensor_threads, validate_examples
-from musicray.song import METRES, SECTION_LABELS, Section, Song, parse_form
+from musicray.grammar import (STREAM_NAMES, Grammar, Plan, example_bodies, small_tensor_threads,
+                              validate_examples)
+from musicray.quantize import quantized
+from musicray.song import METRES, SECTION_LABELS, Section, Song, SongError, metre, parse_form
 from musicray.streams import STREAMS
 from musicray.tokens import SUBTASKS, TASKS, Vocabulary
 
@@ -343,3 +346,118 @@ def test_rows_started_apart_keep_their_given_and_copied_bars_in_one_batch():
     assert bar_contents(rows[0])[2] == list(given_bar)
     assert bar_contents(rows[1])[3] == bar_contents(rows[1])[1]
     assert GRAMMAR.validate_batch(rows, ["melody", "melody"], plans) == [[], []]
+
+
+# -- the row engine (small batches on Python rows) against the tensor engine -----------------------------------------
+ON_TENSORS = Grammar(VOCAB, row_batch=0)
+ON_ROWS = Grammar(VOCAB, row_batch=1 << 30)
+
+
+def replay_on_both_engines(streams, plans, budgets=None, bodies=None, seed=0):
+    """Step both engines side by side, each step asserting the same mask and the same accepted rows. Rows follow
+    ``bodies`` (real tokens, some of which a plan may refuse) or sample uniformly among the allowed tokens, with a
+    random, often refused, token one step in ten. Returns the sequences the rows emitted."""
+    generator = torch.Generator().manual_seed(seed)
+    on_rows, on_tensors = ON_ROWS.start(streams, plans, budgets), ON_TENSORS.start(streams, plans, budgets)
+    steps = max(map(len, bodies)) if bodies else 400   # (a random plan may leave a row no way to close)
+    emitted = [[] for _ in streams]
+    for t in range(steps):
+        mask = ON_ROWS.mask(on_rows)
+        assert torch.equal(mask, ON_TENSORS.mask(on_tensors)), f"step {t}: the engines' masks differ"
+        if bodies:
+            tokens = torch.tensor([body[t] if t < len(body) else 0 for body in bodies])
+            active = torch.tensor([t < len(body) for body in bodies])
+        elif bool(on_tensors.done.all()):
+            break
+        else:
+            logits = torch.rand(len(streams), len(VOCAB), generator=generator)
+            tokens = logits.masked_fill(~mask, -1.0).argmax(-1)
+            if t % 10 == 5:
+                tokens = torch.randint(len(VOCAB), (len(streams),), generator=generator)
+            active = ~on_tensors.done
+        ok = ON_ROWS.step(on_rows, tokens, active)
+        assert torch.equal(ok, ON_TENSORS.step(on_tensors, tokens, active)), f"step {t}: accepted rows differ"
+        for i in torch.nonzero(ok).flatten().tolist():
+            emitted[i].append(int(tokens[i]))
+    assert torch.equal(ON_ROWS.tokens_to_finish(on_rows), ON_TENSORS.tokens_to_finish(on_tensors))
+    on_rows.sync()
+    for name in ("node", "section", "bar", "budget", "low", "high", "forced_next", "forced_end", "written",
+                 "bar_length", "forced_extra_after", "copies_of_open_bar", "quota_left", "at_position"):
+        assert torch.equal(getattr(on_rows, name), getattr(on_tensors, name)), name
+    return emitted
+
+
+def random_guard(rng: random.Random, plan: Plan) -> Plan:
+    """``plan`` with a random harmony guard: a third of the Chord tokens, and 1-3 Pitch sets changing at random
+    bars and positions (the engines must agree on it, not make music)."""
+    chords, pitches = VOCAB.ids_of["Chord"], len(VOCAB.ids_of["Pitch"])
+    sets = tuple(tuple(sorted(rng.sample(range(pitches), rng.randint(0, 30)))) for _ in range(rng.randint(1, 3)))
+    positions = metre(plan.metre).positions_per_bar
+    changes = tuple(sorted({(rng.randint(1, plan.n_bars), rng.randrange(positions), rng.randrange(len(sets)))
+                            for _ in range(rng.randint(1, 4))}))
+    return dataclasses.replace(plan, guard_chords=tuple(rng.sample(chords, len(chords) // 3)),
+                               guard_pitch_sets=sets, guard_pitch_changes=changes)
+
+
+@pytest.mark.parametrize("features", [(), ("budget",), ("forced", "budget"), ("copies", "budget"), ("guard",),
+                                      ("forced", "copies", "guard", "budget")])
+def test_the_row_engine_masks_and_steps_as_the_tensor_engine(features):
+    """Random plans of every stream with the plan features in ``features``: same masks, same accepted tokens."""
+    rng = random.Random(len(features) * 7 + 1)
+    streams = [STREAM_NAMES[i % len(STREAM_NAMES)] for i in range(42)]
+    plans = [random_plan(rng, s) for s in streams]
+    if "forced" in features or "copies" in features:
+        sources = sample_through_mask(streams, plans, seed=3)
+        edited = []
+        for seq, plan in zip(sources, plans):
+            bars = bar_contents(seq)
+            forced = tuple(sorted((b, tuple(c)) for b, c in bars.items() if rng.random() < 0.3)) \
+                if "forced" in features else ()
+            # (a dynamics bar copies the velocities of a bar with as many notes)
+            copies = tuple((b, s) for b, s in random_copies(rng, plan, 0.5) if b not in dict(forced)
+                           and (not plan.quotas or plan.quotas[b - 1] == plan.quotas[s - 1])) \
+                if "copies" in features else ()
+            edited.append(Plan(plan.sections, plan.metre, plan.quotas, forced, copies))
+        plans = edited
+    if "guard" in features:
+        plans = [random_guard(rng, p) if s in ("chord", "melody", "secondary", "song") else p
+                 for s, p in zip(streams, plans)]
+    budgets = None
+    if "budget" in features:
+        minimum = ON_TENSORS.tokens_to_finish(ON_TENSORS.start(streams, plans)).tolist()
+        budgets = [m + rng.choice([0, 1, 3, 20]) for m in minimum]
+    with small_tensor_threads("cpu"):
+        replay_on_both_engines(streams, plans, budgets, seed=len(features))
+
+
+def test_the_row_engine_agrees_on_real_pop909_streams(pop909_root):
+    """Every body of every task of real POP909 songs (their first 600 tokens), as they are, with half their bars
+    given, with bars copying earlier ones (some real tokens are then refused) and with the harmony guard: the two
+    engines agree at every token."""
+    from musicray.data.pop909 import load_song, song_ids
+    from musicray.harmony_guard import guard_plan
+
+    streams, plans, bodies, songs = [], [], [], 0
+    rng = random.Random(9)
+    for song_id in rng.sample(song_ids(pop909_root), 6):
+        try:
+            song, _ = load_song(pop909_root, song_id)
+        except SongError:   # a skipped song (docs/quantization.md)
+            continue
+        songs += 1
+        song = quantized(song, VOCAB)
+        for task in TASKS:
+            for _, body, stream, plan in example_bodies(encode(song, task, VOCAB), VOCAB):
+                bars = bar_contents(body)
+                variants = [plan, guard_plan(plan, stream, song, VOCAB),
+                            dataclasses.replace(plan, forced=tuple((b, tuple(c)) for b, c in bars.items() if b % 2)),
+                            dataclasses.replace(plan, copies=random_copies(rng, plan, 0.3))]
+                for variant in variants:
+                    streams.append(stream)
+                    plans.append(variant)
+                    bodies.append(body[:600])
+        if songs == 2:
+            break
+    assert len(bodies) >= 2 * 4 * len(TASKS)
+    with small_tensor_threads("cpu"):
+        replay_on_both_engines(streams, plans, bodies=bodies)
