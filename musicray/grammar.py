@@ -484,6 +484,11 @@ class Grammar:
                                     f"{plan.n_bars} bars)")
                 if bar in given:
                     raise SongError(f"plan: bar {bar} is both given and copied")
+                # A copy repeats its source's tokens, quota family included: a bar owing another number of them
+                # could never close.
+                if plan.quotas and plan.quotas[bar - 1] != plan.quotas[source - 1]:
+                    raise SongError(f"plan: bar {bar} owes {plan.quotas[bar - 1]} quota tokens and cannot copy bar "
+                                    f"{source}, which owes {plan.quotas[source - 1]}")
                 table[i, bar] = table[i, source] if table[i, source] > 0 else source
         return table
 

@@ -317,12 +317,18 @@ def test_a_copied_note_that_would_pass_the_form_end_ends_the_copy():
     assert GRAMMAR.validate(VOCAB.parse(text), "melody", plan) == []
 
 
-@pytest.mark.parametrize("copies,message", [
-    (((1, 1),), "cannot copy"), (((2, 3),), "cannot copy"), (((4, 1),), "cannot copy"),
+@pytest.mark.parametrize("stream,quotas,copies,message", [
+    ("melody", (), ((1, 1),), "cannot copy"), ("melody", (), ((2, 3),), "cannot copy"),
+    ("melody", (), ((4, 1),), "cannot copy"),
+    ("dynamics", (2, 3, 2), ((2, 1),), "owes 3 quota tokens"),   # a bar of another note count never closes
 ])
-def test_impossible_copies_are_refused(copies, message):
+def test_impossible_copies_are_refused(stream, quotas, copies, message):
     with pytest.raises(ValueError, match=message):
-        GRAMMAR.start(["melody"], [Plan((Section("A", 3),), "4/4", copies=copies)])
+        GRAMMAR.start([stream], [Plan((Section("A", 3),), "4/4", quotas, copies=copies)])
+
+
+def test_a_dynamics_bar_may_copy_one_with_its_note_count():
+    GRAMMAR.start(["dynamics"], [Plan((Section("A", 3),), "4/4", (2, 3, 2), copies=((3, 1),))])
 
 
 def test_rows_started_apart_keep_their_given_and_copied_bars_in_one_batch():

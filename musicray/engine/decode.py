@@ -20,7 +20,8 @@ from musicray.model import MusicTokenizer
 from musicray.sampling import Sampling
 
 NEG_INF = float("-inf")
-# A jump-forward iteration steps the whole batch's grammar (a fixed ~150 small ops), so it continues only while at
+# A jump-forward iteration steps the whole batch's grammar (a fixed cost per step: Python rows up to Grammar.row_batch,
+# ~150 small tensor ops above), so it continues only while at
 # least this share of the unfinished rows has a forced token: in ordinary generation a row or two of a batch is in
 # a short forced run at any step (jumping them all cost 6x the grammar steps for 25 % fewer model calls at batch 32);
 # in infilling the given bars line up across rows and the whole batch jumps.
