@@ -155,6 +155,7 @@ def _pipeline(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from musicray.eval.report import evaluate_run, settings_for
+    from musicray.run import EvalDir
     from musicray.sampling import checked_settings
 
     sampling = checked_settings(_stage_settings(args.stage_sampling), "--stage-sampling")
@@ -163,7 +164,8 @@ def _eval(args: argparse.Namespace) -> None:
                             window=args.window, variation=args.variation)
     report = evaluate_run(args.run, args.data, args.out, settings, args.device, progress=not args.quiet)
     drawn = [path for path in report["plots"].values() if not path.startswith("skipped")]
-    print(f"wrote {args.out / 'report.md'}, report.json and {len(drawn)} plots ({report['seconds']['total']} s)")
+    out = EvalDir(args.out)
+    print(f"wrote {out.report_md}, {out.report_json.name} and {len(drawn)} plots ({report['seconds']['total']} s)")
 
 
 def _plan(args: argparse.Namespace) -> None:
