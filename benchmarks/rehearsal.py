@@ -87,7 +87,7 @@ def spread(values: list[float]) -> dict:
 def compose_both(run_dir: Path, form: str) -> dict:
     from musicray.compose import Composer
     from musicray.request import Request
-    from musicray.serve.vllm_engine import VllmStages
+    from musicray.engine.vllm_engine import VllmStages
 
     result = {}
     tick = time.perf_counter()

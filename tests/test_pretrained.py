@@ -177,7 +177,7 @@ def test_both_stages_train_on_the_smol_base_and_both_engines_compose_with_the_ad
         song, report = Composer(smol_trained_run, adapters=("chord",)).compose(request)
     else:
         pytest.importorskip("vllm")
-        from musicray.serve.streaming import compose_streaming
+        from musicray.engine.streaming import compose_streaming
 
         printed = io.StringIO()
         song, report = compose_streaming(smol_trained_run, request, adapters=("chord",), out=printed)

@@ -195,7 +195,7 @@ def test_stage2_and_a_song_from_each_engine_with_every_adapter(reference, cache_
     assert [report["stages"][t]["adapter"] for t in SUBTASKS] == list(SUBTASKS)
 
     pytest.importorskip("vllm")
-    from musicray.serve.vllm_engine import VllmStages
+    from musicray.engine.vllm_engine import VllmStages
 
     stages = VllmStages(reference)    # one engine: the 129,280-token model and all five adapters
 
