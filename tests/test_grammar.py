@@ -256,8 +256,18 @@ def test_a_forced_bar_refuses_other_tokens_and_more_content():
 
 
 def random_copies(rng: random.Random, plan: Plan, share: float) -> tuple[tuple[int, int], ...]:
-    """Some bars of the plan copying a random earlier bar."""
-    return tuple((bar, rng.randint(1, bar - 1)) for bar in range(2, plan.n_bars + 1) if rng.random() < share)
+    """Some bars of the plan copying a random earlier bar; where the plan has quotas, one that owes the bar's quota
+    (``Grammar.start`` refuses the others: such a bar could never close)."""
+    copies = []
+    for bar in range(2, plan.n_bars + 1):
+        if rng.random() < share:
+            if not plan.quotas:
+                copies.append((bar, rng.randint(1, bar - 1)))
+                continue
+            sources = [source for source in range(1, bar) if plan.quotas[source - 1] == plan.quotas[bar - 1]]
+            if sources:
+                copies.append((bar, rng.choice(sources)))
+    return tuple(copies)
 
 
 COPYING_STREAMS = ("chord", "melody", "secondary", "notes", "tempo", "dynamics")
