@@ -40,9 +40,9 @@ MADE_BY = {
 }
 
 
-@dataclass(frozen=True)
-class RunDir:
-    """The paths of a run directory's parts (nothing is created or checked until asked)."""
+@dataclass(frozen=True, init=False)
+class _Folder:
+    """A folder whose parts a subclass names (its root resolved; nothing is created or checked until asked)."""
 
     root: Path
 
@@ -51,6 +51,11 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.root)
+
+
+@dataclass(frozen=True, init=False)
+class RunDir(_Folder):
+    """The paths of a run directory's parts (nothing is created or checked until asked)."""
 
     # -- stage 1 -------------------------------------------------------------------------------------------------
     @property
@@ -193,17 +198,9 @@ class RunDir:
                              "or pass the run dir that holds it")
 
 
-@dataclass(frozen=True)
-class EvalDir:
+@dataclass(frozen=True, init=False)
+class EvalDir(_Folder):
     """The paths of an evaluation report's folder (``musicray eval --out``; ``RUN/eval`` in a pipeline run)."""
-
-    root: Path
-
-    def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root).expanduser().resolve())
-
-    def __str__(self) -> str:
-        return str(self.root)
 
     @property
     def report_json(self) -> Path:
