@@ -9,6 +9,8 @@ from pathlib import Path
 from musicray.encoding import encode
 from musicray.eval import metrics as m
 from musicray.eval.generation import Composed, StageStream, Window
+from musicray.eval.structure import DEFINITIONS as STRUCTURE_DEFINITIONS
+from musicray.eval.structure import song_structure_measures
 from musicray.eval.teacher_forced import Scores
 from musicray.grammar import Grammar, Plan
 from musicray.run import ABLATIONS
@@ -19,6 +21,17 @@ from musicray.tokens import SUBTASKS, Vocabulary
 ABLATIONS_DIR = ABLATIONS
 # Song metrics shown in the ablation table (the rest are in the generated-vs-real table).
 ABLATION_SONG_METRICS = ("chord_tone_ratio", "pitch_class_entropy_h4", "groove_consistency")
+# The evaluation's variants: the same windows composed again with one setting changed (musicray.eval.report),
+# each label's rows in the ablation table: (ablation, the main composition's variant, this one's).
+TEMPERATURE_ONE = "temperature 1"
+GUARD_OFF = "harmony guard off"
+VARIANT_ROWS: dict[str, tuple[str, str, str]] = {
+    TEMPERATURE_ONE: ("sampling", "the run's eval.sampling", "every stage at temperature 1"),
+    GUARD_OFF: ("harmony guard", "on", "off"),
+}
+# Structure-and-key measures (musicray.eval.structure) shown in the ablation table: what the harmony guard and the
+# variation act on.
+ABLATION_STRUCTURE_MEASURES = ("scale_consistency_melody", "chord_time_in_scale", "same_label_similarity")
 # The relation figures (``musicray.eval.relations``) shown in the language ablation's rows.
 RELATION_COLUMNS = ("chord_tone_mass", "scale_mass", "tempo_hold")
 
@@ -142,15 +155,30 @@ def add_language_ablation(ablations: dict, generated_plain: list[Composed], rela
         "tempo_hold": "teacher-forced probability of keeping the previous bar's tempo at tempo positions"})
 
 
+def _structure_means(songs: list[Song]) -> dict:
+    """The mean over songs of each of ``ABLATION_STRUCTURE_MEASURES`` (songs where it is undefined left out)."""
+    per_song = [song_structure_measures(song) for song in songs]
+    means = {}
+    for key in ABLATION_STRUCTURE_MEASURES:
+        values = [song[key] for song in per_song if song[key] is not None]
+        means[key] = sum(values) / len(values) if values else None
+    return means
+
+
 def ablation_figures(generated, unmasked, generated_plain, stages, stages_plain, tf_adapter, tf_alone, main_mask_loss,
-               loss_arm, real_windows, vocab) -> dict:
-    """The three ablations, and their rows in one table."""
+                     loss_arm, real_windows, vocab, variants: dict[str, list[Composed]] | None = None) -> dict:
+    """The ablations, and their rows in one table. ``variants``: the same windows composed with one setting changed
+    (``musicray.eval.report``'s labels), each a row beside the main composition."""
+    variants = variants or {}
 
     def song_figures(composed: list[Composed]) -> dict:
+        if not composed:
+            return {}
         valid = [c.song for c in composed if c.song is not None]
         summary = summarize_songs(valid) if valid else {}
         return {"songs_valid": sum(c.song is not None for c in composed) / len(composed),
-                **{key: summary.get(key, {}).get("mean") for key in ABLATION_SONG_METRICS}}
+                **{key: summary.get(key, {}).get("mean") for key in ABLATION_SONG_METRICS},
+                **_structure_means(valid)}
 
     def tf_figures(scores: dict) -> dict:
         return {field: _macro(scores, field) for field in ("loss", "accuracy", "masked_loss", "masked_accuracy")}
@@ -163,8 +191,8 @@ def ablation_figures(generated, unmasked, generated_plain, stages, stages_plain,
     rows = [
         {"ablation": "generation mask", "variant": "on (adapters)", **song_figures(generated),
          **stream_figures(stages[True])},
-        {"ablation": "generation mask", "variant": "off (adapters)", **song_figures(unmasked),
-         **stream_figures(stages[False])},
+        {"ablation": "generation mask", "variant": "off (adapters)",
+         **song_figures(unmasked), **stream_figures(stages[False])},
         {"ablation": "mask in the stage-1 loss", "variant": f"{'on' if main_mask_loss else 'off'} (the run's stage 1)",
          **tf_figures(tf_alone), **stream_figures(stages_plain)},
     ]
@@ -174,19 +202,26 @@ def ablation_figures(generated, unmasked, generated_plain, stages, stages_plain,
     else:
         rows.append({"ablation": "mask in the stage-1 loss", "variant": f"{other} ({ABLATIONS_DIR}/{Path(loss_arm['dir']).name})",
                      **tf_figures(loss_arm["teacher_forced"]), **stream_figures(loss_arm["stages"])})
+    for label, composed in variants.items():
+        ablation, main_variant, variant = VARIANT_ROWS[label]
+        rows += [{"ablation": ablation, "variant": f"{main_variant} (adapters, mask on)", **song_figures(generated)},
+                 {"ablation": ablation, "variant": variant, **song_figures(composed)}]
     rows += [
         {"ablation": "LoRA adapters", "variant": "adapters (mask on)", **song_figures(generated),
          **tf_figures(adapters_effective)},
         {"ablation": "LoRA adapters", "variant": "stage-1 alone (mask on)", **song_figures(generated_plain),
          **tf_figures(tf_alone)},
         {"ablation": "reference", "variant": "real test windows",
-         **{key: summarize_songs(real_windows)[key]["mean"] for key in ABLATION_SONG_METRICS}},
+         **{key: summarize_songs(real_windows)[key]["mean"] for key in ABLATION_SONG_METRICS},
+         **_structure_means(real_windows)},
     ]
     return {
         "generation_mask": {
             "on": {"songs": composed_summary(generated), "stages": summarize_streams(stages[True], vocab)},
             "off": {"songs": composed_summary(unmasked), "stages": summarize_streams(stages[False], vocab)},
         },
+        "variants": {label: {"songs": composed_summary(composed), **song_figures(composed)}
+                     for label, composed in variants.items()},
         "loss_mask": {
             "run": {"mask_loss": main_mask_loss, "teacher_forced": {t: s.to_dict() for t, s in tf_alone.items()},
                     "stages_unmasked": summarize_streams(stages_plain, vocab)},
@@ -204,6 +239,7 @@ def ablation_figures(generated, unmasked, generated_plain, stages, stages_plain,
             "loss / accuracy": "teacher-forced on the test split, mean over the five sub-tasks (stage-1 alone for "
                                "the loss-mask rows); (grammar): under the grammar's allowed-token mask",
             **{key: m.DEFINITIONS[key] for key in ABLATION_SONG_METRICS},
+            **{key: STRUCTURE_DEFINITIONS[key] for key in ABLATION_STRUCTURE_MEASURES},
         },
     }
 
@@ -215,4 +251,4 @@ def composed_summary(composed: list[Composed]) -> dict:
             failed[c.failed_stage] = failed.get(c.failed_stage, 0) + 1
     return {"valid": sum(c.song is not None for c in composed), "total": len(composed), "failed_at": failed,
             "errors": [c.error for c in composed if c.error],
-            "seconds_per_song": sum(c.seconds for c in composed) / len(composed)}
+            "seconds_per_song": sum(c.seconds for c in composed) / len(composed) if composed else None}

@@ -3,7 +3,7 @@ with links to the plots."""
 
 from __future__ import annotations
 
-from musicray.eval.figures import ABLATION_SONG_METRICS, RELATION_COLUMNS
+from musicray.eval.figures import ABLATION_SONG_METRICS, ABLATION_STRUCTURE_MEASURES, RELATION_COLUMNS
 
 MISSING = "–"
 
@@ -27,9 +27,18 @@ def _structure_markdown(structure: dict) -> list[str]:
               "for reference. A goal is met only when the generated songs' whole interval clears it; a pitch-range "
               "goal is within 25 % of the real songs of the same forms."), ""]
     has_whole = any("real_songs" in row for row in structure["rows"])
-    lines += _table(["measure", "generated", "real (same forms)", *(["real test songs"] if has_whole else []),
-                     "goal", "met"],
-                    [[row["measure"], _interval(row["generated"]), _interval(row["real"]),
+    variants = list(structure.get("variants", {}))
+
+    def variant_cells(row: dict) -> list[str]:
+        cells = []
+        for label in variants:
+            entry = row["variants"][label]
+            cells.append(_interval(entry["interval"]) + ("" if entry["met"] is None else f" ({_fmt(entry['met'])})"))
+        return cells
+
+    lines += _table(["measure", "generated", *[f"generated, {label} (met)" for label in variants],
+                     "real (same forms)", *(["real test songs"] if has_whole else []), "goal", "met"],
+                    [[row["measure"], _interval(row["generated"]), *variant_cells(row), _interval(row["real"]),
                       *([_interval(row.get("real_songs"))] if has_whole else []),
                       row["goal"] or MISSING, _fmt(row["met"])] for row in structure["rows"]])
     classifier = structure["classifier"]
@@ -43,6 +52,8 @@ def _structure_markdown(structure: dict) -> list[str]:
                      f"with a {classifier['folds']}-fold cross-validated accuracy of {_fmt(classifier['accuracy'])} "
                      "(0.5: indistinguishable by these measures); the measures that give them away, standardised "
                      f"coefficient (+: more in the generated songs): {giveaways}")
+    for label, accuracy in structure.get("variants", {}).items():
+        lines.append(f"- real vs generated, {label}: cross-validated accuracy {_fmt(accuracy)}")
     lines += [f"- **{key}**: {text}" for key, text in structure["definitions"].items()]
     return lines
 
@@ -127,7 +138,7 @@ def render_markdown(report: dict) -> str:
 
     ablations = report["ablations"]
     columns = ["songs_valid", "stages_valid", "structure_adherence", "loss", "accuracy", "masked_loss",
-               "masked_accuracy", *ABLATION_SONG_METRICS, *RELATION_COLUMNS]
+               "masked_accuracy", *ABLATION_SONG_METRICS, *ABLATION_STRUCTURE_MEASURES, *RELATION_COLUMNS]
     lines += ["", "## Ablations", ""]
     lines += _table(["ablation", "variant", *[c.replace("masked_", "") + (" (grammar)" if c.startswith("masked_")
                                                                             else "") for c in columns]],

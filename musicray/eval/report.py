@@ -13,7 +13,8 @@ What it measures (``evaluate_run``):
 4. structure and key (``musicray.eval.structure``): returning sections, scale consistency, pitch range and pitch
    classes per track (MusPy), chord time in the key's scale, each as a mean with a 95 % bootstrap interval for the
    generated songs, the real songs of the same forms and the whole test songs, the goals met or not, and a
-   real-vs-generated classifier;
+   real-vs-generated classifier; with ``eval.sampling_ablation`` / ``eval.guard_ablation`` the same windows
+   composed again at temperature 1 / with the harmony guard off sit beside them (and in the ablation table);
 5. plots (``musicray.eval.plots``): piano rolls, velocity and tempo curves against the real window, the stage-1
    training curves, the stage-2 sweep table.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from musicray.data.layout import DataDir
-from musicray.eval.figures import ablation_figures, add_language_ablation, generated_vs_real
+from musicray.eval.figures import GUARD_OFF, TEMPERATURE_ONE, ablation_figures, add_language_ablation, generated_vs_real
 from musicray.eval.generation import (
     Composed,
     StageStream,
@@ -52,6 +53,7 @@ from musicray.eval.structure import SOURCES as STRUCTURE_SOURCES
 from musicray.eval.structure import structure_report
 from musicray.eval.teacher_forced import Scores, held_out_dataset, teacher_forced
 from musicray.grammar import Grammar
+from musicray.request import Request
 from musicray.run import EvalDir, RunDir
 from musicray.sampling import Sampling, stage_sampling
 from musicray.song import Song, SongError
@@ -172,6 +174,7 @@ class _WithAdapters:
     tf_adapter: dict[str, Scores | None]
     tf_alone: dict[str, Scores]
     relations: dict
+    variants: dict[str, list[Composed]]   # the same windows composed with one setting changed (_variant_requests)
 
 
 def _with_adapters(ev: _Evaluation, test_songs: list[Song]) -> _WithAdapters:
@@ -182,8 +185,13 @@ def _with_adapters(ev: _Evaluation, test_songs: list[Song]) -> _WithAdapters:
                            settings.variation)
     with clock.part(f"compose {len(windows)} windows (mask on, adapters, batched)"):
         generated = compose_batch(composer, [w.request for w in windows])
-    with clock.part("compose (mask off, adapters, one at a time)"):
-        unmasked = compose_each(composer, [dataclasses.replace(w.request, use_mask=False) for w in windows])
+    variants = {}
+    for label, changed in _variant_requests(settings, windows).items():
+        with clock.part(f"compose the {len(windows)} windows again, {label} (mask on, adapters, batched)"):
+            variants[label] = compose_batch(composer, changed)
+    unmasked_windows = windows[:settings.unmasked_windows] if settings.unmasked_windows is not None else windows
+    with clock.part(f"compose {len(unmasked_windows)} windows (mask off, adapters, one at a time)"):
+        unmasked = compose_each(composer, [dataclasses.replace(w.request, use_mask=False) for w in unmasked_windows])
     with clock.part("single stages from the real inputs (mask on and off)"):
         stages = {use_mask: [s for task in SUBTASKS for s in stage_streams(composer, windows, task, use_mask)]
                   for use_mask in (True, False)}
@@ -192,7 +200,20 @@ def _with_adapters(ev: _Evaluation, test_songs: list[Song]) -> _WithAdapters:
     with clock.part("relations (chord tones, key, tempo hold)"):
         relations = _relations(composer, ev.data_dir, settings, ev.config)
     return _WithAdapters(windows, list(composer.adapters), composer.music.vocab, composer.grammar, generated,
-                         unmasked, stages, tf_adapter, tf_alone, relations)
+                         unmasked, stages, tf_adapter, tf_alone, relations, variants)
+
+
+def _variant_requests(settings: EvalConfig, windows: list[Window]) -> dict[str, list[Request]]:
+    """The windows' requests with one setting changed, for the variants the eval settings ask for: every stage at
+    temperature 1 (``sampling_ablation``, when ``eval.sampling`` sets something else) and the harmony guard off
+    (``guard_ablation``). Same seeds, so a variant differs from the main composition by that setting alone."""
+    requests = [w.request for w in windows]
+    variants = {}
+    if settings.sampling_ablation and any(r.stage_sampling for r in requests):
+        variants[TEMPERATURE_ONE] = [dataclasses.replace(r, stage_sampling=None) for r in requests]
+    if settings.guard_ablation:
+        variants[GUARD_OFF] = [dataclasses.replace(r, harmony_guard=False) for r in requests]
+    return variants
 
 
 def _stage1_alone(ev: _Evaluation, windows: list[Window]) -> dict:
@@ -268,11 +289,12 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         metrics = generated_vs_real(main.generated, windows, test_songs, main.grammar)
         ablations = ablation_figures(main.generated, main.unmasked, plain["generated"], main.stages, plain["stages"],
                                      main.tf_adapter, main.tf_alone, config.stage1.mask_loss, loss_arm,
-                                     [w.song for w in windows], main.vocab)
+                                     [w.song for w in windows], main.vocab, main.variants)
         add_language_ablation(ablations, plain["generated"], plain["relations"], contrast, language_arm)
     with ev.clock.part("structure and key (MusPy, bootstrap intervals, real-vs-generated classifier)"):
-        structure = structure_report([c.song for c in main.generated if c.song is not None],
-                                     [w.song for w in windows], test_songs, seed=settings.seed)
+        structure = structure_report(_songs(main.generated), [w.song for w in windows], test_songs,
+                                     seed=settings.seed,
+                                     variants={label: _songs(composed) for label, composed in main.variants.items()})
     report = {
         "run_dir": str(run_dir), "data_dir": str(data_dir), "device": ev.device,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -296,6 +318,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     return report
 
 
+def _songs(composed: list[Composed]) -> list[Song]:
+    return [c.song for c in composed if c.song is not None]
+
+
 def _setup_notes(settings: EvalConfig, config: Config, windows: list[Window], adapters: list[str]) -> list[str]:
     """What the report's reader must know about how its figures were made."""
     notes = []
@@ -314,6 +340,9 @@ def _setup_notes(settings: EvalConfig, config: Config, windows: list[Window], ad
                      "bars of a longer section), composed from the real window's form, key, metre and base tempo, to "
                      "keep composing fast on a CPU; the comparison is with the same real windows and with the whole "
                      "real test songs")
+    if settings.unmasked_windows is not None and settings.unmasked_windows < len(windows):
+        notes.append(f"mask off: the first {settings.unmasked_windows} of the {len(windows)} windows "
+                     "(eval.unmasked_windows), composed one at a time")
     variation = windows[0].request.variation
     notes.append("returning sections: " + ("as the model writes them (no variation set)" if variation is None else
                  f"variation {variation:g} (each returning bar repeats its first occurrence with probability "

@@ -191,6 +191,8 @@ def song_structure_measures(song: Song) -> dict[str, float | None]:
         "chord_time_in_scale": chord_time_in_scale(song),
         "chord_tone_ratio": chord_tone_ratio(song),
         **track_measures(song),
+        **{f"velocity_mean_{name.lower()}": _mean([note.velocity for note in song.tracks.get(name, [])])
+           for name in TRACKS},
     }
 
 
@@ -208,6 +210,8 @@ DEFINITIONS: dict[str, str] = {
        for name in TRACKS},
     **{f"pitch_range_{name.lower()}": f"{name}: highest minus lowest MIDI pitch, semitones (MusPy)" for name in TRACKS},
     **{f"n_pitch_classes_used_{name.lower()}": f"{name}: distinct pitch classes of the song (MusPy)" for name in TRACKS},
+    **{f"velocity_mean_{name.lower()}": f"{name}: mean MIDI velocity of the song's notes (defined here)"
+       for name in TRACKS},
 }
 MEASURES: tuple[str, ...] = tuple(DEFINITIONS)
 
@@ -283,7 +287,8 @@ GOALS: dict[str, Goal] = {
     "chord_time_in_scale": Goal(at_least=0.8),
 }
 # Goals relative to the real reference's mean on the same songs: within this share of it.
-GOALS_NEAR_REAL: dict[str, float] = {"pitch_range_melody": 0.25, "pitch_range_bridge": 0.25}
+GOALS_NEAR_REAL: dict[str, float] = {"pitch_range_melody": 0.25, "pitch_range_bridge": 0.25,
+                                     **{f"velocity_mean_{name.lower()}": 0.10 for name in TRACKS}}
 
 
 def goal_for(measure: str, real: Interval | None) -> Goal | None:
@@ -343,25 +348,39 @@ def real_vs_generated(real: list[dict], generated: list[dict], measures: tuple[s
 # -- the report's section ------------------------------------------------------------------------------------
 
 def structure_report(generated: list[Song], real: list[Song], real_songs: list[Song] | None = None,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, variants: dict[str, list[Song]] | None = None) -> dict:
     """The "Structure and key" figures: every measure's mean and 95 % bootstrap interval over the generated songs,
     over the real songs of the same forms (``real``, the same code on them) and, when given, over whole real
-    songs (``real_songs``); each goal and whether the generated songs meet it; the real-vs-generated classifier
-    (generated vs ``real``); the per-song values. JSON-ready."""
+    songs (``real_songs``); each goal and whether the generated songs meet it (and each of ``variants``: the same
+    windows composed with one setting changed, e.g. ``{"temperature 1": songs}``); the real-vs-generated
+    classifier (generated vs ``real``); the per-song values. JSON-ready."""
+    variants = variants or {}
     per_song = {"generated": [song_structure_measures(s) for s in generated],
                 "real": [song_structure_measures(s) for s in real]}
     if real_songs is not None:
         per_song["real_songs"] = [song_structure_measures(s) for s in real_songs]
+    per_variant = {label: [song_structure_measures(s) for s in songs] for label, songs in variants.items()}
+
+    def interval(songs: list[dict], measure: str) -> Interval | None:
+        return bootstrap_interval([song[measure] for song in songs], seed)
 
     rows = []
     for measure in MEASURES:
-        intervals = {side: bootstrap_interval([song[measure] for song in songs], seed)
-                     for side, songs in per_song.items()}
+        intervals = {side: interval(songs, measure) for side, songs in per_song.items()}
         goal = goal_for(measure, intervals["real"])
-        rows.append({"measure": measure,
-                     **{side: None if i is None else asdict(i) for side, i in intervals.items()},
-                     "goal": None if goal is None else str(goal),
-                     "met": None if goal is None else goal_met(intervals["generated"], goal)})
+        row = {"measure": measure, **{side: None if i is None else asdict(i) for side, i in intervals.items()},
+               "goal": None if goal is None else str(goal),
+               "met": None if goal is None else goal_met(intervals["generated"], goal)}
+        if per_variant:
+            row["variants"] = {}
+            for label, songs in per_variant.items():
+                found = interval(songs, measure)
+                row["variants"][label] = {"interval": None if found is None else asdict(found),
+                                          "met": None if goal is None else goal_met(found, goal)}
+        rows.append(row)
     return {"definitions": DEFINITIONS, "confidence": CONFIDENCE, "resamples": RESAMPLES, "seed": seed,
             "rows": rows, "classifier": real_vs_generated(per_song["real"], per_song["generated"], seed=seed),
-            "per_song": per_song, "sources": list(SOURCES)}
+            "variants": {label: real_vs_generated(per_song["real"], songs, seed=seed)["accuracy"]
+                         for label, songs in per_variant.items()},
+            "per_song": {**per_song, **{f"variant: {label}": songs for label, songs in per_variant.items()}},
+            "sources": list(SOURCES)}

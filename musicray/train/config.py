@@ -123,6 +123,14 @@ class EvalConfig:
     language_ablation: bool = _help("musicray pipeline: also train stage 1 in the contrasting music language (absolute "
                                     "for the relative one), into RUN/ablations/language_<name>, for the report's "
                                     "relative-vs-absolute row (as costly as stage 1)", False)
+    guard_ablation: bool = _help("also compose the same windows with the harmony guard off (the report's guard "
+                                 "on/off rows and columns; one more batched composition, no training)", False)
+    sampling_ablation: bool = _help("also compose the same windows with every stage at temperature 1 when "
+                                    "eval.sampling sets other values (the report's side-by-side columns; one more "
+                                    "batched composition)", False)
+    unmasked_windows: int | None = _help("windows composed again with the mask off, one at a time, for the mask "
+                                         "ablation (the first N; null: every window; 0: none). Unmasked long windows "
+                                         "are slow: no jump-forward, no batch", None)
 
 
 @dataclass
@@ -176,6 +184,8 @@ class Config:
             raise SongError(f"eval.variation: {self.eval.variation}; expected 0..1 or null")
         if self.eval.max_examples < 0:
             raise SongError(f"eval.max_examples: {self.eval.max_examples}; expected 0 (all) or more")
+        if self.eval.unmasked_windows is not None and self.eval.unmasked_windows < 0:
+            raise SongError(f"eval.unmasked_windows: {self.eval.unmasked_windows}; expected 0 or more, or null (all)")
         return self
 
 

@@ -154,6 +154,33 @@ def test_cli_eval_writes_the_report(eval_run, eval_data, tmp_path, capsys):
                for note in report["notes"])
 
 
+def test_variants_compose_the_same_windows_with_one_setting_changed(eval_run, eval_data, tmp_path):
+    settings = EvalConfig(songs=2, max_bars=2, max_examples=2, seed=5, sampling={"melody": {"temperature": 0}},
+                          guard_ablation=True, sampling_ablation=True, unmasked_windows=1)
+    report = evaluate_run(eval_run, eval_data, tmp_path / "out", settings, progress=False)
+    rows = [(row["ablation"], row["variant"]) for row in report["ablations"]["table"]]
+    assert rows[4:8] == [("sampling", "the run's eval.sampling (adapters, mask on)"),
+                         ("sampling", "every stage at temperature 1"),
+                         ("harmony guard", "on (adapters, mask on)"), ("harmony guard", "off")]
+    variants = report["ablations"]["variants"]
+    assert list(variants) == ["temperature 1", "harmony guard off"]
+    assert all(v["songs"]["valid"] == v["songs"]["total"] == 2 for v in variants.values())
+    # One setting changed, same seeds: the songs differ from the main composition's (greedy melody vs sampled).
+    per_song = report["structure"]["per_song"]
+    for label in variants:
+        assert per_song[f"variant: {label}"] != per_song["generated"], label
+    # A random-weight model draws pitches far outside the registers unless the guard keeps it in them.
+    ranges = {label: sum(song["pitch_range_melody"] for song in songs) for label, songs in per_song.items()}
+    assert ranges["variant: harmony guard off"] > ranges["generated"]
+    assert report["ablations"]["generation_mask"]["off"]["songs"]["total"] == 1
+    assert any("the first 1 of the 2 windows" in note for note in report["notes"])
+    row = next(r for r in report["structure"]["rows"] if r["measure"] == "velocity_mean_melody")
+    assert set(row["variants"]) == {"temperature 1", "harmony guard off"} and " - " in row["goal"]   # within 10 %
+    text = EvalDir(tmp_path / "out").report_md.read_text()
+    assert "generated, harmony guard off (met)" in text and "| harmony guard | off |" in text
+    assert "real vs generated, temperature 1:" in text
+
+
 def test_settings_come_from_the_run_config_and_flags(eval_run, tmp_path):
     RunDir(eval_run).stage1_config.write_text("eval:\n  songs: 3\n  seed: 7\n")
     try:
@@ -206,6 +233,9 @@ def test_bad_settings_name_the_setting(eval_run, eval_data, tmp_path, capsys):
     assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path), "--songs",
                  "0"]) == 2
     assert "eval.songs" in capsys.readouterr().err
+    assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path),
+                 "--unmasked-windows", "-1"]) == 2
+    assert "eval.unmasked_windows: -1" in capsys.readouterr().err
     assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path),
                  "--stage-sampling", "melody:temperature=-1"]) == 2
     assert "--stage-sampling: melody.temperature: '-1' is not 0..10" in capsys.readouterr().err
