@@ -162,7 +162,7 @@ def _eval(args: argparse.Namespace) -> None:
     settings = settings_for(args.run, songs=args.songs, max_bars=args.max_bars, max_examples=args.max_examples,
                             batch_size=args.batch_size, seed=args.seed, sampling=sampling or None,
                             window=args.window, variation=args.variation, guard_ablation=args.guard_ablation,
-                            sampling_ablation=args.sampling_ablation, unmasked_windows=args.unmasked_windows)
+                            sampling_ablation=args.sampling_ablation, ablation_windows=args.ablation_windows)
     report = evaluate_run(args.run, args.data, args.out, settings, args.device, progress=not args.quiet)
     drawn = [path for path in report["plots"].values() if not path.startswith("skipped")]
     out = EvalDir(args.out)
@@ -430,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampling-ablation", action=argparse.BooleanOptionalAction, default=None,
                     help="also compose the windows with every stage at temperature 1 when the stage sampling sets "
                          "other values (default: eval.sampling_ablation)")
-    ev.add_argument("--unmasked-windows", type=int, help="windows composed again with the mask off, one at a time "
-                                                         "(the first N; default: eval.unmasked_windows, all)")
+    ev.add_argument("--ablation-windows", type=int,
+                    help="windows of the mask-off and single-stage ablations, the first N (default: "
+                         "eval.ablation_windows, all)")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--quiet", action="store_true", help="no progress lines")
     ev.set_defaults(handler=_eval)

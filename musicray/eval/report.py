@@ -189,11 +189,11 @@ def _with_adapters(ev: _Evaluation, test_songs: list[Song]) -> _WithAdapters:
     for label, changed in _variant_requests(settings, windows).items():
         with clock.part(f"compose the {len(windows)} windows again, {label} (mask on, adapters, batched)"):
             variants[label] = compose_batch(composer, changed)
-    unmasked_windows = windows[:settings.unmasked_windows] if settings.unmasked_windows is not None else windows
-    with clock.part(f"compose {len(unmasked_windows)} windows (mask off, adapters, one at a time)"):
-        unmasked = compose_each(composer, [dataclasses.replace(w.request, use_mask=False) for w in unmasked_windows])
-    with clock.part("single stages from the real inputs (mask on and off)"):
-        stages = {use_mask: [s for task in SUBTASKS for s in stage_streams(composer, windows, task, use_mask)]
+    few = ablation_windows(settings, windows)
+    with clock.part(f"compose {len(few)} windows (mask off, adapters, one at a time)"):
+        unmasked = compose_each(composer, [dataclasses.replace(w.request, use_mask=False) for w in few])
+    with clock.part(f"single stages from the real inputs of {len(few)} windows (mask on and off)"):
+        stages = {use_mask: [s for task in SUBTASKS for s in stage_streams(composer, few, task, use_mask)]
                   for use_mask in (True, False)}
     with clock.part("teacher-forced scores (adapters, stage-1 alone)"):
         tf_adapter, tf_alone = _teacher_forced_all(composer, ev.data_dir, settings, ev.config, True)
@@ -201,6 +201,11 @@ def _with_adapters(ev: _Evaluation, test_songs: list[Song]) -> _WithAdapters:
         relations = _relations(composer, ev.data_dir, settings, ev.config)
     return _WithAdapters(windows, list(composer.adapters), composer.music.vocab, composer.grammar, generated,
                          unmasked, stages, tf_adapter, tf_alone, relations, variants)
+
+
+def ablation_windows(settings: EvalConfig, windows: list[Window]) -> list[Window]:
+    """The windows of the ablations that run stage by stage or without the mask (``eval.ablation_windows``)."""
+    return windows if settings.ablation_windows is None else windows[:settings.ablation_windows]
 
 
 def _variant_requests(settings: EvalConfig, windows: list[Window]) -> dict[str, list[Request]]:
@@ -222,7 +227,8 @@ def _stage1_alone(ev: _Evaluation, windows: list[Window]) -> dict:
     with ev.clock.part("compose (mask on, stage-1 alone)"):
         generated = compose_batch(plain, [w.request for w in windows])
     with ev.clock.part("single stages, mask off, stage-1 alone"):
-        stages = [s for task in SUBTASKS for s in stage_streams(plain, windows, task, use_mask=False)]
+        stages = [s for task in SUBTASKS for s in stage_streams(plain, ablation_windows(ev.settings, windows), task,
+                                                                use_mask=False)]
     with ev.clock.part("relations, stage-1 alone (the language ablation's row)"):
         relations = _relations(plain, ev.data_dir, ev.settings, ev.config)
     return {"generated": generated, "stages": stages, "relations": relations}
@@ -240,7 +246,8 @@ def _loss_mask_arm(ev: _Evaluation, windows: list[Window], notes: list[str]) -> 
     arm = ev.composer(arm_run, adapters=())
     with ev.clock.part(f"loss-mask ablation (stage1.mask_loss={str(other).lower()})"):
         _, arm_tf = _teacher_forced_all(arm, ev.data_dir, ev.settings, ev.config, False)
-        arm_stages = [s for task in SUBTASKS for s in stage_streams(arm, windows, task, use_mask=False)]
+        arm_stages = [s for task in SUBTASKS for s in stage_streams(arm, ablation_windows(ev.settings, windows), task,
+                                                                    use_mask=False)]
     return {"dir": str(arm_run.root), "teacher_forced": arm_tf, "stages": arm_stages}
 
 
@@ -340,9 +347,9 @@ def _setup_notes(settings: EvalConfig, config: Config, windows: list[Window], ad
                      "bars of a longer section), composed from the real window's form, key, metre and base tempo, to "
                      "keep composing fast on a CPU; the comparison is with the same real windows and with the whole "
                      "real test songs")
-    if settings.unmasked_windows is not None and settings.unmasked_windows < len(windows):
-        notes.append(f"mask off: the first {settings.unmasked_windows} of the {len(windows)} windows "
-                     "(eval.unmasked_windows), composed one at a time")
+    if settings.ablation_windows is not None and settings.ablation_windows < len(windows):
+        notes.append(f"mask off and single stages: the first {settings.ablation_windows} of the {len(windows)} "
+                     "windows (eval.ablation_windows); the mask-off songs composed one at a time")
     variation = windows[0].request.variation
     notes.append("returning sections: " + ("as the model writes them (no variation set)" if variation is None else
                  f"variation {variation:g} (each returning bar repeats its first occurrence with probability "

@@ -22,6 +22,7 @@ Python.
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import signal
@@ -341,10 +342,8 @@ class Ingress:
 
     async def _request(self, body: GenerateBody):
         """The body's composer request; a prompt is planned in a worker thread (a model's forward passes)."""
-        if body.prompt is None:
-            return to_request(body, self.max_bars, self.max_midi_bytes, defaults=self.run_defaults)
-        return await asyncio.to_thread(to_request, body, self.max_bars, self.max_midi_bytes, self._plan,
-                                       self.run_defaults)
+        build = functools.partial(to_request, body, self.max_bars, self.max_midi_bytes, self._plan, self.run_defaults)
+        return build() if body.prompt is None else await asyncio.to_thread(build)
 
     def _plan(self, prompt: str, max_bars: int):
         """The plan of a prompt, by the config's ``planner`` (loaded on the first prompt; one plan at a time)."""

@@ -128,9 +128,10 @@ class EvalConfig:
     sampling_ablation: bool = _help("also compose the same windows with every stage at temperature 1 when "
                                     "eval.sampling sets other values (the report's side-by-side columns; one more "
                                     "batched composition)", False)
-    unmasked_windows: int | None = _help("windows composed again with the mask off, one at a time, for the mask "
-                                         "ablation (the first N; null: every window; 0: none). Unmasked long windows "
-                                         "are slow: no jump-forward, no batch", None)
+    ablation_windows: int | None = _help("windows of the ablations that run stage by stage or without the mask (the "
+                                         "first N; null: every window): the mask-off songs, composed one at a time "
+                                         "without jump-forward, and the single stages from the real inputs. The "
+                                         "main composition and its variants always take every window", None)
 
 
 @dataclass
@@ -184,8 +185,8 @@ class Config:
             raise SongError(f"eval.variation: {self.eval.variation}; expected 0..1 or null")
         if self.eval.max_examples < 0:
             raise SongError(f"eval.max_examples: {self.eval.max_examples}; expected 0 (all) or more")
-        if self.eval.unmasked_windows is not None and self.eval.unmasked_windows < 0:
-            raise SongError(f"eval.unmasked_windows: {self.eval.unmasked_windows}; expected 0 or more, or null (all)")
+        if self.eval.ablation_windows is not None and self.eval.ablation_windows < 0:
+            raise SongError(f"eval.ablation_windows: {self.eval.ablation_windows}; expected 0 or more, or null (all)")
         return self
 
 

@@ -156,7 +156,7 @@ def test_cli_eval_writes_the_report(eval_run, eval_data, tmp_path, capsys):
 
 def test_variants_compose_the_same_windows_with_one_setting_changed(eval_run, eval_data, tmp_path):
     settings = EvalConfig(songs=2, max_bars=2, max_examples=2, seed=5, sampling={"melody": {"temperature": 0}},
-                          guard_ablation=True, sampling_ablation=True, unmasked_windows=1)
+                          guard_ablation=True, sampling_ablation=True, ablation_windows=1)
     report = evaluate_run(eval_run, eval_data, tmp_path / "out", settings, progress=False)
     rows = [(row["ablation"], row["variant"]) for row in report["ablations"]["table"]]
     assert rows[4:8] == [("sampling", "the run's eval.sampling (adapters, mask on)"),
@@ -174,6 +174,7 @@ def test_variants_compose_the_same_windows_with_one_setting_changed(eval_run, ev
     assert ranges["variant: harmony guard off"] > ranges["generated"]
     assert report["ablations"]["generation_mask"]["off"]["songs"]["total"] == 1
     assert any("the first 1 of the 2 windows" in note for note in report["notes"])
+    assert report["ablations"]["generation_mask"]["on"]["stages"]["streams"] == 5   # one window, five stages
     row = next(r for r in report["structure"]["rows"] if r["measure"] == "velocity_mean_melody")
     assert set(row["variants"]) == {"temperature 1", "harmony guard off"} and " - " in row["goal"]   # within 10 %
     text = EvalDir(tmp_path / "out").report_md.read_text()
@@ -234,8 +235,8 @@ def test_bad_settings_name_the_setting(eval_run, eval_data, tmp_path, capsys):
                  "0"]) == 2
     assert "eval.songs" in capsys.readouterr().err
     assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path),
-                 "--unmasked-windows", "-1"]) == 2
-    assert "eval.unmasked_windows: -1" in capsys.readouterr().err
+                 "--ablation-windows", "-1"]) == 2
+    assert "eval.ablation_windows: -1" in capsys.readouterr().err
     assert main(["eval", "--run", str(eval_run), "--data", str(eval_data), "--out", str(tmp_path),
                  "--stage-sampling", "melody:temperature=-1"]) == 2
     assert "--stage-sampling: melody.temperature: '-1' is not 0..10" in capsys.readouterr().err
