@@ -186,6 +186,8 @@ def stage_streams(composer: Composer, windows: list[Window], task: str, use_mask
     budgets and seeds are the composer's own (``StagePlanner.stage_inputs``: the tempo stage starts at the
     window's tempo as a composed song does); ``sampling`` defaults to the windows' requests' setting for ``task``;
     without ``adapters`` the stage runs on the stage-1 model alone."""
+    if not windows:
+        return []
     music, grammar = composer.music, composer.grammar
     stages = composer.stage_inputs([w.song for w in windows], task, [w.request for w in windows],
                                    optional=[()] * len(windows))

@@ -135,9 +135,14 @@ def test_a_run_without_the_ablation_arms_says_not_run(eval_run, eval_data, tmp_p
     assert report["ablations"]["language"]["other"] == "not run"
     assert report["ablations"]["table"][7]["variant"] == "absolute: not run"
     RunDir(run).stage1_metrics.unlink()
-    report = evaluate_run(run, eval_data, tmp_path / "out2", EvalConfig(songs=1, max_bars=1, max_examples=2),
-                          progress=False)
+    report = evaluate_run(run, eval_data, tmp_path / "out2", EvalConfig(songs=1, max_bars=1, max_examples=2,
+                                                                        ablation_windows=0), progress=False)
     assert report["plots"]["training_curves"].startswith("skipped:")
+    # No ablation window: the mask-off and single-stage rows are empty, the composed songs are still judged.
+    mask_off = report["ablations"]["table"][1]
+    assert mask_off["variant"] == "off (adapters)" and "songs_valid" not in mask_off
+    assert report["ablations"]["generation_mask"]["on"]["stages"]["streams"] == 0
+    assert report["metrics"]["generated"]["grammar_validity"]["mean"] == 1.0
     assert "training_curves: skipped:" in EvalDir(tmp_path / "out2").report_md.read_text()
 
 
