@@ -151,13 +151,14 @@ def measure_stage1(args, tmp: Path, dtype, gpu: str) -> dict:
     deepspeed.init_distributed(dist_backend="nccl")
     torch.cuda.set_device(0)
     torch.cuda.reset_peak_memory_stats()
-    keep = zero3_loading(ds_config)   # noqa: F841 - transformers reads it while the model lives
+    hf_deepspeed = zero3_loading(ds_config)   # transformers reads it while the model lives
     from musicray.run import RunDir
 
     model, music = load_music_model(RunDir(run).stage1_model, torch_dtype(config.stage1.precision))
     prepare_for_training(model, config.stage1.gradient_checkpointing)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad], config=ds_config)
+    engine.train()   # from_pretrained returns eval mode, where Hugging Face skips gradient checkpointing
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     embedding = engine.module.get_input_embeddings().weight
     embedding_params = getattr(embedding, "ds_numel", embedding.numel())
@@ -183,7 +184,7 @@ def measure_stage1(args, tmp: Path, dtype, gpu: str) -> dict:
              "tokens_per_s": args.seq / median, "flops_per_token": flops,
              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
              "mfu": mfu(args.seq / median, flops, peak) if peak else None}
-    del engine, model
+    del engine, model, hf_deepspeed
     gc.collect()
     torch.cuda.empty_cache()
     return entry
