@@ -250,6 +250,8 @@ def job_with_node_loss(out: Path, steps: int, every: int, timeout: float) -> dic
         report["songs"] = sorted(p.name for p in run.songs.glob("*.mid")) if run.songs.exists() else []
         report["eval_report"] = run.eval_report.exists()
         report["job_log"] = str(job_log)
+    except RuntimeError as error:    # a node that would not start: reported, with the end of its `ray start` log
+        report["error"] = str(error)[-1500:]
     finally:
         for node in reversed(nodes):
             node.stop()
@@ -262,6 +264,7 @@ def failed_checks(report: dict) -> list[str]:
     steps, every = report["steps"], report["checkpoint_every"]
     restart = report.get("restart_step", 0)
     checks = {
+        "every node started": "error" not in report,
         "the job succeeded": report.get("job_status") == "SUCCEEDED",
         "one worker per node before the loss": report.get("workers_before") == {"head": 1, "second": 1},
         "one worker on the head and one on the replacement after it":
@@ -300,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(replacement up {report.get('replacement_joined_s')} s, new workers up {report.get('new_workers_s')} s) "
               f"+ redo {report.get('redo_s')} s (first start {report.get('start_s')} s); checkpoints "
               f"{report.get('checkpoints')}, adapters {report.get('adapters')}, songs {len(report.get('songs', []))}; "
-              f"failed checks: {failed or 'none'}", flush=True)
+              f"failed checks: {failed or 'none'}{'; ' + report['error'][-500:] if 'error' in report else ''}",
+              flush=True)
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)
     return 0 if not failed else 1
 
