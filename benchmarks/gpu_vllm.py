@@ -34,18 +34,20 @@ from musicray.run import RunDir
 HBM_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864}
 
 
-def build_run(shape: str, root: Path, device: str, dtype) -> Path:
-    """A run dir: the random model of ``shape`` with the music tokens, and five random LoRA adapters (q/v, r 16)."""
+def build_run(shape: str, root: Path, device: str, dtype, config=None, tokenizer_config=None,
+              adapters: bool = True) -> Path:
+    """A run dir: the random model of ``shape`` (``SIZES[shape]``, or ``config``, a ``TinyConfig``) with the music
+    tokens, and five random LoRA adapters (q/v, r 16). The tokenizer is the tiny one's, or ``tokenizer_config``'s
+    (e.g. the rehearsal's Llama 3 layout, whose 129,276 ids make the embedding and logits as wide as on Llama 3)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from musicray.model import MusicTokenizer, build_tiny, save_music_model
+    from musicray.model import MusicTokenizer, build_tokenizer, save_music_model
     from musicray.tokens import SUBTASKS, Vocabulary
 
-    config = SIZES[shape]
-    tokenizer_dir = build_tiny(root / "tokenizer", SIZES["tiny"])   # the tiny tokenizer; its model is not used
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = config or SIZES[shape]
+    tokenizer = build_tokenizer(tokenizer_config or SIZES["tiny"])   # the tokenizer alone: no CPU model is built
     music = MusicTokenizer.extend(tokenizer, Vocabulary())
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -56,13 +58,14 @@ def build_run(shape: str, root: Path, device: str, dtype) -> Path:
             vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                 num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
                 num_key_value_heads=config.num_key_value_heads, max_position_embeddings=16384, rope_theta=500000.0,
+                rope_scaling=dict(config.rope_scaling) if config.rope_scaling else None,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False))
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=config.tie_word_embeddings))
     finally:
         torch.set_default_dtype(default)
     run = root / f"run-{shape}"
     save_music_model(model, music, RunDir(run).stage1_model)
-    for k, task in enumerate(SUBTASKS):
+    for k, task in enumerate(SUBTASKS if adapters else ()):
         torch.manual_seed(100 + k)
         adapted = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                                                    init_lora_weights=False))

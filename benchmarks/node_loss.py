@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from musicray.run import RunDir
@@ -56,19 +57,32 @@ def start_token_auth(tmp: Path) -> None:
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
 
 
-def train_workers(node) -> list[int]:
-    """PIDs of the Ray Train workers running on ``node`` (children of its raylet)."""
+def workers_under(pid: int, marker: str) -> list[int]:
+    """PIDs of the processes under ``pid`` (a raylet, or `ray start`) whose command line names ``marker``: Ray Train
+    workers are ``RayTrainWorker`` actors, Ray Tune's function trials ``ImplicitFunc`` actors."""
     import psutil
 
     pids = []
-    for info in node.all_processes.get("raylet", []):
-        try:
-            for child in psutil.Process(info.process.pid).children(recursive=True):
-                if "RayTrainWorker" in " ".join(child.cmdline()):
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if marker in " ".join(child.cmdline()):
                     pids.append(child.pid)
-        except psutil.Error:
-            pass
+            except psutil.Error:      # exited meanwhile
+                pass
+    except psutil.Error:
+        pass
     return pids
+
+
+def node_workers(node, marker: str) -> list[int]:
+    """PIDs of the ``marker`` actors on a ``ray.cluster_utils.Cluster`` node (children of its raylet)."""
+    return [pid for info in node.all_processes.get("raylet", []) for pid in workers_under(info.process.pid, marker)]
+
+
+def train_workers(node) -> list[int]:
+    """PIDs of the Ray Train workers running on ``node``."""
+    return node_workers(node, "RayTrainWorker")
 
 
 def registered_checkpoint(run_dir: Path) -> bool:
@@ -98,11 +112,31 @@ def lost_time(rows: list[dict], killed_at: float) -> dict:
             "restart_s": round(restart_s, 2), "redo_s": round(redo_s, 2), "lost_s": round(restart_s + redo_s, 2)}
 
 
-def node_loss(out: Path, steps: int, every: int) -> dict:
-    """One run: train on two nodes, remove the second after the first registered checkpoint, add a new one."""
+@contextmanager
+def two_nodes():
+    """A head and a second node on this machine, one CPU each, with this process's driver joined to the head;
+    yields ``(cluster, second)`` and shuts both down afterwards."""
     import ray
     from ray.cluster_utils import Cluster
 
+    # A temp dir of the cluster's own, short (Ray's socket paths must stay under 108 bytes) and private: the
+    # cluster writes its address there, where another user's ray.init() on this machine will not find and join it.
+    ray_tmp = tempfile.mkdtemp(prefix="mr-")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        second = cluster.add_node(num_cpus=1)
+        # The driver joins the head (as `ray job submit` would run it); the workers' logs stay in the cluster's files.
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        yield cluster, second
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def node_loss(out: Path, steps: int, every: int) -> dict:
+    """One run: train on two nodes, remove the second after the first registered checkpoint, add a new one."""
     from musicray.train.config import load_config
     from musicray.train.finetune import train_stage1
 
@@ -111,27 +145,19 @@ def node_loss(out: Path, steps: int, every: int) -> dict:
         f"stage1.max_steps={steps}", f"stage1.checkpoint_every={every}", "stage1.max_failures=2",
         "stage1.lr_schedule=constant", "stage1.warmup_steps=2"])
     run_dir = out / "run"
-    # A temp dir of the cluster's own, short (Ray's socket paths must stay under 108 bytes) and private: the
-    # cluster writes its address there, where another user's ray.init() on this machine will not find and join it.
-    ray_tmp = tempfile.mkdtemp(prefix="mr-")
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    second = cluster.add_node(num_cpus=1)
-    # The driver joins the head (as `ray job submit` would run it); the workers' logs stay in the cluster's files.
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    outcome: dict = {}
+    with two_nodes() as (cluster, second):
+        outcome: dict = {}
 
-    def train():
-        try:
-            outcome["model"] = str(train_stage1(config, run_dir, progress=False))
-        except Exception as error:  # noqa: BLE001 - reported in the result
-            outcome["error"] = repr(error)
+        def train():
+            try:
+                outcome["model"] = str(train_stage1(config, run_dir, progress=False))
+            except Exception as error:  # noqa: BLE001 - reported in the result
+                outcome["error"] = repr(error)
 
-    report: dict = {"steps": steps, "checkpoint_every": every}
-    started = time.time()
-    thread = threading.Thread(target=train)
-    thread.start()
-    try:
+        report: dict = {"steps": steps, "checkpoint_every": every}
+        started = time.time()
+        thread = threading.Thread(target=train)
+        thread.start()
         deadline = time.time() + 600
         while thread.is_alive() and time.time() < deadline:
             if registered_checkpoint(run_dir) and train_workers(second):
@@ -165,27 +191,13 @@ def node_loss(out: Path, steps: int, every: int) -> dict:
             # initial model, workers' imports, DeepSpeed engine), which the restart repeats in part.
             report["start_s"] = round(rows[0]["time"] - rows[0]["step_s"] - started, 2)
             report["step_s_median"] = round(statistics.median(r["step_s"] for r in rows), 3)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     report["run_dir"] = str(run_dir)
     return report
 
 
 def trial_actors(node) -> list[int]:
     """PIDs of the Ray Tune trial actors (function trainables) running on ``node``."""
-    import psutil
-
-    pids = []
-    for info in node.all_processes.get("raylet", []):
-        try:
-            for child in psutil.Process(info.process.pid).children(recursive=True):
-                if "ImplicitFunc" in " ".join(child.cmdline()):
-                    pids.append(child.pid)
-        except psutil.Error:
-            pass
-    return pids
+    return node_workers(node, "ImplicitFunc")
 
 
 def trial_node_loss(out: Path, steps: int, every: int) -> dict:
@@ -193,7 +205,6 @@ def trial_node_loss(out: Path, steps: int, every: int) -> dict:
     and Tune (``FailureConfig(stage2.max_failures)``) runs that trial again from its last reported checkpoint."""
     import pandas as pd
     import ray
-    from ray.cluster_utils import Cluster
 
     from musicray.model import add_music_tokens, load_base, save_music_model
     from musicray.run import RunDir
@@ -210,14 +221,9 @@ def trial_node_loss(out: Path, steps: int, every: int) -> dict:
     # Stage 2's base: the tiny model with the music tokens (stage 1's training is not what this measures).
     model, tokenizer = load_base(config.base_model, out / "cache")
     save_music_model(model, add_music_tokens(model, tokenizer, Vocabulary(config.vocab)), run.stage1_model)
-    ray_tmp = tempfile.mkdtemp(prefix="mr-")
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    second = cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     outcome: dict = {}
     report: dict = {"steps": steps, "eval_every": every}
-    try:
+    with two_nodes() as (cluster, second):
         data_dir = resolve_data_dir(config, progress=False)
 
         def tune():
@@ -254,10 +260,6 @@ def trial_node_loss(out: Path, steps: int, every: int) -> dict:
         for progress in trials.glob("*/progress.csv"):
             rows = pd.read_csv(progress)
             report["reported_steps"][str(rows["subtask"].iloc[0])] = [int(step) for step in rows["step"]]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     return report
 
 

@@ -100,17 +100,9 @@ def compose_both(run_dir: Path, form: str) -> dict:
     stages = VllmStages(run_dir)
     started = time.perf_counter() - tick
 
-    async def one():
-        request = Request(form, seed=1)
-        served, done = request.song(), {}
-        async for event in stages.compose(served, request, Composer.stages_for(request)):
-            if event.kind == "stage_done":
-                done[event.data["stage"]] = event.data
-        return served, done
-
     try:
         tick = time.perf_counter()
-        served, done = asyncio.run(one())
+        served, done = asyncio.run(stages.compose_request(Request(form, seed=1)))
     finally:
         stages.shutdown()
     served.check()

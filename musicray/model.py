@@ -357,3 +357,15 @@ def load_music_model(path: str | Path, torch_dtype: torch.dtype = torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model, MusicTokenizer(tokenizer, vocab)
+
+
+def prepare_for_training(model, gradient_checkpointing: bool = False):
+    """Ready ``model`` for a training loop: no KV cache (every step sees whole sequences) and, when asked, Hugging
+    Face's gradient checkpointing, which keeps only each decoder layer's input in the forward pass and runs the layer
+    again in the backward pass: activation memory of about one layer instead of all of them, for about a third
+    more compute. Non-reentrant checkpointing: it needs no gradient on the inputs (a LoRA model's frozen embeddings
+    give none) and works under ZeRO-3, whose hooks gather a layer's weights again for the second forward."""
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -34,10 +34,11 @@ from musicray.errors import StageConflict
 
 RUN, SKIP, RESUME = "run", "skip", "resume"
 # Settings that cannot change a stage's result (where things are cached, how many restarts or checkpoints are
-# kept, how often rows are logged, how many trials run at once, how workers are placed on nodes): a change to them
-# keeps a finished stage.
+# kept, how often rows are logged, how many trials run at once, how workers are placed on nodes, whether activations
+# are recomputed): a change to them keeps a finished stage.
 IGNORED = {"cache_dir", "stage1.max_failures", "stage1.keep_checkpoints", "stage1.log_every",
-           "stage1.placement_strategy", "stage2.max_concurrent_trials", "stage2.max_failures"}
+           "stage1.placement_strategy", "stage1.gradient_checkpointing", "stage2.max_concurrent_trials",
+           "stage2.max_failures", "stage2.gradient_checkpointing"}
 # The config sections each stage depends on. Stage 2 also depends on the stage-1 model it trains on: its caller adds
 # that model's hash (``STAGE1_MODEL``), so a stage 1 trained again makes every sweep on the old one stale.
 SECTIONS = {"stage1": ("base_model", "vocab", "data", "stage1"), "stage2": ("data", "stage2")}

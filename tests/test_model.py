@@ -7,7 +7,7 @@ import torch
 
 from musicray.encoding import encode
 from musicray.model import (INSTRUCTIONS, MusicTokenizer, add_music_tokens, build_tiny, load_base, load_music_model,
-                            resolve_base, save_music_model)
+                            prepare_for_training, resolve_base, save_music_model)
 from musicray.song import SongError
 from musicray.tokens import TASKS, Vocabulary
 
@@ -123,3 +123,40 @@ def test_the_cache_dir_of_a_built_in_model_expands_home(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = resolve_base("tiny", "~/cache")
     assert path == tmp_path / "cache" / "tiny-llama" and not (tmp_path / "~").exists()
+
+
+def with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+
+
+def one_step(model, input_ids) -> tuple[float, dict, int]:
+    """Loss, gradients and the number of tensors autograd kept for the backward pass, of one training step."""
+    from musicray.train.loss import causal_lm_loss
+
+    kept = []
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(1) or t, lambda t: t):
+        loss = causal_lm_loss(model(input_ids=input_ids).logits, input_ids)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, len(kept)
+
+
+@pytest.mark.parametrize("wrap", [lambda model: model, with_lora], ids=["stage 1: full model", "stage 2: LoRA"])
+def test_gradient_checkpointing_keeps_the_loss_and_gradients_and_keeps_fewer_activations(tmp_path, wrap):
+    steps = {}
+    for checkpointing in (False, True):
+        model, _ = load_base("tiny", tmp_path)
+        input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)     # the same LoRA initialisation
+        steps[checkpointing] = one_step(wrap(prepare_for_training(model, checkpointing)), input_ids)
+    (loss, grads, kept), (loss_ckpt, grads_ckpt, kept_ckpt) = steps[False], steps[True]
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-6)
+    # Recomputed in the backward pass: each checkpointed layer keeps its input only.
+    assert kept_ckpt < kept / 2

@@ -121,6 +121,15 @@ class VllmStages:
             async for event in self.run_stage(song, task, request, bar_events):
                 yield event
 
+    async def compose_request(self, request: Request) -> tuple[Song, dict[str, dict]]:
+        """A new song for ``request`` through every stage it asks for, and each stage's report by stage (its
+        ``stage_done`` data): what ``Composer.compose`` gives on musicray's own loop, on this engine."""
+        song, reports = request.song(), {}
+        async for event in self.compose(song, request, StagePlanner.stages_for(request)):
+            if event.kind == "stage_done":
+                reports[event.data["stage"]] = event.data
+        return song, reports
+
     async def run_stage(self, song: Song, task: str, request: Request,
                         bar_events: bool = False) -> AsyncIterator[StageEvent]:
         started = time.perf_counter()

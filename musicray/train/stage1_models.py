@@ -21,6 +21,22 @@ def torch_dtype(precision: str):
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def zero3_loading(ds_config: dict):
+    """Under ZeRO-3, what makes ``from_pretrained`` build the model inside ``deepspeed.zero.Init``: transformers'
+    ``HfDeepSpeedConfig``. Each parameter is then partitioned over the ranks as it is created and the checkpoint is
+    read into each rank's shard layer by layer, so no rank ever holds the whole model (16 GB per worker for an 8B
+    model in bf16, 128 GB of one node's host memory with 8 workers, otherwise). Returns None below ZeRO-3.
+
+    The caller keeps the returned object for as long as its model lives: transformers holds it through a weak
+    reference and asks it whether ZeRO-3 is on (when it saves, resizes or ties weights). The torch process group
+    must be up (Ray Train's); DeepSpeed's communication wraps it."""
+    if (ds_config.get("zero_optimization") or {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
 def build_init_model(config: Config, out: Path) -> Path:
     """Base LLM + music tokens, saved once so that every rank (and the final export) starts from it."""
     import torch

@@ -22,7 +22,7 @@ from musicray.errors import SongError
 from musicray.run import RunDir
 from musicray.train.config import Config
 from musicray.train.stage1_metrics import MetricsLog
-from musicray.train.stage1_models import torch_dtype
+from musicray.train.stage1_models import torch_dtype, zero3_loading
 
 # Validation batches per rank at each checkpoint (when the data has a validation split).
 VAL_BATCHES = 2
@@ -78,10 +78,12 @@ class Stage1Recipe:
             torch.set_num_threads(max(1, int(s.cpus_per_worker)))
         torch.manual_seed(s.seed)
 
-        from musicray.model import load_music_model
+        from musicray.model import load_music_model, prepare_for_training
 
+        # ZeRO-3: loaded partitioned, inside deepspeed.zero.Init (kept for the worker's life, see zero3_loading).
+        self.zero3 = zero3_loading(self.ds_config)
         model, self.music = load_music_model(self.init_dir, torch_dtype(s.precision))
-        model.config.use_cache = False
+        prepare_for_training(model, s.gradient_checkpointing)
         self._setup_data()
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                                    if p.requires_grad],

@@ -161,7 +161,7 @@ def train_adapter(config: dict, settings: dict) -> None:
     from peft import LoraConfig, get_peft_model
     from ray import tune
 
-    from musicray.model import load_music_model
+    from musicray.model import load_music_model, prepare_for_training
     from musicray.train.data import collate, shuffled_batches
     from musicray.train.loss import causal_lm_loss
 
@@ -177,7 +177,7 @@ def train_adapter(config: dict, settings: dict) -> None:
     torch.manual_seed(seed)
 
     model, music = load_music_model(settings["stage1"])
-    model.config.use_cache = False
+    prepare_for_training(model, settings["gradient_checkpointing"])
     lora = LoraConfig(r=int(config["rank"]), lora_alpha=config["alpha"], lora_dropout=float(config["dropout"]),
                       target_modules=config["target_modules"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora).to(device)
@@ -300,7 +300,7 @@ def tune_adapters(config: Config, run_dir: Path, progress: bool = True, force: b
                 "max_bars": config.data.max_bars,
                 "max_steps": stage2.max_steps, "eval_every": stage2.eval_every, "eval_batches": stage2.eval_batches,
                 "micro_batch_size": stage2.micro_batch_size, "cpus_per_trial": stage2.cpus_per_trial,
-                "gpus_per_trial": stage2.gpus_per_trial}
+                "gpus_per_trial": stage2.gpus_per_trial, "gradient_checkpointing": stage2.gradient_checkpointing}
     trainable = tune.with_resources(tune.with_parameters(train_adapter, settings=settings),
                                     {"cpu": stage2.cpus_per_trial, "gpu": stage2.gpus_per_trial})
     # The concurrency cap goes on the search generator: Tune ignores TuneConfig.max_concurrent_trials when a

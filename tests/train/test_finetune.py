@@ -27,34 +27,24 @@ from musicray.train.config import load_config
 from musicray.train.data import RenderedDataset, collate, load_examples, resolve_data_dir
 from musicray.train.deepspeed_config import deepspeed_config
 from musicray.train.finetune import train_stage1
-from musicray.train.stage1_metrics import read_metrics
 from musicray.train.loss import causal_lm_loss
+from .stage1_runs import metrics, stage1_settings
 
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 STEPS, EVERY = 40, 10
-# Ray Train knobs for a slow, shared 2-core machine: a longer worker-group start timeout, and a faster
-# controller poll so reported checkpoints are registered soon after each report.
-RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def overrides(cache_dir: Path, **extra) -> list[str]:
-    values = {"cache_dir": str(cache_dir), "data.songs": 16, "data.max_length": 256,
-              "stage1.lr_schedule": "constant", "stage1.learning_rate": 0.002, "stage1.warmup_steps": 2,
-              "stage1.max_steps": STEPS, "stage1.checkpoint_every": EVERY, "stage1.keep_checkpoints": 2,
-              "stage1.max_failures": 2}
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{key}={json.dumps(value) if isinstance(value, bool) else value}" for key, value in values.items()]
+    return stage1_settings(cache_dir, **{"stage1.learning_rate": 0.002, "stage1.warmup_steps": 2,
+                                         "stage1.max_steps": STEPS, "stage1.checkpoint_every": EVERY,
+                                         "stage1.keep_checkpoints": 2, "stage1.max_failures": 2}, **extra)
 
 
 def tiny_config(cache_dir: Path, **extra):
     return load_config(TINY, overrides(cache_dir, **extra))
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return read_metrics(RunDir(run_dir).stage1_metrics)
 
 
 def fixed_batch_loss(model_dir: Path, data_dir: Path, masked: bool = False) -> float:
@@ -98,26 +88,6 @@ def test_deepspeed_config_is_filled_from_the_config():
     assert kinds == {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
     big = deepspeed_config(load_config(ROOT / "configs" / "llama3_8b.yaml"))
     assert big["zero_optimization"]["stage"] == 3 and big["bf16"]["enabled"] and big["train_batch_size"] == 64
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from musicray.data.prepare import ensure_ray
-
-    saved = {key: os.environ.get(key) for key in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    started = not ray.is_initialized()
-    ensure_ray()
-    yield
-    if started:
-        ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ configs/rehearsal.yaml is the full-width preset (hidden 2048); only ``base_model
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -24,13 +22,13 @@ from musicray.model import (
 from musicray.tokens import SUBTASKS, Vocabulary
 from musicray.train.config import load_config
 
+from .stage1_runs import metrics, stage1_settings
+
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "configs" / "rehearsal.yaml"
-STEPS = 3
-# Ray Train knobs for a slow, shared 2-core machine (as tests/train/test_finetune.py).
-RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+STEPS = 2
 
 # Llama-3.2-1B-Instruct's tokenizer_config: the special tokens the chat format and training use, at their ids.
 LLAMA3_IDS = [("<|begin_of_text|>", 128000), ("<|end_of_text|>", 128001), ("<|reserved_special_token_0|>", 128002),
@@ -109,32 +107,9 @@ def test_music_tokens_follow_id_128255_with_rows_from_the_mean(cache_dir):
 
 # -- the ZeRO-3 path ----------------------------------------------------------------------------------------------
 def config(cache_dir: Path, **sets):
-    values = {"base_model": "rehearsal-small", "cache_dir": str(cache_dir), "data.songs": 16,
-              "data.max_length": 256, "stage1.lr_schedule": "constant", "stage1.learning_rate": 0.001,
-              "stage1.max_steps": STEPS, "stage1.checkpoint_every": STEPS, **sets}
-    return load_config(PRESET, [f"{key}={value}" for key, value in values.items()])
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    with (run_dir / "stage1" / "metrics.csv").open() as f:
-        return [{k: (float(v) if v else None) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from musicray.data.prepare import ensure_ray
-
-    saved = {key: os.environ.get(key) for key in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    started = not ray.is_initialized()
-    ensure_ray()
-    yield
-    if started:
-        ray.shutdown()
-    for key, value in saved.items():
-        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    return load_config(PRESET, stage1_settings(cache_dir, **{
+        "base_model": "rehearsal-small", "stage1.learning_rate": 0.001, "stage1.max_steps": STEPS,
+        "stage1.checkpoint_every": STEPS, **sets}))
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +133,11 @@ def test_stage1_under_zero3_resumes_exactly_and_exports_one_model(reference, cac
     shards = sorted(p.name for p in checkpoint.glob("*optim_states.pt"))
     assert len(shards) == 2, shards      # ZeRO-3: each of the 2 ranks holds its shard of the optimizer states
 
-    # Stopped after one step, then resumed from its checkpoint: the loss curve goes on as if never stopped.
+    # Stopped after one step, then resumed from its checkpoint: the loss curve goes on as if never stopped. The
+    # resumed part recomputes its activations (stage1.gradient_checkpointing, under ZeRO-3): the same losses.
     run_dir = tmp_path / "run"
     train_stage1(config(cache_dir, **{"stage1.max_steps": 1, "stage1.checkpoint_every": 1}), run_dir, progress=False)
-    train_stage1(config(cache_dir), run_dir, resume=True, progress=False)
+    train_stage1(config(cache_dir, **{"stage1.gradient_checkpointing": True}), run_dir, resume=True, progress=False)
     resumed = metrics(run_dir)
     assert [(r["step"], r["start_step"]) for r in resumed] == [(1, 0)] + [(s, 1) for s in range(2, STEPS + 1)]
     for row, ref in zip(resumed, rows):
@@ -198,16 +174,8 @@ def test_stage2_and_a_song_from_each_engine_with_every_adapter(reference, cache_
     from musicray.engine.vllm_engine import VllmStages
 
     stages = VllmStages(reference)    # one engine: the 129,280-token model and all five adapters
-
-    async def compose(request):
-        song, done = request.song(), {}
-        async for event in stages.compose(song, request, Composer.stages_for(request)):
-            if event.kind == "stage_done":
-                done[event.data["stage"]] = event.data
-        return song, done
-
     try:
-        served, done = asyncio.run(compose(Request("A2", key="D:maj", tempo=100, seed=1)))
+        served, done = asyncio.run(stages.compose_request(Request("A2", key="D:maj", tempo=100, seed=1)))
     finally:
         stages.shutdown()
     assert list(done) == list(SUBTASKS) and all(info["adapter"] == task for task, info in done.items())
