@@ -185,7 +185,7 @@ def planned_in_words(prompt: str, max_bars: int | None):
     from musicray.prompt_plan import PromptPlan
 
     assert prompt == "a waltz in D minor, verse-chorus" and max_bars in (None, 64)
-    return PromptPlan("A8B8", "E:maj", "6/8", 84, "slowing", ("verse", "chorus"))
+    return PromptPlan("A8B8", "E:maj", "6/8", 84, "slowing", ("verse", "chorus"), {"verse": 8, "chorus": 8})
 
 
 PROMPT_CASES = {
