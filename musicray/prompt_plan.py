@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from musicray.errors import SongError
 from musicray.harmony import canonical_key
 from musicray.song import METRES, form_string, Section
+from musicray.tempo_direction import TEMPO_DIRECTIONS
 
 
 
@@ -68,7 +69,6 @@ KEY_NAMES: tuple[str, ...] = ("C", "C#", "Db", "D", "D#", "Eb", "E", "F", "F#", 
                               "Bb", "B")
 KEY_MODES_IN_WORDS: dict[str, str] = {"major": "maj", "minor": "min"}
 TEMPI: tuple[int, ...] = tuple(range(40, 222, 2))   # bpm; even values cover any stated tempo within 1 bpm
-TEMPO_DIRECTIONS: tuple[str, ...] = ("steady", "slowing", "speeding up")
 
 DEFAULT_BASE = "smollm2-135m-instruct"   # the instruct model `musicray plan` uses when given none
 SYSTEM = ("You plan pop songs. Answer with the plan as JSON: form (the list of sections), key, metre, tempo in bpm "
@@ -89,7 +89,7 @@ PLAN_GRAMMAR: tuple[PlanField, ...] = (
     PlanField("key", ', "key": "', tuple(f"{name} {mode}" for name in KEY_NAMES for mode in KEY_MODES_IN_WORDS)),
     PlanField("metre", '", "metre": "', tuple(METRES)),
     PlanField("tempo", '", "tempo": ', tuple(str(bpm) for bpm in TEMPI)),
-    PlanField("tempo_direction", ', "tempo_direction": "', TEMPO_DIRECTIONS),
+    PlanField("tempo_direction", ', "tempo_direction": "', tuple(TEMPO_DIRECTIONS)),
 )
 # After each section the form goes on ('", "') or closes ('"]'): both written up to the character that differs,
 # so that neither choice is favoured for being shorter. Then each section word's length, one entry per word.

@@ -208,6 +208,9 @@ def test_generate_with_a_prompt_composes_the_plan_and_says_which_fields_it_took(
     assert (song.form, song.key, song.metre) == (plan.form, plan.key, plan.metre)
     assert f"from the --prompt's plan: form {plan.form}, key {plan.key}, metre {plan.metre}; stated instead: " \
            f"tempo; tempo direction {plan.tempo_direction}" in printed
+    why = "steady leaves the tempo to the tempo stage" if plan.tempo_direction == "steady" else \
+        "the tempo stage did not run"
+    assert f"tempo direction {plan.tempo_direction}: not applied ({why})" in printed
     assert json.loads(out.with_suffix(".json").read_text())["stages"]["chord"]["grammar_errors"] == 0
 
 
