@@ -16,7 +16,7 @@ from musicray.prompt_plan import (CHECKED_PROMPTS, FORM_CLOSE, KEY_MODES_IN_WORD
                                   missed_attributes, stated_sections)
 from musicray.song import form_string, parse_form
 
-HONOURED_AT_LEAST = 0.7   # measured 21 of 28 (0.75; docs/results.md, "Songs planned from words"); one miss of margin
+HONOURED_AT_LEAST = 0.85   # measured 30 of 33 (0.91; docs/results.md, "Songs planned from words"); one miss of margin
 
 
 @pytest.mark.parametrize("field", PLAN_GRAMMAR, ids=lambda field: field.name)
