@@ -118,7 +118,8 @@ class StagePlanner:
 
     def _plan(self, example, song: Song, task: str, request: Request, optional: tuple[str, ...]) -> Plan:
         """The grammar plan of a stage: the prompt's form and quotas, the bars it keeps given (infilling; the
-        tempo stage's first bar and a tempo direction's bars), and the returning bars that repeat their first occurrence."""
+        tempo stage's first bar and a tempo direction's bars), and the returning bars that repeat their first
+        occurrence."""
         plan = Plan.from_prompt(example.prompt, self.music.vocab)
         forced: tuple = ()
         if request.regenerate is None:

@@ -2,12 +2,12 @@
 tempo), read by the composer, the engines, the evaluation and the server instead of ``if task == ...`` branches.
 
 A record says what the stage writes (its target stream), what its prompt reads (inputs and optional inputs, the
-encoding's tables), how many tokens per bar it may spend beyond the form's minimum, whether its first bar is
-forced (the tempo stage starts at the request's tempo, and a tempo direction gives its last section's bars), what it prepares in the song before it runs (dynamics
-voice the PIANO part, which they perform too), what it redoes after infilling (rewritten chords re-voice the
-PIANO of those bars), which of a form's returning bars it copies from their first occurrence (``Request.variation``),
-which request field gives its part instead (then the stage does not run), its LoRA adapter,
-what a streamed bar event carries, and the name of its Serve stage method. Adding a sub-task is a new row here
+encoding's tables), how many tokens per bar it may spend beyond the form's minimum, which bars are forced (the
+tempo stage starts at the request's tempo, and a tempo direction gives its last section's bars), what it prepares
+in the song before it runs (dynamics voice the PIANO part, which they perform too), what it redoes after
+infilling (rewritten chords re-voice the PIANO of those bars), which of a form's returning bars it copies from
+their first occurrence (``Request.variation``), which request field gives its part instead (then the stage does not
+run), its LoRA adapter, what a streamed bar event carries, and the name of its Serve stage method. Adding a sub-task is a new row here
 (plus its stream in ``musicray.streams`` and its token in ``musicray.tokens``).
 
 Low in the import graph on purpose: it reads the encoding, tokens and songs, and nothing that runs a model.

@@ -50,8 +50,8 @@ def test_the_tempo_stage_alone_forces_its_first_bar_and_dynamics_alone_prepare()
     song = Request("A2", tempo=96, chords=[Chord(0, 0, "C:maj")]).song()
     subtask("dynamics").prepare(song, vocab)
     assert song.tracks["PIANO"], "dynamics perform the PIANO part: it is voiced before they run"
-    assert [(bar, vocab.describe(list(tokens))) for bar, tokens in subtask("tempo").forced_bars(song, vocab, "steady")] \
-        == [(1, "<Tempo_96>")]
+    forced = subtask("tempo").forced_bars(song, vocab, "steady")
+    assert [(bar, vocab.describe(list(tokens))) for bar, tokens in forced] == [(1, "<Tempo_96>")]
 
 
 @pytest.mark.parametrize("form, tempo, direction, bars", [
