@@ -7,8 +7,8 @@ tempo stage starts at the request's tempo, and a tempo direction gives its last 
 in the song before it runs (dynamics voice the PIANO part, which they perform too), what it redoes after
 infilling (rewritten chords re-voice the PIANO of those bars), which of a form's returning bars it copies from
 their first occurrence (``Request.variation``), which request field gives its part instead (then the stage does not
-run), its LoRA adapter, what a streamed bar event carries, and the name of its Serve stage method. Adding a sub-task is a new row here
-(plus its stream in ``musicray.streams`` and its token in ``musicray.tokens``).
+run), its LoRA adapter, what a streamed bar event carries, and the name of its Serve stage method. Adding a
+sub-task is a new row here (plus its stream in ``musicray.streams`` and its token in ``musicray.tokens``).
 
 Low in the import graph on purpose: it reads the encoding, tokens and songs, and nothing that runs a model.
 """
