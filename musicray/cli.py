@@ -16,6 +16,7 @@ from pathlib import Path
 
 from musicray.errors import SongError
 from musicray.pipeline import PRESETS
+from musicray.tempo_direction import TEMPO_DIRECTION_HELP, TEMPO_DIRECTIONS
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -67,7 +68,7 @@ GENERATE_OPTIONS = {"form": "--form", "key": "--key", "metre": "--metre", "tempo
                     "regenerate_tracks": "--regenerate-tracks",
                     "temperature": "--temperature", "top_k": "--top-k",
                     "top_p": "--top-p", "stage_settings": "--stage-sampling", "variation": "--variation",
-                    "prompt": "--prompt"}
+                    "prompt": "--prompt", "tempo_direction": "--tempo-direction"}
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -88,9 +89,8 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stage_settings=_stage_settings(args.stage_sampling), use_mask=not args.no_mask,
         allow_missing_adapters=args.no_adapters or args.allow_missing_adapters, variation=args.variation,
-        harmony_guard=not args.no_harmony_guard, defaults=run_defaults(args.run), prompt=args.prompt,
-        planner=_planner(args),
-        names=GENERATE_OPTIONS)
+        harmony_guard=not args.no_harmony_guard, tempo_direction=args.tempo_direction, defaults=run_defaults(args.run),
+        prompt=args.prompt, planner=_planner(args), names=GENERATE_OPTIONS)
     adapters = () if args.no_adapters else SUBTASKS
     if args.stream:
         from musicray.engine.streaming import compose_streaming
@@ -107,6 +107,8 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"as the run's evaluation composed (its config's eval settings): {json.dumps(request.taken_from_run())}")
     if request.plan is not None:
         print(f"from the --prompt's plan: {_plan_summary(request)}")
+    if request.plan is not None or request.tempo_direction != "steady":
+        print(request.tempo_direction_line(report["stages"]))
 
 
 def _planner(args: argparse.Namespace):
@@ -124,8 +126,8 @@ def _plan_summary(request) -> str:
     taken = ", ".join(f"{name} {getattr(request, name)}" for name in request.from_plan) or "nothing"
     stated = [name for name in ("form", "key", "metre", "tempo") if name not in request.from_plan]
     direction = request.plan["tempo_direction"]
-    return (f"{taken}{'; stated instead: ' + ', '.join(stated) if stated else ''}; tempo direction {direction} "
-            "(not applied: the tempo stage writes the tempo)")
+    return (f"{taken}{'; stated instead: ' + ', '.join(stated) if stated else ''}; tempo direction {direction}"
+            f"{'' if direction == request.tempo_direction else ' (stated instead: ' + request.tempo_direction + ')'}")
 
 
 def _stage_summary(stages: dict[str, dict]) -> str:
@@ -348,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", help='the song in words, e.g. "a gentle ballad in 3/4, verse-chorus-verse": an '
                                       'instruct model plans form, key, metre and tempo (as musicray plan); the '
                                       'options above override the plan')
+    gen.add_argument("--tempo-direction", choices=tuple(TEMPO_DIRECTIONS),
+                     help=TEMPO_DIRECTION_HELP + " (default: the --prompt's plan, else steady)")
     gen.add_argument("--base", help="the instruct model that plans --prompt: a name (smollm2-135m-instruct) or a "
                                     "directory (default: the run's stage-1 model, adapters off)")
     gen.add_argument("--cache-dir", default="~/.cache/musicray", help="where a named --base is converted")

@@ -118,13 +118,14 @@ class StagePlanner:
 
     def _plan(self, example, song: Song, task: str, request: Request, optional: tuple[str, ...]) -> Plan:
         """The grammar plan of a stage: the prompt's form and quotas, the bars it keeps given (infilling; the
-        tempo stage's first bar), and the returning bars that repeat their first occurrence."""
+        tempo stage's first bar and a tempo direction's bars), and the returning bars that repeat their first
+        occurrence."""
         plan = Plan.from_prompt(example.prompt, self.music.vocab)
         forced: tuple = ()
         if request.regenerate is None:
-            first_bar = subtask(task).forced_first_bar
-            if first_bar is not None:
-                forced = ((1, first_bar(song, self.music.vocab)),)
+            forced_bars = subtask(task).forced_bars
+            if forced_bars is not None:
+                forced = forced_bars(song, self.music.vocab, request.tempo_direction)
         else:
             keep = [bar for bar in range(song.n_bars) if bar not in set(request.regenerate)]
             # The kept bars come from the request as given: earlier stages may have changed what they did not

@@ -18,6 +18,7 @@ from musicray.harmony import canonical_chord, canonical_key
 from musicray.sampling import SAMPLING_RANGES, SettingRange, Sampling, stage_sampling
 from musicray.song import (MAX_SECTION_BARS, TRACKS, Chord, Note, Section, Song, Tempo, form_returns, form_string,
                            metre, parse_form, song_from_dict, song_to_dict)
+from musicray.tempo_direction import TEMPO_DIRECTIONS, directed_tempi
 from musicray.tokens import SUBTASKS
 
 # The base tempo a request may ask for (also the HTTP schema's bounds).
@@ -27,7 +28,6 @@ VARIATION_RANGE = SettingRange(float, 0, 1, text="0..1", help=(
     "how much a returning section varies its first occurrence: each returning bar repeats the first occurrence's "
     "(chords, melodies, velocities) with probability 1 - variation; 0 = every return repeats, 1 = written anew; "
     "unset: as the model writes it"))
-
 
 @dataclass(frozen=True)
 class RunDefaults:
@@ -81,6 +81,8 @@ class Request:
     harmony_guard: bool = True
     # The settings taken from the run's evaluated defaults (RunDefaults), by name: "stage_sampling", "variation".
     from_run: tuple[str, ...] = ()
+    # TEMPO_DIRECTIONS: the tempo stage writes the last section's bars as ``directed_tempi`` says (outside infilling)
+    tempo_direction: str = "steady"
 
     def taken_from_run(self) -> dict:
         """The settings this request took from the run's defaults (``from_run``), JSON-ready, for the printed line
@@ -92,6 +94,27 @@ class Request:
         if "variation" in self.from_run:
             taken["variation"] = self.variation
         return taken
+
+    def tempo_direction_applied(self, stages_run) -> dict:
+        """How the song's tempo follows ``tempo_direction`` after ``stages_run``, JSON-ready for the front ends: the
+        last section's bars (from 1) and its first and last tempo, or why it is not applied."""
+        tempi = directed_tempi(parse_form(self.form), self.tempo, self.tempo_direction)
+        why = ("steady leaves the tempo to the tempo stage" if not tempi else
+               "infilling keeps the given tempo" if self.regenerate is not None else
+               "the tempo stage did not run" if "tempo" not in stages_run else None)
+        if why is not None:
+            return {"direction": self.tempo_direction, "applied": False, "why": why}
+        return {"direction": self.tempo_direction, "applied": True, "bars": [tempi[0][0] + 1, tempi[-1][0] + 1],
+                "bpm": [round(tempi[0][1]), round(tempi[-1][1])]}
+
+    def tempo_direction_line(self, stages_run) -> str:
+        """``tempo_direction_applied`` in words, as the command line prints it."""
+        applied = self.tempo_direction_applied(stages_run)
+        if not applied["applied"]:
+            return f"tempo direction {applied['direction']}: not applied ({applied['why']})"
+        (first, last), (start, end) = applied["bars"], applied["bpm"]
+        return f"tempo direction {applied['direction']}: applied, bars {first}-{last} from {start} to {end} bpm"
+
     # Songs planned from words: the plan a prompt was given (``musicray.prompt_plan.PromptPlan.to_dict``) and the
     # fields of this request taken from it (those the request did not state itself); for the front ends' answers.
     plan: dict | None = None
@@ -123,6 +146,7 @@ class Request:
                 raise SongError(f"{field_name}: unknown {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
         if self.variation is not None:
             VARIATION_RANGE.checked(self.variation, "variation")
+        directed_tempi(sections, self.tempo, self.tempo_direction)   # raises on an unknown direction
         if self.regenerate_tracks is not None:
             unknown = sorted(set(self.regenerate_tracks) - set(TRACKS))
             if unknown or not self.regenerate_tracks or self.regenerate is None:
@@ -270,7 +294,7 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         stage_settings: dict | None = None, use_mask: bool = True,
                         allow_missing_adapters: bool = False, variation: float | None = None,
-                        harmony_guard: bool = True,
+                        harmony_guard: bool = True, tempo_direction: str | None = None,
                         max_bars: int | None = None, defaults: RunDefaults | None = None,
                         prompt: str | None = None, planner: Callable[[str, int | None], object] | None = None,
                         names: dict[str, str] | None = None) -> Request:
@@ -293,8 +317,9 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     a label repeats the first (``regenerate_bars`` stays literal). ``Request.from_run`` names what was taken.
 
     ``prompt`` is the song in words: ``planner(prompt, max_bars)`` (e.g. ``musicray.prompt_plan.PromptPlanner.plan``)
-    turns it into a plan whose form, key, metre and tempo fill what neither the fields nor ``given`` state (stated
-    fields win); the request's ``from_plan`` names the fields taken from the plan."""
+    turns it into a plan whose form, key, metre, tempo and tempo direction fill what neither the fields nor ``given``
+    state (stated fields win); the request's ``from_plan`` names the fields of the form taken from the plan.
+    ``tempo_direction`` (``TEMPO_DIRECTIONS``) left None is the plan's, else steady."""
     names = names or {}
 
     def named(argument: str) -> str:
@@ -319,6 +344,11 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
     from_plan = tuple(name for name, value in (("form", form), ("key", key), ("metre", metre_name), ("tempo", tempo))
                       if plan is not None and value is None and given is None)
     planned = {name: getattr(plan, name) for name in from_plan}
+    if tempo_direction is None:
+        tempo_direction = plan.tempo_direction if plan is not None else "steady"
+    if tempo_direction not in TEMPO_DIRECTIONS:
+        raise FieldError(named("tempo_direction"),
+                         f"unknown {tempo_direction!r}; known: {', '.join(TEMPO_DIRECTIONS)}")
     form = form or (given.form if given else None) or planned.get("form")
     if not form:
         raise FieldError(named("form"), f"required (or give {named('given')}, whose form is used, or "
@@ -395,7 +425,8 @@ def request_from_fields(form: str | None = None, key: str | None = None, metre_n
                    tempos=given.tempos if given and infilling else None,
                    stage_sampling=per_stage or None, allow_missing_adapters=allow_missing_adapters,
                    variation=variation, harmony_guard=harmony_guard, from_run=tuple(from_run),
-                   plan=plan.to_dict() if plan is not None else None, from_plan=from_plan)
+                   plan=plan.to_dict() if plan is not None else None, from_plan=from_plan,
+                   tempo_direction=tempo_direction)
 
 
 def stage_settings(request: Request) -> dict:
@@ -404,7 +435,7 @@ def stage_settings(request: Request) -> dict:
     back by ``stage_request``."""
     settings = {"seed": request.seed, **dataclasses.asdict(request.sampling), "use_mask": request.use_mask,
                 "allow_missing_adapters": request.allow_missing_adapters, "variation": request.variation,
-                "harmony_guard": request.harmony_guard}
+                "harmony_guard": request.harmony_guard, "tempo_direction": request.tempo_direction}
     if request.stage_sampling:
         settings["stage_sampling"] = {stage: dataclasses.asdict(sampling)
                                       for stage, sampling in request.stage_sampling.items()}
@@ -422,7 +453,8 @@ def stage_request(song: Song, settings: dict) -> Request:
     request = Request(form=song.form, seed=int(settings["seed"]), use_mask=settings.get("use_mask", True),
                       sampling=sampling, stage_sampling=per_stage or None,
                       allow_missing_adapters=settings.get("allow_missing_adapters", False),
-                      variation=settings.get("variation"), harmony_guard=settings.get("harmony_guard", True))
+                      variation=settings.get("variation"), harmony_guard=settings.get("harmony_guard", True),
+                      tempo_direction=settings.get("tempo_direction", "steady"))
     if settings.get("regenerate") is not None:
         given = song_from_dict(settings["given"])
         request = dataclasses.replace(request, key=given.key, metre=given.metre, chords=given.chords,

@@ -2,13 +2,13 @@
 tempo), read by the composer, the engines, the evaluation and the server instead of ``if task == ...`` branches.
 
 A record says what the stage writes (its target stream), what its prompt reads (inputs and optional inputs, the
-encoding's tables), how many tokens per bar it may spend beyond the form's minimum, whether its first bar is
-forced (the tempo stage starts at the request's tempo), what it prepares in the song before it runs (dynamics
-voice the PIANO part, which they perform too), what it redoes after infilling (rewritten chords re-voice the
-PIANO of those bars), which of a form's returning bars it copies from their first occurrence (``Request.variation``),
-which request field gives its part instead (then the stage does not run), its LoRA adapter,
-what a streamed bar event carries, and the name of its Serve stage method. Adding a sub-task is a new row here
-(plus its stream in ``musicray.streams`` and its token in ``musicray.tokens``).
+encoding's tables), how many tokens per bar it may spend beyond the form's minimum, which bars are forced (the
+tempo stage starts at the request's tempo, and a tempo direction gives its last section's bars), what it prepares
+in the song before it runs (dynamics voice the PIANO part, which they perform too), what it redoes after
+infilling (rewritten chords re-voice the PIANO of those bars), which of a form's returning bars it copies from
+their first occurrence (``Request.variation``), which request field gives its part instead (then the stage does not
+run), its LoRA adapter, what a streamed bar event carries, and the name of its Serve stage method. Adding a
+sub-task is a new row here (plus its stream in ``musicray.streams`` and its token in ``musicray.tokens``).
 
 Low in the import graph on purpose: it reads the encoding, tokens and songs, and nothing that runs a model.
 """
@@ -23,6 +23,7 @@ from musicray.encoding import bar_contents
 from musicray.quantize import base_tempo, quantized
 from musicray.song import Song, Tempo
 from musicray.streams import OPTIONAL_INPUTS, STREAMS, TASK_INPUTS, TASK_TARGET, decode_header
+from musicray.tempo_direction import directed_tempi
 from musicray.tokens import SUBTASKS, Vocabulary
 
 
@@ -34,10 +35,17 @@ def voice_and_quantize(song: Song, vocab: Vocabulary) -> None:
     song.tracks = quantized(song, vocab).tracks
 
 
-def requested_tempo_bar(song: Song, vocab: Vocabulary) -> tuple[int, ...]:
-    """The tempo stage's first bar: the requested tempo is where the song starts; the model writes how it moves
-    on from there."""
-    return (vocab.token("Tempo", base_tempo(song, vocab)),)
+Forced = tuple[tuple[int, tuple[int, ...]], ...]   # (bar from 1, its tokens after <Bar>), as ``Plan.forced``
+
+
+def requested_tempo_bars(song: Song, vocab: Vocabulary, tempo_direction: str) -> Forced:
+    """The tempo stage's given bars: the requested tempo is where the song starts, and the model writes how it
+    moves on from there, but for the last section's bars under a tempo direction (``directed_tempi`` from the
+    same tempo), each an absolute tempo."""
+    tempo = base_tempo(song, vocab)
+    bars = {1: tempo, **{bar + 1: vocab.quantize_tempo(bpm)
+                         for bar, bpm in directed_tempi(song.sections, tempo, tempo_direction)}}
+    return tuple((bar, (vocab.token("Tempo", bpm),)) for bar, bpm in sorted(bars.items()))
 
 
 Copies = list[tuple[int, int]]
@@ -69,8 +77,8 @@ class SubTask:
     """The key of a streamed bar event's payload: ``chords``, ``notes``, ``velocities`` or ``bpm``."""
     given_by: str | None = None
     """The ``Request`` field that gives this stage's part instead (the stage then does not run), if any."""
-    forced_first_bar: Callable[[Song, Vocabulary], tuple[int, ...]] | None = None
-    """The tokens of the stage's first bar, fixed before it runs (outside infilling), if any."""
+    forced_bars: Callable[[Song, Vocabulary, str], Forced] | None = None
+    """The bars fixed before the stage runs (outside infilling), given the request's tempo direction, if any."""
     prepare: Callable[[Song, Vocabulary], None] | None = None
     """What the stage needs in the song before its prompt is built, if anything."""
     after_infilling: Callable[[Song, tuple[int, ...]], None] | None = None
@@ -118,7 +126,7 @@ SUBTASK_RECORDS: dict[str, SubTask] = {task.name: task for task in (
     SubTask("secondary", tokens_per_bar=96, bar_event="notes", given_by="bridge", returns=every_return),
     SubTask("dynamics", tokens_per_bar=0, bar_event="velocities", prepare=voice_and_quantize,
             returns=returns_with_the_same_notes),
-    SubTask("tempo", tokens_per_bar=0, bar_event="bpm", forced_first_bar=requested_tempo_bar),
+    SubTask("tempo", tokens_per_bar=0, bar_event="bpm", forced_bars=requested_tempo_bars),
 )}
 assert tuple(SUBTASK_RECORDS) == SUBTASKS, "one record per sub-task, in stage order"
 

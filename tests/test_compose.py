@@ -398,3 +398,23 @@ def subtask_writes(task: str, tracks) -> bool:
     from musicray.tasks import subtask
 
     return subtask(task).track in tracks
+
+
+def test_a_tempo_direction_is_heard_over_the_last_section_and_leaves_the_rest_as_without_one(composer):
+    """"slowing" gives the tempo stage the last section's tempi (a ritardando from the requested tempo to 0.8 of
+    it); the bars before it, and every other stage, come out as the same request without a direction composes
+    them (the same seed: the forced bars come after everything the model samples)."""
+    from musicray.quantize import bar_tempos
+
+    stages = ("chord", "melody", "tempo")
+    slowing = Request("A2B4", "C:maj", "4/4", 100, seed=2, stages=stages, tempo_direction="slowing")
+    song, report = composer.compose(slowing)
+    plain, _ = composer.compose(Request("A2B4", "C:maj", "4/4", 100, seed=2, stages=stages))
+    assert [round(bpm) for bpm in bar_tempos(song)[2:]] == [100, 93, 87, 80]
+    assert bar_tempos(song)[:2] == bar_tempos(plain)[:2] and bar_tempos(song)[0] == 100
+    assert (song.chords, song.tracks) == (plain.chords, plain.tracks)
+    assert report["stages"]["tempo"]["grammar_errors"] == 0
+    assert slowing.tempo_direction_applied(report["stages"]) == {"direction": "slowing", "applied": True,
+                                                                  "bars": [3, 6], "bpm": [100, 80]}
+    assert slowing.tempo_direction_applied(["chord", "melody"]) == {
+        "direction": "slowing", "applied": False, "why": "the tempo stage did not run"}

@@ -92,6 +92,27 @@ def test_the_stage_deployments_wire_form_reads_back_the_same_request():
                  "piano", "allow_missing_adapters", "use_mask"):
         assert getattr(back, name) == getattr(request, name), name
     assert Request("A2").stages == SUBTASKS
+    directed = request_from_fields("A2B2", tempo_direction="slowing")
+    assert stage_request(directed.song(), stage_settings(directed)).tempo_direction == "slowing"
+
+
+@pytest.mark.parametrize("fields, direction", [
+    ({}, "steady"),
+    ({"tempo_direction": "speeding up"}, "speeding up"),
+    ({"prompt": "a waltz in D minor, verse-chorus"}, "slowing"),                                # the plan's
+    ({"prompt": "a waltz in D minor, verse-chorus", "tempo_direction": "steady"}, "steady"),   # stated wins
+])
+def test_a_tempo_direction_is_the_stated_one_else_the_plans_else_steady(fields, direction):
+    request = request_from_fields("A2", **fields, planner=planned_in_words)
+    assert request.tempo_direction == direction and "tempo_direction" not in request.from_plan
+
+
+def test_an_unknown_tempo_direction_is_refused_naming_the_field():
+    with pytest.raises(FieldError, match="^--tempo-direction: unknown 'ritardando'; known: steady, slowing, "
+                                         "speeding up$"):
+        request_from_fields("A2", tempo_direction="ritardando", names={"tempo_direction": "--tempo-direction"})
+    with pytest.raises(SongError, match="^tempo_direction: unknown 'faster'"):
+        Request("A2", tempo_direction="faster").song()
 
 
 def test_parse_chords_errors_name_the_bar():
@@ -185,7 +206,7 @@ def planned_in_words(prompt: str, max_bars: int | None):
     from musicray.prompt_plan import PromptPlan
 
     assert prompt == "a waltz in D minor, verse-chorus" and max_bars in (None, 64)
-    return PromptPlan("A8B8", "E:maj", "6/8", 84, "slowing", ("verse", "chorus"))
+    return PromptPlan("A8B8", "E:maj", "6/8", 84, "slowing", ("verse", "chorus"), {"verse": 8, "chorus": 8})
 
 
 PROMPT_CASES = {

@@ -44,13 +44,30 @@ def test_a_given_part_replaces_its_stage(fields, expected):
 
 def test_the_tempo_stage_alone_forces_its_first_bar_and_dynamics_alone_prepare():
     vocab = Vocabulary()
-    forced = {name: record.forced_first_bar is not None for name, record in SUBTASK_RECORDS.items()}
+    forced = {name: record.forced_bars is not None for name, record in SUBTASK_RECORDS.items()}
     assert forced == {name: name == "tempo" for name in SUBTASKS}
     assert [name for name, record in SUBTASK_RECORDS.items() if record.prepare] == ["dynamics"]
     song = Request("A2", tempo=96, chords=[Chord(0, 0, "C:maj")]).song()
     subtask("dynamics").prepare(song, vocab)
     assert song.tracks["PIANO"], "dynamics perform the PIANO part: it is voiced before they run"
-    assert vocab.describe(list(subtask("tempo").forced_first_bar(song, vocab))) == "<Tempo_96>"
+    forced = subtask("tempo").forced_bars(song, vocab, "steady")
+    assert [(bar, vocab.describe(list(tokens))) for bar, tokens in forced] == [(1, "<Tempo_96>")]
+
+
+@pytest.mark.parametrize("form, tempo, direction, bars", [
+    ("A2", 96, "steady", {1: 96}),
+    ("A4B4", 100, "slowing", {1: 100, 5: 100, 6: 93, 7: 87, 8: 80}),
+    ("A4B4", 100, "speeding up", {1: 100, 5: 100, 6: 107, 7: 113, 8: 120}),
+    ("A2", 100, "slowing", {1: 100, 2: 80}),                # the only section starts at the requested tempo
+    ("A4o1", 90, "slowing", {1: 90, 5: 72}),                 # a one-bar last section is the direction's tempo
+    ("A4B4", 230, "speeding up", {1: 230, 5: 230, 6: 240, 7: 240, 8: 240}),   # clipped to the vocabulary's tempi
+])
+def test_a_tempo_direction_forces_the_last_sections_tempi_from_the_requested_one(form, tempo, direction, bars):
+    vocab = Vocabulary()
+    song = Request(form, tempo=tempo).song()
+    forced = subtask("tempo").forced_bars(song, vocab, direction)
+    assert {bar: vocab.describe(list(tokens)) for bar, tokens in forced} == {bar: f"<Tempo_{bpm}>"
+                                                                            for bar, bpm in bars.items()}
 
 
 def test_keep_given_puts_back_what_a_stage_did_not_rewrite_exactly_as_given():

@@ -28,9 +28,10 @@ def describe_event(kind: str, data: dict) -> str:
 
 
 def compose_streaming(run_dir: str | Path, request: Request, adapters: tuple[str, ...] = SUBTASKS,
-                      out: TextIO = sys.stdout) -> tuple[Song, dict]:
+                      out: TextIO = sys.stdout, engine_args: dict | None = None) -> tuple[Song, dict]:
     """Compose ``request`` on a vLLM engine for ``run_dir``, printing its events to ``out`` as they come;
-    (song, report) as ``Composer.compose`` answers."""
+    (song, report) as ``Composer.compose`` answers. ``engine_args``: extra ``vllm.AsyncEngineArgs``, as the
+    server's ``vllm_engine_args``."""
     from musicray.engine.available import vllm_available
 
     if not vllm_available():
@@ -39,7 +40,7 @@ def compose_streaming(run_dir: str | Path, request: Request, adapters: tuple[str
     from musicray.engine.vllm_engine import VllmStages
 
     song = request.song()
-    stages = VllmStages(run_dir, adapters)
+    stages = VllmStages(run_dir, adapters, engine_args=engine_args)
     started = time.perf_counter()
     report: dict = {"stages": {}}
 

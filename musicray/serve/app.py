@@ -190,11 +190,13 @@ def _finished_midi(song) -> bytes:
         raise StageFailed("finish", f"finish: the composed song cannot be written: {err}", 500) from None
 
 
-def _planned(request) -> dict:
-    """The answer's account of a prompt: the plan and the request's fields taken from it (none without a prompt)."""
-    if request.plan is None:
-        return {}
-    return {"plan": request.plan, "from_plan": list(request.from_plan)}
+def _planned(request, stages: list[str]) -> dict:
+    """The answer's account of a prompt (the plan and the request's fields taken from it) and of a tempo direction
+    (where the ``stages`` run applied it): nothing without either."""
+    planned = {"plan": request.plan, "from_plan": list(request.from_plan)} if request.plan is not None else {}
+    if request.plan is not None or request.tempo_direction != "steady":
+        planned["tempo_direction"] = request.tempo_direction_applied(stages)
+    return planned
 
 
 def _failed(task: str, error: dict) -> StageFailed:
@@ -291,7 +293,7 @@ class Ingress:
                              "key": song.key, "metre": song.metre, "seed": request.seed, "stages": stages,
                              "seconds": seconds, "song": written, "from_run": request.taken_from_run(),
                              "grid": {"beats_per_bar": spec.beats_per_bar,
-                                      "positions_per_beat": spec.positions_per_beat}, **_planned(request)})
+                                      "positions_per_beat": spec.positions_per_beat}, **_planned(request, plan)})
 
     @api.post("/v1/generate/stream", summary="compose a song, streamed as Server-Sent Events",
               responses={200: {"content": {"text/event-stream": {}},
@@ -305,8 +307,9 @@ class Ingress:
         # The request is checked before the stream starts: bad input is the same 4xx as /v1/generate.
         request = await self._request(body)
         song = request_song(request)
-        return StreamingResponse(self._stream(song, stage_settings(request), Composer.stages_for(request),
-                                              request.seed, _planned(request)),
+        stages = Composer.stages_for(request)
+        return StreamingResponse(self._stream(song, stage_settings(request), stages, request.seed,
+                                              _planned(request, stages)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _stream(self, song, settings: dict, plan: list[str], seed: int, planned: dict):

@@ -18,6 +18,7 @@ from musicray.request import (MAX_CONTINUATION_BARS, TEMPO_RANGE, VARIATION_RANG
                               RunDefaults, request_from_fields)
 from musicray.sampling import SAMPLING_RANGES
 from musicray.song import FORM_PATTERN, TRACKS, SongError, metre, parse_form
+from musicray.tempo_direction import TEMPO_DIRECTION_HELP, TEMPO_DIRECTIONS
 from musicray.tokens import SUBTASKS
 
 Subtask = Literal[SUBTASKS]   # the sub-tasks' names, in stage order
@@ -80,6 +81,9 @@ class GenerateBody(BaseModel):
     key: str = Field("C:maj", min_length=1, max_length=16, description="ROOT:maj or ROOT:min, e.g. Eb:min")
     metre: str = Field("4/4", min_length=1, max_length=8, description="4/4, 3/4, 2/4, 12/8 or 6/8")
     tempo: int = Field(100, **TEMPO_RANGE.schema_bounds(), description=TEMPO_RANGE.help)
+    tempo_direction: Optional[Literal[tuple(TEMPO_DIRECTIONS)]] = Field(
+        None, description=TEMPO_DIRECTION_HELP + " (default: the prompt's plan, else steady); the answer's "
+                                                 "tempo_direction says where it was applied")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed; same request + seed = same song")
     chords: Optional[Union[str, list[str]]] = Field(
         None, description="chords instead of the chord stage: a string of per-bar entries cycled over the form "
@@ -227,7 +231,8 @@ def to_request(body: GenerateBody, max_bars: int, max_midi_bytes: int, planner=N
             body.top_k, body.top_p,
             {stage: values.model_dump(exclude_none=True) for stage, values in (body.stage_sampling or {}).items()},
             allow_missing_adapters=body.allow_missing_adapters, variation=body.variation,
-            harmony_guard=body.harmony_guard, max_bars=max_bars, defaults=defaults,
+            harmony_guard=body.harmony_guard, tempo_direction=body.tempo_direction, max_bars=max_bars,
+            defaults=defaults,
             prompt=body.prompt, planner=planner,
             names=BODY_FIELDS)
     except InputError:

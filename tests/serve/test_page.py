@@ -524,3 +524,8 @@ def test_words_in_the_prompt_box_are_planned_and_a_field_edited_by_hand_wins(bro
     summary = browser.find_element(By.ID, "plan-summary").text
     assert summary.startswith(f"planned from your words: form {answer['form']} · key {answer['key']} · metre "
                               f"{answer['metre']} (sections "), summary
+    direction = answer["tempo_direction"]   # the plan's; the tempo stage ran, so a slowing or speeding up is heard
+    assert direction["direction"] == answer["plan"]["tempo_direction"]
+    assert summary.endswith(f"tempo direction {direction['direction']}, " + (
+        f"applied, bars {direction['bars'][0]}-{direction['bars'][1]}: {direction['bpm'][0]} to {direction['bpm'][1]} "
+        "bpm)" if direction["applied"] else f"not applied: {direction['why']})")), summary

@@ -21,6 +21,26 @@ def test_the_harmony_guard_travels_from_the_body_to_every_stage(body, guard):
     assert stage_request(request.song(), settings).harmony_guard is guard
 
 
+@pytest.mark.parametrize("body, direction", [
+    ({"form": "A2B2"}, "steady"),
+    ({"form": "A2B2", "tempo_direction": "slowing"}, "slowing"),
+    ({"form": "A2B2", "tempo_direction": "speeding up"}, "speeding up"),
+])
+def test_a_tempo_direction_travels_from_the_body_to_every_stage(body, direction):
+    request = to_request(GenerateBody(**body), max_bars=64, max_midi_bytes=1 << 20)
+    settings = json.loads(json.dumps(stage_settings(request)))
+    assert request.tempo_direction == direction
+    assert stage_request(request.song(), settings).tempo_direction == direction
+
+
+def test_an_unknown_tempo_direction_is_refused_by_the_schema_naming_the_field():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        GenerateBody(form="A2", tempo_direction="ritardando")
+    assert [error["loc"] for error in caught.value.errors()] == [("tempo_direction",)]
+
+
 @pytest.mark.parametrize("variation", [None, 0.0, 0.4, 1.0])
 def test_the_variation_travels_from_the_body_to_every_stage(variation):
     request = to_request(GenerateBody(form="A2B2A2", variation=variation), max_bars=64, max_midi_bytes=1 << 20)

@@ -555,6 +555,11 @@ def test_a_prompt_is_planned_by_the_runs_model_and_stated_fields_win(serve_url, 
         data = [json.loads(line[len("data: "):]) for line in response.iter_lines(decode_unicode=True)
                 if line.startswith("data: ")]
     assert data[-1]["from_plan"] == ["form", "key", "metre"] and data[-1]["midi"] == out["midi"]
+    # the plan's tempo direction: the tempo stage does not run here, and the answer says so
+    assert out["tempo_direction"] == data[-1]["tempo_direction"] == (
+        {"direction": "steady", "applied": False, "why": "steady leaves the tempo to the tempo stage"}
+        if plan.tempo_direction == "steady" else
+        {"direction": plan.tempo_direction, "applied": False, "why": "the tempo stage did not run"})
 
 
 def test_engine_setting_is_checked_and_auto_resolves():

@@ -405,8 +405,11 @@ function showPlan(answer) {
   }
   for (const name of answer.from_plan) $(name).value = answer.plan[name];
   const taken = answer.from_plan.map((name) => `${name} ${answer.plan[name]}`).join(" · ") || "nothing";
+  const direction = answer.tempo_direction;
+  const heard = direction.applied ? `applied, bars ${direction.bars.join("-")}: ${direction.bpm.join(" to ")} bpm`
+    : `not applied: ${direction.why}`;
   $("plan-summary").textContent = `planned from your words: ${taken} (sections ${answer.plan.sections.join(", ")}; `
-    + `tempo direction ${answer.plan.tempo_direction}, not applied yet)`;
+    + `tempo direction ${direction.direction}, ${heard})`;
 }
 
 function fillKeys() {
