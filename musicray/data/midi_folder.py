@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -122,6 +122,12 @@ class MidiFolderSource:
 
     def ids(self) -> list[str]:
         return list(midi_files(Path(self.root)))
+
+    def split_key(self, song_id: str) -> str:
+        """The file's name without folders and suffix: a song's copies in several folders (``live/take.mid``,
+        ``take.mid``) share a split, and POP909's ``001/001.mid`` falls in the split of the annotated song ``001``,
+        so that runs trained on either are tested on the same songs, neither having trained on them."""
+        return PurePosixPath(song_id).stem
 
     def for_workers(self) -> "MidiFolderSource":
         return self

@@ -17,7 +17,7 @@ from musicray.data.midi_folder import (
     MidiFolderSource, MidiIngestError, beat_phase, estimate_sections, grid_shift, load_midi_song, midi_files, read_roles,
     regrouped_metre,
 )
-from musicray.data.prepare import load_report, load_table
+from musicray.data.prepare import Pop909Source, load_report, load_table, split_of
 from musicray.harmony import canonical_chord
 from musicray.run import RunDir
 from musicray.song import Note, SongError, form_string
@@ -211,6 +211,23 @@ def test_roles_file_overrides_the_estimate(folder, tmp_path):
             read_roles(roles_path)
 
 
+@pytest.mark.parametrize("song_id, key", [
+    ("001/001.mid", "001"),  # POP909's layout: the split of the annotated song 001
+    ("pop/live/song_b.MIDI", "song_b"),
+    ("song_c.mid", "song_c"),
+    ("a.b/take.2.midi", "take.2"),
+])
+def test_a_file_is_split_by_its_name_alone(song_id, key):
+    assert MidiFolderSource("unused").split_key(song_id) == key
+
+
+def test_pop909_files_fall_in_the_splits_of_the_annotated_songs():
+    ids = [f"{i:03d}" for i in range(1, 910)]
+    midi = MidiFolderSource("unused")
+    assert [split_of(midi.split_key(f"{i}/{i}.mid")) for i in ids] == [split_of(Pop909Source("unused").split_key(i))
+                                                                        for i in ids]
+
+
 @pytest.fixture(scope="module")
 def prepared(folder, tmp_path_factory):
     """The folder through `musicray data prepare --midi` (the real Ray job): (data dir, what it printed)."""
@@ -247,6 +264,7 @@ def test_prepare_writes_the_tables_and_a_report_of_what_was_kept_and_why(prepare
     assert report["dropped_in_kept_songs"]["drum_notes"] == 2 * 34 * 4
     assert set(songs["form"]) == {"i2A8A8B8A8"}
     assert report["splits"]["train"] >= 1
+    assert [split_of(Path(song_id).stem) for song_id in songs["song_id"]] == list(songs["split"])
     for task in ("song", "chord", "melody", "secondary", "dynamics", "tempo"):
         assert len(load_table(out, task)) == 3
 
