@@ -167,15 +167,21 @@ def song_figures(root: Path, song_id: str) -> dict:
     annotated_key = canonical_key(
         (folder / "key_audio.txt").read_text().split("\n")[0].split()[-1])
     # Chord agreement at each beat: the estimated chord sounding at the beat's time (song steps -> ticks ->
-    # seconds through the file's own tempo map, less the beat-phase shift the ingest applied).
+    # seconds through the file's own tempo map, from bar 0's downbeat and less the beat-phase shift the ingest
+    # applied; outside the map at its first and last tempo).
     spec = song.spec
     step_ticks = midi.ticks_per_beat * spec.beat_unit / spec.positions_per_beat
     tick_seconds = midi.get_tick_to_time_mapping()
-    shift = stats["beat_phase_shift_ticks"]
+    shift, first_bar_tick = stats["beat_phase_shift_ticks"], stats["first_bar_tick"]
 
     def seconds_at(bar: int, position: int) -> float:
-        tick = int(round((bar * spec.positions_per_bar + position) * step_ticks - shift))
-        return float(tick_seconds[min(max(tick, 0), len(tick_seconds) - 1)])
+        tick = int(round(first_bar_tick + (bar * spec.positions_per_bar + position) * step_ticks - shift))
+        last = len(tick_seconds) - 1
+        if tick < 0:
+            return float(tick * (tick_seconds[1] - tick_seconds[0]))
+        if tick > last:
+            return float(tick_seconds[last] + (tick - last) * (tick_seconds[last] - tick_seconds[last - 1]))
+        return float(tick_seconds[tick])
 
     change_times = np.array([seconds_at(c.bar, c.position) for c in song.chords])
     labels = [c.label for c in song.chords]

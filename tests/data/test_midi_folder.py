@@ -37,14 +37,17 @@ def triad(root: int, minor: bool) -> list[int]:
 
 
 def make_song_file(path: Path, numerator: int = 4, phase_ticks: int = 0, tempo: float = 120.0,
-                   drums: bool = True) -> None:
+                   drums: bool = True, signature: str | None = "", downbeat_beat: int = 0) -> None:
     """A pop song: a lead line (A: four chord tones per bar, B: two long ones), a bass line on the roots, block
     chords on a piano, drums; every onset ``phase_ticks`` after the tick grid's beat, as a performance recorded
-    without a click would have it."""
+    without a click would have it. The file's time signature is ``numerator``/4 unless ``signature`` names
+    another ("1/4") or is None (none); its first downbeat is ``downbeat_beat`` beats after the start."""
     midi = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=tempo)
-    midi.time_signature_changes.append(pretty_midi.TimeSignature(numerator, 4, 0.0))
+    if signature is not None:
+        written = signature.split("/") if signature else (numerator, 4)
+        midi.time_signature_changes.append(pretty_midi.TimeSignature(int(written[0]), int(written[1]), 0.0))
     beat = 60.0 / tempo
-    shift = phase_ticks / 480 * beat
+    shift = phase_ticks / 480 * beat + downbeat_beat * beat
     lead = pretty_midi.Instrument(program=80, name="Lead")
     bass = pretty_midi.Instrument(program=33, name="Bass")
     piano = pretty_midi.Instrument(program=0, name="Piano")
@@ -73,6 +76,13 @@ def make_song_file(path: Path, numerator: int = 4, phase_ticks: int = 0, tempo: 
     midi.instruments = [piano, bass, lead] + ([kit] if drums else [])
     path.parent.mkdir(parents=True, exist_ok=True)
     midi.write(str(path))
+    if signature is None:  # pretty_midi writes 4/4 where it has none
+        import mido
+
+        written = mido.MidiFile(str(path))
+        for track in written.tracks:
+            track[:] = [message for message in track if message.type != "time_signature"]
+        written.save(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +165,38 @@ def test_a_file_running_past_the_longest_song_is_skipped_not_read():
     with pytest.raises(MidiIngestError, match="notes run to beat 20002") as caught:
         load_midi_song(data.getvalue(), "long.mid")
     assert caught.value.reason == "too_long"
+
+
+@pytest.mark.parametrize("signature,downbeat_beat,first_bar_tick", [
+    ("1/4", 0, 0), ("1/4", 1, 480), ("1/4", 2, 960), ("1/4", 3, 1440),  # POP909's files: the bars are estimated
+    ("2/2", 3, 1440), (None, 2, 960),  # regrouped into 4/4, or no signature at all: estimated too
+    ("4/4", 1, 0),  # a 4/4 file's own bar lines are kept, even where its music starts on beat 2
+])
+def test_downbeats_where_the_file_does_not_give_them(tmp_path, signature, downbeat_beat, first_bar_tick):
+    path = tmp_path / "song.mid"
+    make_song_file(path, signature=signature, downbeat_beat=downbeat_beat)
+    song, stats = load_midi_song(path.read_bytes(), "song.mid")
+    assert song.metre == "4/4" and stats["first_bar_tick"] == first_bar_tick
+    on_the_downbeat = first_bar_tick == downbeat_beat * 480
+    # Each piano chord on its bar's downbeat, as played; where the file's bar lines are off, beats later
+    assert {n.position for n in song.tracks["PIANO"]} == {0 if on_the_downbeat else 4 * downbeat_beat}
+    if on_the_downbeat:  # and chorder's chords with them
+        assert [(c.position, c.label) for c in song.chords if c.label != "N"][:4] == [(0, label) for label in
+                                                                                       CHORD_LABELS]
+    assert song.tempos[0].bar == 0 and song.tempos[0].position == 0
+
+
+def test_a_pickup_before_the_estimated_downbeat_gets_a_first_partial_bar(tmp_path):
+    path = tmp_path / "pickup.mid"
+    make_song_file(path, signature="1/4", downbeat_beat=3)
+    midi = pretty_midi.PrettyMIDI(str(path))
+    lead = next(i for i in midi.instruments if i.name == "Lead")
+    lead.notes.append(pretty_midi.Note(100, 79, 1.0, 1.4))  # beat 2 of the lead-in (120 bpm)
+    midi.write(str(path))
+    song, stats = load_midi_song(path.read_bytes(), "pickup.mid")
+    assert stats["first_bar_tick"] == 3 * 480 - 4 * 480
+    assert (song.tracks["MELODY"][0].bar, song.tracks["MELODY"][0].position) == (0, 12)  # beat 4 of bar 0
+    assert {n.position for n in song.tracks["PIANO"]} == {0} and min(n.bar for n in song.tracks["PIANO"]) == 1
 
 
 @pytest.mark.parametrize("numerator,denominator,metre", [(1, 4, "4/4"), (5, 4, "4/4"), (2, 2, "4/4"),
