@@ -365,3 +365,28 @@ def test_pop909_song_without_its_annotations(pop909_root):
     assert changes[:5] == annotated[:5]  # then it hears Bbm/Db where the annotators wrote Db
     assert stats["instruments_by_track"]["MELODY"] == ["0:"]
     assert len(song.tracks["MELODY"]) == len(midi.instruments[0].notes)
+
+
+@pytest.mark.parametrize("song_id", ["046", "541", "721"])  # files in 1/4 whose music starts off tick 0's bar
+def test_pop909_downbeats_without_the_annotations(pop909_root, song_id):
+    """The annotators' downbeats (the bar grid human_label1.txt counts, as the annotated ingest recovers it) on the
+    estimated downbeats of the file alone, within 70 ms."""
+    import numpy as np
+    import symusic
+
+    from musicray.data import pop909
+
+    files = pop909.SongFiles(pop909_root, song_id)
+    spec = pop909.read_metre(files, None)
+    beat_times = pop909.read_beat_times(files)
+    grid, _ = pop909.find_bar_grid(files, spec, pop909.read_form(files), beat_times, pop909.read_midi(files)["MELODY"])
+    annotated = pop909.rows_to_seconds(beat_times, grid.bar_rows)
+    data = files.path("midi").read_bytes()
+    song, stats = load_midi_song(data, song_id)
+    assert song.metre == "4/4" and stats["time_signature"] == "1/4"
+    score = symusic.Score.from_midi(data)
+    bar_ticks = 4 * score.ticks_per_quarter
+    ticks = stats["first_bar_tick"] - stats["beat_phase_shift_ticks"] + bar_ticks * np.arange(song.n_bars)
+    estimated = pop909.tick_seconds(score.ticks_per_quarter, [(t.time, t.mspq) for t in score.tempos], ticks)
+    nearest = np.abs(estimated[None, :] - annotated[:, None]).min(axis=1)
+    assert np.mean(nearest < 0.07) > 0.95
