@@ -8,9 +8,20 @@ with its track names removed (they are annotations too), and the estimates are c
   root and quality exact, and root and triad (sevenths and sixths folded onto their triad),
 * melody track: whether the MELODY estimate is POP909's MELODY instrument, and the share of POP909's melody notes
   that land in the estimated MELODY,
+* bars: the estimated downbeats (and beats) against beat_midi.txt's downbeat column and against the annotators'
+  bar grid (the one human_label1.txt counts; ``pop909.find_bar_grid`` recovers it): the share of real downbeats an
+  estimated one lies within DOWNBEAT_TOLERANCE_S of (``mir_eval.util.match_events``), on which beat of the estimated
+  bar the annotators' downbeats fall, and the bar counts and metres,
+* sections: the estimated section boundaries against human_label1.txt's, both in the annotators' bars, with
+  mir_eval's segmentation metrics: boundary precision, recall and F within +-1 bar (``mir_eval.segment.detection``,
+  the song's start and end left out), and the pairwise label agreement (``mir_eval.segment.pairwise``: of the pairs
+  of quarter bars that share a label in one, the share that share one in the other), beside the same boundaries
+  with every section labelled apart (what the repetition labels add),
 * speed: seconds per song of the ingest, beside POP909's annotated ingest (``pop909.load_song``) of the same song.
 
     python benchmarks/midi_folder_agreement.py [--pop909 DIR] [--songs 20] [--json out.json]
+
+mir_eval is in the ``bench`` extra (``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -21,14 +32,17 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import miditoolkit
+import mir_eval
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from musicray.data.midi_folder import load_midi_song  # noqa: E402
+from musicray.data import pop909  # noqa: E402
 from musicray.data.pop909 import default_pop909_dir, load_song  # noqa: E402
 from musicray.harmony import canonical_chord, canonical_key, parse_chord, parse_key  # noqa: E402
 from musicray.song import SongError  # noqa: E402
@@ -36,6 +50,91 @@ from musicray.song import SongError  # noqa: E402
 # Sevenths and sixths folded onto the triad they extend (root + triad agreement).
 TRIADS = {"7": "maj", "maj7": "maj", "maj6": "maj", "min7": "min", "minmaj7": "min", "min6": "min", "hdim7": "dim",
           "dim7": "dim", "sus4(b7)": "sus4"}
+
+
+# A downbeat is found when an estimated one lies this close (the usual beat-tracking window, mir_eval's default).
+DOWNBEAT_TOLERANCE_S = 0.07
+# Section boundaries match within this many of the annotators' bars.
+BOUNDARY_WINDOW_BARS = 1.0
+# Labels are compared on frames of this many bars (a quarter bar: a beat of 4/4).
+LABEL_FRAME_BARS = 0.25
+
+
+def annotated_bars(root: Path, song_id: str) -> tuple[np.ndarray, list[str], list[int], str]:
+    """The annotators' bar grid as the seconds of each labelled bar's downbeat and of the last bar's end, with the
+    labels and lengths of human_label1.txt's sections and the index's metre. Raises SongError where the annotated
+    ingest cannot recover the grid."""
+    files = pop909.SongFiles(root, song_id)
+    spec = pop909.read_metre(files, None)
+    sections = pop909.read_form(files)
+    beat_times = pop909.read_beat_times(files)
+    grid, _ = pop909.find_bar_grid(files, spec, sections, beat_times, pop909.read_midi(files)["MELODY"])
+    rows = np.append(grid.bar_rows, grid.bar_rows[-1] + spec.beats_per_bar)
+    return (pop909.rows_to_seconds(beat_times, rows), [s.label for s in sections], [s.bars for s in sections],
+            spec.name)
+
+
+def found_share(reference: np.ndarray, estimated: np.ndarray) -> float:
+    """The share of ``reference`` times an ``estimated`` one matches (one to one); swapped, the share of the
+    estimates that are real."""
+    return len(mir_eval.util.match_events(reference, estimated, DOWNBEAT_TOLERANCE_S)) / max(1, len(reference))
+
+
+def in_bars(seconds: np.ndarray, downbeats: np.ndarray) -> np.ndarray:
+    """Seconds as fractional bars of a grid (``downbeats``: each bar's start and the last one's end), linear
+    within a bar and outside the grid at its first and last bar's length."""
+    bars = np.interp(seconds, downbeats, np.arange(len(downbeats), dtype=float))
+    before = (seconds - downbeats[0]) / (downbeats[1] - downbeats[0])
+    after = len(downbeats) - 1 + (seconds - downbeats[-1]) / (downbeats[-1] - downbeats[-2])
+    return np.where(seconds < downbeats[0], before, np.where(seconds > downbeats[-1], after, bars))
+
+
+def intervals(boundaries: np.ndarray) -> np.ndarray:
+    return np.column_stack([boundaries[:-1], boundaries[1:]])
+
+
+def bar_and_section_figures(root: Path, song_id: str, song, seconds_at) -> dict:
+    """The estimated bars and sections against beat_midi.txt and human_label1.txt (module docstring)."""
+    spec = song.spec
+    table = np.loadtxt(root / "POP909" / song_id / "beat_midi.txt", ndmin=2)
+    beats, beat_midi_downbeats = table[:, 0], table[table[:, 2] == 1, 0]
+    estimated_downbeats = np.array([seconds_at(bar, 0) for bar in range(song.n_bars + 1)])
+    estimated_beats = np.array([seconds_at(bar, beat * spec.positions_per_beat)
+                                for bar in range(song.n_bars) for beat in range(spec.beats_per_bar)])
+    figures = {
+        "metre_estimated": song.metre, "bars_estimated": song.n_bars,
+        "bars_beat_midi": len(beat_midi_downbeats),
+        "beats_found": found_share(beats, estimated_beats),
+        "downbeats_found_beat_midi": found_share(beat_midi_downbeats, estimated_downbeats[:-1]),
+        "downbeats_real_beat_midi": found_share(estimated_downbeats[:-1], beat_midi_downbeats),
+    }
+    try:
+        downbeats, labels, lengths, metre = annotated_bars(root, song_id)
+    except SongError as error:
+        return {**figures, "annotated_grid": f"none: {error}"}
+    # Which beat of the estimated bar each annotated downbeat falls on (0: the estimate's downbeat).
+    nearest = np.abs(estimated_beats[None, :] - downbeats[:-1, None]).argmin(axis=1)
+    beat_of_bar = np.bincount(nearest % spec.beats_per_bar, minlength=spec.beats_per_bar)
+    reference = intervals(np.concatenate([[0], np.cumsum(lengths)]).astype(float))
+    boundaries = np.concatenate([[0], np.cumsum([s.bars for s in song.sections])])
+    estimated, estimated_labels = mir_eval.util.adjust_intervals(
+        intervals(in_bars(estimated_downbeats[boundaries], downbeats)), [s.label for s in song.sections],
+        t_min=0.0, t_max=float(reference[-1, 1]))
+    precision, recall, f_measure = mir_eval.segment.detection(reference, estimated, window=BOUNDARY_WINDOW_BARS,
+                                                               trim=True)
+    pairwise = mir_eval.segment.pairwise(reference, labels, estimated, estimated_labels, frame_size=LABEL_FRAME_BARS)
+    apart = mir_eval.segment.pairwise(reference, labels, estimated, [str(i) for i in range(len(estimated))],
+                                      frame_size=LABEL_FRAME_BARS)
+    return {
+        **figures, "annotated_grid": "found", "metre_annotated": metre, "bars_annotated": int(np.sum(lengths)),
+        "downbeats_found_annotated": found_share(downbeats[:-1], estimated_downbeats[:-1]),
+        "downbeats_real_annotated": found_share(estimated_downbeats[:-1], downbeats[:-1]),
+        "downbeat_beat_of_estimated_bar": beat_of_bar.tolist(),
+        "boundary_precision": precision, "boundary_recall": recall, "boundary_f": f_measure,
+        "sections_estimated": len(song.sections), "sections_annotated": len(labels),
+        "pairwise_precision": pairwise[0], "pairwise_recall": pairwise[1], "pairwise_f": pairwise[2],
+        "pairwise_f_labels_apart": apart[2],
+    }
 
 
 def relative_or_same(estimated: str, annotated: str) -> bool:
@@ -68,15 +167,21 @@ def song_figures(root: Path, song_id: str) -> dict:
     annotated_key = canonical_key(
         (folder / "key_audio.txt").read_text().split("\n")[0].split()[-1])
     # Chord agreement at each beat: the estimated chord sounding at the beat's time (song steps -> ticks ->
-    # seconds through the file's own tempo map, less the beat-phase shift the ingest applied).
+    # seconds through the file's own tempo map, from bar 0's downbeat and less the beat-phase shift the ingest
+    # applied; outside the map at its first and last tempo).
     spec = song.spec
     step_ticks = midi.ticks_per_beat * spec.beat_unit / spec.positions_per_beat
     tick_seconds = midi.get_tick_to_time_mapping()
-    shift = stats["beat_phase_shift_ticks"]
+    shift, first_bar_tick = stats["beat_phase_shift_ticks"], stats["first_bar_tick"]
 
     def seconds_at(bar: int, position: int) -> float:
-        tick = int(round((bar * spec.positions_per_bar + position) * step_ticks - shift))
-        return float(tick_seconds[min(max(tick, 0), len(tick_seconds) - 1)])
+        tick = int(round(first_bar_tick + (bar * spec.positions_per_bar + position) * step_ticks - shift))
+        last = len(tick_seconds) - 1
+        if tick < 0:
+            return float(tick * (tick_seconds[1] - tick_seconds[0]))
+        if tick > last:
+            return float(tick_seconds[last] + (tick - last) * (tick_seconds[last] - tick_seconds[last - 1]))
+        return float(tick_seconds[tick])
 
     change_times = np.array([seconds_at(c.bar, c.position) for c in song.chords])
     labels = [c.label for c in song.chords]
@@ -109,6 +214,7 @@ def song_figures(root: Path, song_id: str) -> dict:
         "chord_folded_exact": folded / max(1, counted),
         "melody_track": chosen == [f"{melody_index}:"], "melody_notes_share": in_melody / max(1, melody_notes),
         "roles": stats["instruments_by_track"], "form": song.form, "metre": song.metre,
+        **bar_and_section_figures(root, song_id, song, seconds_at),
     }
 
 
@@ -132,7 +238,9 @@ def main() -> None:
         rows.append(song_figures(args.pop909, song_id))
         r = rows[-1]
         print(f"{song_id}: key {r['key']} vs {r['key_annotated']}, chords exact {r['chord_exact']:.2f} triad "
-              f"{r['chord_triad']:.2f}, melody track {r['melody_track']}, {r['seconds']:.2f} s", flush=True)
+              f"{r['chord_triad']:.2f}, melody track {r['melody_track']}, downbeats {r['downbeats_found_beat_midi']:.2f}, "
+              f"boundary F {r.get('boundary_f', float('nan')):.2f}, pairwise F {r.get('pairwise_f', float('nan')):.2f}, "
+              f"{r['seconds']:.2f} s", flush=True)
     beats = sum(r["chord_beats"] for r in rows)
     print(f"\n{len(rows)} songs ({', '.join(ids)})")
     print(f"key exact: {sum(r['key_exact'] for r in rows)}/{len(rows)}; same or relative: "
@@ -147,6 +255,25 @@ def main() -> None:
     print(f"seconds per song: {spread([r['seconds'] for r in rows])}; the annotated ingest of the same songs: "
           f"{spread([r['annotated_seconds'] for r in rows])}; ratio of the totals "
           f"{sum(r['seconds'] for r in rows) / sum(r['annotated_seconds'] for r in rows):.1f}")
+    print(f"beats found (beat_midi.txt, +-{DOWNBEAT_TOLERANCE_S * 1000:.0f} ms): "
+          f"{spread([r['beats_found'] for r in rows])}")
+    print(f"downbeats found, beat_midi.txt's downbeat column: {spread([r['downbeats_found_beat_midi'] for r in rows])}")
+    print(f"estimated downbeats that are beat_midi.txt's: {spread([r['downbeats_real_beat_midi'] for r in rows])}")
+    graded = [r for r in rows if r["annotated_grid"] == "found"]
+    print(f"{len(graded)} songs with the annotators' bar grid (the others: "
+          f"{[(r['song'], r['annotated_grid']) for r in rows if r['annotated_grid'] != 'found']})")
+    if graded:
+        print(f"downbeats found, the annotators' grid: {spread([r['downbeats_found_annotated'] for r in graded])}; "
+              f"songs with >= 90 % found: {sum(r['downbeats_found_annotated'] >= 0.9 for r in graded)}")
+        print(f"estimated downbeats that are the annotators': {spread([r['downbeats_real_annotated'] for r in graded])}")
+        print(f"metre = the index's: {sum(r['metre_estimated'] == r['metre_annotated'] for r in graded)}/"
+              f"{len(graded)} (estimated: {dict(Counter(r['metre_estimated'] for r in graded))})")
+        print(f"bars estimated / labelled: {spread([r['bars_estimated'] / r['bars_annotated'] for r in graded])}")
+        print("annotated downbeats on beat k of the estimated bar, songs by their most common k: "
+              f"{dict(Counter(int(np.argmax(r['downbeat_beat_of_estimated_bar'])) for r in graded))}")
+        for name in ("boundary_precision", "boundary_recall", "boundary_f", "pairwise_precision", "pairwise_recall",
+                     "pairwise_f", "pairwise_f_labels_apart"):
+            print(f"{name}: {spread([r[name] for r in graded])}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

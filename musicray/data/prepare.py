@@ -41,8 +41,9 @@ def split_of(song_id: str) -> str:
     return SPLITS[-1][0]
 
 
-# A source of songs: ``ids()``, ``load(song_id)`` (a checked Song and its stats, or SongError), and
-# ``for_workers()``: the source as the Ray tasks get it (with what the driver has read once for all songs).
+# A source of songs: ``ids()``, ``load(song_id)`` (a checked Song and its stats, or SongError),
+# ``split_key(song_id)``: what ``split_of`` hashes for the song, and ``for_workers()``: the source as the Ray tasks
+# get it (with what the driver has read once for all songs).
 @dataclass(frozen=True)
 class Pop909Source:
     root: str
@@ -53,6 +54,9 @@ class Pop909Source:
         from musicray.data.pop909 import song_ids
 
         return song_ids(Path(self.root))
+
+    def split_key(self, song_id: str) -> str:
+        return song_id
 
     def for_workers(self) -> "Pop909Source":
         from musicray.data.pop909 import metre_rows
@@ -72,6 +76,9 @@ class SynthSource:
 
     def ids(self) -> list[str]:
         return [f"synth-{self.seed + i:04d}" for i in range(self.songs)]
+
+    def split_key(self, song_id: str) -> str:
+        return song_id
 
     def for_workers(self) -> "SynthSource":
         return self
@@ -112,7 +119,7 @@ def _prepare_one(source, song_id: str, vocab: Vocabulary) -> dict:
         examples = [tokens.example(task) for task in TASKS]
     except SongError as err:
         return {"song_id": song_id, "skipped": getattr(err, "reason", "invalid_song"), "message": str(err)}
-    split = split_of(song_id)
+    split = split_of(source.split_key(song_id))
     song_row = {
         "song_id": song_id, "split": split, "key": canonical.key, "metre": canonical.metre,
         "form": canonical.form, "bars": canonical.n_bars, "base_tempo": tokens.bpm,

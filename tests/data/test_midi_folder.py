@@ -17,7 +17,7 @@ from musicray.data.midi_folder import (
     MidiFolderSource, MidiIngestError, beat_phase, estimate_sections, grid_shift, load_midi_song, midi_files, read_roles,
     regrouped_metre,
 )
-from musicray.data.prepare import load_report, load_table
+from musicray.data.prepare import Pop909Source, load_report, load_table, split_of
 from musicray.harmony import canonical_chord
 from musicray.run import RunDir
 from musicray.song import Note, SongError, form_string
@@ -37,14 +37,17 @@ def triad(root: int, minor: bool) -> list[int]:
 
 
 def make_song_file(path: Path, numerator: int = 4, phase_ticks: int = 0, tempo: float = 120.0,
-                   drums: bool = True) -> None:
+                   drums: bool = True, signature: str | None = "", downbeat_beat: int = 0) -> None:
     """A pop song: a lead line (A: four chord tones per bar, B: two long ones), a bass line on the roots, block
     chords on a piano, drums; every onset ``phase_ticks`` after the tick grid's beat, as a performance recorded
-    without a click would have it."""
+    without a click would have it. The file's time signature is ``numerator``/4 unless ``signature`` names
+    another ("1/4") or is None (none); its first downbeat is ``downbeat_beat`` beats after the start."""
     midi = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=tempo)
-    midi.time_signature_changes.append(pretty_midi.TimeSignature(numerator, 4, 0.0))
+    if signature is not None:
+        written = signature.split("/") if signature else (numerator, 4)
+        midi.time_signature_changes.append(pretty_midi.TimeSignature(int(written[0]), int(written[1]), 0.0))
     beat = 60.0 / tempo
-    shift = phase_ticks / 480 * beat
+    shift = phase_ticks / 480 * beat + downbeat_beat * beat
     lead = pretty_midi.Instrument(program=80, name="Lead")
     bass = pretty_midi.Instrument(program=33, name="Bass")
     piano = pretty_midi.Instrument(program=0, name="Piano")
@@ -73,6 +76,13 @@ def make_song_file(path: Path, numerator: int = 4, phase_ticks: int = 0, tempo: 
     midi.instruments = [piano, bass, lead] + ([kit] if drums else [])
     path.parent.mkdir(parents=True, exist_ok=True)
     midi.write(str(path))
+    if signature is None:  # pretty_midi writes 4/4 where it has none
+        import mido
+
+        written = mido.MidiFile(str(path))
+        for track in written.tracks:
+            track[:] = [message for message in track if message.type != "time_signature"]
+        written.save(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +167,38 @@ def test_a_file_running_past_the_longest_song_is_skipped_not_read():
     assert caught.value.reason == "too_long"
 
 
+@pytest.mark.parametrize("signature,downbeat_beat,first_bar_tick", [
+    ("1/4", 0, 0), ("1/4", 1, 480), ("1/4", 2, 960), ("1/4", 3, 1440),  # POP909's files: the bars are estimated
+    ("2/2", 3, 1440), (None, 2, 960),  # regrouped into 4/4, or no signature at all: estimated too
+    ("4/4", 1, 0),  # a 4/4 file's own bar lines are kept, even where its music starts on beat 2
+])
+def test_downbeats_where_the_file_does_not_give_them(tmp_path, signature, downbeat_beat, first_bar_tick):
+    path = tmp_path / "song.mid"
+    make_song_file(path, signature=signature, downbeat_beat=downbeat_beat)
+    song, stats = load_midi_song(path.read_bytes(), "song.mid")
+    assert song.metre == "4/4" and stats["first_bar_tick"] == first_bar_tick
+    on_the_downbeat = first_bar_tick == downbeat_beat * 480
+    # Each piano chord on its bar's downbeat, as played; where the file's bar lines are off, beats later
+    assert {n.position for n in song.tracks["PIANO"]} == {0 if on_the_downbeat else 4 * downbeat_beat}
+    if on_the_downbeat:  # and chorder's chords with them
+        assert [(c.position, c.label) for c in song.chords if c.label != "N"][:4] == [(0, label) for label in
+                                                                                       CHORD_LABELS]
+    assert song.tempos[0].bar == 0 and song.tempos[0].position == 0
+
+
+def test_a_pickup_before_the_estimated_downbeat_gets_a_first_partial_bar(tmp_path):
+    path = tmp_path / "pickup.mid"
+    make_song_file(path, signature="1/4", downbeat_beat=3)
+    midi = pretty_midi.PrettyMIDI(str(path))
+    lead = next(i for i in midi.instruments if i.name == "Lead")
+    lead.notes.append(pretty_midi.Note(100, 79, 1.0, 1.4))  # beat 2 of the lead-in (120 bpm)
+    midi.write(str(path))
+    song, stats = load_midi_song(path.read_bytes(), "pickup.mid")
+    assert stats["first_bar_tick"] == 3 * 480 - 4 * 480
+    assert (song.tracks["MELODY"][0].bar, song.tracks["MELODY"][0].position) == (0, 12)  # beat 4 of bar 0
+    assert {n.position for n in song.tracks["PIANO"]} == {0} and min(n.bar for n in song.tracks["PIANO"]) == 1
+
+
 @pytest.mark.parametrize("numerator,denominator,metre", [(1, 4, "4/4"), (5, 4, "4/4"), (2, 2, "4/4"),
                                                          (9, 8, "6/8"), (12, 8, "12/8"), (7, 8, None), (5, 16, None)])
 def test_signatures_without_a_metre_are_regrouped_by_their_beat(numerator, denominator, metre):
@@ -211,6 +253,23 @@ def test_roles_file_overrides_the_estimate(folder, tmp_path):
             read_roles(roles_path)
 
 
+@pytest.mark.parametrize("song_id, key", [
+    ("001/001.mid", "001"),  # POP909's layout: the split of the annotated song 001
+    ("pop/live/song_b.MIDI", "song_b"),
+    ("song_c.mid", "song_c"),
+    ("a.b/take.2.midi", "take.2"),
+])
+def test_a_file_is_split_by_its_name_alone(song_id, key):
+    assert MidiFolderSource("unused").split_key(song_id) == key
+
+
+def test_pop909_files_fall_in_the_splits_of_the_annotated_songs():
+    ids = [f"{i:03d}" for i in range(1, 910)]
+    midi = MidiFolderSource("unused")
+    assert [split_of(midi.split_key(f"{i}/{i}.mid")) for i in ids] == [split_of(Pop909Source("unused").split_key(i))
+                                                                        for i in ids]
+
+
 @pytest.fixture(scope="module")
 def prepared(folder, tmp_path_factory):
     """The folder through `musicray data prepare --midi` (the real Ray job): (data dir, what it printed)."""
@@ -247,6 +306,7 @@ def test_prepare_writes_the_tables_and_a_report_of_what_was_kept_and_why(prepare
     assert report["dropped_in_kept_songs"]["drum_notes"] == 2 * 34 * 4
     assert set(songs["form"]) == {"i2A8A8B8A8"}
     assert report["splits"]["train"] >= 1
+    assert [split_of(Path(song_id).stem) for song_id in songs["song_id"]] == list(songs["split"])
     for task in ("song", "chord", "melody", "secondary", "dynamics", "tempo"):
         assert len(load_table(out, task)) == 3
 
@@ -305,3 +365,28 @@ def test_pop909_song_without_its_annotations(pop909_root):
     assert changes[:5] == annotated[:5]  # then it hears Bbm/Db where the annotators wrote Db
     assert stats["instruments_by_track"]["MELODY"] == ["0:"]
     assert len(song.tracks["MELODY"]) == len(midi.instruments[0].notes)
+
+
+@pytest.mark.parametrize("song_id", ["046", "541", "721"])  # files in 1/4 whose music starts off tick 0's bar
+def test_pop909_downbeats_without_the_annotations(pop909_root, song_id):
+    """The annotators' downbeats (the bar grid human_label1.txt counts, as the annotated ingest recovers it) on the
+    estimated downbeats of the file alone, within 70 ms."""
+    import numpy as np
+    import symusic
+
+    from musicray.data import pop909
+
+    files = pop909.SongFiles(pop909_root, song_id)
+    spec = pop909.read_metre(files, None)
+    beat_times = pop909.read_beat_times(files)
+    grid, _ = pop909.find_bar_grid(files, spec, pop909.read_form(files), beat_times, pop909.read_midi(files)["MELODY"])
+    annotated = pop909.rows_to_seconds(beat_times, grid.bar_rows)
+    data = files.path("midi").read_bytes()
+    song, stats = load_midi_song(data, song_id)
+    assert song.metre == "4/4" and stats["time_signature"] == "1/4"
+    score = symusic.Score.from_midi(data)
+    bar_ticks = 4 * score.ticks_per_quarter
+    ticks = stats["first_bar_tick"] - stats["beat_phase_shift_ticks"] + bar_ticks * np.arange(song.n_bars)
+    estimated = pop909.tick_seconds(score.ticks_per_quarter, [(t.time, t.mspq) for t in score.tempos], ticks)
+    nearest = np.abs(estimated[None, :] - annotated[:, None]).min(axis=1)
+    assert np.mean(nearest < 0.07) > 0.95
