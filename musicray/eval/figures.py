@@ -191,8 +191,8 @@ def ablation_figures(generated, unmasked, generated_plain, stages, stages_plain,
     rows = [
         {"ablation": "generation mask", "variant": "on (adapters)", **song_figures(generated),
          **stream_figures(stages[True])},
-        {"ablation": "generation mask", "variant": "off (adapters)",
-         **song_figures(unmasked), **stream_figures(stages[False])},
+        {"ablation": "generation mask", "variant": "off (adapters)", **song_figures(unmasked),
+         **stream_figures(stages[False])},
         {"ablation": "mask in the stage-1 loss", "variant": f"{'on' if main_mask_loss else 'off'} (the run's stage 1)",
          **tf_figures(tf_alone), **stream_figures(stages_plain)},
     ]
