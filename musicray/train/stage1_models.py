@@ -34,7 +34,9 @@ def zero3_loading(ds_config: dict):
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
-    return HfDeepSpeedConfig(ds_config)
+    # DeepSpeed checks the total batch against the world size its own communication reports, which is 1 until
+    # deepspeed.initialize sets it up: the total is left out here (DeepSpeed derives it from the per-rank sizes).
+    return HfDeepSpeedConfig({key: value for key, value in ds_config.items() if key != "train_batch_size"})
 
 
 def build_init_model(config: Config, out: Path) -> Path:
