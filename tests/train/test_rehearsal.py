@@ -142,7 +142,8 @@ def test_stage1_under_zero3_resumes_exactly_and_exports_one_model(reference, cac
     assert [(r["step"], r["start_step"]) for r in resumed] == [(1, 0)] + [(s, 1) for s in range(2, STEPS + 1)]
     for row, ref in zip(resumed, rows):
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5), row["step"]
-    assert resumed[-1]["loss"] != pytest.approx(rows[0]["loss"], rel=1e-4)   # the weights did move
+    # The weights did move: two steps of a 128k-row model move the loss by ~4e-5 of itself (11.8218 -> 11.8223)
+    assert resumed[-1]["loss"] != pytest.approx(rows[0]["loss"], rel=1e-5)
 
     # One consolidated save_pretrained model, loaded with from_pretrained: tied, the music rows trained.
     model, music = load_music_model(reference / "stage1" / "model")
