@@ -201,7 +201,12 @@ class SongTokens:
         self.note_times = self.time(bar, position)[order]
         self.note_tracks = track[order]
         self.duration_ids = _value_ids(vocab, "Dur", duration[order])
-        self.velocity_ids = _value_ids(vocab, "Vel", velocity[order])
+        # 'track' velocities: the token's value is the velocity less its track's offset. Binned here, as the
+        # vocabulary bins them: prepared data is quantized once for every language (the absolute bins), and a
+        # velocity binned in its track's bins already is kept as it is.
+        tracks = track[order]
+        self.velocity_ids = _value_ids(vocab, "Vel", vocab.quantize_velocities(velocity[order], tracks)
+                                       - vocab.velocity_offsets()[tracks])
         pitch = pitch[order]
         pitch_ids = np.asarray(vocab.ids_of["Pitch"], dtype=np.int64)
         if vocab.config.pitch == "chord":
@@ -398,9 +403,10 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
                 notes[track].append(Note(bar, position, pending["pitch"], value, NEUTRAL_VELOCITY))
         elif family == "Vel":
             if stream.velocities_only:
-                velocities.append(value)
+                velocities.append(value)   # the track is the note's, known once they are matched below
             else:
-                notes[track].append(Note(bar, position, pending["pitch"], pending["duration"], value))
+                notes[track].append(Note(bar, position, pending["pitch"], pending["duration"],
+                                         vocab.sounding_velocity(value, TRACKS.index(track))))
     if stream.chords:
         song.chords = canonical_chords(chords)
     if stream.tempo:
@@ -418,8 +424,9 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
         if len(in_order) != len(velocities):
             raise SongError(f"dynamics: {len(velocities)} velocities for {len(in_order)} notes")
         song.tracks = {name: [] for name in TRACKS}
-        for (*_, name, note), velocity in zip(in_order, velocities):
-            song.tracks[name].append(Note(note.bar, note.position, note.pitch, note.duration, velocity))
+        for (_, _, track_index, _, name, note), value in zip(in_order, velocities):
+            song.tracks[name].append(Note(note.bar, note.position, note.pitch, note.duration,
+                                          vocab.sounding_velocity(value, track_index)))
 
 
 def decode(example: Example, vocab: Vocabulary) -> Song:

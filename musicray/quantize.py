@@ -73,7 +73,7 @@ def canonical_notes(song: Song, track: str, vocab: Vocabulary) -> list[Note]:
     steps_to_form_end = (song.n_bars - bar) * song.spec.positions_per_bar - position   # as Song.inside_form
     rows = np.stack([bar, position, representable_pitch(pitch),
                      vocab.quantize_durations(np.minimum(duration, steps_to_form_end)),
-                     vocab.quantize_velocities(velocity)], axis=1)
+                     vocab.quantize_velocities(velocity, TRACKS.index(track))], axis=1)
     return notes_from_rows(one_per_onset_and_pitch_rows(rows))
 
 

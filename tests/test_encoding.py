@@ -17,7 +17,8 @@ from musicray.tokens import LEGACY_LANGUAGE, TASKS, VocabConfig, Vocabulary
 
 VOCAB = Vocabulary()
 ABSOLUTE = Vocabulary(VocabConfig(**LEGACY_LANGUAGE))
-LANGUAGES = {"relative": VOCAB, "absolute": ABSOLUTE}
+TRACK_VELOCITY = Vocabulary(VocabConfig(velocity="track"))
+LANGUAGES = {"relative": VOCAB, "absolute": ABSOLUTE, "track velocity": TRACK_VELOCITY}
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
@@ -171,6 +172,52 @@ def test_array_quantizers_match_the_scalar_rules():
     assert VOCAB.quantize_velocities(velocities).tolist() == [
         VOCAB.velocity_values[min(n - 1, max(0, int((v - 1) * n / 127)))] for v in range(0, 128)]
     assert VOCAB.quantize_durations(np.array([-3, 0, 1, 64, 65])).tolist() == [1, 1, 1, 64, 64]
+
+
+@pytest.mark.parametrize("track", [0, 1, 2])
+def test_track_velocities_are_bins_of_the_track_level_that_sound_inside_midi(track):
+    """'track' velocities: each quantized velocity is a bin centre plus its track's offset, inside 1..127, the
+    nearest such value to the velocity (the top and bottom bins a track cannot sound at are left out)."""
+    offset = TRACK_VELOCITY.config.track_velocity_offsets[track]
+    sounding = sorted(c + offset for c in TRACK_VELOCITY.velocity_values if 1 <= c + offset <= 127)
+    quantized_velocities = TRACK_VELOCITY.quantize_velocities(np.arange(1, 128), track)
+    assert set(quantized_velocities.tolist()) <= set(sounding)
+    assert np.all(np.diff(quantized_velocities) >= 0)
+    velocities = np.arange(1, 128)
+    inside = (velocities >= sounding[0]) & (velocities <= sounding[-1])
+    assert np.all(np.abs(quantized_velocities - velocities)[inside] <= 127 / TRACK_VELOCITY.config.velocity_bins)
+    # a velocity beyond what the track's bins sound at takes the nearest end (e.g. a melody note at 5 plays at 12)
+    assert set(quantized_velocities[~inside].tolist()) <= {sounding[0], sounding[-1]}
+    for value in TRACK_VELOCITY.velocity_values:
+        assert 1 <= TRACK_VELOCITY.sounding_velocity(value, track) <= 127
+
+
+def test_track_velocities_write_one_token_for_each_track_level():
+    """A melody note at its track's level and a piano note at its track's own level are the same token: the
+    token says how loud the note is for its track (the model need not tell the tracks apart to get levels)."""
+    melody_level, piano_level = (85 + TRACK_VELOCITY.config.track_velocity_offsets[t] for t in (0, 2))
+    song = quantized(Song("levels", "C:maj", "4/4", [Section("A", 1)],
+                          tracks={"MELODY": [Note(0, 0, 72, 4, melody_level)], "BRIDGE": [],
+                                  "PIANO": [Note(0, 0, 48, 4, piano_level)]}, tempos=[Tempo(0, 0, 100.0)]),
+                     TRACK_VELOCITY)
+    dynamics = [t for t in SongTokens(song, TRACK_VELOCITY).body("dynamics") if TRACK_VELOCITY.family[t] == "Vel"]
+    assert len(dynamics) == 2 and dynamics[0] == dynamics[1]
+    melody, piano = song.tracks["MELODY"][0].velocity, song.tracks["PIANO"][0].velocity
+    assert melody - piano == (TRACK_VELOCITY.config.track_velocity_offsets[0]
+                              - TRACK_VELOCITY.config.track_velocity_offsets[2])
+
+
+@pytest.mark.parametrize("field, value", [("velocity", "loud"), ("track_velocity_offsets", (1, 2)),
+                                          ("track_velocity_offsets", (1, 2, 99)), ("track_velocity_offsets", "abc")])
+def test_bad_velocity_language_names_the_field(field, value):
+    with pytest.raises(SongError, match=f"vocab.{field}"):
+        VocabConfig(**{field: value})
+
+
+def test_track_velocity_offsets_from_json_lists_equal_the_default_tuple(tmp_path):
+    path = TRACK_VELOCITY.save(tmp_path)
+    loaded = Vocabulary.load(path)
+    assert loaded.config == TRACK_VELOCITY.config and loaded.config.velocity == "track"
 
 
 @pytest.mark.parametrize("family", ["Pos", "Dur", "Vel", "Tempo"])

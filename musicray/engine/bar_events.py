@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from musicray.encoding import decode_body
-from musicray.song import Song
+from musicray.song import TRACKS, Song
 from musicray.tasks import SUBTASK_RECORDS, subtask
 from musicray.tokens import Vocabulary
 
@@ -21,20 +21,23 @@ _CLOSES = ("Bar", "Sec", "End")
 
 # What a bar event carries, by ``SubTask.bar_event``: read from the bar's tokens, or from the song with the body
 # so far decoded into it (``decoded()``).
-def _velocities(bar, content, decoded, task, vocab):
-    # velocities follow the song's notes in order: the count only holds at the end
-    return [vocab.value[t] for t in content if vocab.family[t] == "Vel"]
+def _velocities(bar, content, decoded, task, vocab, song):
+    # velocities follow the bar's notes in the dynamics order (the count only holds at the end, so the body is not
+    # decoded here); each sounds at its value plus its note's track offset ('track' velocities)
+    tracks = sorted((n.position, TRACKS.index(name), n.pitch) for name, n in song.notes() if n.bar == bar)
+    values = [vocab.value[t] for t in content if vocab.family[t] == "Vel"]
+    return [vocab.sounding_velocity(value, tracks[i][1] if i < len(tracks) else 0) for i, value in enumerate(values)]
 
 
-def _chords(bar, content, decoded, task, vocab):
+def _chords(bar, content, decoded, task, vocab, song):
     return [[c.position, c.label] for c in decoded().chords if c.bar == bar]
 
 
-def _notes(bar, content, decoded, task, vocab):
+def _notes(bar, content, decoded, task, vocab, song):
     return [[n.position, n.pitch, n.duration] for n in decoded().tracks[task.track] if n.bar == bar]
 
 
-def _bpm(bar, content, decoded, task, vocab):
+def _bpm(bar, content, decoded, task, vocab, song):
     return next((t.bpm for t in decoded().tempos if t.bar == bar), None)
 
 
@@ -70,7 +73,8 @@ class BarEvents:
         event = {"stage": self.task, "bar": bar + 1, "section": f"{section.label}{section.bars}",
                  "section_index": k + 1, "bar_in_section": j + 1, "tokens": self.vocab.describe(content)}
         record = subtask(self.task)
-        event[record.bar_event] = BAR_READERS[record.bar_event](bar, content, self._decoded, record, self.vocab)
+        event[record.bar_event] = BAR_READERS[record.bar_event](bar, content, self._decoded, record, self.vocab,
+                                                                 self.song)
         return event
 
     def _decoded(self) -> Song:
