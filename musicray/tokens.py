@@ -87,7 +87,8 @@ class VocabConfig:
 
     def contrast(self) -> "VocabConfig":
         """The language the report's language ablation compares this one with: absolute for a relative or mixed
-        language, relative for the absolute one (sizes and bins kept)."""
+        language, relative for the absolute one (sizes, bins and ``velocity`` kept: the ablation compares the
+        chord, pitch and tempo languages only)."""
         if self.language == "absolute":
             return replace(self, **{name: choices[0] for name, choices in LANGUAGE_CHOICES.items()})
         return replace(self, **LEGACY_LANGUAGE)
