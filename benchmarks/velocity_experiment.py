@@ -79,6 +79,7 @@ def teacher_forced_levels(composer: Composer, data_dir: Path, examples: int, max
     music, vocab = composer.music, composer.music.vocab
     vel_ids = vocab.ids_of["Vel"]
     values = torch.tensor([vocab.value[i] for i in vel_ids], dtype=torch.float)
+    offsets = vocab.velocity_offsets().tolist()
     found = {track: {"real": [], "expected": []} for track in TRACKS}
     for example in load_examples(data_dir, [TASK], "test", vocab, max_bars)[:examples]:
         # the track of each note of each bar, in the order of the prompt's notes (the dynamics order)
@@ -99,7 +100,7 @@ def teacher_forced_levels(composer: Composer, data_dir: Path, examples: int, max
         velocities = [j for j, token in enumerate(example.target) if vocab.family[token] == "Vel"]
         for k, j in enumerate(velocities[:len(tracks)]):
             probabilities = torch.softmax(logits[start + j - 1, [music.offset + i for i in vel_ids]], 0)
-            offset = int(vocab.velocity_offsets()[tracks[k]])
+            offset = offsets[tracks[k]]
             found[TRACKS[tracks[k]]]["expected"].append(float((probabilities * values).sum()) + offset)
             found[TRACKS[tracks[k]]]["real"].append(vocab.value[example.target[j]] + offset)
     return {track: {key: (round(float(np.mean(v)), 1) if v else None) for key, v in rows.items()}

@@ -347,6 +347,14 @@ def encode_quantized(song: Song, task: str, vocab: Vocabulary, optional: tuple[s
     return SongTokens(song, vocab).example(task, optional)
 
 
+def dynamics_order(song: Song, bar: int | None = None) -> list[tuple[int, str, Note]]:
+    """(track index, track name, note) of the song's notes (only ``bar``'s where given) in the order the dynamics
+    stream gives them velocities: by bar, position, track, pitch (``SongTokens``' body order)."""
+    return [(track, name, note) for *_, track, _, name, note in sorted(
+        (n.bar, n.position, TRACKS.index(name), n.pitch, name, n) for name, n in song.notes()
+        if bar is None or n.bar == bar)]
+
+
 def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary) -> None:
     """Add what a (grammatical) body of ``stream_name`` says to ``song`` in place.
 
@@ -420,11 +428,11 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
             # Two relative pitches moved into range by octaves can meet: keep one, as the canonical song does.
             song.tracks[name] = one_per_onset_and_pitch(notes[name])
     if stream.velocities_only:
-        in_order = sorted((n.bar, n.position, TRACKS.index(name), n.pitch, name, n) for name, n in song.notes())
+        in_order = dynamics_order(song)
         if len(in_order) != len(velocities):
             raise SongError(f"dynamics: {len(velocities)} velocities for {len(in_order)} notes")
         song.tracks = {name: [] for name in TRACKS}
-        for (_, _, track_index, _, name, note), value in zip(in_order, velocities):
+        for (track_index, name, note), value in zip(in_order, velocities):
             song.tracks[name].append(Note(note.bar, note.position, note.pitch, note.duration,
                                           vocab.sounding_velocity(value, track_index)))
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from musicray.encoding import decode_body
-from musicray.song import TRACKS, Song
+from musicray.encoding import decode_body, dynamics_order
+from musicray.song import Song
 from musicray.tasks import SUBTASK_RECORDS, subtask
 from musicray.tokens import Vocabulary
 
@@ -24,9 +24,9 @@ _CLOSES = ("Bar", "Sec", "End")
 def _velocities(bar, content, decoded, task, vocab, song):
     # velocities follow the bar's notes in the dynamics order (the count only holds at the end, so the body is not
     # decoded here); each sounds at its value plus its note's track offset ('track' velocities)
-    tracks = sorted((n.position, TRACKS.index(name), n.pitch) for name, n in song.notes() if n.bar == bar)
+    tracks = [track for track, _, _ in dynamics_order(song, bar)]
     values = [vocab.value[t] for t in content if vocab.family[t] == "Vel"]
-    return [vocab.sounding_velocity(value, tracks[i][1] if i < len(tracks) else 0) for i, value in enumerate(values)]
+    return [vocab.sounding_velocity(value, track) for value, track in zip(values, tracks)]
 
 
 def _chords(bar, content, decoded, task, vocab, song):
