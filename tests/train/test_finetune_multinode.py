@@ -22,7 +22,9 @@ from musicray.model import load_music_model
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, EVERY = 6, 2
+# 12 steps of about 0.05 s: the kill lands while the run trains or saves; with 6 the first group had sometimes
+# logged every step before the second node died (it still restarted: the last checkpoint was not registered yet).
+STEPS, EVERY = 12, 2
 
 
 @pytest.mark.slow
@@ -38,9 +40,10 @@ def test_a_lost_node_is_replaced_and_the_run_ends_with_every_step(tmp_path):
     # SPREAD: one worker on each node before the loss, and on the head and the replacement after it.
     assert report["workers_before"] == {"head": 1, "second": 1}
     assert report["workers_after"] == {"head": 1, "replacement": 1}
-    # Restarted once, from a checkpoint, and ended with every step (the redone ones logged twice).
+    # Restarted once, from a registered checkpoint, and ended with every step (the redone ones logged twice). The
+    # node may die after the last step's log and before its checkpoint is registered: then the last steps are redone.
     restart = report["restart_step"]
-    assert restart % EVERY == 0 and 0 < restart <= report["died_after_step"] < STEPS
+    assert restart % EVERY == 0 and 0 < restart <= report["died_after_step"] <= STEPS and restart < STEPS
     assert sorted(set(report["logged_steps"])) == list(range(1, STEPS + 1))
     assert report["logged_steps"][-(STEPS - restart):] == list(range(restart + 1, STEPS + 1))
     assert report["redone_loss_diff"] < 1e-5 * 7     # the redone steps repeat the lost ones (loss about 7)
