@@ -1,13 +1,17 @@
-"""Pretrained vs random initialisation: SmolLM2-135M-Instruct and the same architecture with fresh weights.
+"""Pretrained vs random initialisation: SmolLM2-135M-Instruct, the same architecture with fresh weights, and the
+built-in presets (``small``).
 
-Each base (``musicray.pretrained.SHIPPED``: the same config, tokenizer and chat template; only the weights differ)
-gets the music tokens (mean-resized rows, same seed) and is trained with a plain PyTorch loop (the loss and the
-packed data stream of ``musicray.train``, the prompts' music labelled as in the ``pop909-smol`` preset; no Ray, so
-the runs differ in nothing but the initial weights) on POP909's train split. Then, on the test split:
+Each base (``musicray.pretrained.SHIPPED``: the same config, tokenizer and chat template, only the weights differ;
+or a built-in random-init LLaMA) gets the music tokens (mean-resized rows, same seed) and is trained with a plain
+PyTorch loop (the loss and the packed data stream of ``musicray.train``, the prompts' music labelled as in the
+``pop909-smol`` preset; no Ray, so the runs differ in nothing but the base) on POP909's train split, for ``--steps``
+steps or until ``--budget-seconds`` of training (the same wall-clock budget). ``--stage1 lora`` trains LoRA
+matrices on every linear layer and the music tokens' embedding rows (PEFT's ``trainable_token_indices``) instead
+of every weight. Then, on the test split:
 
 * teacher-forced loss and accuracy per sub-task, plain and under the grammar mask (``musicray.eval.teacher_forced``);
 * teacher-forced relations (``musicray.eval.relations``): probability on chord tones and on the key's scale at
-  melody pitch positions, probability of holding the previous bar's tempo.
+  melody pitch positions, probability of holding the previous bar's tempo, chord probability in the key's scale.
 
     .venv/bin/python benchmarks/pretrained_experiment.py --steps 20 --out runs/pretrained
     # or one process per base, side by side:
@@ -32,7 +36,7 @@ import torch
 from musicray.eval.relations import relation_scores
 from musicray.eval.teacher_forced import held_out_dataset, teacher_forced
 from musicray.grammar import Grammar
-from musicray.model import add_music_tokens, load_base
+from musicray.model import BUILT_IN, add_music_tokens, load_base
 from musicray.pretrained import SHIPPED
 from musicray.tokens import Vocabulary
 from musicray.train.config import load_config
@@ -40,16 +44,34 @@ from musicray.train.data import RenderedDataset, collated_batches, load_examples
 from musicray.train.loss import causal_lm_loss
 
 TASKS = ["chord", "melody", "tempo"]
-EVAL_TASKS = ["melody", "tempo"]   # the relations' sub-tasks
+EVAL_TASKS = ["chord", "melody", "tempo"]   # the relations' sub-tasks
+
+
+def with_lora(model, music, args):
+    """``model`` under LoRA on every linear layer, with the music tokens' input and output rows trainable (PEFT
+    keeps the two tied where the base ties them)."""
+    from peft import LoraConfig, get_peft_model
+
+    rows = list(range(music.offset, music.offset + len(music.vocab)))
+    trainable_rows = {"embed_tokens": rows}
+    if not model.config.tie_word_embeddings:
+        trainable_rows["lm_head"] = rows
+    config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
+                        trainable_token_indices=trainable_rows)
+    return get_peft_model(model, config)
 
 
 def train(base: str, args, data_dir: Path) -> dict:
     model, tokenizer = load_base(base, args.cache)
     torch.manual_seed(args.seed)
     music = add_music_tokens(model, tokenizer, Vocabulary())
+    if args.stage1 == "lora":
+        model = with_lora(model, music, args)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = RenderedDataset(load_examples(data_dir, TASKS, "train", music.vocab, args.max_bars, args.train_songs),
                                 music, args.max_length, train_on_inputs=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                                  (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
@@ -58,6 +80,8 @@ def train(base: str, args, data_dir: Path) -> dict:
     model.train()
     started, losses, tokens = time.perf_counter(), [], 0
     for step in range(args.steps):
+        if args.budget_seconds and time.perf_counter() - started >= args.budget_seconds:
+            break
         batch = next(batches)
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         loss = causal_lm_loss(logits, batch["labels"], segment_rows=batch.get("segment_rows"))
@@ -78,19 +102,27 @@ def train(base: str, args, data_dir: Path) -> dict:
                 for task in EVAL_TASKS}
     scores = {task: teacher_forced(model, music, held_out[task], grammar, args.eval_batch).to_dict()
               for task in EVAL_TASKS}
-    relations = relation_scores(model, music, held_out["melody"], held_out["tempo"], args.eval_batch)
-    return {"base": base, "train_rows": args.steps * args.batch_size, "labelled_tokens": tokens,
+    relations = relation_scores(model, music, held_out["melody"], held_out["tempo"], args.eval_batch,
+                                held_out["chord"])
+    return {"base": base, "stage1": args.stage1, "trainable_parameters": trainable,
+            "total_parameters": total, "steps": len(losses),
+            "train_rows": len(losses) * args.batch_size, "labelled_tokens": tokens,
             "train_seconds": round(train_seconds, 1), "losses": losses,
             "last_loss": round(statistics.mean(losses[-5:]), 4), "teacher_forced": scores,
             "relations": relations.to_dict()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/pretrained")
     parser.add_argument("--cache", default="~/.cache/musicray", help="where the bases are converted")
-    parser.add_argument("--bases", nargs="+", default=list(SHIPPED), choices=list(SHIPPED))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--bases", nargs="+", default=list(SHIPPED), choices=[*SHIPPED, *BUILT_IN])
+    parser.add_argument("--stage1", choices=("full", "lora"), default="full",
+                        help="train every weight, or LoRA matrices and the music tokens' embedding rows")
+    parser.add_argument("--lora-rank", type=int, default=16, help="with --stage1 lora (alpha is twice the rank)")
+    parser.add_argument("--steps", type=int, default=20, help="the most steps")
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="stop training after this many seconds (a wall-clock budget)")
     parser.add_argument("--batch-size", type=int, default=1, help="packed rows of --max-length tokens per step")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--max-bars", type=int, default=4)
@@ -100,28 +132,33 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (run one process per base with 1)")
-    args = parser.parse_args()
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a prepared data dir (default: POP909 from $POP909_DIR, prepared into the cache)")
+    args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    data_dir = resolve_data_dir(load_config(None, ["data.source=pop909", f"cache_dir={args.cache}"]))
+    data_dir = args.data or resolve_data_dir(load_config(None, ["data.source=pop909", f"cache_dir={args.cache}"]))
     results = []
     for base in args.bases:
         print(f"== {base}", flush=True)
         results.append(train(base, args, data_dir))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}, indent=1), flush=True)
-    (Path(args.out) / "pretrained_experiment.json").write_text(json.dumps({"args": vars(args), "results": results},
-                                                                          indent=1))
-    print("\n| base | last loss (train) | test loss melody / tempo | masked accuracy melody | "
-          "chord-tone mass (real) | scale mass (real) | tempo hold p (real) | labelled tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    (Path(args.out) / "pretrained_experiment.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, default=str, indent=1))
+    print("\n| base | stage 1 | steps | last loss (train) | test loss chord / melody / tempo | masked accuracy melody | "
+          "chord-tone mass (real) | scale mass (real) | tempo hold p (real) | chords in the key (real) | "
+          "labelled tokens/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         rel, tf = r["relations"], r["teacher_forced"]
         test_losses = " / ".join(f"{tf[task]['loss']:.3f}" for task in EVAL_TASKS)
-        print(f"| {r['base']} | {r['last_loss']} | {test_losses} | "
+        print(f"| {r['base']} | {r['stage1']} | {r['steps']} | {r['last_loss']} | {test_losses} | "
               f"{tf['melody']['masked_accuracy']:.3f} | {rel['chord_tone_mass']} ({rel['real_chord_tone']}) | "
               f"{rel['scale_mass']} ({rel['real_in_scale']}) | {rel['tempo_hold']} ({rel['real_tempo_hold']}) | "
+              f"{rel['diatonic_chord_mass']} ({rel['real_diatonic_chord']}) | "
               f"{r['labelled_tokens'] / r['train_seconds']:.0f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -85,11 +85,11 @@ class SoundingChords:
         return self.changes[index].label if index >= 0 else None
 
 
-def _chord_ids(label: str, vocab: Vocabulary, tonic: int) -> list[int]:
+def _chord_ids(label: str, vocab: Vocabulary, origin: int) -> list[int]:
     root, quality, bass = parse_chord(label)
     if root is None:
         return [vocab.token("Chord", NO_CHORD)]
-    written = (root - tonic) % 12 if vocab.config.chords == "degree" else root
+    written = (root - origin) % 12
     ids = [vocab.ids_of["Chord"][written * len(CHORD_QUALITY_NAMES) + CHORD_QUALITY_NAMES.index(quality)]]
     if bass:
         ids.append(vocab.token("Bass", bass))
@@ -181,7 +181,8 @@ class SongTokens:
             while upcoming is not None and upcoming.bar == bar_index:
                 chord_events[bar_index, upcoming.position] = upcoming.label
                 sounding, upcoming = upcoming.label, next(chords, None)
-        chord_ids = {label: _chord_ids(label, vocab, tonic) for label in set(chord_events.values())}
+        origin = vocab.config.chord_origin(song.key)
+        chord_ids = {label: _chord_ids(label, vocab, origin) for label in set(chord_events.values())}
         self.chord_times = np.array([self.time(b, p) for b, p in chord_events], dtype=np.int64)
         self.chord_keys = np.array([self.time(b, p) * SLOTS + POSITION_SLOTS[family]   # a chord, and its bass
                                     for (b, p), label in chord_events.items()
@@ -364,7 +365,7 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
     """
     stream = STREAMS[stream_name]
     single_track = stream.tracks[0] if len(stream.tracks) == 1 else None
-    tonic = key_tonic(song.key)
+    tonic, origin = key_tonic(song.key), vocab.config.chord_origin(song.key)
     known = SoundingChords([] if stream.chords else song.chords)
     bar, position, track = -1, 0, single_track
     chords, tempos = [], []
@@ -393,7 +394,7 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
             chords.append(Chord(bar, position, NO_CHORD))
             reference = tonic
         elif family == "Chord":
-            root = (tonic + value) % 12 if vocab.config.chords == "degree" else value
+            root = (origin + value) % 12
             chords.append(Chord(bar, position, chord_label(root, vocab.chord_quality(token))))
             reference = root
         elif family == "Bass":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from musicray.errors import SongError
 from musicray.harmony import (CANONICAL_BASS_DEGREES, CHORD_QUALITIES, DEGREE_NAMES, KEY_MODES, NO_CHORD,
-                              PITCH_CLASS_NAMES)
+                              PITCH_CLASS_NAMES, parse_key)
 from musicray.song import MAX_SECTION_BARS, METRES, SECTION_LABELS, TRACKS
 
 SUBTASKS: tuple[str, ...] = ("chord", "melody", "secondary", "dynamics", "tempo")
@@ -26,7 +26,7 @@ INPUTS: tuple[str, ...] = ("chord", "melody", "notes")
 # write musical relations into the tokens (chord tone, key, steady tempo), so that a model that learns token
 # frequencies learns those relations; docs/results.md measures them against the absolute ones.
 LANGUAGE_CHOICES: dict[str, tuple[str, ...]] = {
-    "chords": ("degree", "absolute"),
+    "chords": ("relative_major", "degree", "absolute"),
     "pitch": ("chord", "absolute"),
     "tempo": ("change", "absolute"),
 }
@@ -52,9 +52,11 @@ class VocabConfig:
     velocity_bins: int = field(default=32, metadata={"help": "number of equal-width velocity bins over 1..127"})
     tempo_min: int = field(default=30, metadata={"help": "slowest tempo token, bpm; slower tempi are clipped"})
     tempo_max: int = field(default=240, metadata={"help": "fastest tempo token, bpm; faster tempi are clipped"})
-    chords: str = field(default="degree", metadata={
-        "help": "'degree': chord roots as degrees of the song's key (<Chord_IV:maj>); 'absolute': as pitch "
-                "classes (<Chord_F:maj>)"})
+    chords: str = field(default="relative_major", metadata={
+        "help": "'relative_major': chord roots as degrees of the key's relative major (<Chord_IV:maj>; A minor "
+                "counts from C: its tonic chord is <Chord_VI:min>), so the chords in the key's scale are one set of "
+                "tokens in both modes; 'degree': as degrees of the key's own tonic (A minor's tonic chord is "
+                "<Chord_I:min>); 'absolute': as pitch classes (<Chord_F:maj>)"})
     pitch: str = field(default="chord", metadata={
         "help": "'chord': a note's pitch as semitones above the root of the chord sounding at its onset, or above "
                 "the key's tonic where no chord sounds or none is known yet (<Rel_19>); 'absolute': MIDI pitch"})
@@ -92,6 +94,14 @@ class VocabConfig:
         if self.language == "absolute":
             return replace(self, **{name: choices[0] for name, choices in LANGUAGE_CHOICES.items()})
         return replace(self, **LEGACY_LANGUAGE)
+
+    def chord_origin(self, key: str) -> int:
+        """The pitch class chord roots are written from in ``key`` (0 in the absolute language): the tonic, or the
+        relative major's tonic (a minor third above a minor key's tonic)."""
+        tonic, mode = parse_key(key)
+        if self.chords == "absolute":
+            return 0
+        return (tonic + 3) % 12 if self.chords == "relative_major" and mode == "min" else tonic
 
     @property
     def language(self) -> str:
@@ -158,8 +168,8 @@ class Vocabulary:
             self._add("Pos", str(pos), pos)
         # No-chord is a family of its own so that the grammar can forbid a slash bass after it.
         self._add("NoChord", NO_CHORD, prefix="Chord")
-        # Chord values are the root's pitch class, or its semitones above the key's tonic (degree chords).
-        root_names = DEGREE_NAMES if c.chords == "degree" else PITCH_CLASS_NAMES
+        # Chord values are the root's semitones above the key's chord_origin (a pitch class in the absolute language).
+        root_names = PITCH_CLASS_NAMES if c.chords == "absolute" else DEGREE_NAMES
         for root in range(12):
             for quality in CHORD_QUALITIES:
                 self._add("Chord", f"{root_names[root]}:{quality}", root)

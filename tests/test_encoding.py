@@ -1,5 +1,5 @@
-"""decode(encode(song)) == quantized(song) for every task and both languages (relative and absolute):
-synthetic, hypothesis-generated and real songs."""
+"""decode(encode(song)) == quantized(song) for every task and every language (relative, absolute, track velocity,
+tonic-degree chords): synthetic, hypothesis-generated and real songs."""
 
 import json
 
@@ -18,7 +18,9 @@ from musicray.tokens import LEGACY_LANGUAGE, TASKS, VocabConfig, Vocabulary
 VOCAB = Vocabulary()
 ABSOLUTE = Vocabulary(VocabConfig(**LEGACY_LANGUAGE))
 TRACK_VELOCITY = Vocabulary(VocabConfig(velocity="track"))
-LANGUAGES = {"relative": VOCAB, "absolute": ABSOLUTE, "track velocity": TRACK_VELOCITY}
+TONIC_DEGREE = Vocabulary(VocabConfig(chords="degree"))
+LANGUAGES = {"relative": VOCAB, "absolute": ABSOLUTE, "track velocity": TRACK_VELOCITY,
+             "tonic-degree chords": TONIC_DEGREE}
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
@@ -60,6 +62,30 @@ def test_relative_language_writes_degrees_chord_intervals_and_tempo_changes():
     prompt = VOCAB.describe(encode(song, "tempo", VOCAB).prompt)
     assert "<Pos_0><Rel_64><Dur_4><Bar><Pos_0><Rel_59><Dur_4>" in prompt
     assert ABSOLUTE.describe(encode(song, "melody", ABSOLUTE).target).startswith("<Sec_A3><Bar><Pos_0><Pitch_71>")
+
+
+# (chord language, key, chord, its token): relative_major (the default) counts a minor key's chords from its relative
+# major, so a diatonic chord is one token in both modes (A minor's i is C major's vi); major keys write as in 'degree'.
+CHORD_LANGUAGE_CASES = [
+    ("degree", "A:min", "A:min", "<Chord_I:min>"),
+    ("relative_major", "A:min", "A:min", "<Chord_VI:min>"),
+    ("relative_major", "C:maj", "A:min", "<Chord_VI:min>"),
+    ("relative_major", "A:min", "G:maj", "<Chord_V:maj>"),
+    ("relative_major", "A:min", "E:7", "<Chord_III:7>"),      # the harmonic minor's V7 is III7 of C
+    ("relative_major", "F#:min", "C#:maj", "<Chord_III:maj>"),   # F# minor counts from A
+    ("relative_major", "Eb:maj", "Bb:maj", "<Chord_V:maj>"),
+    ("absolute", "A:min", "A:min", "<Chord_A:min>"),
+]
+
+
+@pytest.mark.parametrize("chords,key,label,token", CHORD_LANGUAGE_CASES)
+def test_chord_languages_write_each_chord_from_their_origin(chords, key, label, token):
+    vocab = Vocabulary(VocabConfig(**{**({} if chords != "absolute" else LEGACY_LANGUAGE), "chords": chords}))
+    song = Song("key", key, "4/4", [Section("A", 1)], chords=[Chord(0, 0, label)],
+                tracks={name: [] for name in ("MELODY", "BRIDGE", "PIANO")}, tempos=[Tempo(0, 0, 90.0)])
+    assert vocab.describe(encode(song, "chord", vocab).target) == f"<Sec_A1><Bar><Pos_0>{token}<End>"
+    expected, decoded = round_trip_song(song, "chord", vocab)
+    assert decoded == expected
 
 
 def test_saved_vocabularies_without_language_fields_load_as_absolute(tmp_path):
@@ -118,6 +144,17 @@ def test_every_pop909_song_round_trips(pop909_prepared):
             song = songs[row.song_id]
             example = Example(task, list(row.prompt), list(row.target), row.song_id)
             assert decode(example, VOCAB) == project(song, task, base_tempo(song, VOCAB)), (row.song_id, task)
+
+
+def test_every_pop909_song_round_trips_with_tonic_degree_chords(pop909_prepared):
+    """The tonic-degree chord language (the default before issue 17) changes the chord tokens alone: every kept
+    POP909 song's chords, and the melody written over them, decode to the quantized song."""
+    _, tables = pop909_prepared
+    for row in tables["songs"].itertuples():
+        song = song_from_dict(json.loads(row.song_json))
+        for task in ("chord", "melody"):
+            expected, decoded = round_trip_song(song, task, TONIC_DEGREE)
+            assert decoded == expected, (row.song_id, task)
 
 
 # -- SongTokens: the six examples of a song from one shared encoding ---------------------------------------------

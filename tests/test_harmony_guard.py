@@ -18,6 +18,7 @@ from musicray.tokens import LEGACY_LANGUAGE, VocabConfig, Vocabulary
 
 TABLES = load_tables()
 RELATIVE, ABSOLUTE = Vocabulary(), Vocabulary(VocabConfig(**LEGACY_LANGUAGE))
+TONIC_DEGREE = Vocabulary(VocabConfig(chords="degree"))
 STAGE_TRACK = {"melody": "MELODY", "secondary": "BRIDGE"}
 
 # (key, chord, allowed in that key): the common chords of each mode and the other mode's colour chords POP909 uses,
@@ -56,13 +57,15 @@ PITCH_CASES = [
 
 
 def chord_token(key: str, label: str, vocab: Vocabulary) -> str:
-    tonic, _ = parse_key(key)
+    """The token of ``label`` in ``key``, spelt out here (tests/test_encoding.py pins the chord languages' tokens)."""
+    tonic, mode = parse_key(key)
     root, quality, _ = parse_chord(label)
-    name = DEGREE_NAMES[(root - tonic) % 12] if vocab.config.chords == "degree" else PITCH_CLASS_NAMES[root]
+    origin = (tonic + 3) % 12 if vocab.config.chords == "relative_major" and mode == "min" else tonic
+    name = PITCH_CLASS_NAMES[root] if vocab.config.chords == "absolute" else DEGREE_NAMES[(root - origin) % 12]
     return f"<Chord_{name}:{quality}>"
 
 
-@pytest.mark.parametrize("vocab", [RELATIVE, ABSOLUTE], ids=["degree", "absolute"])
+@pytest.mark.parametrize("vocab", [RELATIVE, TONIC_DEGREE, ABSOLUTE], ids=["relative_major", "degree", "absolute"])
 @pytest.mark.parametrize("key,label,allowed", CHORD_CASES)
 def test_the_chord_table_allows_the_modes_chords(vocab, key, label, allowed):
     assert (vocab.id(chord_token(key, label, vocab)) in chord_ids(key, vocab, TABLES)) == allowed

@@ -126,15 +126,18 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Relations the model learnt (teacher-forced, test split)", "",
               (f"Language: {relations['language']}. At each MELODY pitch the model predicts (melody sub-task), the "
                "share of its pitch probability on the sounding chord's tones and on the key's scale; at each bar "
-               "after the first (tempo sub-task), its probability of keeping the previous bar's tempo. 'real': the "
-               "same share for the true next tokens."), ""]
+               "after the first (tempo sub-task), its probability of keeping the previous bar's tempo; at each chord "
+               "(chord sub-task), the share of its chord probability on chords whose tones are all in the key's "
+               "scale. 'real': the same share for the true next tokens."), ""]
     lines += _table(["relation", "model", "real", "positions"], [
         ["on chord tones", _fmt(relations["chord_tone_mass"]), _fmt(relations["real_chord_tone"]),
          relations["pitch_positions"]],
         ["in the key's scale", _fmt(relations["scale_mass"]), _fmt(relations["real_in_scale"]),
          relations["pitch_positions"]],
         ["tempo held", _fmt(relations["tempo_hold"]), _fmt(relations["real_tempo_hold"]),
-         relations["tempo_positions"]]])
+         relations["tempo_positions"]],
+        ["chords in the key's scale", _fmt(relations.get("diatonic_chord_mass")),
+         _fmt(relations.get("real_diatonic_chord")), relations.get("chord_positions", 0)]])
 
     ablations = report["ablations"]
     columns = ["songs_valid", "stages_valid", "structure_adherence", "loss", "accuracy", "masked_loss",

@@ -5,7 +5,9 @@ Per answer position of held-out examples (the training pipeline's own, ``musicra
 * melody pitches: the share of the probability given to pitch tokens that lands on the sounding chord's tones
   (``chord_tone_mass``) and on the key's scale (``scale_mass``), whatever the language writes pitches as;
 * bar tempi: the probability of keeping the previous bar's tempo (``tempo_hold``), counting every token that
-  decodes to it (``<TempoChange_0>``, or ``<Tempo_x>`` with x the previous tempo).
+  decodes to it (``<TempoChange_0>``, or ``<Tempo_x>`` with x the previous tempo);
+* chords: the share of the probability given to chord tokens that lands on chords whose tones are all in the key's
+  scale (``diatonic_chord_mass``), at the positions where the real song writes a chord (not ``N``).
 
 Each score comes with the same share for the real next tokens (``real_*``), the value a model that had learnt the
 relation exactly would give. These are the figures behind docs/results.md's relative-vs-absolute comparison.
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from musicray.encoding import SoundingChords, decode_body
-from musicray.harmony import chord_pitch_classes, reference_pitch_class, scale_pitch_classes
+from musicray.harmony import chord_label, chord_pitch_classes, reference_pitch_class, scale_pitch_classes
 from musicray.model import MusicTokenizer
 from musicray.song import TRACKS, Song, Tempo
 from musicray.streams import decode_header
@@ -35,6 +37,9 @@ class RelationScores:
     real_tempo_hold: float | None
     pitch_positions: int
     tempo_positions: int
+    diatonic_chord_mass: float | None = None
+    real_diatonic_chord: float | None = None
+    chord_positions: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,20 +63,31 @@ def _pitch_classes_of_pitch_tokens(music: MusicTokenizer, reference: int) -> tor
     return (values + shift) % 12
 
 
+def _diatonic_chord_tokens(music: MusicTokenizer, key: str) -> torch.Tensor:
+    """[chord tokens]: whether each ``Chord`` token of ``key`` has all its tones in the key's scale."""
+    vocab, scale = music.vocab, set(scale_pitch_classes(key))
+    origin = vocab.config.chord_origin(key)
+    return torch.tensor([set(chord_pitch_classes(chord_label((origin + vocab.value[i]) % 12,
+                                                             vocab.chord_quality(i)))) <= scale
+                         for i in vocab.ids_of["Chord"]])
+
 @torch.no_grad()
 def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None, tempo: RenderedDataset | None,
-                    batch_size: int = 4) -> RelationScores:
-    """Scores over a melody-task dataset and a tempo-task dataset (either may be None)."""
+                    batch_size: int = 4, chord: RenderedDataset | None = None) -> RelationScores:
+    """Scores over a melody-task, a tempo-task and a chord-task dataset (any may be None)."""
     vocab = music.vocab
     device = next(model.parameters()).device
     model.eval()
     pitch_ids = torch.tensor(vocab.ids_of["Pitch"]) + music.offset
     tempo_ids = torch.tensor(vocab.ids_of["Tempo"]) + music.offset
     change_ids = torch.tensor(vocab.ids_of["TempoChange"]) + music.offset
-    sums = {"chord": 0.0, "scale": 0.0, "hold": 0.0, "real_chord": 0, "real_scale": 0, "real_hold": 0}
-    n_pitch = n_tempo = 0
+    chord_ids = torch.tensor(vocab.ids_of["Chord"]) + music.offset
+    chord_index = {token: k for k, token in enumerate(vocab.ids_of["Chord"])}
+    sums = {"chord": 0.0, "scale": 0.0, "hold": 0.0, "real_chord": 0, "real_scale": 0, "real_hold": 0,
+            "diatonic": 0.0, "real_diatonic": 0}
+    n_pitch = n_tempo = n_chord = 0
     pad = music.tokenizer.pad_token_id if music.tokenizer.pad_token_id is not None else music.eot_id
-    for dataset, kind in ((melody, "melody"), (tempo, "tempo")):
+    for dataset, kind in ((melody, "melody"), (tempo, "tempo"), (chord, "chord")):
         if dataset is None:
             continue
         for start in range(0, len(dataset), batch_size):
@@ -84,6 +100,7 @@ def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None
                 song = _context_song(item.prompt, music)
                 sounding = SoundingChords(song.chords)
                 scale = set(scale_pitch_classes(song.key))
+                diatonic = _diatonic_chord_tokens(music, song.key) if kind == "chord" else None
                 bar, position, bpm = -1, 0, None
                 for t in range(item.answer_start, len(item.input_ids)):
                     token = item.input_ids[t]
@@ -115,6 +132,13 @@ def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None
                         sums["real_chord"] += true_class in tones
                         sums["real_scale"] += true_class in scale
                         n_pitch += 1
+                    elif family == "Chord" and kind == "chord":
+                        mass = p[chord_ids]
+                        total = float(mass.sum())
+                        if total > 0:
+                            sums["diatonic"] += float(mass[diatonic].sum()) / total
+                            sums["real_diatonic"] += bool(diatonic[chord_index[music_id]])
+                            n_chord += 1
                     elif family in ("Tempo", "TempoChange") and kind == "tempo":
                         new_bpm = value if family == "Tempo" else (bpm or 0) + value
                         if bpm is not None:
@@ -133,4 +157,4 @@ def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None
 
     return RelationScores(mean("chord", n_pitch), mean("scale", n_pitch), mean("hold", n_tempo),
                           mean("real_chord", n_pitch), mean("real_scale", n_pitch), mean("real_hold", n_tempo),
-                          n_pitch, n_tempo)
+                          n_pitch, n_tempo, mean("diatonic", n_chord), mean("real_diatonic", n_chord), n_chord)

@@ -127,10 +127,12 @@ def _teacher_forced_all(composer, data_dir: Path, settings: EvalConfig, config: 
 
 
 def _relations(composer, data_dir: Path, settings: EvalConfig, config: Config) -> dict:
-    """Teacher-forced relation scores (``musicray.eval.relations``) of the melody and tempo sub-tasks, each
+    """Teacher-forced relation scores (``musicray.eval.relations``) of the chord, melody and tempo sub-tasks, each
     under its adapter where it has one, on the same test examples as the teacher-forced scores."""
     datasets = {task: held_out_dataset(data_dir, task, composer.music, config.data.max_length, config.data.max_bars,
-                                       settings.max_examples or None) for task in ("melody", "tempo")}
+                                       settings.max_examples or None) for task in ("chord", "melody", "tempo")}
+    with composer.use_adapter("chord"):
+        chord = relation_scores(composer.model, composer.music, None, None, settings.batch_size, datasets["chord"])
     with composer.use_adapter("melody"):
         melody = relation_scores(composer.model, composer.music, datasets["melody"], None, settings.batch_size)
     with composer.use_adapter("tempo"):
@@ -139,7 +141,9 @@ def _relations(composer, data_dir: Path, settings: EvalConfig, config: Config) -
             "chord_tone_mass": melody.chord_tone_mass, "real_chord_tone": melody.real_chord_tone,
             "scale_mass": melody.scale_mass, "real_in_scale": melody.real_in_scale,
             "tempo_hold": tempo.tempo_hold, "real_tempo_hold": tempo.real_tempo_hold,
-            "pitch_positions": melody.pitch_positions, "tempo_positions": tempo.tempo_positions}
+            "diatonic_chord_mass": chord.diatonic_chord_mass, "real_diatonic_chord": chord.real_diatonic_chord,
+            "pitch_positions": melody.pitch_positions, "tempo_positions": tempo.tempo_positions,
+            "chord_positions": chord.chord_positions}
 
 
 @dataclass

@@ -56,11 +56,14 @@ def test_relations_are_scored_against_the_real_tokens(report, report_dir):
     relations = report["relations"]
     assert relations["language"] == "relative" and relations["pitch_positions"] > 0
     assert relations["tempo_positions"] > 0
-    for key in ("chord_tone_mass", "scale_mass", "tempo_hold", "real_chord_tone", "real_in_scale", "real_tempo_hold"):
+    assert relations["chord_positions"] > 0
+    for key in ("chord_tone_mass", "scale_mass", "tempo_hold", "real_chord_tone", "real_in_scale", "real_tempo_hold",
+                "diatonic_chord_mass", "real_diatonic_chord"):
         assert 0 <= relations[key] <= 1, key
     # Synthetic melodies are written on chord tones and in the key; a random-weight model's are not.
     assert relations["real_chord_tone"] > relations["chord_tone_mass"]
     assert relations["real_in_scale"] > max(0.95, relations["scale_mass"])
+    assert relations["real_diatonic_chord"] > relations["diatonic_chord_mass"]
     assert "## Relations the model learnt" in EvalDir(report_dir).report_md.read_text()
 
 

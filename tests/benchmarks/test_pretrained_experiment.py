@@ -1,0 +1,45 @@
+"""benchmarks/pretrained_experiment.py on synthetic songs and the built-in tiny base: a full fine-tune and LoRA with
+the music tokens' rows trainable, a few steps each on the same data."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from musicray.data.prepare import SynthSource, prepare_one, write_tables
+from musicray.tokens import Vocabulary
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import pretrained_experiment  # noqa: E402
+
+# Synthetic songs whose ids hash into the test split (as tests/eval/conftest.py), one into train.
+SONGS = ("synth-0000", "synth-0034", "synth-0050", "synth-0001")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    vocab = Vocabulary()
+    write_tables([prepare_one(SynthSource(len(SONGS)), song_id, vocab) for song_id in SONGS], data, vocab)
+    return data
+
+
+@pytest.mark.parametrize("stage1", ["full", "lora"])
+def test_an_arm_trains_and_is_measured_on_every_relation(tmp_path, data, stage1):
+    out = tmp_path / stage1
+    assert pretrained_experiment.main([
+        "--data", str(data), "--cache", str(tmp_path / "cache"), "--out", str(out), "--bases", "tiny",
+        "--stage1", stage1, "--lora-rank", "2", "--steps", "2", "--max-length", "256", "--train-songs", "1",
+        "--eval-examples", "2", "--threads", "1"]) == 0
+    result = json.loads((out / "pretrained_experiment.json").read_text())["results"][0]
+    assert result["stage1"] == stage1 and result["steps"] == 2 and len(result["losses"]) == 2
+    total = result["total_parameters"]
+    if stage1 == "full":
+        assert result["trainable_parameters"] == total
+    else:   # LoRA matrices and the music tokens' rows, a small share of the model
+        assert 0 < result["trainable_parameters"] < total / 2
+    relations = result["relations"]
+    for key in ("chord_tone_mass", "scale_mass", "tempo_hold", "diatonic_chord_mass"):
+        assert 0 <= relations[key] <= 1, key
