@@ -71,6 +71,7 @@ def _diatonic_chord_tokens(music: MusicTokenizer, key: str) -> torch.Tensor:
                                                              vocab.chord_quality(i)))) <= scale
                          for i in vocab.ids_of["Chord"]])
 
+
 @torch.no_grad()
 def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None, tempo: RenderedDataset | None,
                     batch_size: int = 4, chord: RenderedDataset | None = None) -> RelationScores:
