@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-rank", type=int, default=16, help="with --stage1 lora (alpha is twice the rank)")
     parser.add_argument("--steps", type=int, default=20, help="the most steps")
     parser.add_argument("--budget-seconds", type=float, default=None,
-                        help="stop training after this many seconds (a wall-clock budget)")
+                        help="stop training after this many seconds (a wall-clock budget); the warm-up and cosine "
+                             "schedule still span --steps, so set --steps near what the budget allows")
     parser.add_argument("--batch-size", type=int, default=1, help="packed rows of --max-length tokens per step")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--max-bars", type=int, default=4)
