@@ -107,6 +107,7 @@ def train(base: str, args, data_dir: Path) -> dict:
     return {"base": base, "stage1": args.stage1, "trainable_parameters": trainable,
             "total_parameters": total, "steps": len(losses),
             "train_rows": len(losses) * args.batch_size, "labelled_tokens": tokens,
+            "labelled_tokens_per_s": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
             "train_seconds": round(train_seconds, 1), "losses": losses,
             "last_loss": round(statistics.mean(losses[-5:]), 4), "teacher_forced": scores,
             "relations": relations.to_dict()}
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{tf['melody']['masked_accuracy']:.3f} | {rel['chord_tone_mass']} ({rel['real_chord_tone']}) | "
               f"{rel['scale_mass']} ({rel['real_in_scale']}) | {rel['tempo_hold']} ({rel['real_tempo_hold']}) | "
               f"{rel['diatonic_chord_mass']} ({rel['real_diatonic_chord']}) | "
-              f"{r['labelled_tokens'] / r['train_seconds']:.0f} |")
+              f"{r['labelled_tokens_per_s']} |")
     return 0
 
 
