@@ -41,8 +41,8 @@ from musicray.engine.decode import generate
 from musicray.eval.metrics import chord_tone_ratio, tempo_change_stats
 from musicray.eval.relations import relation_scores
 from musicray.eval.structure import bootstrap_interval, chord_time_in_scale
-from musicray.harmony import parse_key
 from musicray.grammar import Grammar, Plan
+from musicray.harmony import parse_key
 from musicray.model import TinyConfig, add_music_tokens, build_tiny, load_base
 from musicray.sampling import Sampling
 from musicray.song import TRACKS, Song, Tempo
