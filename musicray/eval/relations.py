@@ -87,6 +87,7 @@ def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None
     sums = {"chord": 0.0, "scale": 0.0, "hold": 0.0, "real_chord": 0, "real_scale": 0, "real_hold": 0,
             "diatonic": 0.0, "real_diatonic": 0}
     n_pitch = n_tempo = n_chord = 0
+    diatonic_by_key: dict[str, torch.Tensor] = {}   # a key's chord tokens in its scale, built once per key
     pad = music.tokenizer.pad_token_id if music.tokenizer.pad_token_id is not None else music.eot_id
     for dataset, kind in ((melody, "melody"), (tempo, "tempo"), (chord, "chord")):
         if dataset is None:
@@ -101,7 +102,9 @@ def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None
                 song = _context_song(item.prompt, music)
                 sounding = SoundingChords(song.chords)
                 scale = set(scale_pitch_classes(song.key))
-                diatonic = _diatonic_chord_tokens(music, song.key) if kind == "chord" else None
+                if kind == "chord" and song.key not in diatonic_by_key:
+                    diatonic_by_key[song.key] = _diatonic_chord_tokens(music, song.key)
+                diatonic = diatonic_by_key.get(song.key)
                 bar, position, bpm = -1, 0, None
                 for t in range(item.answer_start, len(item.input_ids)):
                     token = item.input_ids[t]

@@ -3,15 +3,10 @@ without CUDA (the measurements themselves need a lent GPU)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import gpu_rehearsal  # noqa: E402
+import gpu_rehearsal
 
 
 @pytest.mark.parametrize("batch, bandwidth_gbps, weight_bytes, expected", [

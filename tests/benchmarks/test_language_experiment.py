@@ -2,25 +2,12 @@
 examples, then measured on the same test windows."""
 
 import json
-import sys
-from pathlib import Path
 
-from musicray.data.prepare import SynthSource, prepare_one, write_tables
-from musicray.tokens import Vocabulary
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import language_experiment  # noqa: E402
-
-# Synthetic songs whose ids hash into the test split (as tests/eval/conftest.py), one into train.
-SONGS = ("synth-0000", "synth-0034", "synth-0050", "synth-0001")
+import language_experiment
 
 
-def test_chord_languages_are_measured_per_key_mode_on_the_same_windows(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    vocab = Vocabulary()
-    write_tables([prepare_one(SynthSource(len(SONGS)), song_id, vocab) for song_id in SONGS], data, vocab)
+def test_chord_languages_are_measured_per_key_mode_on_the_same_windows(tmp_path, split_data):
+    data = split_data
     out = tmp_path / "out"
     assert language_experiment.main([
         "--data", str(data), "--out", str(out), "--tasks", "chord", "melody", "--languages", "relative",

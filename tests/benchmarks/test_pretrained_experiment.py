@@ -2,32 +2,14 @@
 the music tokens' rows trainable, a few steps each on the same data."""
 
 import json
-import sys
-from pathlib import Path
 
+import pretrained_experiment
 import pytest
-
-from musicray.data.prepare import SynthSource, prepare_one, write_tables
-from musicray.tokens import Vocabulary
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import pretrained_experiment  # noqa: E402
-
-# Synthetic songs whose ids hash into the test split (as tests/eval/conftest.py), one into train.
-SONGS = ("synth-0000", "synth-0034", "synth-0050", "synth-0001")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    vocab = Vocabulary()
-    write_tables([prepare_one(SynthSource(len(SONGS)), song_id, vocab) for song_id in SONGS], data, vocab)
-    return data
 
 
 @pytest.mark.parametrize("stage1", ["full", "lora"])
-def test_an_arm_trains_and_is_measured_on_every_relation(tmp_path, data, stage1):
+def test_an_arm_trains_and_is_measured_on_every_relation(tmp_path, split_data, stage1):
+    data = split_data
     out = tmp_path / stage1
     assert pretrained_experiment.main([
         "--data", str(data), "--cache", str(tmp_path / "cache"), "--out", str(out), "--bases", "tiny",

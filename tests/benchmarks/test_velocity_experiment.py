@@ -2,27 +2,17 @@
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
-from musicray.data.prepare import SynthSource, prepare_one, write_tables
+import velocity_experiment
+
 from musicray.run import RunDir
 from musicray.song import TRACKS
 from musicray.tokens import Vocabulary
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import velocity_experiment  # noqa: E402
-
-# Synthetic songs whose ids hash into the test split (as tests/eval/conftest.py), one into train.
-SONGS = ("synth-0000", "synth-0034", "synth-0050", "synth-0001")
-
-
-def test_both_languages_compose_the_same_windows_and_read_velocities_per_track(tmp_path, make_random_run):
-    data = tmp_path / "data"
-    data.mkdir()
-    vocab = Vocabulary()
-    write_tables([prepare_one(SynthSource(len(SONGS)), song_id, vocab) for song_id in SONGS], data, vocab)
+def test_both_languages_compose_the_same_windows_and_read_velocities_per_track(tmp_path, make_random_run,
+                                                                               split_data):
+    data, vocab = split_data, Vocabulary()
     absolute = tmp_path / "absolute"
     make_random_run(absolute, ("dynamics",), tmp_path / "cache")
     track = tmp_path / "track"
