@@ -5,12 +5,14 @@ fine-tuning on music tokens erase the text skill?).
     .venv/bin/python benchmarks/plan_experiment.py --planner base:smollm2-135m-instruct --planner run:RUN_DIR \\
         --out runs/plan-experiment.json
 
-Prints one Markdown row per planner (docs/results.md keeps the figures), and each miss.
+Prints one Markdown row per planner (docs/results.md keeps the figures), each miss, and the lengths the plans gave
+each section word (``--length-prior off``: the model alone chooses them, without POP909's prior).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -25,13 +27,13 @@ from musicray.prompt_plan import CHECKED_PROMPTS, PromptPlanner, missed_attribut
 from musicray.run import RunDir
 
 
-def planner_for(spec: str, cache_dir: str) -> PromptPlanner:
+def planner_for(spec: str, cache_dir: str, length_prior: bool = True) -> PromptPlanner:
     kind, _, name = spec.partition(":")
     if kind == "base":
-        return PromptPlanner(*load_base(name, cache_dir))
+        return PromptPlanner(*load_base(name, cache_dir), length_prior=length_prior)
     if kind == "run":
         model, music = load_music_model(RunDir(name).require("stage-1 model"))
-        return PromptPlanner(model, music.tokenizer)
+        return PromptPlanner(model, music.tokenizer, length_prior=length_prior)
     raise SystemExit(f"--planner {spec}: expected base:NAME or run:DIR")
 
 
@@ -46,32 +48,44 @@ def measure(planner: PromptPlanner) -> dict:
                      "missed": [list(map(str, miss)) for miss in missed_attributes(plan, stated)]})
     stated = sum(row["stated"] for row in rows)
     missed = sum(len(row["missed"]) for row in rows)
-    return {"stated": stated, "honoured": stated - missed, "share": round((stated - missed) / stated, 3),
+    lengths: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        for word, bars in row["plan"]["section_bars"].items():
+            lengths[word][bars] += 1
+    bars = [sum(row["plan"]["section_bars"][word] for word in row["plan"]["sections"]) for row in rows]
+    return {"lengths": {word: dict(sorted(counts.items())) for word, counts in lengths.items()},
+            "bars_median": statistics.median(bars), "stated": stated, "honoured": stated - missed, "share": round((stated - missed) / stated, 3),
             "valid": len(rows), "seconds_median": round(statistics.median(seconds), 2),
             "seconds_min": round(min(seconds), 2), "seconds_max": round(max(seconds), 2), "prompts": rows}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--planner", action="append", required=True, help="base:NAME or run:DIR (repeatable)")
     parser.add_argument("--cache-dir", default="~/.cache/musicray")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    parser.add_argument("--length-prior", choices=("on", "off"), default="on",
+                        help="add POP909's section-length prior to the model's length choices (off: the model alone)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for spec in args.planner:
-        result = {"planner": spec, **measure(planner_for(spec, args.cache_dir))}
+        result = {"planner": spec, "length_prior": args.length_prior,
+                  **measure(planner_for(spec, args.cache_dir, args.length_prior == "on"))}
         results.append(result)
         print(f"| {spec} | {result['honoured']} / {result['stated']} ({result['share']:.0%}) | {result['valid']} / "
               f"{len(CHECKED_PROMPTS)} | {result['seconds_median']} s ({result['seconds_min']}-{result['seconds_max']}) |",
               flush=True)
+        print("    lengths (bars: plans): " + "; ".join(f"{word} {counts}" for word, counts in result["lengths"].items())
+              + f"; median song {result['bars_median']} bars", flush=True)
         for row in result["prompts"]:
             for miss in row["missed"]:
                 print(f"    miss: {row['prompt']!r}: {miss[0]} planned {miss[1]}, stated {miss[2]}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"load_average": os.getloadavg(), "results": results}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

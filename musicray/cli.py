@@ -112,8 +112,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _planner(args: argparse.Namespace):
-    """What reads ``generate --prompt``: the --base instruct model, else the run's stage-1 model (no adapters:
-    the plan is text); loaded only when a prompt is read."""
+    """What reads ``generate --prompt``: the --base instruct model, else the base the run was fine-tuned from
+    (``load_planner``); loaded only when a prompt is read."""
     def plan(prompt: str, max_bars: int | None):
         from musicray.prompt_plan import load_planner
 
@@ -174,7 +174,10 @@ def _eval(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from musicray.prompt_plan import DEFAULT_BASE, load_planner, plan_json
 
-    planner = load_planner(args.base or (None if args.run else DEFAULT_BASE), args.run, args.cache_dir)
+    if args.music_tuned and not args.run:
+        raise SongError("--music-tuned: plans with a run's stage-1 model; give --run")
+    planner = load_planner(args.base or (None if args.run else DEFAULT_BASE), args.run, args.cache_dir,
+                           music_tuned=args.music_tuned)
     print(plan_json(planner.plan(args.prompt)))
 
 
@@ -353,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tempo-direction", choices=tuple(TEMPO_DIRECTIONS),
                      help=TEMPO_DIRECTION_HELP + " (default: the --prompt's plan, else steady)")
     gen.add_argument("--base", help="the instruct model that plans --prompt: a name (smollm2-135m-instruct) or a "
-                                    "directory (default: the run's stage-1 model, adapters off)")
+                                    "directory (default: the base the run was fine-tuned from)")
     gen.add_argument("--cache-dir", default="~/.cache/musicray", help="where a named --base is converted")
     gen.add_argument("--chords", type=Path, help="chords (file or inline): one per bar, cycled; C:maj,G:maj splits a bar")
     gen.add_argument("--melody", type=Path, help="your own melody (MIDI); its MELODY track replaces the melody stage")
@@ -405,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     planner = pl.add_mutually_exclusive_group()
     planner.add_argument("--base", help="an instruct base model: a name (smollm2-135m-instruct) or a directory "
                                         "(default: smollm2-135m-instruct)")
-    planner.add_argument("--run", type=Path, help="a run dir: plan with its music-tuned stage-1 model")
+    planner.add_argument("--run", type=Path, help="a run dir: plan as its `generate --prompt` does, with the base "
+                                                  "model it was fine-tuned from")
+    pl.add_argument("--music-tuned", action="store_true",
+                    help="with --run: plan with the run's stage-1 model itself (a full fine-tune on music tokens "
+                         "loses most of the text skill: docs/results.md)")
     pl.add_argument("--cache-dir", default="~/.cache/musicray", help="where named base models are converted")
     pl.add_argument("--verbose", action="store_true", help="the libraries' start-up messages as well")
     pl.set_defaults(handler=_plan, base=None)

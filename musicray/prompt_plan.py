@@ -13,12 +13,21 @@ The sections a prompt lists ("verse-chorus-verse", "intro, verse, chorus, outro"
 that order (``FormGrammar``); the model then chooses only each section's length. A prompt that lists none leaves
 the model free to choose the sections too: SmolLM2-135M, left free, wrote "verse" eight times whatever the prompt
 listed (docs/results.md).
+
+A section's length is chosen by what the prompt says of it plus a prior. Alone, SmolLM2-135M gave every section
+the shortest length offered whatever the prompt (a "verse-chorus-verse" of 12 bars), a bias of the model rather than
+a reading of the prompt: POP909 writes most verses and choruses in 8 bars. So each length's score is the model's
+log-likelihood given the prompt, less the same given a content-free prompt ("N/A" in the prompt's place: contextual
+calibration, Zhao et al. 2021, "Calibrate Before Use", ICML), plus the log of how often POP909's songs give that
+section that length (``SectionWord.length_counts``, counted by ``count_section_lengths``).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -27,29 +36,53 @@ from transformers import DynamicCache
 
 from musicray.errors import SongError
 from musicray.harmony import canonical_key
-from musicray.song import METRES, form_string, Section
+from musicray.song import METRES, Section, Song, form_string
 from musicray.tempo_direction import TEMPO_DIRECTIONS
-
 
 
 @dataclass(frozen=True)
 class SectionWord:
-    """A section as a plan names it: its POP909 phrase label (upper case melodic, lower case not) and the lengths
-    in bars a plan may give it (every occurrence of a word in one form has the same length: a return repeats)."""
+    """A section as a plan names it: its POP909 phrase label (upper case melodic, lower case not), the lengths
+    in bars a plan may give it (every occurrence of a word in one form has the same length: a return repeats), and
+    how many sections of that label POP909's songs give each of those lengths (the length prior)."""
 
     label: str
     lengths: tuple[int, ...]
+    length_counts: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.length_counts) != len(self.lengths):
+            raise ValueError(f"SectionWord {self.label}: one count per length, got {self.length_counts} for "
+                             f"{self.lengths}")
 
     def section(self, bars: int) -> Section:
         return Section(self.label, bars)
 
+    def length_log_prior(self, allowed: tuple[int, ...]) -> tuple[float, ...]:
+        """log P(length) over the ``allowed`` lengths from POP909's counts (add-one smoothed: a length POP909
+        never gives this section stays possible)."""
+        counts = [self.length_counts[self.lengths.index(bars)] + 1 for bars in allowed]
+        return tuple(math.log(count / sum(counts)) for count in counts)
 
-# Section words -> label and lengths. Pre-chorus is a melodic phrase of its own (D: verse A, chorus B, bridge C).
+
+# Section words -> label, lengths and POP909's count of each length (its 909 songs as prepared, every split:
+# tests/test_prompt_plan.py counts them again). Pre-chorus is a melodic phrase of its own (D: verse A, chorus B,
+# bridge C).
 SECTION_WORDS: dict[str, SectionWord] = {
-    "intro": SectionWord("i", (2, 4)), "verse": SectionWord("A", (4, 8)), "pre-chorus": SectionWord("D", (2, 4)),
-    "chorus": SectionWord("B", (4, 8)), "bridge": SectionWord("C", (4, 8)), "interlude": SectionWord("x", (2, 4)),
-    "outro": SectionWord("o", (2, 4)),
+    "intro": SectionWord("i", (2, 4), (24, 229)), "verse": SectionWord("A", (4, 8), (722, 1579)),
+    "pre-chorus": SectionWord("D", (2, 4), (0, 82)), "chorus": SectionWord("B", (4, 8), (917, 1434)),
+    "bridge": SectionWord("C", (4, 8), (407, 369)), "interlude": SectionWord("x", (2, 4), (58, 134)),
+    "outro": SectionWord("o", (2, 4), (108, 100)),
 }
+
+
+def count_section_lengths(songs: list[Song]) -> dict[str, tuple[int, ...]]:
+    """Each section word's ``length_counts`` as ``songs`` give them (the table above, from POP909)."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for song in songs:
+        for section in song.sections:
+            counts[section.label][section.bars] += 1
+    return {word: tuple(counts[entry.label][bars] for bars in entry.lengths) for word, entry in SECTION_WORDS.items()}
 MAX_SECTIONS = 8
 # How a prompt may spell each section word (lower case; plurals included): ``stated_sections`` reads them.
 SECTION_SPELLINGS: dict[str, tuple[str, ...]] = {
@@ -71,6 +104,7 @@ KEY_MODES_IN_WORDS: dict[str, str] = {"major": "maj", "minor": "min"}
 TEMPI: tuple[int, ...] = tuple(range(40, 222, 2))   # bpm; even values cover any stated tempo within 1 bpm
 
 DEFAULT_BASE = "smollm2-135m-instruct"   # the instruct model `musicray plan` uses when given none
+CONTENT_FREE_PROMPT = "N/A"   # the calibration's prompt: says nothing of the song (Zhao et al. 2021)
 SYSTEM = ("You plan pop songs. Answer with the plan as JSON: form (the list of sections), key, metre, tempo in bpm "
           "and tempo direction, as the request says.")
 
@@ -173,8 +207,10 @@ class PromptPlan:
 class PromptPlanner:
     """Writes plans with a causal LM and its chat-template tokenizer (a base model or a stage-1 model)."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model.eval(), tokenizer
+    def __init__(self, model, tokenizer, length_prior: bool = True):
+        """``length_prior``: choose a section's length by the model's calibrated score plus POP909's length prior
+        (off: by the model's score alone, as measured before the prior)."""
+        self.model, self.tokenizer, self.length_prior = model.eval(), tokenizer, length_prior
         self._seen: tuple[list[int], object] | None = None   # the last context's ids and KV cache (``_context``)
 
     def plan(self, prompt: str, max_bars: int | None = None) -> PromptPlan:
@@ -184,9 +220,8 @@ class PromptPlanner:
         form = FormGrammar(stated_sections(prompt), **({"max_bars": max_bars} if max_bars is not None else {}))
         # No worked examples before the prompt: two of them (earlier chat turns) made SmolLM2-135M copy their values
         # instead of the prompt's, 15 of 28 stated attributes honoured against 21 without (docs/results.md).
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt.strip()}],
-            add_generation_prompt=True, tokenize=False) + FORM_OPEN
+        head = self._chat(prompt.strip())
+        text = head
         sections: tuple[str, ...] = ()
         while True:
             word = self._choose(text, form.words(sections))
@@ -199,7 +234,13 @@ class PromptPlanner:
         lengths: dict[str, int] = {}
         for word in dict.fromkeys(sections):   # each word once, in the order of its first occurrence
             text += (LENGTH_NEXT if lengths else "") + f'"{word}": '
-            lengths[word] = int(self._choose(text, tuple(map(str, form.lengths(sections, lengths, word)))))
+            allowed = tuple(map(str, form.lengths(sections, lengths, word)))
+            if self.length_prior:   # the prompt's word on the length, calibrated, plus POP909's prior
+                content_free = self._chat(CONTENT_FREE_PROMPT) + text[len(head):]
+                lengths[word] = int(self._choose(text, allowed, SECTION_WORDS[word].length_log_prior(
+                    tuple(map(int, allowed))), content_free))
+            else:
+                lengths[word] = int(self._choose(text, allowed))
             text += str(lengths[word])
         text += LENGTHS_CLOSE
         values = {}
@@ -212,17 +253,33 @@ class PromptPlanner:
                           canonical_key(f"{name}:{KEY_MODES_IN_WORDS[mode]}"), values["metre"], int(values["tempo"]),
                           values["tempo_direction"], sections, lengths)
 
+    def _chat(self, prompt: str) -> str:
+        """The chat-rendered request, up to the plan's first value."""
+        return self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+            add_generation_prompt=True, tokenize=False) + FORM_OPEN
+
+    def _choose(self, text: str, values: tuple[str, ...], log_prior: tuple[float, ...] | None = None,
+                calibration_text: str | None = None) -> str:
+        """The value of ``values`` the model finds likeliest after ``text`` (``_scores``), less its score after
+        ``calibration_text`` and plus ``log_prior`` where given; the only one where the grammar allows one."""
+        if len(values) == 1:
+            return values[0]
+        scores = self._scores(text, values)
+        if calibration_text is not None:
+            scores = scores - self._scores(calibration_text, values)
+        if log_prior is not None:
+            scores = scores + torch.tensor(log_prior, dtype=scores.dtype)
+        return values[int(scores.argmax())]
+
     @torch.no_grad()
-    def _choose(self, text: str, values: tuple[str, ...]) -> str:
-        """The value of ``values`` the model finds likeliest after ``text`` (summed log-probability of its tokens);
-        the only one where the grammar allows one.
+    def _scores(self, text: str, values: tuple[str, ...]) -> torch.Tensor:
+        """[values]: each value's summed log-probability of its tokens after ``text``.
 
         The text and each continuation are tokenized together (BPE may merge across the boundary); the ids all
         continuations share are run once (only those the previous choice did not run: ``_context``), and their KV
         cache, repeated per value, scores every value's remaining ids in one batched forward pass (right-padded: a
         causal model's scores before the padding are unaffected)."""
-        if len(values) == 1:
-            return values[0]
         full = [self.tokenizer(text + value, add_special_tokens=False)["input_ids"] for value in values]
         shared = min(_common_prefix(full[0], ids) for ids in full)
         shared = min(shared, min(len(ids) for ids in full) - 1)   # every value keeps at least one token to score
@@ -238,8 +295,7 @@ class PromptPlanner:
         first = last_logits.expand(len(values), -1, -1)
         logits = torch.cat([first, step.logits[:, :-1]], dim=1).float().log_softmax(-1)
         taken = logits.gather(-1, ids[..., None])[..., 0] * mask[:, shared:]
-        scores = taken.sum(-1)
-        return values[int(scores.argmax())]
+        return taken.sum(-1)
 
     @torch.no_grad()
     def _context(self, ids: list[int]):
@@ -303,18 +359,32 @@ def plan_json(plan: PromptPlan) -> str:
     return json.dumps(plan.to_dict(), indent=1)
 
 
-def load_planner(base: str | None = None, run=None, cache_dir: str = "~/.cache/musicray") -> PromptPlanner:
-    """A planner on base model ``base`` (a name or directory, as ``base_model``), or on the stage-1 model of run
-    directory ``run`` (the music-tuned weights; the plan is text, so the adapters are not loaded)."""
+def load_planner(base: str | None = None, run=None, cache_dir: str = "~/.cache/musicray",
+                 music_tuned: bool = False) -> PromptPlanner:
+    """A planner on base model ``base`` (a name or directory, as ``base_model``), or for run directory ``run``: on
+    the base model the run was fine-tuned from (its stage-1 config's ``base_model``), because a full fine-tune on
+    music tokens loses the text skill (SmolLM2 after 100 steps honoured 10 of 33 stated attributes, its base 29:
+    docs/results.md). ``music_tuned``, or a run whose stage-1 config is missing (a copied model), plans with the
+    run's stage-1 model itself (the adapters are not loaded: the plan is text)."""
     from musicray.model import load_base, load_music_model
     from musicray.run import RunDir
 
     if (base is None) == (run is None):
         raise SongError("--base/--run: give exactly one (a base model name or directory, or a run directory)")
     if run is not None:
-        model, music = load_music_model(RunDir(run).require("stage-1 model"))
-        return PromptPlanner(model, music.tokenizer)
+        base = None if music_tuned else run_base_model(run)
+        if base is None:
+            model, music = load_music_model(RunDir(run).require("stage-1 model"))
+            return PromptPlanner(model, music.tokenizer)
     model, tokenizer = load_base(base, cache_dir)
     if not tokenizer.chat_template:
         raise SongError(f"--base: {base} has no chat template; planning needs an instruct model")
     return PromptPlanner(model, tokenizer)
+
+
+def run_base_model(run) -> str | None:
+    """The ``base_model`` a run's stage 1 started from, or None where the run has no stage-1 config."""
+    from musicray.run import RunDir
+    from musicray.train.config import run_config
+
+    return run_config(run).base_model if RunDir(run).stage1_config.exists() else None

@@ -5,6 +5,7 @@ plans, honouring most of what they state."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,11 +13,11 @@ import torch
 from musicray.compose import Request
 from musicray.errors import SongError
 from musicray.prompt_plan import (CHECKED_PROMPTS, FORM_CLOSE, KEY_MODES_IN_WORDS, MAX_SECTIONS, PLAN_GRAMMAR,
-                                  SECTION_NEXT, SECTION_WORDS, FormGrammar, PromptPlan, PromptPlanner, load_planner,
-                                  missed_attributes, stated_sections)
+                                  SECTION_NEXT, SECTION_WORDS, FormGrammar, PromptPlan, PromptPlanner,
+                                  count_section_lengths, load_planner, missed_attributes, stated_sections)
 from musicray.song import form_string, parse_form
 
-HONOURED_AT_LEAST = 0.85   # measured 30 of 33 (0.91; docs/results.md, "Songs planned from words"); one miss of margin
+HONOURED_AT_LEAST = 0.80   # the issue's goal; measured 29 of 33 (0.88; docs/results.md, "Songs planned from words")
 
 
 @pytest.mark.parametrize("field", PLAN_GRAMMAR, ids=lambda field: field.name)
@@ -110,6 +111,25 @@ def test_a_planner_needs_one_model(base, run, message):
         load_planner(base, run)
 
 
+def test_the_length_prior_is_what_pop909_counts(pop909_prepared):
+    """The shipped counts are POP909's, counted again from its prepared songs (every split)."""
+    from musicray.data.prepare import load_table
+    from musicray.song import song_from_dict
+
+    data, _ = pop909_prepared
+    songs = [song_from_dict(json.loads(text)) for text in load_table(data, "songs")["song_json"]]
+    assert count_section_lengths(songs) == {word: entry.length_counts for word, entry in SECTION_WORDS.items()}
+
+
+@pytest.mark.parametrize("word, allowed, favoured", [
+    ("verse", (4, 8), 8), ("chorus", (4, 8), 8), ("intro", (2, 4), 4), ("bridge", (4, 8), 4), ("verse", (4,), 4),
+])
+def test_the_length_prior_is_a_distribution_over_the_allowed_lengths(word, allowed, favoured):
+    prior = SECTION_WORDS[word].length_log_prior(allowed)
+    assert sum(math.exp(p) for p in prior) == pytest.approx(1.0)
+    assert allowed[max(range(len(allowed)), key=prior.__getitem__)] == favoured
+
+
 @pytest.fixture(scope="module")
 def tiny_planner(tmp_path_factory):
     from musicray.model import load_base
@@ -134,6 +154,14 @@ def test_a_choice_scores_every_value_in_one_batch_as_one_by_one_would(tiny_plann
         return sum(scores[j - 1, ids[j]].item() for j in range(start, len(ids)))
 
     assert tiny_planner._choose(text, field.values) == max(field.values, key=one_by_one)
+    # A prior is added to the model's scores: an overwhelming one decides, a flat one changes nothing.
+    least = min(field.values, key=one_by_one)
+    assert tiny_planner._choose(text, field.values, tuple(0.0 if v == least else -1e4 for v in field.values)) == least
+    assert tiny_planner._choose(text, field.values, (-3.0,) * len(field.values)) == max(field.values, key=one_by_one)
+    # Calibrated by the same text, every score is 0: the prior alone decides.
+    for favoured in (field.values[0], field.values[-1]):
+        prior = tuple(0.0 if v == favoured else -0.01 for v in field.values)
+        assert tiny_planner._choose(text, field.values, prior, calibration_text=text) == favoured
 
 
 @pytest.mark.parametrize("prompt, max_bars", [(prompt, max_bars) for prompt, stated in CHECKED_PROMPTS
@@ -181,6 +209,26 @@ def test_the_plan_command_prints_the_plan_as_json(tmp_path, capsys):
     plan = json.loads(out[out.index("{\n"):])
     assert set(plan) == {"form", "key", "metre", "tempo", "tempo_direction", "sections", "section_bars"}
     Request(plan["form"], plan["key"], plan["metre"], plan["tempo"]).song()
+
+
+def test_a_run_plans_with_the_base_it_was_fine_tuned_from(tmp_path, make_random_run):
+    """A full fine-tune on music tokens loses the text skill (docs/results.md), so a run plans with its base; its own
+    stage-1 model only when asked (``music_tuned``) or when the run records no base (a copied stage-1 model)."""
+    from musicray.run import RunDir
+
+    run, cache = tmp_path / "run", str(tmp_path / "cache")
+    _, music = make_random_run(run, (), tmp_path / "cache")
+    assert len(load_planner(run=run, cache_dir=cache).tokenizer) == len(music.tokenizer)   # no config: its model
+    RunDir(run).stage1_config.write_text("base_model: tiny\n")
+    assert len(load_planner(run=run, cache_dir=cache).tokenizer) < len(music.tokenizer)    # the base: no music tokens
+    assert len(load_planner(run=run, cache_dir=cache, music_tuned=True).tokenizer) == len(music.tokenizer)
+
+
+def test_the_plan_command_refuses_music_tuned_without_a_run(tmp_path, capsys):
+    from musicray.cli import main
+
+    assert main(["plan", "--prompt", "a waltz", "--music-tuned", "--cache-dir", str(tmp_path)]) == 2
+    assert "--music-tuned" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

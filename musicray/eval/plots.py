@@ -221,6 +221,31 @@ def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
     return _save(figure, path)
 
 
+def compared_loss_curves(curves: dict[str, list[tuple[float, float, float]]], path: str | Path) -> Path:
+    """Several trainings' loss in one figure, against the labelled tokens seen (left) and the seconds trained
+    (right): ``curves`` maps a name to its (labelled tokens, seconds, loss) per step, in step order."""
+    what = "compared_loss_curves"
+    if not curves:
+        raise ValueError(f"{what}: no curve given")
+    for name, points in curves.items():
+        if not points or any(len(point) != 3 for point in points):
+            raise ValueError(f"{what}: curve {name!r}: expected (tokens, seconds, loss) per step, got {points[:2]!r}")
+    figure = Figure(figsize=(12, 5), layout="constrained")
+    by_tokens, by_seconds = figure.subplots(1, 2, sharey=True)
+    for name, points in curves.items():
+        tokens, seconds, losses = (np.array(column, dtype=float) for column in zip(*points))
+        line, = by_tokens.plot(tokens, losses, linewidth=1.2, label=name)
+        by_seconds.plot(seconds, losses, linewidth=1.2, color=line.get_color())
+    by_tokens.set_xlabel("labelled tokens seen")
+    by_seconds.set_xlabel("seconds of training")
+    by_tokens.set_ylabel("training loss (cross-entropy, labelled tokens)")
+    for ax in (by_tokens, by_seconds):
+        ax.grid(color="0.9", linewidth=0.6)
+    by_tokens.legend(fontsize=9)
+    figure.suptitle("training loss: the same tokens (left), the same wall-clock (right)")
+    return _save(figure, path)
+
+
 def _cell(value, column: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""

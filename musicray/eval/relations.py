@@ -9,6 +9,12 @@ Per answer position of held-out examples (the training pipeline's own, ``musicra
 * chords: the share of the probability given to chord tokens that lands on chords whose tones are all in the key's
   scale (``diatonic_chord_mass``), at the positions where the real song writes a chord (not ``N``).
 
+And one relation of form (``return_copy_scores``), on melody examples whose window holds a returning section: the
+probability of the real next token inside each *copyable* bar (a bar of a returning melodic section whose tokens
+repeat the same bar of the label's first occurrence exactly) against the same bars' first occurrences, where
+nothing earlier in the window tells the model what comes. A model that reads a section's return off its first
+occurrence (the copying a pretrained LLM's attention does for text) gives the copyable bars far more.
+
 Each score comes with the same share for the real next tokens (``real_*``), the value a model that had learnt the
 relation exactly would give. These are the figures behind docs/results.md's relative-vs-absolute comparison.
 """
@@ -40,6 +46,22 @@ class RelationScores:
     diatonic_chord_mass: float | None = None
     real_diatonic_chord: float | None = None
     chord_positions: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CopyScores:
+    copy_p: float | None            # mean probability of the real next token inside copyable bars
+    first_p: float | None           # the same inside those bars' first occurrences
+    copy_accuracy: float | None     # share of copyable-bar tokens the model ranks first
+    first_accuracy: float | None
+    copy_positions: int
+    first_positions: int
+    returning_bars: int             # complete bars of returning melodic sections in the examples
+    copyable_bars: int              # of which repeat their first occurrence token for token
+    examples: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,3 +184,93 @@ def relation_scores(model, music: MusicTokenizer, melody: RenderedDataset | None
     return RelationScores(mean("chord", n_pitch), mean("scale", n_pitch), mean("hold", n_tempo),
                           mean("real_chord", n_pitch), mean("real_scale", n_pitch), mean("real_hold", n_tempo),
                           n_pitch, n_tempo, mean("diatonic", n_chord), mean("real_diatonic", n_chord), n_chord)
+
+
+def _bars_of_answer(item, music: MusicTokenizer) -> tuple[dict[int, list[int]], dict[int, list[int]], set[int]]:
+    """(positions, token ids, complete bars) per bar of an example's answer: the positions after each ``Bar``
+    token up to the next; a bar is complete when a later ``Bar`` or the answer's end token follows it (a row cut at
+    ``max_length`` leaves its last bar incomplete)."""
+    positions: dict[int, list[int]] = {}
+    tokens: dict[int, list[int]] = {}
+    complete: set[int] = set()
+    bar = -1
+    for t in range(item.answer_start, len(item.input_ids)):
+        token = item.input_ids[t]
+        if not music.is_music(token):
+            break
+        family = music.vocab.family[token - music.offset]
+        if family == "Bar":
+            if bar >= 0:
+                complete.add(bar)
+            bar += 1
+            positions[bar], tokens[bar] = [], []
+        elif family == "End":
+            if bar >= 0:
+                complete.add(bar)
+            break
+        elif bar >= 0:
+            positions[bar].append(t)
+            tokens[bar].append(token)
+    return positions, tokens, complete
+
+
+def copyable_bars(item, music: MusicTokenizer) -> tuple[list[tuple[int, int]], int]:
+    """([(returning bar, its first occurrence's bar)] whose tokens agree exactly and are not empty, the number of
+    complete returning bars) of a melody example: bars of melodic (upper-case) sections whose label came before,
+    matched bar by bar with the label's first occurrence (bars past its length have no counterpart)."""
+    _, tokens, complete = _bars_of_answer(item, music)
+    song = _context_song(item.prompt, music)
+    first: dict[str, tuple[int, int]] = {}
+    pairs, returning = [], 0
+    for start, section in zip(song.section_starts(), song.sections):
+        if not section.label.isupper():
+            continue
+        if section.label not in first:
+            first[section.label] = (start, section.bars)
+            continue
+        first_start, first_bars = first[section.label]
+        for offset in range(min(section.bars, first_bars)):
+            bar, earlier = start + offset, first_start + offset
+            if bar in complete and earlier in complete:
+                returning += 1
+                if tokens[bar] and tokens[bar] == tokens[earlier]:
+                    pairs.append((bar, earlier))
+    return pairs, returning
+
+
+@torch.no_grad()
+def return_copy_scores(model, music: MusicTokenizer, melody: RenderedDataset, batch_size: int = 4,
+                       max_examples: int | None = None) -> CopyScores:
+    """``CopyScores`` over the melody examples of ``melody`` that hold a copyable bar (the first ``max_examples``
+    of them); ``returning_bars`` counts every example's."""
+    device = next(model.parameters()).device
+    model.eval()
+    pad = music.tokenizer.pad_token_id if music.tokenizer.pad_token_id is not None else music.eot_id
+    found = [(item, *copyable_bars(item, music)) for item in melody.items]
+    returning_total = sum(returning for _, _, returning in found)
+    scored = [(item, pairs) for item, pairs, _ in found if pairs][:max_examples]
+    sums = {"copy": 0.0, "first": 0.0, "copy_top": 0, "first_top": 0}
+    counts = {"copy": 0, "first": 0}
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start:start + batch_size]
+        batch = collate([item for item, _ in chunk], pad)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+        probs = torch.softmax(logits, dim=-1)
+        for row, (item, pairs) in enumerate(chunk):
+            positions, _, _ = _bars_of_answer(item, music)
+            # A first occurrence copied by two later sections counts once.
+            bars = {"copy": [bar for bar, _ in pairs], "first": sorted({earlier for _, earlier in pairs})}
+            for kind, kind_bars in bars.items():
+                for t in (t for bar in kind_bars for t in positions[bar]):
+                    p = probs[row, t - 1]   # the distribution this token was drawn from
+                    sums[kind] += float(p[item.input_ids[t]])
+                    sums[f"{kind}_top"] += int(p.argmax()) == item.input_ids[t]
+                    counts[kind] += 1
+
+    def mean(key: str, kind: str) -> float | None:
+        return round(sums[key] / counts[kind], 4) if counts[kind] else None
+
+    return CopyScores(mean("copy", "copy"), mean("first", "first"), mean("copy_top", "copy"),
+                      mean("first_top", "first"), counts["copy"], counts["first"], returning_total,
+                      sum(len(pairs) for _, pairs in scored), len(scored))

@@ -27,8 +27,9 @@ Settings (all optional but ``run_dir``):
 * ``torch_threads``: intra-op threads of each model replica (default: its whole CPUs, at least 1).
 * ``device``: ``auto`` (CUDA when the replica has a GPU), ``cpu`` or ``cuda``.
 * ``planner``: the model that plans a body's ``prompt`` (``musicray.prompt_plan``), loaded in the ingress on the
-  first prompt: null (the default) = the served run's stage-1 model with its adapters off (the plan is text); or an
-  instruct base model's name or directory (e.g. ``smollm2-135m-instruct``, converted once into ``~/.cache/musicray``).
+  first prompt: null (the default) = the base model the served run was fine-tuned from (its stage-1 config's
+  ``base_model``; a full fine-tune on music tokens loses the text skill), or its stage-1 model where the run has no
+  stage-1 config; or an instruct base model's name or directory (e.g. ``smollm2-135m-instruct``, converted once into ``~/.cache/musicray``).
 * ``ingress`` / ``stages``: deployment options (``num_replicas``, ``max_ongoing_requests``,
   ``ray_actor_options``). ``stages.default`` applies to every sub-task deployment, ``stages.<subtask>``
   overrides it for one, ``stages.multiplexed`` for the multiplexed deployment.
@@ -140,8 +141,8 @@ def serve_config(config: dict | None = None, **overrides) -> dict:
     if merged["device"] not in ("auto", "cpu", "cuda"):
         raise SongError(f"config: device must be auto, cpu or cuda, got {merged['device']!r}")
     if merged["planner"] is not None and (not isinstance(merged["planner"], str) or not merged["planner"].strip()):
-        raise SongError(f"config: planner must be a base model's name or directory (or null: the run's stage-1 "
-                        f"model), got {merged['planner']!r}")
+        raise SongError(f"config: planner must be a base model's name or directory (or null: the run's own "
+                        f"base), got {merged['planner']!r}")
     caps = merged["tokens_per_bar"]
     if caps is not None:
         if not isinstance(caps, dict) or set(caps) - set(SUBTASKS):

@@ -1,6 +1,7 @@
 """The evaluation figures on real POP909 and synthetic songs and on CSVs in the layout the trainers write."""
 
 import csv
+import re
 import struct
 
 import numpy as np
@@ -216,3 +217,22 @@ def test_sweep_table_rejects_bad_csv(tmp_path, text, message):
     trials.write_text(text)
     with pytest.raises(ValueError, match=message):
         plots.sweep_table(trials, tmp_path / "sweep.png")
+
+
+def test_compared_loss_curves_draw_every_training_against_tokens_and_seconds(tmp_path):
+    curves = {"pretrained": [(400, 10.0, 14.8), (800, 20.5, 13.9), (1200, 31.0, 12.0)],
+              "fresh weights": [(400, 9.0, 10.9), (800, 18.0, 10.2)]}
+    path = plots.compared_loss_curves(curves, tmp_path / "loss.png")
+    assert_sensible_png(path)
+    # matplotlib's first two cycle colours: one line per training in each panel
+    assert pixels_of_colour(path, "#1f77b4") > 100 and pixels_of_colour(path, "#ff7f0e") > 100
+
+
+@pytest.mark.parametrize("curves, message", [
+    ({}, "no curve"),
+    ({"arm": []}, "'arm'"),
+    ({"arm": [(400, 10.0)]}, "(tokens, seconds, loss)"),
+])
+def test_compared_loss_curves_reject_a_malformed_curve_naming_it(tmp_path, curves, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plots.compared_loss_curves(curves, tmp_path / "loss.png")
