@@ -41,8 +41,8 @@ import numpy as np
 from musicray.harmony import NO_CHORD, chord_label, key_tonic, parse_chord, reference_pitch_class
 from musicray.quantize import base_tempo, canonical_chords, one_per_onset_and_pitch, quantized, representable_pitch
 from musicray.song import TRACKS, Chord, Note, Song, SongError, Tempo, note_rows
-from musicray.streams import (CHORD_QUALITY_NAMES, DEFAULT_BPM, NEUTRAL_VELOCITY, STREAM_FIELDS, STREAMS, TASK_FIELDS,
-                              TASK_TARGET, Example, Stream, decode_header, task_inputs)
+from musicray.streams import (DEFAULT_BPM, NEUTRAL_VELOCITY, STREAM_FIELDS, STREAMS, TASK_FIELDS, TASK_TARGET,
+                              Example, Stream, decode_header, task_inputs)
 from musicray.tokens import TASKS, Vocabulary
 
 
@@ -85,12 +85,11 @@ class SoundingChords:
         return self.changes[index].label if index >= 0 else None
 
 
-def _chord_ids(label: str, vocab: Vocabulary, origin: int) -> list[int]:
+def _chord_ids(label: str, vocab: Vocabulary, key: str) -> list[int]:
     root, quality, bass = parse_chord(label)
     if root is None:
         return [vocab.token("Chord", NO_CHORD)]
-    written = (root - origin) % 12
-    ids = [vocab.ids_of["Chord"][written * len(CHORD_QUALITY_NAMES) + CHORD_QUALITY_NAMES.index(quality)]]
+    ids = [vocab.chord_token(root, quality, key)]
     if bass:
         ids.append(vocab.token("Bass", bass))
     return ids
@@ -181,8 +180,7 @@ class SongTokens:
             while upcoming is not None and upcoming.bar == bar_index:
                 chord_events[bar_index, upcoming.position] = upcoming.label
                 sounding, upcoming = upcoming.label, next(chords, None)
-        origin = vocab.config.chord_origin(song.key)
-        chord_ids = {label: _chord_ids(label, vocab, origin) for label in set(chord_events.values())}
+        chord_ids = {label: _chord_ids(label, vocab, song.key) for label in set(chord_events.values())}
         self.chord_times = np.array([self.time(b, p) for b, p in chord_events], dtype=np.int64)
         self.chord_keys = np.array([self.time(b, p) * SLOTS + POSITION_SLOTS[family]   # a chord, and its bass
                                     for (b, p), label in chord_events.items()
@@ -365,7 +363,7 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
     """
     stream = STREAMS[stream_name]
     single_track = stream.tracks[0] if len(stream.tracks) == 1 else None
-    tonic, origin = key_tonic(song.key), vocab.config.chord_origin(song.key)
+    tonic = key_tonic(song.key)
     known = SoundingChords([] if stream.chords else song.chords)
     bar, position, track = -1, 0, single_track
     chords, tempos = [], []
@@ -394,7 +392,7 @@ def decode_body(ids: list[int], stream_name: str, song: Song, vocab: Vocabulary)
             chords.append(Chord(bar, position, NO_CHORD))
             reference = tonic
         elif family == "Chord":
-            root = (origin + value) % 12
+            root = vocab.chord_root(token, song.key)
             chords.append(Chord(bar, position, chord_label(root, vocab.chord_quality(token))))
             reference = root
         elif family == "Bass":

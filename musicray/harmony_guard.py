@@ -57,14 +57,10 @@ def load_tables(path: Path = GUARD_TABLES_PATH) -> GuardTables:
 def chord_ids(key: str, vocab: Vocabulary, tables: GuardTables) -> tuple[int, ...]:
     """The Chord token ids of the chords ``tables`` allow in ``key``'s mode, in the vocabulary's language."""
     tonic, mode = parse_key(key)
-    origin = vocab.config.chord_origin(key)
-    qualities = tuple(CHORD_QUALITIES)
     ids = []
     for name in tables.chords[mode]:
-        degree, quality = name.split(":", 1)
-        # The tables count from the tonic; the vocabulary's language from its chord origin.
-        written = (tonic + DEGREE_NAMES.index(degree) - origin) % 12
-        ids.append(vocab.ids_of["Chord"][written * len(qualities) + qualities.index(quality)])
+        degree, quality = name.split(":", 1)   # the tables count from the tonic
+        ids.append(vocab.chord_token((tonic + DEGREE_NAMES.index(degree)) % 12, quality, key))
     return tuple(sorted(ids))
 
 

@@ -279,6 +279,18 @@ class Vocabulary:
         """The quality of a ``Chord`` token (``<Chord_IV:maj7>`` -> ``maj7``)."""
         return self.tokens[token][1:-1].split(":", 1)[1]
 
+    # The chord language's one rule, both ways: a chord token's value is its root's semitones above the key's chord
+    # origin (``VocabConfig.chord_origin``). Encoding, decoding, the harmony guard and the relations all go through
+    # these two.
+    def chord_token(self, root: int, quality: str, key: str) -> int:
+        """The ``Chord`` token of a chord with root pitch class ``root`` and ``quality`` in ``key``."""
+        written = (root - self.config.chord_origin(key)) % 12
+        return self.ids_of["Chord"][written * len(CHORD_QUALITIES) + tuple(CHORD_QUALITIES).index(quality)]
+
+    def chord_root(self, token: int, key: str) -> int:
+        """The root pitch class a ``Chord`` token stands for in ``key``."""
+        return (self.config.chord_origin(key) + self.value[token]) % 12
+
     def describe(self, ids: list[int]) -> str:
         return "".join(self.tokens[i] for i in ids)
 

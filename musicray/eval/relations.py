@@ -88,10 +88,8 @@ def _pitch_classes_of_pitch_tokens(music: MusicTokenizer, reference: int) -> tor
 def _diatonic_chord_tokens(music: MusicTokenizer, key: str) -> torch.Tensor:
     """[chord tokens]: whether each ``Chord`` token of ``key`` has all its tones in the key's scale."""
     vocab, scale = music.vocab, set(scale_pitch_classes(key))
-    origin = vocab.config.chord_origin(key)
-    return torch.tensor([set(chord_pitch_classes(chord_label((origin + vocab.value[i]) % 12,
-                                                             vocab.chord_quality(i)))) <= scale
-                         for i in vocab.ids_of["Chord"]])
+    return torch.tensor([set(chord_pitch_classes(chord_label(vocab.chord_root(i, key), vocab.chord_quality(i))))
+                         <= scale for i in vocab.ids_of["Chord"]])
 
 
 @torch.no_grad()
