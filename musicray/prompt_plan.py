@@ -75,14 +75,6 @@ SECTION_WORDS: dict[str, SectionWord] = {
     "outro": SectionWord("o", (2, 4), (108, 100)),
 }
 
-
-def count_section_lengths(songs: list[Song]) -> dict[str, tuple[int, ...]]:
-    """Each section word's ``length_counts`` as ``songs`` give them (the table above, from POP909)."""
-    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for song in songs:
-        for section in song.sections:
-            counts[section.label][section.bars] += 1
-    return {word: tuple(counts[entry.label][bars] for bars in entry.lengths) for word, entry in SECTION_WORDS.items()}
 MAX_SECTIONS = 8
 # How a prompt may spell each section word (lower case; plurals included): ``stated_sections`` reads them.
 SECTION_SPELLINGS: dict[str, tuple[str, ...]] = {
@@ -129,6 +121,15 @@ PLAN_GRAMMAR: tuple[PlanField, ...] = (
 # so that neither choice is favoured for being shorter. Then each section word's length, one entry per word.
 FORM_OPEN, SECTION_NEXT, FORM_CLOSE = '{"form": ["', '", "', '"]'
 LENGTHS_OPEN, LENGTH_NEXT, LENGTHS_CLOSE = ', "section_bars": {', ', ', '}'
+
+
+def count_section_lengths(songs: list[Song]) -> dict[str, tuple[int, ...]]:
+    """Each section word's ``length_counts`` as ``songs`` give them (``SECTION_WORDS``' counts, from POP909)."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for song in songs:
+        for section in song.sections:
+            counts[section.label][section.bars] += 1
+    return {word: tuple(counts[entry.label][bars] for bars in entry.lengths) for word, entry in SECTION_WORDS.items()}
 
 
 def stated_sections(prompt: str) -> tuple[str, ...]:
@@ -234,13 +235,14 @@ class PromptPlanner:
         lengths: dict[str, int] = {}
         for word in dict.fromkeys(sections):   # each word once, in the order of its first occurrence
             text += (LENGTH_NEXT if lengths else "") + f'"{word}": '
-            allowed = tuple(map(str, form.lengths(sections, lengths, word)))
+            allowed = form.lengths(sections, lengths, word)
+            choices = tuple(map(str, allowed))
             if self.length_prior:   # the prompt's word on the length, calibrated, plus POP909's prior
                 content_free = self._chat(CONTENT_FREE_PROMPT) + text[len(head):]
-                lengths[word] = int(self._choose(text, allowed, SECTION_WORDS[word].length_log_prior(
-                    tuple(map(int, allowed))), content_free))
+                chosen = self._choose(text, choices, SECTION_WORDS[word].length_log_prior(allowed), content_free)
             else:
-                lengths[word] = int(self._choose(text, allowed))
+                chosen = self._choose(text, choices)
+            lengths[word] = int(chosen)
             text += str(lengths[word])
         text += LENGTHS_CLOSE
         values = {}
