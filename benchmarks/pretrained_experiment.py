@@ -152,7 +152,7 @@ def train(base: str, args, data_dir: Path) -> dict:
                          RunDir(run_dir).stage1_model)
         del model
         composed = compose_and_measure(run_dir, args, data_dir)
-    return {"base": base, "stage1": args.stage1, "trainable_parameters": trainable,
+    return {"base": base, "stage1": args.stage1, "lr": args.lr, "seed": args.seed, "trainable_parameters": trainable,
             "total_parameters": total, "steps": len(losses),
             "train_rows": len(losses) * args.batch_size, "labelled_tokens": tokens,
             "labelled_tokens_per_s": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.tables_from:
-        results = [r for folder in args.tables_from
-                   for r in json.loads((folder / "pretrained_experiment.json").read_text())["results"]]
+        results = []
+        for folder in args.tables_from:
+            saved = json.loads((folder / "pretrained_experiment.json").read_text())
+            # Results written before they carried their seed and learning rate take them from the run's arguments.
+            results += [{"seed": saved["args"]["seed"], "lr": saved["args"]["lr"], **r} for r in saved["results"]]
         write_figures(results, Path(args.out))
         return 0
     torch.set_num_threads(args.threads)
@@ -216,9 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def arm_label(result: dict) -> str:
+    """A result's arm in a table column or a figure's legend."""
+    return (f"{result['base']} {result['stage1']}, {result['steps']} steps"
+            + (f", seed {result['seed']}" if result.get("seed") else ""))
+
+
 def write_figures(results: list[dict], out: Path) -> None:
     """The loss figure under ``out`` and the tables printed."""
-    compared_loss_curves({f"{r['base']} {r['stage1']}": r["curve"] for r in results}, out / "loss_curves.png")
+    compared_loss_curves({arm_label(r): r["curve"] for r in results}, out / "loss_curves.png")
     print(markdown(results))
 
 
@@ -255,7 +264,7 @@ def markdown(results: list[dict]) -> str:
     composed = [r for r in results if r["composed"]]
     if composed:
         out("")
-        out("| measure | real (same windows) | " + " | ".join(f"{r['base']} {r['stage1']}" for r in composed) + " |")
+        out("| measure | real (same windows) | " + " | ".join(arm_label(r) for r in composed) + " |")
         out("|---|---:|" + "---:|" * len(composed))
         for measure in COMPOSED_MEASURES:
             out(f"| {measure} | {_interval(composed[0]['composed']['rows'][measure]['real'])} | "
