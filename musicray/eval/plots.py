@@ -222,8 +222,8 @@ def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
 
 
 def compared_loss_curves(curves: dict[str, list[tuple[float, float, float]]], path: str | Path) -> Path:
-    """Several trainings' loss in one figure, against the labelled tokens seen (left) and the seconds trained
-    (right): ``curves`` maps a name to its (labelled tokens, seconds, loss) per step, in step order."""
+    """Several trainings' loss in one figure, against the labelled tokens seen (left, log scale) and the seconds
+    trained (right): ``curves`` maps a name to its (labelled tokens, seconds, loss) per step, in step order."""
     what = "compared_loss_curves"
     if not curves:
         raise ValueError(f"{what}: no curve given")
@@ -236,7 +236,9 @@ def compared_loss_curves(curves: dict[str, list[tuple[float, float, float]]], pa
         tokens, seconds, losses = (np.array(column, dtype=float) for column in zip(*points))
         line, = by_tokens.plot(tokens, losses, linewidth=1.2, label=name)
         by_seconds.plot(seconds, losses, linewidth=1.2, color=line.get_color())
-    by_tokens.set_xlabel("labelled tokens seen")
+    # Trainings of a few hundred steps and of thousands share the axis: a log scale shows both.
+    by_tokens.set_xscale("log")
+    by_tokens.set_xlabel("labelled tokens seen (log scale)")
     by_seconds.set_xlabel("seconds of training")
     by_tokens.set_ylabel("training loss (cross-entropy, labelled tokens)")
     for ax in (by_tokens, by_seconds):
