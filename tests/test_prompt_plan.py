@@ -219,8 +219,10 @@ def test_a_run_plans_with_the_base_it_was_fine_tuned_from(tmp_path, make_random_
     run, cache = tmp_path / "run", str(tmp_path / "cache")
     _, music = make_random_run(run, (), tmp_path / "cache")
     assert len(load_planner(run=run, cache_dir=cache).tokenizer) == len(music.tokenizer)   # no config: its model
-    RunDir(run).stage1_config.write_text("base_model: tiny\n")
+    # The base is read from where the run's config kept it (its cache_dir), not from the planner's default.
+    RunDir(run).stage1_config.write_text(f"base_model: tiny\ncache_dir: {tmp_path / 'run-cache'}\n")
     assert len(load_planner(run=run, cache_dir=cache).tokenizer) < len(music.tokenizer)    # the base: no music tokens
+    assert (tmp_path / "run-cache").is_dir()
     assert len(load_planner(run=run, cache_dir=cache, music_tuned=True).tokenizer) == len(music.tokenizer)
 
 

@@ -29,7 +29,8 @@ Settings (all optional but ``run_dir``):
 * ``planner``: the model that plans a body's ``prompt`` (``musicray.prompt_plan``), loaded in the ingress on the
   first prompt: null (the default) = the base model the served run was fine-tuned from (its stage-1 config's
   ``base_model``; a full fine-tune on music tokens loses the text skill), or its stage-1 model where the run has no
-  stage-1 config; or an instruct base model's name or directory (e.g. ``smollm2-135m-instruct``, converted once into ``~/.cache/musicray``).
+  stage-1 config; or an instruct base model's name or directory (e.g. ``smollm2-135m-instruct``, converted once
+  into ``~/.cache/musicray``).
 * ``ingress`` / ``stages``: deployment options (``num_replicas``, ``max_ongoing_requests``,
   ``ray_actor_options``). ``stages.default`` applies to every sub-task deployment, ``stages.<subtask>``
   overrides it for one, ``stages.multiplexed`` for the multiplexed deployment.
