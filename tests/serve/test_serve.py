@@ -538,8 +538,8 @@ def test_native_stream_sends_stage_starts_and_ends_then_the_midi(serve_url):
 
 def test_a_prompt_is_planned_by_the_runs_model_and_stated_fields_win(serve_url, run_dir):
     """The served run's planner (``load_planner`` of the run, the config's planner being null) plans the prompt,
-    within the server's max_bars; the body's tempo
-    overrides the plan; the answer names the fields taken from the plan, JSON, MIDI headers and stream alike."""
+    within the server's max_bars; the body's tempo overrides the plan; the answer names the fields taken from the
+    plan, JSON, MIDI headers and stream alike."""
     from musicray.midi import midi_to_song
     from musicray.prompt_plan import load_planner
 
