@@ -48,7 +48,7 @@ from musicray.eval.generation import (
     stage_streams,
 )
 from musicray.eval.markdown import render_markdown
-from musicray.eval.relations import relation_scores
+from musicray.eval.relations import relation_scores, return_copy_scores
 from musicray.eval.structure import SOURCES as STRUCTURE_SOURCES
 from musicray.eval.structure import structure_report
 from musicray.eval.teacher_forced import Scores, held_out_dataset, teacher_forced
@@ -126,9 +126,13 @@ def _teacher_forced_all(composer, data_dir: Path, settings: EvalConfig, config: 
     return adapter_scores, alone
 
 
+COPY_WINDOW_BARS = 16   # the copy relation's test windows: long enough to hold a section and its return
+
+
 def _relations(composer, data_dir: Path, settings: EvalConfig, config: Config) -> dict:
     """Teacher-forced relation scores (``musicray.eval.relations``) of the chord, melody and tempo sub-tasks, each
-    under its adapter where it has one, on the same test examples as the teacher-forced scores."""
+    under its adapter where it has one, on the same test examples as the teacher-forced scores; and the copy of
+    returning sections (melody adapter) on test windows of at least ``COPY_WINDOW_BARS`` bars."""
     datasets = {task: held_out_dataset(data_dir, task, composer.music, config.data.max_length, config.data.max_bars,
                                        settings.max_examples or None) for task in ("chord", "melody", "tempo")}
     with composer.use_adapter("chord"):
@@ -137,13 +141,21 @@ def _relations(composer, data_dir: Path, settings: EvalConfig, config: Config) -
         melody = relation_scores(composer.model, composer.music, datasets["melody"], None, settings.batch_size)
     with composer.use_adapter("tempo"):
         tempo = relation_scores(composer.model, composer.music, None, datasets["tempo"], settings.batch_size)
+    # Returns need several sections in one window: at least COPY_WINDOW_BARS bars, whatever the run trained on.
+    returning = held_out_dataset(data_dir, "melody", composer.music, config.data.max_length,
+                                 max(config.data.max_bars or 0, COPY_WINDOW_BARS))
+    with composer.use_adapter("melody"):
+        copies = return_copy_scores(composer.model, composer.music, returning, settings.batch_size,
+                                    settings.max_examples or None)
     return {"language": composer.music.vocab.config.language,
             "chord_tone_mass": melody.chord_tone_mass, "real_chord_tone": melody.real_chord_tone,
             "scale_mass": melody.scale_mass, "real_in_scale": melody.real_in_scale,
             "tempo_hold": tempo.tempo_hold, "real_tempo_hold": tempo.real_tempo_hold,
             "diatonic_chord_mass": chord.diatonic_chord_mass, "real_diatonic_chord": chord.real_diatonic_chord,
             "pitch_positions": melody.pitch_positions, "tempo_positions": tempo.tempo_positions,
-            "chord_positions": chord.chord_positions}
+            "chord_positions": chord.chord_positions,
+            "return_copy_p": copies.copy_p, "return_first_p": copies.first_p, "copy_positions": copies.copy_positions,
+            "copyable_bars": copies.copyable_bars, "returning_bars": copies.returning_bars}
 
 
 @dataclass
