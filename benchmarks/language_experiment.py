@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from musicray.compose import token_budgets
 from musicray.data.layout import DataDir
 from musicray.encoding import decode_body, encode_quantized
 from musicray.engine.decode import generate
@@ -136,8 +137,7 @@ def generate_windows(model, music, data_dir: Path, args) -> dict:
             group = windows[start:start + 8]
             examples = [encode_quantized(w, task, vocab) for w in group]
             plans = [Plan.from_prompt(e.prompt, vocab) for e in examples]
-            minimum = grammar.tokens_to_finish(grammar.start([task] * len(plans), plans)).tolist()
-            budgets = [m + subtask(task).tokens_per_bar * p.n_bars for m, p in zip(minimum, plans)]
+            budgets = token_budgets(grammar, task, plans, subtask(task).tokens_per_bar)
             out = generate(model, music, grammar, [music.prompt_ids(e) for e in examples], [task] * len(group),
                            plans, budgets, [args.seed + start + i for i in range(len(group))], Sampling())
             for window, tokens in zip(group, out.tokens):

@@ -23,7 +23,7 @@ from musicray.errors import MissingRunPart
 from musicray.grammar import Grammar, Plan
 from musicray.harmony_guard import guard_plan
 from musicray.model import MusicTokenizer, load_music_model
-from musicray.request import Request, parse_chords, regenerated_bars  # noqa: F401 (read as compose's too)
+from musicray.request import Request
 from musicray.run import RunDir
 from musicray.song import Song, SongError
 from musicray.streams import available_inputs, task_inputs
@@ -54,6 +54,13 @@ class StageInput:
     budget: int
     prompt: list[int]
     seed: int
+
+
+def token_budgets(grammar: Grammar, stream: str, plans: list[Plan], tokens_per_bar: int) -> list[int]:
+    """Each plan's token budget for a stage writing ``stream``: the fewest tokens that finish it under the grammar,
+    plus ``tokens_per_bar`` for every bar the model writes (bars the plan forces are given)."""
+    minimum = grammar.tokens_to_finish(grammar.start([stream] * len(plans), plans)).tolist()
+    return [m + tokens_per_bar * (plan.n_bars - len(plan.forced)) for m, plan in zip(minimum, plans)]
 
 
 class StagePlanner:
@@ -94,10 +101,10 @@ class StagePlanner:
         examples = [encode(song, task, vocab, given) for song, given in zip(songs, optional)]
         plans = [self._guarded(self._plan(example, song, task, request, given), song, stream, request)
                  for example, song, request, given in zip(examples, songs, requests, optional)]
-        minimum = self.grammar.tokens_to_finish(self.grammar.start([stream] * len(plans), plans)).tolist()
-        return [StageInput(task, stream, given, plan, m + self.tokens_per_bar[task] * (plan.n_bars - len(plan.forced)),
-                           self.music.prompt_ids(example), request.seed * 1009 + SUBTASKS.index(task))
-                for example, given, plan, m, request in zip(examples, optional, plans, minimum, requests)]
+        budgets = token_budgets(self.grammar, stream, plans, self.tokens_per_bar[task])
+        return [StageInput(task, stream, given, plan, budget, self.music.prompt_ids(example),
+                           request.seed * 1009 + SUBTASKS.index(task))
+                for example, given, plan, budget, request in zip(examples, optional, plans, budgets, requests)]
 
     def write_stage(self, song: Song, stage: StageInput, tokens: list[int], use_mask: bool, report: dict) -> dict:
         """Check a stage's answer (music ids; LLM ids without the mask) against its plan and write it into the

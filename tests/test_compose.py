@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 
 from musicray import compose
-from musicray.compose import Composer, parse_chords, voice_piano
+from musicray.compose import Composer, voice_piano
 from musicray.errors import MissingRunPart
 from musicray.midi import midi_to_song, song_to_midi
+from musicray.request import parse_chords
 from musicray.sampling import Sampling
 from musicray.song import Note, SongError
 from musicray.tokens import SUBTASKS, Vocabulary
@@ -154,7 +155,7 @@ def _bars(song, bars):
 
 @pytest.mark.parametrize("stages", [SUBTASKS, ("melody",), ("chord", "tempo")])
 def test_infilling_rewrites_the_chosen_bars_and_keeps_the_rest_note_for_note(composer, stages):
-    from musicray.compose import regenerated_bars
+    from musicray.request import regenerated_bars
     from musicray.quantize import quantized
 
     given, _ = composer.compose(Request("A2B2A2", "D:maj", "4/4", 90, seed=11))
