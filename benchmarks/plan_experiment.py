@@ -54,7 +54,8 @@ def measure(planner: PromptPlanner) -> dict:
             lengths[word][bars] += 1
     bars = [sum(row["plan"]["section_bars"][word] for word in row["plan"]["sections"]) for row in rows]
     return {"lengths": {word: dict(sorted(counts.items())) for word, counts in lengths.items()},
-            "bars_median": statistics.median(bars), "stated": stated, "honoured": stated - missed, "share": round((stated - missed) / stated, 3),
+            "bars_median": statistics.median(bars), "stated": stated, "honoured": stated - missed,
+            "share": round((stated - missed) / stated, 3),
             "valid": len(rows), "seconds_median": round(statistics.median(seconds), 2),
             "seconds_min": round(min(seconds), 2), "seconds_max": round(max(seconds), 2), "prompts": rows}
 

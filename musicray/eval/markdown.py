@@ -139,12 +139,12 @@ def render_markdown(report: dict) -> str:
         ["chords in the key's scale", _fmt(relations.get("diatonic_chord_mass")),
          _fmt(relations.get("real_diatonic_chord")), relations.get("chord_positions", 0)]])
     if relations.get("copy_positions"):
-        lines += ["", f"Returns (melody sub-task, test windows of up to 16 bars, or the run's own if longer): of {relations['returning_bars']} bars "
-                  f"of returning sections, {relations['copyable_bars']} repeat their first occurrence token for "
-                  f"token. The model's probability of the real token inside them: "
+        lines += ["", f"Returns (melody sub-task, test windows of up to 16 bars, or the run's own if longer): of "
+                  f"{relations['returning_bars']} bars of returning sections, {relations['copyable_bars']} repeat "
+                  "their first occurrence token for token. The model's probability of the real token inside them: "
                   f"{_fmt(relations['return_copy_p'])}; inside their first occurrences, where nothing earlier says "
                   f"what comes: {_fmt(relations['return_first_p'])}. A model that reads a return off its first "
-                  "occurrence gives the first far more."]
+                  "occurrence gives the returning bars far more."]
 
     ablations = report["ablations"]
     columns = ["songs_valid", "stages_valid", "structure_adherence", "loss", "accuracy", "masked_loss",

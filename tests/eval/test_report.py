@@ -71,6 +71,17 @@ def test_relations_are_scored_against_the_real_tokens(report, report_dir):
     assert (relations["copy_positions"] == 0) == (relations["return_copy_p"] is None)
 
 
+def test_the_markdown_states_the_copy_of_returns_where_it_was_measured(report):
+    from musicray.eval.markdown import render_markdown
+
+    measured = {**report, "relations": {**report["relations"], "return_copy_p": 0.61, "return_first_p": 0.05,
+                                        "copy_positions": 120, "copyable_bars": 9, "returning_bars": 30}}
+    text = render_markdown(measured)
+    assert "of 30 bars of returning sections, 9 repeat their first occurrence" in text
+    assert "0.61" in text and "0.05" in text
+    assert "bars of returning sections" not in render_markdown(report)   # unmeasured: not stated as a number
+
+
 def test_teacher_forced_table_has_adapter_and_stage1_scores(report):
     scores = report["teacher_forced"]
     assert list(scores) == list(SUBTASKS)
