@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {spec} | {result['honoured']} / {result['stated']} ({result['share']:.0%}) | {result['valid']} / "
               f"{len(CHECKED_PROMPTS)} | {result['seconds_median']} s ({result['seconds_min']}-{result['seconds_max']}) |",
               flush=True)
-        print("    lengths (bars: plans): " + "; ".join(f"{word} {counts}" for word, counts in result["lengths"].items())
-              + f"; median song {result['bars_median']} bars", flush=True)
+        lengths = "; ".join(f"{word} {counts}" for word, counts in result["lengths"].items())
+        print(f"    lengths (bars: plans): {lengths}; median song {result['bars_median']} bars", flush=True)
         for row in result["prompts"]:
             for miss in row["missed"]:
                 print(f"    miss: {row['prompt']!r}: {miss[0]} planned {miss[1]}, stated {miss[2]}", flush=True)

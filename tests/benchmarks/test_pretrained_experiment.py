@@ -15,7 +15,8 @@ def test_an_arm_trains_and_is_measured_on_every_relation(tmp_path, split_data, s
     assert pretrained_experiment.main([
         "--data", str(data), "--cache", str(tmp_path / "cache"), "--out", str(out), "--bases", "tiny",
         "--stage1", stage1, "--lora-rank", "2", "--steps", "2", "--max-length", "1024", "--train-songs", "1",
-        "--eval-examples", "2", "--threads", "1", "--compose", "2", "--compose-bars", "32", "--copy-max-bars", "32"]) == 0
+        "--eval-examples", "2", "--threads", "1", "--compose", "2", "--compose-bars", "32",
+        "--copy-max-bars", "32"]) == 0
     result = json.loads((out / "pretrained_experiment.json").read_text())["results"][0]
     assert result["stage1"] == stage1 and result["steps"] == 2 and len(result["losses"]) == 2
     total = result["total_parameters"]

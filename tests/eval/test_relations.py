@@ -61,6 +61,7 @@ def test_copy_scores_of_a_model_that_knows_all_or_nothing(returning_windows, sha
     assert scores.examples == 6 and scores.copy_positions > 0 and scores.first_positions > 0
     expected_p = 1 / vocab_size if expected_p is None else expected_p
     # Read at the position before each token (an off-by-one would score the oracle's wrong guesses).
-    assert scores.copy_p == pytest.approx(expected_p, abs=1e-4) and scores.first_p == pytest.approx(expected_p, abs=1e-4)
+    assert scores.copy_p == pytest.approx(expected_p, abs=1e-4)
+    assert scores.first_p == pytest.approx(expected_p, abs=1e-4)
     if sharpness:
         assert scores.copy_accuracy == scores.first_accuracy == expected_top
