@@ -59,9 +59,9 @@ class CopyScores:
     first_accuracy: float | None
     copy_positions: int
     first_positions: int
-    returning_bars: int             # complete bars of returning melodic sections in the examples
+    returning_bars: int             # complete bars of returning melodic sections in all the examples
     copyable_bars: int              # of which repeat their first occurrence token for token
-    examples: int
+    examples: int                   # the examples scored (those with a copyable bar, at most max_examples)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -240,12 +240,13 @@ def copyable_bars(item, music: MusicTokenizer) -> tuple[list[tuple[int, int]], i
 def return_copy_scores(model, music: MusicTokenizer, melody: RenderedDataset, batch_size: int = 4,
                        max_examples: int | None = None) -> CopyScores:
     """``CopyScores`` over the melody examples of ``melody`` that hold a copyable bar (the first ``max_examples``
-    of them); ``returning_bars`` counts every example's."""
+    of them); ``returning_bars`` and ``copyable_bars`` count every example's (what the data holds)."""
     device = next(model.parameters()).device
     model.eval()
     pad = music.tokenizer.pad_token_id if music.tokenizer.pad_token_id is not None else music.eot_id
     found = [(item, *copyable_bars(item, music)) for item in melody.items]
     returning_total = sum(returning for _, _, returning in found)
+    copyable_total = sum(len(pairs) for _, pairs, _ in found)
     scored = [(item, pairs) for item, pairs, _ in found if pairs][:max_examples]
     sums = {"copy": 0.0, "first": 0.0, "copy_top": 0, "first_top": 0}
     counts = {"copy": 0, "first": 0}
@@ -270,5 +271,5 @@ def return_copy_scores(model, music: MusicTokenizer, melody: RenderedDataset, ba
         return round(sums[key] / counts[kind], 4) if counts[kind] else None
 
     return CopyScores(mean("copy", "copy"), mean("first", "first"), mean("copy_top", "copy"),
-                      mean("first_top", "first"), counts["copy"], counts["first"], returning_total,
-                      sum(len(pairs) for _, pairs in scored), len(scored))
+                      mean("first_top", "first"), counts["copy"], counts["first"], returning_total, copyable_total,
+                      len(scored))

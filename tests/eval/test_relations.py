@@ -59,6 +59,8 @@ def test_copy_scores_of_a_model_that_knows_all_or_nothing(returning_windows, sha
     scores = return_copy_scores(NextTokenOracle(vocab_size, sharpness), music, dataset, batch_size=4,
                                 max_examples=6)
     assert scores.examples == 6 and scores.copy_positions > 0 and scores.first_positions > 0
+    # What the data holds is counted over every example, not only the six scored.
+    assert scores.copyable_bars == sum(len(copyable_bars(item, music)[0]) for item in dataset.items)
     expected_p = 1 / vocab_size if expected_p is None else expected_p
     # Read at the position before each token (an off-by-one would score the oracle's wrong guesses).
     assert scores.copy_p == pytest.approx(expected_p, abs=1e-4)
