@@ -21,20 +21,18 @@ from pathlib import Path
 
 import torch
 
-from musicray.compose import Request
-from musicray.model import load_base, load_music_model
-from musicray.prompt_plan import CHECKED_PROMPTS, PromptPlanner, missed_attributes
-from musicray.run import RunDir
+from musicray.request import Request
+from musicray.prompt_plan import CHECKED_PROMPTS, PromptPlanner, load_planner, missed_attributes
 
 
 def planner_for(spec: str, cache_dir: str, length_prior: bool = True) -> PromptPlanner:
+    """base:NAME plans with that base; run:DIR with the run's own music-tuned stage-1 model (what is measured)."""
     kind, _, name = spec.partition(":")
+    if kind not in ("base", "run"):
+        raise SystemExit(f"--planner {spec}: expected base:NAME or run:DIR")
     if kind == "base":
-        return PromptPlanner(*load_base(name, cache_dir), length_prior=length_prior)
-    if kind == "run":
-        model, music = load_music_model(RunDir(name).require("stage-1 model"))
-        return PromptPlanner(model, music.tokenizer, length_prior=length_prior)
-    raise SystemExit(f"--planner {spec}: expected base:NAME or run:DIR")
+        return load_planner(base=name, cache_dir=cache_dir, length_prior=length_prior)
+    return load_planner(run=name, music_tuned=True, length_prior=length_prior)
 
 
 def measure(planner: PromptPlanner) -> dict:

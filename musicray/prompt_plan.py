@@ -362,13 +362,13 @@ def plan_json(plan: PromptPlan) -> str:
 
 
 def load_planner(base: str | None = None, run=None, cache_dir: str = "~/.cache/musicray",
-                 music_tuned: bool = False) -> PromptPlanner:
+                 music_tuned: bool = False, length_prior: bool = True) -> PromptPlanner:
     """A planner on base model ``base`` (a name or directory, as ``base_model``, converted or built under
     ``cache_dir``), or for run directory ``run``: on the base model the run was fine-tuned from (its stage-1 config's
     ``base_model``, from the config's ``cache_dir``), because a full fine-tune on music tokens loses the text skill
     (SmolLM2 after 100 steps honoured 10 of 33 stated attributes, its base 29: docs/results.md). ``music_tuned``, or
     a run whose stage-1 config is missing (a copied model), plans with the run's stage-1 model itself (the adapters
-    are not loaded: the plan is text)."""
+    are not loaded: the plan is text). ``length_prior``: as ``PromptPlanner``'s."""
     from musicray.model import load_base, load_music_model
     from musicray.run import RunDir
     from musicray.train.config import run_config
@@ -378,10 +378,10 @@ def load_planner(base: str | None = None, run=None, cache_dir: str = "~/.cache/m
     if run is not None:
         if music_tuned or not RunDir(run).stage1_config.exists():
             model, music = load_music_model(RunDir(run).require("stage-1 model"))
-            return PromptPlanner(model, music.tokenizer)
+            return PromptPlanner(model, music.tokenizer, length_prior)
         trained = run_config(run)
         base, cache_dir = trained.base_model, trained.cache_dir
     model, tokenizer = load_base(base, cache_dir)
     if not tokenizer.chat_template:
         raise SongError(f"--base: {base} has no chat template; planning needs an instruct model")
-    return PromptPlanner(model, tokenizer)
+    return PromptPlanner(model, tokenizer, length_prior)

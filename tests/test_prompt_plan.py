@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from musicray.compose import Request
 from musicray.errors import SongError
 from musicray.prompt_plan import (CHECKED_PROMPTS, FORM_CLOSE, KEY_MODES_IN_WORDS, MAX_SECTIONS, PLAN_GRAMMAR,
                                   SECTION_NEXT, SECTION_WORDS, FormGrammar, PromptPlan, PromptPlanner,
                                   count_section_lengths, load_planner, missed_attributes, stated_sections)
+from musicray.request import Request
 from musicray.song import form_string, parse_form
 
 HONOURED_AT_LEAST = 0.80   # the goal; measured 29 of 33 (0.88; docs/results.md, "Songs planned from words")

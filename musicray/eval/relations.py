@@ -28,7 +28,7 @@ import torch
 from musicray.encoding import SoundingChords, decode_body
 from musicray.harmony import chord_label, chord_pitch_classes, reference_pitch_class, scale_pitch_classes
 from musicray.model import MusicTokenizer
-from musicray.song import TRACKS, Song, Tempo
+from musicray.song import TRACKS, Song, Tempo, form_returns
 from musicray.streams import decode_header
 from musicray.train.data import RenderedDataset, collate
 
@@ -214,25 +214,22 @@ def _bars_of_answer(item, music: MusicTokenizer) -> tuple[dict[int, list[int]], 
 
 def copyable_bars(item, music: MusicTokenizer) -> tuple[list[tuple[int, int]], int]:
     """([(returning bar, its first occurrence's bar)] whose tokens agree exactly and are not empty, the number of
-    complete returning bars) of a melody example: bars of melodic (upper-case) sections whose label came before,
-    matched bar by bar with the label's first occurrence (bars past its length have no counterpart)."""
-    _, tokens, complete = _bars_of_answer(item, music)
-    song = _context_song(item.prompt, music)
-    first: dict[str, tuple[int, int]] = {}
+    complete returning bars) of a melody example: the bars ``form_returns`` matches with the label's first
+    occurrence, in melodic (upper-case) sections."""
+    return _copyable(item, music, _bars_of_answer(item, music))
+
+
+def _copyable(item, music: MusicTokenizer, bars) -> tuple[list[tuple[int, int]], int]:
+    """``copyable_bars`` of an answer already cut into bars (``_bars_of_answer``)."""
+    _, tokens, complete = bars
+    sections = decode_header(item.prompt, music.vocab).sections
+    label_of_bar = [section.label for section in sections for _ in range(section.bars)]
     pairs, returning = [], 0
-    for start, section in zip(song.section_starts(), song.sections):
-        if not section.label.isupper():
-            continue
-        if section.label not in first:
-            first[section.label] = (start, section.bars)
-            continue
-        first_start, first_bars = first[section.label]
-        for offset in range(min(section.bars, first_bars)):
-            bar, earlier = start + offset, first_start + offset
-            if bar in complete and earlier in complete:
-                returning += 1
-                if tokens[bar] and tokens[bar] == tokens[earlier]:
-                    pairs.append((bar, earlier))
+    for bar, earlier in form_returns(sections):
+        if label_of_bar[bar].isupper() and bar in complete and earlier in complete:
+            returning += 1
+            if tokens[bar] and tokens[bar] == tokens[earlier]:
+                pairs.append((bar, earlier))
     return pairs, returning
 
 
@@ -244,20 +241,20 @@ def return_copy_scores(model, music: MusicTokenizer, melody: RenderedDataset, ba
     device = next(model.parameters()).device
     model.eval()
     pad = music.tokenizer.pad_token_id if music.tokenizer.pad_token_id is not None else music.eot_id
-    found = [(item, *copyable_bars(item, music)) for item in melody.items]
-    returning_total = sum(returning for _, _, returning in found)
-    copyable_total = sum(len(pairs) for _, pairs, _ in found)
-    scored = [(item, pairs) for item, pairs, _ in found if pairs][:max_examples]
+    parsed = [(item, _bars_of_answer(item, music)) for item in melody.items]
+    found = [(item, bars[0], *_copyable(item, music, bars)) for item, bars in parsed]
+    returning_total = sum(returning for *_, returning in found)
+    copyable_total = sum(len(pairs) for _, _, pairs, _ in found)
+    scored = [(item, positions, pairs) for item, positions, pairs, _ in found if pairs][:max_examples]
     sums = {"copy": 0.0, "first": 0.0, "copy_top": 0, "first_top": 0}
     counts = {"copy": 0, "first": 0}
     for start in range(0, len(scored), batch_size):
         chunk = scored[start:start + batch_size]
-        batch = collate([item for item, _ in chunk], pad)
+        batch = collate([item for item, _, _ in chunk], pad)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
         probs = torch.softmax(logits, dim=-1)
-        for row, (item, pairs) in enumerate(chunk):
-            positions, _, _ = _bars_of_answer(item, music)
+        for row, (item, positions, pairs) in enumerate(chunk):
             # A first occurrence copied by two later sections counts once.
             bars = {"copy": [bar for bar, _ in pairs], "first": sorted({earlier for _, earlier in pairs})}
             for kind, kind_bars in bars.items():
